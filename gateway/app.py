@@ -1,0 +1,153 @@
+"""The running gateway: queue, plugins, listeners, signals, reload and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Mapping
+
+from gateway.context import Gateway
+from gateway.hooks import HookRunner, PluginSpec, discover_plugins
+from gateway.policy import Policy, PolicyError, load_policy
+from gateway.queue import QueueStore
+from gateway.smtp.handler import SmtpHandler
+from gateway.smtp.listener import Listener
+from gateway.smtp.tls import server_context
+
+__all__ = ["GatewayApp"]
+
+log = logging.getLogger(__name__)
+
+
+def registry(specs: Mapping[str, PluginSpec]) -> dict[str, type]:
+    """Plugin name to Settings class, as the policy loader wants it."""
+    return {name: spec.settings_cls for name, spec in specs.items()}
+
+
+class GatewayApp:
+    """One gateway instance: everything ``gateway run`` starts."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        specs: Mapping[str, PluginSpec] | None = None,
+        policy_path: str | os.PathLike[str] | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        self.policy = policy
+        self.specs = dict(specs) if specs is not None else discover_plugins()
+        self.policy_path = policy_path
+        self.reuse_port = reuse_port
+        self.queue = QueueStore(policy.server.queue_dir)
+        workers = min(32, (os.cpu_count() or 2) * 4)
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gateway-pool")
+        self.gateway: Gateway | None = None
+        self.listeners: dict[str, Listener] = {}
+        self._handlers: dict[str, SmtpHandler] = {}
+        self._stopped = asyncio.Event()
+
+    # -- life cycle --------------------------------------------------------
+
+    async def _build(self, policy: Policy) -> Gateway:
+        runner = HookRunner(self.specs, [entry.name for entry in policy.plugins])
+        gateway = Gateway(
+            policy=policy,
+            runner=runner,
+            queue=self.queue,
+            executor=self.executor,
+            hostname=policy.server.hostname,
+        )
+        await runner.startup(policy.plugins, gateway=gateway)
+        return gateway
+
+    def handler_for(self, listener_name: str) -> SmtpHandler:
+        handler = self._handlers.get(listener_name)
+        if handler is None:
+            assert self.gateway is not None
+            settings = next(l for l in self.gateway.policy.listeners if l.name == listener_name)
+            handler = self._handlers[listener_name] = SmtpHandler(self.gateway, settings)
+        return handler
+
+    async def start(self) -> None:
+        """Open the queue, start the plugins, bind every listener."""
+        found = await asyncio.to_thread(self.queue.open)
+        log.info("queue %s opened with %d messages", self.policy.server.queue_dir, len(found))
+        self.gateway = await self._build(self.policy)
+        tls_context = None
+        if any(l.tls != "none" for l in self.policy.listeners):
+            tls_context = await asyncio.to_thread(
+                server_context, self.policy.tls, Path(self.policy.server.var_dir), self.policy.server.hostname
+            )
+        for settings in self.policy.listeners:
+            listener = Listener(settings, self.handler_for, tls_context, reuse_port=self.reuse_port)
+            await listener.start()
+            self.listeners[settings.name] = listener
+        log.info("gateway started hostname=%s pid=%d", self.policy.server.hostname, os.getpid())
+
+    def port(self, name: str | None = None) -> int:
+        """The bound port of a listener (the first one by default)."""
+        listener = self.listeners[name] if name else next(iter(self.listeners.values()))
+        return listener.port
+
+    async def reload(self) -> bool:
+        """Load the policy file again and swap it in for new sessions.
+
+        An invalid policy is refused, logged with file, line and key, and the running
+        one stays. Listener addresses are not re-bound by a reload.
+        """
+        if self.policy_path is None:
+            log.warning("reload: running on the embedded default, nothing to reload")
+            return False
+        try:
+            policy = await asyncio.to_thread(load_policy, self.policy_path, registry=registry(self.specs))
+            gateway = await self._build(policy)
+        except PolicyError as exc:
+            log.error("reload refused, keeping the running policy: %s", exc)
+            return False
+        except Exception:
+            log.exception("reload refused, keeping the running policy")
+            return False
+        old = self.gateway
+        self.gateway, self.policy, self._handlers = gateway, policy, {}
+        if old is not None:
+            await old.runner.call_all("gateway_shutdown", old.policy.plugins, gateway=old)
+        log.info("policy reloaded from %s", self.policy_path)
+        return True
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop accepting, let sessions finish within ``grace``, close the queue."""
+        for listener in self.listeners.values():
+            await listener.stop_accepting()
+        await asyncio.gather(*(l.drain(grace) for l in self.listeners.values()))
+        if self.gateway is not None:
+            await self.gateway.runner.call_all(
+                "gateway_shutdown", self.gateway.policy.plugins, gateway=self.gateway
+            )
+        await self.queue.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self._stopped.set()
+        log.info("gateway stopped")
+
+    async def run_forever(self) -> None:
+        """Serve until SIGTERM or SIGINT; SIGHUP reloads the policy."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        await self.start()
+        await stop.wait()
+        log.info("shutting down")
+        await self.stop()
+
+
+def build_app(policy_path: str | None, **kwargs: Any) -> GatewayApp:
+    """Load the policy (the embedded default when ``None``) and make the app."""
+    specs = discover_plugins()
+    policy = load_policy(policy_path, registry=registry(specs))
+    return GatewayApp(policy, specs=specs, policy_path=policy_path, **kwargs)

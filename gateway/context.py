@@ -1,0 +1,45 @@
+"""The services a running gateway hands to its parts and plugins.
+
+A :class:`Gateway` is immutable and tied to one policy generation: a reload builds a
+new one (sharing the queue and the thread pool), and sessions that began under the
+old policy finish under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+if TYPE_CHECKING:
+    from gateway.hooks import HookRunner
+    from gateway.policy import Policy
+    from gateway.queue import QueueStore
+
+__all__ = ["Gateway"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """Policy, hook runner, queue and bounded thread pool of one policy generation."""
+
+    policy: Policy
+    runner: HookRunner
+    queue: QueueStore
+    executor: ThreadPoolExecutor
+    hostname: str
+    started: float = field(default_factory=time.time)
+
+    async def run_in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking call (pyspf, dkimpy, clamd, password hashing) in the bounded pool.
+
+        The pool is shared by all sessions, so one slow library call never stalls the
+        event loop, and many never grow threads without bound.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))

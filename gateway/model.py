@@ -1,0 +1,447 @@
+"""The typed objects that travel between the gateway's parts.
+
+:class:`Session` is one SMTP connection, :class:`Transaction` one MAIL..DATA exchange,
+:class:`Message` the message as the data hooks see it, and :class:`Envelope` the queued
+record the delivery side works from.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Generic, Iterator, TypeVar
+
+from gateway.address import Address
+
+__all__ = [
+    "Envelope",
+    "Message",
+    "MailParams",
+    "Recipient",
+    "RecipientState",
+    "RcptParams",
+    "Result",
+    "Results",
+    "Session",
+    "Stash",
+    "StashKey",
+    "Transaction",
+]
+
+T = TypeVar("T")
+
+
+class StashKey(Generic[T]):
+    """A typed key for plugin data on a session or transaction stash.
+
+    The producing plugin exports the key (``SPF_RESULT = StashKey[SpfResult]("spf")``)
+    and consumers import it, so the type of the stored value is known at both ends.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"StashKey({self.name!r})"
+
+
+class Stash:
+    """Per-object plugin storage keyed by :class:`StashKey`."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self) -> None:
+        self._data: dict[StashKey[Any], Any] = {}
+
+    def __getitem__(self, key: StashKey[T]) -> T:
+        value: T = self._data[key]
+        return value
+
+    def __setitem__(self, key: StashKey[T], value: T) -> None:
+        self._data[key] = value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def get(self, key: StashKey[T], default: T | None = None) -> T | None:
+        return self._data.get(key, default)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One finding of one plugin: a score (positive is bad) and why."""
+
+    plugin: str
+    score: float
+    reason: str
+
+
+class Results:
+    """What the plugins found, kept apart from what they decided."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        self._items: list[Result] = []
+
+    def add(self, plugin: str, score: float, reason: str) -> None:
+        self._items.append(Result(plugin, float(score), reason))
+
+    @property
+    def total(self) -> float:
+        return sum(r.score for r in self._items)
+
+    def __iter__(self) -> Iterator[Result]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+_ids = itertools.count(1)
+
+
+def _next_id(prefix: str) -> str:
+    return f"{prefix}{next(_ids):x}"
+
+
+@dataclass(slots=True)
+class Session:
+    """One SMTP connection, from accept to close."""
+
+    peer_ip: str
+    peer_port: int
+    listener: str
+    local_ip: str = ""
+    local_port: int = 0
+    id: str = field(default_factory=lambda: _next_id("S"))
+    started: float = field(default_factory=time.time)
+    helo: str | None = None
+    is_esmtp: bool = False
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    auth_login: str | None = None
+    is_relay_client: bool = False
+    transactions: int = 0
+    stash: Stash = field(default_factory=Stash)
+    results: Results = field(default_factory=Results)
+
+    @property
+    def has_tls(self) -> bool:
+        return self.tls_version is not None
+
+    @property
+    def is_authenticated(self) -> bool:
+        return self.auth_login is not None
+
+    def reset_for_tls(self) -> None:
+        """RFC 3207 §4.2: after STARTTLS forget everything learnt from the client."""
+        self.helo = None
+        self.is_esmtp = False
+
+
+@dataclass(slots=True)
+class MailParams:
+    """The MAIL FROM parameters the gateway understands (RFC 1870, 6152, 6531, 3461)."""
+
+    size: int | None = None
+    body: str = "7BIT"
+    smtputf8: bool = False
+    ret: str | None = None  # FULL or HDRS
+    envid: str | None = None
+
+
+@dataclass(slots=True)
+class RcptParams:
+    """The RCPT TO parameters the gateway understands (RFC 3461)."""
+
+    notify: tuple[str, ...] = ()
+    orcpt: str | None = None
+
+
+@dataclass(slots=True)
+class Recipient:
+    """One recipient of a transaction, as accepted at RCPT."""
+
+    address: Address
+    params: RcptParams = field(default_factory=RcptParams)
+    accepted_by: str = ""
+    stash: Stash = field(default_factory=Stash)
+
+
+@dataclass(slots=True)
+class Transaction:
+    """One MAIL FROM .. DATA exchange within a session."""
+
+    sender: Address
+    params: MailParams = field(default_factory=MailParams)
+    recipients: list[Recipient] = field(default_factory=list)
+    id: str = field(default_factory=lambda: _next_id("T"))
+    queue_id: str | None = None
+    stash: Stash = field(default_factory=Stash)
+    results: Results = field(default_factory=Results)
+
+
+_HEADER_NAME = re.compile(rb"^[!-9;-~]+$")
+
+
+class Message:
+    """The message as data and queue hooks see it.
+
+    Backed by the raw bytes as received (CRLF line ends, dot-unstuffed). Headers are
+    parsed once, on first use. Plugins never rewrite the bytes: they queue header
+    additions and removals, and the queue writes the final form once, at commit.
+    """
+
+    __slots__ = ("_raw", "_header_end", "_headers", "_prepend", "_removed")
+
+    def __init__(self, raw: bytes) -> None:
+        self._raw = raw
+        self._header_end: int | None = None
+        self._headers: list[tuple[str, bytes, int, int]] | None = None
+        self._prepend: list[bytes] = []
+        self._removed: set[int] = set()
+
+    @property
+    def size(self) -> int:
+        """Size of the message as received, in octets."""
+        return len(self._raw)
+
+    @property
+    def raw(self) -> bytes:
+        """The message exactly as received (no added headers)."""
+        return self._raw
+
+    def _parse(self) -> list[tuple[str, bytes, int, int]]:
+        if self._headers is not None:
+            return self._headers
+        raw = self._raw
+        if raw.startswith(b"\r\n"):
+            end = 0
+        else:
+            end = raw.find(b"\r\n\r\n")
+            end = len(raw) if end < 0 else end + 2
+        self._header_end = end
+        headers: list[tuple[str, bytes, int, int]] = []
+        pos = 0
+        while pos < end:
+            nl = raw.find(b"\r\n", pos, end)
+            line_end = end if nl < 0 else nl + 2
+            line = raw[pos:line_end]
+            if line[:1] in (b" ", b"\t") and headers:
+                name, _, start, _ = headers[-1]
+                headers[-1] = (name, raw[start:line_end], start, line_end)
+            else:
+                name_b, colon, _ = line.partition(b":")
+                if colon and _HEADER_NAME.match(name_b):
+                    headers.append((name_b.decode("ascii").lower(), line, pos, line_end))
+                else:
+                    # Not a header: the header block ends here (no blank line).
+                    self._header_end = pos
+                    break
+            pos = line_end
+        self._headers = headers
+        return headers
+
+    def header_values(self, name: str) -> list[str]:
+        """Unfolded values of every header called ``name`` (case-insensitive)."""
+        name = name.lower()
+        out = []
+        for i, (hname, line, _, _) in enumerate(self._parse()):
+            if hname == name and i not in self._removed:
+                value = line.partition(b":")[2]
+                text = value.decode("utf-8", "surrogateescape")
+                out.append(re.sub(r"\r\n[ \t]", " ", text).strip())
+        return out
+
+    def header_names(self) -> list[str]:
+        return [h[0] for i, h in enumerate(self._parse()) if i not in self._removed]
+
+    def prepend_header(self, name: str, value: str) -> None:
+        """Add ``Name: value`` above the existing headers.
+
+        The value may be folded with ``\\n`` + whitespace; any other CR or LF is
+        refused, so client-supplied text can never inject a header.
+        """
+        if not _HEADER_NAME.match(name.encode("ascii", "replace")):
+            raise ValueError(f"invalid header name {name!r}")
+        lines = value.split("\n")
+        for extra in lines[1:]:
+            if not extra[:1] in (" ", "\t"):
+                raise ValueError("header continuation lines must start with whitespace")
+        if any("\r" in line for line in lines):
+            raise ValueError("CR in header value")
+        text = f"{name}: " + "\r\n".join(lines) + "\r\n"
+        self._prepend.append(text.encode("utf-8"))
+
+    def remove_headers(self, name: str, predicate: Any = None) -> int:
+        """Remove received headers called ``name`` (those ``predicate(value)`` is true for).
+
+        :returns: how many were removed
+        """
+        name = name.lower()
+        count = 0
+        for i, (hname, line, _, _) in enumerate(self._parse()):
+            if hname != name or i in self._removed:
+                continue
+            value = line.partition(b":")[2].decode("utf-8", "surrogateescape").strip()
+            if predicate is None or predicate(value):
+                self._removed.add(i)
+                count += 1
+        return count
+
+    @property
+    def body_offset(self) -> int:
+        """Offset of the body in :attr:`raw` (after the blank line, if any)."""
+        self._parse()
+        assert self._header_end is not None
+        end = self._header_end
+        if self._raw[end : end + 2] == b"\r\n":
+            return end + 2
+        return end
+
+    def chunks(self) -> list[bytes | memoryview]:
+        """The final message (added headers first) as a list of buffers for writing."""
+        out: list[bytes | memoryview] = list(reversed(self._prepend))
+        view = memoryview(self._raw)
+        if not self._removed:
+            out.append(view)
+            return out
+        pos = 0
+        for i, (_, _, start, end) in enumerate(self._parse()):
+            if i in self._removed:
+                out.append(view[pos:start])
+                pos = end
+        out.append(view[pos:])
+        return out
+
+    def as_bytes(self) -> bytes:
+        """The final message as one bytes object (copies: prefer :meth:`chunks`)."""
+        return b"".join(bytes(c) for c in self.chunks())
+
+
+class RecipientState(enum.Enum):
+    """Where one queued recipient stands."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # permanent failure, bounce owed or sent
+
+
+@dataclass(slots=True)
+class QueuedRecipient:
+    """A recipient in the queued envelope with its delivery state."""
+
+    address: str
+    orcpt: str | None = None
+    notify: tuple[str, ...] = ()
+    state: RecipientState = RecipientState.PENDING
+    attempts: int = 0
+    last_reply: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"address": self.address, "state": self.state.value}
+        if self.orcpt:
+            out["orcpt"] = self.orcpt
+        if self.notify:
+            out["notify"] = list(self.notify)
+        if self.attempts:
+            out["attempts"] = self.attempts
+        if self.last_reply:
+            out["last_reply"] = self.last_reply
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QueuedRecipient:
+        return cls(
+            address=str(data["address"]),
+            orcpt=data.get("orcpt"),
+            notify=tuple(data.get("notify", ())),
+            state=RecipientState(data.get("state", "pending")),
+            attempts=int(data.get("attempts", 0)),
+            last_reply=str(data.get("last_reply", "")),
+        )
+
+
+@dataclass(slots=True)
+class Envelope:
+    """The queued record of one message: who sent it, to whom, and what happened."""
+
+    sender: str
+    recipients: list[QueuedRecipient]
+    arrived: float = field(default_factory=time.time)
+    client_ip: str = ""
+    helo: str = ""
+    auth_login: str | None = None
+    body: str = "7BIT"
+    smtputf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+    notes: list[dict[str, Any]] = field(default_factory=list)
+    quarantine_reason: str | None = None
+
+    @classmethod
+    def from_transaction(cls, session: Session, txn: Transaction) -> Envelope:
+        return cls(
+            sender=str(txn.sender),
+            recipients=[
+                QueuedRecipient(
+                    address=str(r.address), orcpt=r.params.orcpt, notify=r.params.notify
+                )
+                for r in txn.recipients
+            ],
+            client_ip=session.peer_ip,
+            helo=session.helo or "",
+            auth_login=session.auth_login,
+            body=txn.params.body,
+            smtputf8=txn.params.smtputf8,
+            ret=txn.params.ret,
+            envid=txn.params.envid,
+            notes=[
+                {"plugin": r.plugin, "score": r.score, "reason": r.reason}
+                for r in itertools.chain(session.results, txn.results)
+            ],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "version": 1,
+            "sender": self.sender,
+            "recipients": [r.to_dict() for r in self.recipients],
+            "arrived": self.arrived,
+            "client_ip": self.client_ip,
+            "helo": self.helo,
+            "body": self.body,
+            "smtputf8": self.smtputf8,
+        }
+        for key in ("auth_login", "ret", "envid", "quarantine_reason"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        if self.notes:
+            out["notes"] = self.notes
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Envelope:
+        if data.get("version") != 1:
+            raise ValueError(f"unknown envelope version {data.get('version')!r}")
+        return cls(
+            sender=str(data["sender"]),
+            recipients=[QueuedRecipient.from_dict(r) for r in data["recipients"]],
+            arrived=float(data["arrived"]),
+            client_ip=str(data.get("client_ip", "")),
+            helo=str(data.get("helo", "")),
+            auth_login=data.get("auth_login"),
+            body=str(data.get("body", "7BIT")),
+            smtputf8=bool(data.get("smtputf8", False)),
+            ret=data.get("ret"),
+            envid=data.get("envid"),
+            notes=list(data.get("notes", [])),
+            quarantine_reason=data.get("quarantine_reason"),
+        )

@@ -1,0 +1,377 @@
+"""The policy as typed, frozen objects, and scoped overrides.
+
+A :class:`Policy` is what :mod:`gateway.policy.loader` builds from a TOML file: the gateway's
+own settings sections, the ordered plugin chain (each entry carrying that plugin's validated
+``Settings`` instance) and the scoped overrides. The SMTP front end asks
+:meth:`Policy.scope` once per connection for the effective limits and plugin chain, and
+:meth:`Scope.for_recipient_domain` per recipient.
+
+Override specificity, least to most specific: the base policy, ``listener``, ``network`` (a
+longer prefix beats a shorter one), ``recipient_domain`` (an exact domain beats a
+``.parent`` suffix, a longer suffix beats a shorter one). Overrides apply in increasing
+specificity, so the most specific wins; equally specific ones apply in file order. Each
+override changes only the keys it names, so a listener override of ``max_message_size`` and a
+network override of ``max_recipients`` both take effect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gateway.policy.schema import setting
+from gateway.policy.units import Duration, IPNetwork, Size
+
+__all__ = [
+    "AuthSettings",
+    "Limits",
+    "ListenerSettings",
+    "LocalSettings",
+    "Match",
+    "Override",
+    "PluginEntry",
+    "Policy",
+    "RelaySettings",
+    "Scope",
+    "ScoringSettings",
+    "ServerSettings",
+    "TlsSettings",
+]
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Process-wide settings: ``[server]``."""
+
+    hostname: str = setting(
+        "", "name in the greeting and Received headers; empty = this host's FQDN"
+    )
+    queue_dir: Path = setting(
+        Path("var/queue"), "queue directory (relative to the working directory)"
+    )
+    var_dir: Path = setting(
+        Path("var"), "state directory: generated TLS certificate, state databases"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = setting("info", "logging threshold")
+    workers: int = setting(1, "delivery worker count", min=1)
+
+    def effective_hostname(self) -> str:
+        """The configured hostname, or this host's FQDN when empty."""
+        return self.hostname or socket.getfqdn()
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    """One SMTP listening socket: an entry of ``[[listeners]]``."""
+
+    name: str = field(metadata={"doc": "unique name, used by overrides' match.listener"})
+    address: str = setting("127.0.0.1", 'address to bind ("0.0.0.0" or "::" for all)')
+    port: int = setting(2525, "TCP port", min=1, max=65535)
+    tls: Literal["none", "starttls", "implicit"] = setting(
+        "starttls", "offer STARTTLS, wrap the socket in TLS from the start (port 465), or no TLS"
+    )
+    require_tls: bool = setting(False, "refuse MAIL until the session is encrypted")
+    auth: bool = setting(True, "offer AUTH (only ever after TLS)")
+    require_auth: bool = setting(
+        False, "refuse MAIL until the client has authenticated (submission)"
+    )
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """Certificate for STARTTLS and implicit TLS: ``[tls]``."""
+
+    cert: Path | None = setting(None, "PEM certificate chain file")
+    key: Path | None = setting(None, "PEM private key file")
+    self_signed: bool = setting(
+        True, "without cert/key, make a self-signed one under var_dir/tls on first run"
+    )
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = setting("TLSv1.2", "lowest TLS version accepted")
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """SMTP AUTH: ``[auth]``."""
+
+    users_file: Path | None = setting(
+        None, "file of user credentials; AUTH has no users without one"
+    )
+    max_failures: int = setting(3, "failed AUTH attempts before the session is dropped", min=1)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-session bounds: ``[limits]``; overrides may change any of them."""
+
+    max_message_size: Size = setting(
+        25 * 1024**2, 'largest message accepted (SIZE), e.g. "25MB"', min=1
+    )
+    max_recipients: int = setting(100, "recipients per transaction", min=1)
+    max_command_line: int = setting(
+        512, "command line length incl. CRLF (RFC 5321 §4.5.3.1.4)", min=512
+    )
+    max_line_length: int = setting(
+        1000, "message text line length incl. CRLF (RFC 5321 §4.5.3.1.6)", min=1000
+    )
+    idle_timeout: Duration = setting(
+        300.0, "wait for the next command (RFC 5321 §4.5.3.2.7: 5m)", min=0.001
+    )
+    data_timeout: Duration = setting(600.0, "wait for the whole DATA content", min=0.001)
+    session_timeout: Duration = setting(1800.0, "total session length", min=0.001)
+    max_connections: int = setting(1000, "concurrent sessions per listener", min=1)
+    max_connections_per_ip: int = setting(20, "concurrent sessions per client address", min=1)
+    max_bad_commands: int = setting(10, "unknown or out-of-order commands before disconnect", min=1)
+    max_transactions: int = setting(100, "mail transactions per session", min=1)
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """Domains and users delivered here: ``[local]``."""
+
+    domains: tuple[str, ...] = setting(("localhost",), "domains delivered locally (lower-cased)")
+    users: tuple[str, ...] = setting(("postmaster",), "local users")
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """Who may relay and where to: ``[relay]``."""
+
+    domains: tuple[str, ...] = setting((), "remote domains accepted from anyone (we are their MX)")
+    clients: tuple[IPNetwork, ...] = setting((), "client networks allowed to relay anywhere")
+    authenticated: bool = setting(True, "authenticated clients may relay anywhere")
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """Thresholds on the summed plugin scores: ``[scoring]``; unset = off."""
+
+    reject: float | None = setting(None, "reject (5xx) at or above this score")
+    quarantine: float | None = setting(None, "quarantine at or above this score")
+    tempfail: float | None = setting(None, "tempfail (4xx) at or above this score")
+
+
+@dataclass(frozen=True)
+class PluginEntry:
+    """One link of the plugin chain: an entry of ``[[plugins]]``."""
+
+    name: str = field(metadata={"doc": "plugin module name (<phase>_<what>)"})
+    settings: object = field(metadata={"doc": "the plugin's validated Settings instance"})
+    id: str = setting("", "unique id in the chain, for overrides; defaults to name")
+    mode: Literal["enforce", "observe"] = setting(
+        "enforce", "observe: run and log, ignore verdicts"
+    )
+    timeout: Duration = setting(30.0, "per-hook time limit", min=0.001)
+    on_error: Literal["tempfail", "continue"] = setting(
+        "tempfail", "on timeout or exception: tempfail (fail closed) or continue (fail open)"
+    )
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", self.name)
+
+
+@dataclass(frozen=True)
+class Match:
+    """What an override applies to; exactly one field is set."""
+
+    listener: str | None = setting(None, "listener name")
+    network: IPNetwork | None = setting(None, "client network")
+    recipient_domain: str | None = setting(
+        None, 'recipient domain; ".example.com" matches subdomains'
+    )
+
+    def __post_init__(self) -> None:
+        count = sum(v is not None for v in (self.listener, self.network, self.recipient_domain))
+        if count != 1:
+            raise ValueError("set exactly one of listener, network, recipient_domain")
+        if self.recipient_domain is not None:
+            object.__setattr__(self, "recipient_domain", _normalize_domain(self.recipient_domain))
+
+    def matches_domain(self, domain: str) -> bool:
+        """Whether this is a recipient-domain match for ``domain`` (already normalized)."""
+        pattern = self.recipient_domain
+        if pattern is None:
+            return False
+        return domain.endswith(pattern) if pattern.startswith(".") else domain == pattern
+
+    def specificity(self) -> tuple[int, int, int]:
+        """Sort key: listener < network (by prefix length) < domain (suffix < exact, by length)."""
+        if self.listener is not None:
+            return (1, 0, 0)
+        if self.network is not None:
+            return (2, self.network.prefixlen, 0)
+        domain = self.recipient_domain or ""
+        return (3, 0 if domain.startswith(".") else 1, len(domain))
+
+
+@dataclass(frozen=True)
+class Override:
+    """Scoped changes: an entry of ``[[overrides]]``.
+
+    ``plugins`` and ``limits`` hold full, validated objects (base merged with the override's
+    table); ``plugin_keys`` and ``limits_keys`` record which keys the override set, so that
+    layered overrides change only those. A ``None`` key set means "replace the whole object".
+    """
+
+    match: Match = field(metadata={"doc": "what the override applies to"})
+    disable: tuple[str, ...] = setting((), "plugin ids removed from the chain")
+    plugins: Mapping[str, object] = setting({}, "plugin id -> Settings with the override applied")
+    limits: Limits | None = setting(None, "limits with the override applied")
+    limits_keys: frozenset[str] | None = setting(None, "limits keys the override set")
+    plugin_keys: Mapping[str, frozenset[str]] = setting(
+        {}, "plugin id -> settings keys the override set"
+    )
+
+
+def _normalize_domain(domain: str) -> str:
+    return domain.strip().lower().rstrip(".")
+
+
+def _apply(
+    limits: Limits, plugins: tuple[PluginEntry, ...], overrides: tuple[Override, ...]
+) -> tuple[Limits, tuple[PluginEntry, ...]]:
+    """Layer ``overrides`` (already in increasing specificity) onto limits and a chain."""
+    disabled: set[str] = set()
+    for override in overrides:
+        disabled.update(override.disable)
+        if override.limits is not None:
+            limits = _merge(limits, override.limits, override.limits_keys)
+    chain = []
+    for entry in plugins:
+        if entry.id in disabled:
+            continue
+        settings = entry.settings
+        for override in overrides:
+            if entry.id in override.plugins:
+                keys = override.plugin_keys.get(entry.id)
+                settings = _merge(settings, override.plugins[entry.id], keys)
+        chain.append(
+            entry if settings is entry.settings else dataclasses.replace(entry, settings=settings)
+        )
+    return limits, tuple(chain)
+
+
+def _merge(current: Any, new: Any, keys: frozenset[str] | None) -> Any:
+    if keys is None:
+        return new
+    if not keys:
+        return current
+    return dataclasses.replace(current, **{key: getattr(new, key) for key in keys})
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The effective limits and plugin chain for one connection (or one recipient)."""
+
+    limits: Limits
+    plugins: tuple[PluginEntry, ...]
+    domain_overrides: tuple[Override, ...] = field(default=(), repr=False, compare=False)
+    _cache: dict[tuple[int, ...], Scope] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def for_recipient_domain(self, domain: str) -> Scope:
+        """Apply the ``recipient_domain`` overrides matching ``domain`` on top of this scope.
+
+        :param domain: the recipient's domain (any case, trailing dot allowed).
+        :returns: this scope itself when no override matches, else a (cached) derived scope.
+        """
+        name = _normalize_domain(domain)
+        matched = tuple(
+            i for i, o in enumerate(self.domain_overrides) if o.match.matches_domain(name)
+        )
+        if not matched:
+            return self
+        scope = self._cache.get(matched)
+        if scope is None:
+            limits, plugins = _apply(
+                self.limits, self.plugins, tuple(self.domain_overrides[i] for i in matched)
+            )
+            scope = self._cache.setdefault(matched, Scope(limits, plugins))
+        return scope
+
+    def plugin(self, plugin_id: str) -> PluginEntry | None:
+        """The chain entry with this id, or ``None`` when absent or disabled here."""
+        return next((entry for entry in self.plugins if entry.id == plugin_id), None)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A whole, validated policy. Build it with :func:`gateway.policy.load_policy`."""
+
+    source: str = field(metadata={"doc": 'file the policy came from, or "<embedded default>"'})
+    server: ServerSettings = setting(ServerSettings(), "process-wide settings")
+    listeners: tuple[ListenerSettings, ...] = setting(
+        (ListenerSettings(name="smtp"),), "listening sockets"
+    )
+    tls: TlsSettings = setting(TlsSettings(), "TLS certificate")
+    auth: AuthSettings = setting(AuthSettings(), "SMTP AUTH")
+    limits: Limits = setting(Limits(), "per-session bounds")
+    local: LocalSettings = setting(LocalSettings(), "local domains and users")
+    relay: RelaySettings = setting(RelaySettings(), "relay permissions")
+    scoring: ScoringSettings = setting(ScoringSettings(), "score thresholds")
+    plugins: tuple[PluginEntry, ...] = setting((), "the ordered plugin chain")
+    overrides: tuple[Override, ...] = setting((), "scoped overrides")
+    _network_overrides: tuple[Override, ...] = field(
+        default=(), init=False, repr=False, compare=False
+    )
+    _domain_overrides: tuple[Override, ...] = field(
+        default=(), init=False, repr=False, compare=False
+    )
+    _scopes: dict[tuple[str, tuple[int, ...]], Scope] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        by_specificity = sorted(self.overrides, key=lambda o: o.match.specificity())  # stable
+        domain = tuple(o for o in by_specificity if o.match.recipient_domain is not None)
+        networks = tuple(o for o in by_specificity if o.match.network is not None)
+        object.__setattr__(self, "_domain_overrides", domain)
+        object.__setattr__(self, "_network_overrides", networks)
+
+    def listener(self, name: str) -> ListenerSettings | None:
+        """The listener with this name, or ``None``."""
+        return next((item for item in self.listeners if item.name == name), None)
+
+    def scope(self, *, listener: str, client_ip: str) -> Scope:
+        """The effective limits and chain for a connection (cached; cheap per connection).
+
+        :param listener: the name of the listener that accepted the connection.
+        :param client_ip: the client's address; an unparsable one matches no network.
+        :returns: a :class:`Scope` with listener and network overrides applied; call
+            :meth:`Scope.for_recipient_domain` per recipient for domain overrides.
+        """
+        networks = self._network_overrides
+        matched: tuple[int, ...] = ()
+        if networks:
+            address = _parse_ip(client_ip)
+            if address is not None:
+                matched = tuple(
+                    i
+                    for i, o in enumerate(networks)
+                    if o.match.network and address in o.match.network
+                )
+        key = (listener, matched)
+        scope = self._scopes.get(key)
+        if scope is None:
+            chosen = [o for o in self.overrides if o.match.listener == listener]
+            chosen += [networks[i] for i in matched]
+            limits, plugins = _apply(self.limits, self.plugins, tuple(chosen))
+            scope = Scope(limits, plugins, self._domain_overrides)
+            scope = self._scopes.setdefault(key, scope)
+        return scope
+
+
+def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address

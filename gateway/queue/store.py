@@ -1,0 +1,580 @@
+"""The durable queue store: one immutable file per message, atomic per-recipient state.
+
+A message is written to ``tmp/``, fdatasynced, renamed into its area (``msg/`` or
+``quarantine/``), and the area directory fsynced before :meth:`QueueStore.commit`
+returns, so the 250 follows stable storage. One committer thread per store takes every
+message waiting as a batch that shares one directory fsync (group commit). Delivery
+state lives in ``state/<qid>``, replaced atomically. See ``docs/queue.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from gateway.model import Envelope, Message, QueuedRecipient
+from gateway.verdicts import Reply, TemporaryFailure
+
+__all__ = [
+    "AREAS", "CorruptQueueFile", "QueueStore", "QueuedMessage",
+    "REPLY_DISK_FULL", "REPLY_QUEUE_CLOSED", "REPLY_QUEUE_ERROR",
+]
+
+log = logging.getLogger(__name__)
+
+AREAS = ("msg", "quarantine")  # the directories that hold whole messages
+REPLY_DISK_FULL = Reply(452, "4.3.1", "insufficient system storage, try again later")
+REPLY_QUEUE_ERROR = Reply(451, "4.3.0", "queue write failed, try again later")
+REPLY_QUEUE_CLOSED = Reply(451, "4.3.0", "queue is shutting down, try again later")
+
+_MAGIC = b"GWQ1"
+_HEADER_MAX = 64  # b"GWQ1 " + two 20-digit lengths + spaces + newline fit in 47
+_ENVELOPE_MAX = 16 * 1024 * 1024  # bound what load() reads and parses
+_QID_RE = re.compile(r"[0-9A-Z]{1,64}")
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+_IOV_MAX = 1024  # Linux UIO_MAXIOV: writev refuses more buffers than this
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+Buffer = bytes | memoryview
+
+
+class CorruptQueueFile(Exception):
+    """A queue or state file whose header, lengths or JSON do not check out."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    """One queued message, its state overlay applied (``envelope.recipients`` come
+    from ``state/<qid>`` when that exists). The message is ``message_size`` octets at
+    ``message_offset`` in ``path``."""
+
+    qid: str
+    area: str
+    envelope: Envelope
+    path: Path
+    message_offset: int
+    message_size: int
+    held: bool
+    next_try: float
+    attempts: int
+
+
+@dataclass(slots=True)
+class _Job:
+    """One commit handed to the committer thread."""
+
+    qid: str
+    area: str
+    data: list[Buffer]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+    fd: int = -1
+    owned: Path | None = None  # the file this job created: in tmp/, then in its area
+    error: TemporaryFailure | None = None
+
+
+# Queue ids are process-wide (two stores on one directory in one process never collide).
+_id_lock = threading.Lock()
+_id_last = [0, 0]  # microseconds, counter
+_tmp_seq = itertools.count()
+
+
+def _next_id() -> str:
+    with _id_lock:
+        now = time.time_ns() // 1000
+        if now > _id_last[0]:
+            _id_last[:] = [now, 0]
+        elif _id_last[1] < 0xFFFF:  # same microsecond, or the clock stepped back
+            _id_last[1] += 1
+        else:
+            _id_last[:] = [_id_last[0] + 1, 0]
+        return f"{_id_last[0]:013X}{os.getpid() & 0xFFFFFF:06X}{_id_last[1]:04X}"
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (creations, renames, unlinks) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, chunks: Sequence[Buffer]) -> None:
+    """Write every buffer with ``writev``, coping with short writes and IOV_MAX."""
+    views = [memoryview(c).cast("B") for c in chunks if len(c)]
+    i = 0
+    while i < len(views):
+        written = os.writev(fd, views[i : i + _IOV_MAX])
+        if written <= 0:
+            raise OSError(errno.EIO, "writev wrote nothing")
+        while written and i < len(views):
+            if written >= len(views[i]):
+                written -= len(views[i])
+                i += 1
+            else:
+                views[i], written = views[i][written:], 0
+
+
+def _settle(job: _Job) -> None:
+    """On the job's event loop: report the outcome unless the waiter was cancelled."""
+    if not job.future.done():
+        if job.error is None:
+            job.future.set_result(None)
+        else:
+            job.future.set_exception(job.error)
+
+
+def _check_fd(fd: int, qid: str) -> tuple[int, int, int]:
+    """Verify a queue file's header, size and separator without reading its body.
+
+    :returns: (header length, envelope length, message length)
+    :raises CorruptQueueFile: when any of them is wrong
+    """
+    head = os.pread(fd, _HEADER_MAX, 0)
+    nl = head.find(b"\n")
+    parts = head[:nl].split(b" ") if nl > 0 else []
+    if len(parts) != 3 or parts[0] != _MAGIC or not (parts[1].isdigit() and parts[2].isdigit()):
+        raise CorruptQueueFile(f"qid={qid}: bad header")
+    header_len, env_len, msg_len = nl + 1, int(parts[1]), int(parts[2])
+    expected, actual = header_len + env_len + 1 + msg_len, os.fstat(fd).st_size
+    if actual != expected:
+        raise CorruptQueueFile(f"qid={qid}: size {actual}, header says {expected}")
+    if os.pread(fd, 1, header_len + env_len) != b"\n":
+        raise CorruptQueueFile(f"qid={qid}: no separator after the envelope")
+    return header_len, env_len, msg_len
+
+
+class QueueStore:
+    """The on-disk queue under one root directory.
+
+    :meth:`commit` is for the event loop; the other methods block on the disk and may be
+    called from any thread (the CLI, or the scheduler via ``asyncio.to_thread``).
+
+    :param root: the queue directory; :meth:`open` creates it and its subdirectories
+    :param max_batch: the most messages one group commit (one directory fsync) covers
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, max_batch: int = 64) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.root = Path(root)
+        self._max_batch = max_batch
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # guards _thread and _is_closing
+        self._is_closing = False
+        self._state_locks = [threading.Lock() for _ in range(64)]  # striped by qid
+
+    def _dir(self, area: str) -> Path:
+        if area not in AREAS:
+            raise ValueError(f"unknown queue area {area!r}")
+        return self.root / area
+
+    def _path(self, area: str, qid: str) -> Path:
+        if not _QID_RE.fullmatch(qid):
+            raise ValueError(f"malformed queue id {qid!r}")
+        return self._dir(area) / qid
+
+    def _state_lock(self, qid: str) -> threading.Lock:
+        return self._state_locks[hash(qid) % len(self._state_locks)]
+
+    # Recovery -------------------------------------------------------------------------
+
+    def open(self) -> list[str]:
+        """Create the directories and recover after a crash; call once at startup.
+
+        Empties ``tmp/`` (unfinished writes), moves bad message files and unparsable
+        state files to ``corrupt/`` (never deleting them), and deletes state files
+        whose message is gone (a crash inside :meth:`remove`). Only the process that
+        owns the queue may call it: it discards anyone's in-flight temporary files.
+
+        :returns: the sorted queue ids found in ``msg/``
+        """
+        is_new = False
+        for sub in ("", "tmp", "msg", "state", "quarantine", "corrupt"):
+            if not (self.root / sub).is_dir():
+                (self.root / sub).mkdir(parents=True)
+                is_new = True
+        if is_new:
+            _fsync_dir(self.root)
+            _fsync_dir(self.root.parent)
+        for entry in os.scandir(self.root / "tmp"):
+            log.debug("removing unfinished temporary file %s", entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        found = {area: self._verify_area(area) for area in AREAS}
+        self._verify_states(found)
+        with self._lock:
+            self._is_closing = False
+        log.info("queue opened root=%s messages=%d quarantined=%d",
+                 self.root, len(found["msg"]), len(found["quarantine"]))
+        return sorted(found["msg"])
+
+    def _verify_area(self, area: str) -> set[str]:
+        good: set[str] = set()
+        for entry in os.scandir(self._dir(area)):
+            try:
+                if not (_QID_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)):
+                    raise CorruptQueueFile(f"{entry.name!r} is not a queue file")
+                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    _check_fd(fd, entry.name)
+                finally:
+                    os.close(fd)
+            except (CorruptQueueFile, OSError) as exc:
+                self._to_corrupt(Path(entry.path), entry.name, str(exc))
+            else:
+                good.add(entry.name)
+        return good
+
+    def _verify_states(self, found: dict[str, set[str]]) -> None:
+        is_changed = False
+        for entry in os.scandir(self.root / "state"):
+            qid = entry.name
+            area = next((a for a in AREAS if qid in found[a]), None)
+            if area is None:  # remove() unlinks the message first: this is garbage
+                log.warning("removing state file without a message qid=%s", qid)
+                os.unlink(entry.path)
+                is_changed = True
+                continue
+            try:
+                self._read_state(qid)
+            except (CorruptQueueFile, OSError) as exc:
+                # Without its state we could deliver twice: leave both to a human.
+                self._to_corrupt(self._path(area, qid), qid, str(exc))
+                self._to_corrupt(Path(entry.path), f"{qid}.state", str(exc))
+                found[area].discard(qid)
+        if is_changed:
+            _fsync_dir(self.root / "state")
+
+    def _to_corrupt(self, src: Path, name: str, reason: str) -> None:
+        dst = self.root / "corrupt" / name
+        for n in itertools.count(1):
+            if not dst.exists():
+                break
+            dst = self.root / "corrupt" / f"{name}.{n}"
+        log.error("moving bad queue file qid=%s to %s: %s", name, dst, reason)
+        try:
+            os.rename(src, dst)
+            _fsync_dir(dst.parent)
+            _fsync_dir(src.parent)
+        except OSError as exc:
+            log.error("cannot move bad queue file qid=%s: %s", name, exc)
+
+    # Commit ---------------------------------------------------------------------------
+
+    def new_id(self) -> str:
+        """A new queue id of 23 characters [0-9A-F], sortable by time and unique across
+        processes sharing the directory: 13 hex digits of microseconds, 6 of the pid,
+        4 of a counter."""
+        return _next_id()
+
+    async def commit(
+        self, qid: str, envelope: Envelope, message: Message, *, area: str = "msg"
+    ) -> None:
+        """Store a message durably: when this returns it survives a crash or power loss.
+
+        :param qid: a queue id from :meth:`new_id`
+        :param envelope: the envelope; in quarantine its ``quarantine_reason`` is set
+        :param message: the message, written as :meth:`Message.chunks` gives it
+        :param area: ``"msg"`` or ``"quarantine"``
+        :raises TemporaryFailure: 452 4.3.1 when the disk is full, 451 4.3.0 on any
+            other failure or after :meth:`close`; no file is left behind
+        """
+        self._path(area, qid)  # validates both
+        if area == "quarantine" and not envelope.quarantine_reason:
+            raise ValueError("a quarantined envelope needs a quarantine_reason")
+        env = json.dumps(envelope.to_dict(), separators=(",", ":")).encode("utf-8")
+        chunks = message.chunks()
+        size = sum(memoryview(c).nbytes for c in chunks)
+        head = b"%s %d %d\n" % (_MAGIC, len(env), size) + env + b"\n"
+        loop = asyncio.get_running_loop()
+        job = _Job(qid, area, [head, *chunks], loop, loop.create_future())
+        with self._lock:
+            if self._is_closing:
+                raise TemporaryFailure(REPLY_QUEUE_CLOSED, f"qid={qid}: store closed")
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run_committer, name="queue-committer", daemon=True
+                )
+                self._thread.start()
+            self._jobs.put(job)
+        await job.future
+
+    async def close(self) -> None:
+        """Let the commits already handed over finish, then stop the committer thread.
+        Later :meth:`commit` calls fail with 451 until :meth:`open` is called again."""
+        with self._lock:
+            self._is_closing = True
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self._jobs.put(None)  # behind every job already queued
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
+
+    def _run_committer(self) -> None:
+        """The committer thread: take everything waiting as one batch, commit, repeat."""
+        is_stopping = False
+        while not is_stopping:
+            first = self._jobs.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self._max_batch:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    is_stopping = True
+                    break
+                batch.append(job)
+            try:
+                self._commit_batch(batch)
+            except Exception as exc:  # boundary: no caller may be left waiting
+                log.exception("queue committer failed on a batch of %d", len(batch))
+                for job in batch:
+                    if job.error is None:
+                        self._fail(job, exc)
+            for job in batch:
+                self._resolve(job)
+
+    def _commit_batch(self, batch: list[_Job]) -> None:
+        tmp_dir = self.root / "tmp"
+        written: list[_Job] = []
+        for job in batch:  # 1. each message into its own new temporary file
+            try:
+                job.fd = os.open(tmp_dir / job.qid, _NEW_FILE, 0o600)
+                job.owned = tmp_dir / job.qid
+                _write_all(job.fd, job.data)
+                written.append(job)
+            except Exception as exc:
+                self._fail(job, exc)
+        # 2. A file's data is on disk before any name in an area points at it. Syncing
+        # after all the writes lets the filesystem flush the batch in fewer commits.
+        for job in written:
+            try:
+                fd, job.fd = job.fd, -1
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp_dir / job.qid, self._dir(job.area) / job.qid)  # 3. publish
+                job.owned = self._dir(job.area) / job.qid
+            except Exception as exc:
+                self._fail(job, exc)
+        # 4. One directory fsync per area makes all of the batch's renames durable.
+        for area in {job.area for job in written if job.error is None}:
+            try:
+                _fsync_dir(self._dir(area))
+            except Exception as exc:
+                for job in written:
+                    if job.area == area and job.error is None:
+                        self._fail(job, exc)
+        for job in batch:
+            if job.error is None:
+                log.info("queued qid=%s area=%s batch=%d", job.qid, job.area, len(batch))
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        """Mark one job failed (disk full: 452 4.3.1, else 451 4.3.0) and clean up."""
+        log.error("queue commit failed qid=%s: %s", job.qid, exc)
+        is_full = isinstance(exc, OSError) and exc.errno in _NO_SPACE
+        reply = REPLY_DISK_FULL if is_full else REPLY_QUEUE_ERROR
+        job.error = TemporaryFailure(reply, f"qid={job.qid}: {exc}")
+        job.error.__cause__ = exc
+        if job.fd >= 0:
+            fd, job.fd = job.fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        # Unacknowledged, so possibly not durable: take it back out of the area too.
+        owned, job.owned = job.owned, None
+        try:
+            if owned is not None:
+                os.unlink(owned)
+        except FileNotFoundError:
+            pass
+        except OSError as cleanup:
+            log.error("cannot remove failed commit qid=%s: %s", job.qid, cleanup)
+
+    @staticmethod
+    def _resolve(job: _Job) -> None:
+        try:
+            job.loop.call_soon_threadsafe(_settle, job)
+        except RuntimeError:
+            log.warning("event loop closed before commit of qid=%s was reported", job.qid)
+
+    # Readers --------------------------------------------------------------------------
+
+    def ids(self, area: str = "msg") -> list[str]:
+        """The queue ids in ``area``, sorted (which is arrival order).
+
+        :param area: ``"msg"`` or ``"quarantine"``
+        """
+        return sorted(n for n in os.listdir(self._dir(area)) if _QID_RE.fullmatch(n))
+
+    def load(self, qid: str, area: str = "msg") -> QueuedMessage:
+        """Read a message's envelope and apply its state file.
+
+        :param qid: the queue id
+        :param area: ``"msg"`` or ``"quarantine"``
+        :raises FileNotFoundError: when there is no such message
+        :raises CorruptQueueFile: when the message or state file is damaged
+        """
+        path = self._path(area, qid)
+        with open(path, "rb") as f:
+            header_len, env_len, msg_len = _check_fd(f.fileno(), qid)
+            if env_len > _ENVELOPE_MAX:
+                raise CorruptQueueFile(f"qid={qid}: envelope of {env_len} octets")
+            f.seek(header_len)
+            raw = f.read(env_len)
+        try:
+            envelope = Envelope.from_dict(json.loads(raw))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptQueueFile(f"qid={qid}: bad envelope: {exc}") from exc
+        state = self._read_state(qid)
+        next_try, attempts, is_held = envelope.arrived, 0, False
+        if state is not None:
+            envelope.recipients = state["recipients"]
+            next_try, attempts, is_held = state["next_try"], state["attempts"], state["held"]
+        return QueuedMessage(
+            qid=qid, area=area, envelope=envelope, path=path,
+            message_offset=header_len + env_len + 1, message_size=msg_len,
+            held=is_held, next_try=next_try, attempts=attempts,
+        )
+
+    def read_message(self, qid: str, area: str = "msg") -> bytes:
+        """The message bytes as committed (added headers included).
+
+        :param qid: the queue id
+        :param area: ``"msg"`` or ``"quarantine"``
+        :raises FileNotFoundError: when there is no such message
+        :raises CorruptQueueFile: when the file is damaged
+        """
+        with open(self._path(area, qid), "rb") as f:
+            header_len, env_len, msg_len = _check_fd(f.fileno(), qid)
+            f.seek(header_len + env_len + 1)
+            return f.read(msg_len)
+
+    def _read_state(self, qid: str) -> dict[str, Any] | None:
+        """The parsed ``state/<qid>`` (recipients as objects), or None if absent."""
+        try:
+            raw = (self.root / "state" / qid).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            data = json.loads(raw)
+            return {
+                "recipients": [QueuedRecipient.from_dict(r) for r in data["recipients"]],
+                "next_try": float(data["next_try"]),
+                "attempts": int(data["attempts"]),
+                "held": bool(data["held"]),
+            }
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptQueueFile(f"qid={qid}: bad state file: {exc}") from exc
+
+    # Writers --------------------------------------------------------------------------
+
+    def update_state(
+        self, qid: str, envelope: Envelope, *,
+        next_try: float | None = None, attempts: int | None = None, held: bool | None = None,
+    ) -> None:
+        """Atomically replace a message's recipients and delivery bookkeeping.
+
+        Written to ``tmp/``, fdatasynced, renamed over ``state/<qid>``, then the state
+        directory fsynced: after a crash either the old or the new state is in force.
+
+        :param qid: the queue id; the message must be in some area
+        :param envelope: its ``recipients`` (with their states) are recorded
+        :param next_try: when to try next (epoch seconds); None keeps the recorded value
+        :param attempts: delivery attempts so far; None keeps the recorded value
+        :param held: whether the message is on hold; None keeps the recorded value
+        :raises FileNotFoundError: when the message is not queued
+        :raises OSError: when the state cannot be written; the old one still holds
+        """
+        with self._state_lock(qid):
+            if not any(self._path(area, qid).exists() for area in AREAS):
+                raise FileNotFoundError(errno.ENOENT, f"no queued message qid={qid}")
+            old = self._read_state(qid) or {}
+            state = {
+                "recipients": [r.to_dict() for r in envelope.recipients],
+                "next_try": old.get("next_try", envelope.arrived) if next_try is None else next_try,
+                "attempts": old.get("attempts", 0) if attempts is None else attempts,
+                "held": old.get("held", False) if held is None else held,
+            }
+            data = json.dumps(state, separators=(",", ":")).encode("utf-8")
+            tmp = self.root / "tmp" / f"{qid}.{os.getpid():x}.{next(_tmp_seq)}.state"
+            fd = os.open(tmp, _NEW_FILE, 0o600)
+            try:
+                try:
+                    _write_all(fd, [data])
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, self.root / "state" / qid)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            _fsync_dir(self.root / "state")
+        log.debug("state updated qid=%s attempts=%s held=%s", qid, state["attempts"], state["held"])
+
+    def remove(self, qid: str, area: str = "msg") -> None:
+        """Delete a message for good, then its state.
+
+        The message goes (durably) first: a crash in between leaves a state file with
+        no message, which :meth:`open` deletes; the reverse order could resurrect the
+        message with its delivered recipients pending again.
+
+        :param qid: the queue id
+        :param area: ``"msg"`` or ``"quarantine"``
+        :raises FileNotFoundError: when there is no such message
+        """
+        path = self._path(area, qid)
+        with self._state_lock(qid):
+            os.unlink(path)
+            _fsync_dir(path.parent)
+            try:
+                os.unlink(self.root / "state" / qid)
+                _fsync_dir(self.root / "state")
+            except FileNotFoundError:
+                pass
+        log.info("removed qid=%s area=%s", qid, area)
+
+    def move(self, qid: str, src: str, dst: str) -> None:
+        """Move a message between areas with one atomic rename, the destination made
+        durable first. Release from quarantine is ``move(qid, "quarantine", "msg")``;
+        the file is immutable, so the envelope keeps its ``quarantine_reason``.
+
+        :param qid: the queue id
+        :param src: the area it is in
+        :param dst: the area it goes to
+        :raises FileNotFoundError: when there is no such message in ``src``
+        :raises FileExistsError: when ``dst`` already holds that queue id
+        """
+        src_path, dst_path = self._path(src, qid), self._path(dst, qid)
+        if src == dst:
+            raise ValueError("source and destination areas are the same")
+        with self._state_lock(qid):
+            if not src_path.exists():
+                raise FileNotFoundError(errno.ENOENT, f"no qid={qid} in {src}")
+            if dst_path.exists():
+                raise FileExistsError(errno.EEXIST, f"qid={qid} already in {dst}")
+            os.rename(src_path, dst_path)
+            _fsync_dir(dst_path.parent)
+            _fsync_dir(src_path.parent)
+        log.info("moved qid=%s from %s to %s", qid, src, dst)

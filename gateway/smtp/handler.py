@@ -1,0 +1,269 @@
+"""What the gateway decides at each SMTP stage, apart from the wire protocol.
+
+The protocol class parses commands and calls this handler with typed objects; the
+handler asks the plugin chain (through the hook runner), applies the core rules
+(default-deny recipients, final scoring) and commits accepted mail to the queue.
+Every decision is logged as one line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.context import Gateway
+from gateway.logs import QUEUE_ID, short
+from gateway.model import Envelope, Message, Recipient, Session, StashKey, Transaction
+from gateway.verdicts import Action, Reply, TemporaryFailure, Verdict
+
+__all__ = ["Answer", "SmtpHandler"]
+
+log = logging.getLogger(__name__)
+
+REPLY_RCPT_DENIED = Reply(550, "5.7.1", "Recipient not accepted")
+REPLY_AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+REPLY_AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+REPLY_AUTH_TEMP = Reply(454, "4.7.0", "Temporary authentication failure")
+REPLY_QUEUE_FAILED = Reply(451, "4.3.0", "Temporary local problem, please try again later")
+
+QUARANTINE_REASON = StashKey[str]("core.quarantine_reason")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The reply for one command, and whether the session ends after it."""
+
+    reply: Reply
+    close: bool = False
+
+
+def _answer(verdict: Verdict, default: Reply) -> Answer:
+    if verdict.action is Action.DISCONNECT:
+        return Answer(verdict.reply, close=True)
+    if verdict.action in (Action.REJECT, Action.TEMPFAIL):
+        return Answer(verdict.reply)
+    return Answer(default)
+
+
+def _client_ip(peer_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class SmtpHandler:
+    """The decisions of one listener under one policy generation."""
+
+    def __init__(self, gateway: Gateway, listener: Any) -> None:
+        self.gateway = gateway
+        self.listener = listener
+        self.runner = gateway.runner
+        self.policy = gateway.policy
+
+    # -- session -----------------------------------------------------------
+
+    def open_session(self, peer: tuple[Any, ...], local: tuple[Any, ...] | None) -> tuple[Session, Any]:
+        """A new :class:`Session` and its policy scope (listener and client network)."""
+        peer_ip = str(_client_ip(str(peer[0])))
+        session = Session(
+            peer_ip=peer_ip,
+            peer_port=int(peer[1]),
+            listener=self.listener.name,
+            local_ip=str(local[0]) if local else "",
+            local_port=int(local[1]) if local else 0,
+        )
+        ip = _client_ip(peer_ip)
+        session.is_relay_client = any(ip in net for net in self.policy.relay.clients)
+        scope = self.policy.scope(listener=self.listener.name, client_ip=peer_ip)
+        return session, scope
+
+    async def connect(self, session: Session, scope: Any) -> Answer | None:
+        """Run the connect hooks; ``None`` means greet the client."""
+        log.info(
+            "connect client=%s port=%d listener=%s relay_client=%s",
+            session.peer_ip, session.peer_port, session.listener, session.is_relay_client,
+        )
+        verdict = await self.runner.first_verdict(
+            "gateway_connect", scope.plugins, session=session, gateway=self.gateway
+        )
+        if verdict is None or not verdict.is_refusal:
+            return None
+        self._log_verdict("connect", verdict)
+        return Answer(verdict.reply, close=True)
+
+    async def disconnect(self, session: Session, scope: Any) -> None:
+        await self.runner.call_all(
+            "gateway_disconnect", scope.plugins, session=session, gateway=self.gateway
+        )
+        log.info("disconnect client=%s transactions=%d", session.peer_ip, session.transactions)
+
+    async def helo(self, session: Session, scope: Any, name: str) -> Answer:
+        verdict = await self.runner.first_verdict(
+            "gateway_helo", scope.plugins, session=session, helo=name, gateway=self.gateway
+        )
+        if verdict is not None and verdict.is_refusal:
+            self._log_verdict("helo", verdict)
+            return _answer(verdict, verdict.reply)
+        session.helo = name
+        log.info("helo name=%s esmtp=%s", short(name), session.is_esmtp)
+        return Answer(Reply(250, "", self.gateway.hostname))
+
+    async def auth(
+        self, session: Session, scope: Any, mechanism: str, login: str, password: str
+    ) -> Answer:
+        verdict = await self.runner.first_verdict(
+            "gateway_auth",
+            scope.plugins,
+            session=session,
+            mechanism=mechanism,
+            login=login,
+            password=password,
+            gateway=self.gateway,
+        )
+        if verdict is not None and verdict.action is Action.ACCEPT:
+            session.auth_login = login
+            log.info("auth ok mechanism=%s login=%s by=%s", mechanism, short(login, 64), verdict.plugin)
+            return Answer(REPLY_AUTH_OK)
+        if verdict is not None and verdict.action in (Action.TEMPFAIL, Action.DISCONNECT):
+            log.warning("auth tempfail mechanism=%s login=%s by=%s", mechanism, short(login, 64), verdict.plugin)
+            return Answer(REPLY_AUTH_TEMP, close=verdict.action is Action.DISCONNECT)
+        log.info(
+            "auth failed mechanism=%s login=%s by=%s",
+            mechanism, short(login, 64), verdict.plugin if verdict else "default-deny",
+        )
+        return Answer(REPLY_AUTH_FAILED)
+
+    # -- transaction -------------------------------------------------------
+
+    async def mail(self, session: Session, scope: Any, txn: Transaction) -> Answer:
+        verdict = await self.runner.first_verdict(
+            "gateway_mail", scope.plugins, session=session, txn=txn, sender=txn.sender, gateway=self.gateway
+        )
+        if verdict is not None:
+            self._note_quarantine(txn, verdict)
+            if verdict.is_refusal:
+                self._log_verdict("mail", verdict, sender=txn.sender)
+                return _answer(verdict, verdict.reply)
+        log.info("mail from=<%s> size=%s", short(txn.sender), txn.params.size)
+        return Answer(Reply(250, "2.1.0", "Sender OK"))
+
+    async def rcpt(self, session: Session, scope: Any, txn: Transaction, rcpt: Recipient) -> Answer:
+        rscope = scope.for_recipient_domain(rcpt.address.domain_key) if rcpt.address.domain else scope
+        verdict = await self.runner.first_verdict(
+            "gateway_rcpt", rscope.plugins, session=session, txn=txn, rcpt=rcpt, gateway=self.gateway
+        )
+        if verdict is not None:
+            self._note_quarantine(txn, verdict)
+        if verdict is None or verdict.action is Action.QUARANTINE:
+            # Default deny: nobody vouched for this recipient.
+            log.info("rcpt to=<%s> refused by=default-deny", short(rcpt.address))
+            return Answer(REPLY_RCPT_DENIED)
+        if verdict.action is Action.ACCEPT:
+            rcpt.accepted_by = verdict.plugin
+            txn.recipients.append(rcpt)
+            log.info("rcpt to=<%s> accepted by=%s", short(rcpt.address), verdict.plugin)
+            return Answer(Reply(250, "2.1.5", "Recipient OK"))
+        self._log_verdict("rcpt", verdict, rcpt=rcpt.address)
+        return _answer(verdict, verdict.reply)
+
+    def _data_scope(self, scope: Any, txn: Transaction) -> Any:
+        domains = {r.address.domain_key for r in txn.recipients if r.address.domain}
+        if len(domains) == 1:
+            return scope.for_recipient_domain(domains.pop())
+        return scope
+
+    async def data(self, session: Session, scope: Any, txn: Transaction, raw: bytes) -> Answer:
+        """Run data hooks, scoring and queue hooks; commit; answer 250 only once durable."""
+        queue = self.gateway.queue
+        txn.queue_id = queue.new_id()
+        token = QUEUE_ID.set(txn.queue_id)
+        try:
+            return await self._data(session, scope, txn, Message(raw))
+        finally:
+            QUEUE_ID.reset(token)
+
+    async def _data(self, session: Session, scope: Any, txn: Transaction, message: Message) -> Answer:
+        dscope = self._data_scope(scope, txn)
+        kwargs = dict(session=session, txn=txn, message=message, gateway=self.gateway)
+        log.info(
+            "data from=<%s> rcpts=%d size=%d", short(txn.sender), len(txn.recipients), message.size
+        )
+        verdict = await self.runner.first_verdict("gateway_data", dscope.plugins, **kwargs)
+        if verdict is None:
+            verdict = self._score(txn)
+        if verdict is not None:
+            self._note_quarantine(txn, verdict)
+            if verdict.is_refusal:
+                self._log_verdict("data", verdict)
+                return _answer(verdict, verdict.reply)
+        verdict = await self.runner.first_verdict("gateway_queue", dscope.plugins, **kwargs)
+        if verdict is not None:
+            self._note_quarantine(txn, verdict)
+            if verdict.is_refusal:
+                self._log_verdict("queue", verdict)
+                return _answer(verdict, verdict.reply)
+        envelope = Envelope.from_transaction(session, txn)
+        reason = txn.stash.get(QUARANTINE_REASON)
+        area = "msg"
+        if reason is not None:
+            envelope.quarantine_reason = reason
+            area = "quarantine"
+        assert txn.queue_id is not None
+        try:
+            await self.gateway.queue.commit(txn.queue_id, envelope, message, area=area)
+        except TemporaryFailure as exc:
+            log.error("queue commit failed: %s", exc)
+            return Answer(exc.reply)
+        except Exception:  # boundary: never answer 250 unless the commit finished
+            log.exception("queue commit failed")
+            return Answer(REPLY_QUEUE_FAILED)
+        log.info(
+            "queued from=<%s> to=%s size=%d area=%s score=%.1f",
+            short(txn.sender),
+            ",".join(f"<{short(r.address, 80)}>" for r in txn.recipients[:10]),
+            message.size,
+            area,
+            txn.results.total + session.results.total,
+        )
+        return Answer(Reply(250, "2.0.0", f"OK queued as {txn.queue_id}"))
+
+    def _score(self, txn: Transaction) -> Verdict | None:
+        """The policy's final scoring step: the summed score against thresholds."""
+        scoring = self.policy.scoring
+        total = txn.results.total
+        reasons = ", ".join(f"{r.plugin}={r.score:g}" for r in txn.results if r.score)
+        if scoring.reject is not None and total >= scoring.reject:
+            return Verdict(
+                Action.REJECT,
+                Reply(550, "5.7.1", "Message rejected as spam"),
+                "scoring",
+                f"score {total:.1f} >= {scoring.reject:g} ({reasons})",
+            )
+        if scoring.quarantine is not None and total >= scoring.quarantine:
+            return Verdict(Action.QUARANTINE, Reply(250, "2.0.0", "OK"), "scoring", f"score {total:.1f}")
+        if scoring.tempfail is not None and total >= scoring.tempfail:
+            return Verdict(
+                Action.TEMPFAIL,
+                Reply(451, "4.7.1", "Message deferred, please try again later"),
+                "scoring",
+                f"score {total:.1f} >= {scoring.tempfail:g}",
+            )
+        return None
+
+    @staticmethod
+    def _note_quarantine(txn: Transaction, verdict: Verdict) -> None:
+        if verdict.action is Action.QUARANTINE and QUARANTINE_REASON not in txn.stash:
+            txn.stash[QUARANTINE_REASON] = f"{verdict.plugin}: {verdict.reason}"
+            log.info("quarantine by=%s reason=%s", verdict.plugin, short(verdict.reason))
+
+    @staticmethod
+    def _log_verdict(stage: str, verdict: Verdict, **extra: object) -> None:
+        details = " ".join(f"{k}=<{short(v)}>" for k, v in extra.items())
+        log.info(
+            "%s %s by=%s reply=%r reason=%s %s",
+            stage, verdict.action.value, verdict.plugin, " ".join(verdict.reply.lines()),
+            short(verdict.reason), details,
+        )

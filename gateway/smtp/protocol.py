@@ -1,0 +1,598 @@
+"""The SMTP wire protocol: aiosmtpd's transport and TLS plumbing, our command loop.
+
+aiosmtpd's :class:`~aiosmtpd.smtp.SMTP` gives us the asyncio protocol, STARTTLS
+(including discarding anything pipelined before the handshake, RFC 3207 §4.2) and the
+AUTH challenge exchange. The command loop and every command are ours, because the
+gateway is stricter than aiosmtpd: a greeting only after the connect hooks, a total
+session deadline, an error budget that ends with 421, RFC 5321 reply codes with
+enhanced status codes, strict path syntax, DSN parameters and a chunked DATA reader
+that defeats SMTP smuggling.
+
+Decisions are not taken here: each command is parsed into typed objects and handed
+to :class:`~gateway.smtp.handler.SmtpHandler`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+import ssl
+from base64 import b64decode
+from typing import Any, Awaitable, Callable
+
+from aiosmtpd.smtp import SMTP, TLSSetupException
+
+from gateway.address import Address, AddressError, decode_xtext, parse_params, parse_path
+from gateway.logs import SESSION_ID, short
+from gateway.model import MailParams, RcptParams, Recipient, Transaction
+from gateway.smtp.data import read_data
+from gateway.smtp.handler import Answer, SmtpHandler
+from gateway.verdicts import Reply
+
+__all__ = ["ConnectionTracker", "GatewaySMTP"]
+
+log = logging.getLogger(__name__)
+
+# RFC 3461 §5 and RFC 1870: parameters lengthen MAIL and RCPT command lines.
+PARAMETER_ALLOWANCE = 500
+
+R_SYNTAX = Reply(500, "5.5.2", "Syntax error")
+R_UNRECOGNISED = Reply(500, "5.5.1", "Command unrecognized")
+R_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+R_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+R_NEED_HELO = Reply(503, "5.5.1", "Send HELO or EHLO first")
+R_NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
+R_NESTED_MAIL = Reply(503, "5.5.1", "Nested MAIL command")
+R_NEED_TLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+R_NEED_AUTH = Reply(530, "5.7.0", "Authentication required")
+R_NO_VALID_RCPT = Reply(554, "5.5.1", "No valid recipients")
+R_TOO_MANY_RCPT = Reply(452, "4.5.3", "Too many recipients")
+R_BAD_PARAM = Reply(555, "5.5.4", "Unsupported MAIL or RCPT parameter")
+R_TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+R_IDLE = Reply(421, "4.4.2", "Idle timeout, closing connection")
+R_DEADLINE = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
+R_TOO_MANY_CONN = Reply(421, "4.7.0", "Too many connections, try again later")
+R_TOO_MANY_MSGS = Reply(421, "4.7.0", "Too many messages in one session, closing connection")
+R_NO_TLS = Reply(502, "5.5.1", "STARTTLS not available")
+R_NO_AUTH = Reply(502, "5.5.1", "AUTH not available")
+R_AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+R_OK = Reply(250, "2.0.0", "OK")
+
+# RFC 3207 §4: before TLS on a listener that requires it, only these may pass.
+ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "NOOP", "QUIT", "STARTTLS", "RSET"})
+_NOTIFY = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+
+
+class ConnectionTracker:
+    """Connections in total and per client IP, for one listener."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.per_ip: dict[str, int] = {}
+
+    def admit(self, ip: str, max_total: int, max_per_ip: int) -> bool:
+        if self.total >= max_total or self.per_ip.get(ip, 0) >= max_per_ip:
+            return False
+        self.total += 1
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        return True
+
+    def release(self, ip: str) -> None:
+        self.total -= 1
+        left = self.per_ip.get(ip, 1) - 1
+        if left:
+            self.per_ip[ip] = left
+        else:
+            self.per_ip.pop(ip, None)
+
+
+class _NoHooks:
+    """aiosmtpd wants a handler object; ours is called directly."""
+
+
+class _Close(Exception):
+    """End the session after the reply already sent."""
+
+
+class GatewaySMTP(SMTP):
+    """One SMTP connection."""
+
+    # The stream buffer size; command lines are limited separately by the policy.
+    line_length_limit = 256 * 1024
+
+    def __init__(
+        self,
+        handler: SmtpHandler,
+        tracker: ConnectionTracker,
+        tls_context: ssl.SSLContext | None,
+        *,
+        implicit_tls: bool = False,
+        sessions: set[asyncio.Task[Any]] | None = None,
+    ) -> None:
+        listener = handler.listener
+        starttls = tls_context if listener.tls == "starttls" else None
+        super().__init__(
+            _NoHooks(),
+            data_size_limit=None,
+            enable_SMTPUTF8=True,
+            hostname=handler.gateway.hostname,
+            ident="ESMTP",
+            tls_context=starttls,
+            require_starttls=False,
+            timeout=86400,
+            auth_require_tls=True,
+            loop=asyncio.get_running_loop(),
+        )
+        self.handler = handler
+        self.listener = listener
+        self.tracker = tracker
+        self.implicit_tls = implicit_tls
+        self.sessions = sessions
+        self.gsession: Any = None
+        self.scope: Any = None
+        self.txn: Transaction | None = None
+        self.errors = 0
+        self.auth_failures = 0
+        self._commands: dict[str, Callable[[str], Awaitable[None]]] = {
+            "HELO": self.cmd_helo,
+            "EHLO": self.cmd_ehlo,
+            "MAIL": self.cmd_mail,
+            "RCPT": self.cmd_rcpt,
+            "DATA": self.cmd_data,
+            "RSET": self.cmd_rset,
+            "NOOP": self.cmd_noop,
+            "QUIT": self.cmd_quit,
+            "VRFY": self.cmd_vrfy,
+            "EXPN": self.cmd_expn,
+            "HELP": self.cmd_help,
+            "STARTTLS": self.cmd_starttls,
+            "AUTH": self.cmd_auth,
+        }
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # Timeouts are enforced per read in the command loop (with a 421 reply);
+        # aiosmtpd's silent timer is kept only as a far backstop.
+        if self._timeout_handle is None:
+            self._timeout_handle = self.loop.call_later(86400, self._timeout_cb)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        is_starttls = self._original_transport is not None and self.transport is not None
+        super().connection_made(transport)
+        if is_starttls and self.gsession is not None:
+            self.gsession.reset_for_tls()
+            self.txn = None
+            self._note_tls(transport)
+
+    def _note_tls(self, transport: asyncio.BaseTransport) -> None:
+        obj = transport.get_extra_info("ssl_object")
+        if obj is not None and self.gsession is not None:
+            self.gsession.tls_version = obj.version()
+            cipher = obj.cipher()
+            self.gsession.tls_cipher = cipher[0] if cipher else None
+            log.info("tls version=%s cipher=%s", self.gsession.tls_version, self.gsession.tls_cipher)
+
+    async def reply(self, reply: Reply, *, bad: bool = False) -> None:
+        """Send a reply; a protocol error spends one unit of the error budget."""
+        self._writer.write(("\r\n".join(reply.lines()) + "\r\n").encode("ascii", "replace"))
+        await self._writer.drain()
+        if bad:
+            self.errors += 1
+            if self.errors >= self.scope.limits.max_bad_commands:
+                log.info("too many errors (%d), closing", self.errors)
+                await self.reply(R_TOO_MANY_ERRORS)
+                raise _Close()
+
+    async def answer(self, answer: Answer) -> None:
+        await self.reply(answer.reply)
+        if answer.close:
+            raise _Close()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- session -----------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        assert self.transport is not None
+        task = asyncio.current_task()
+        if self.sessions is not None and task is not None:
+            self.sessions.add(task)
+        peer = self.transport.get_extra_info("peername") or ("0.0.0.0", 0)
+        local = self.transport.get_extra_info("sockname")
+        session, scope = self.handler.open_session(peer, local)
+        self.gsession, self.scope = session, scope
+        SESSION_ID.set(session.id)
+        limits = scope.limits
+        if self.implicit_tls:
+            self._note_tls(self.transport)
+        if not self.tracker.admit(session.peer_ip, limits.max_connections, limits.max_connections_per_ip):
+            log.info("connection refused client=%s: too many connections", session.peer_ip)
+            try:
+                await self.reply(R_TOO_MANY_CONN)
+            finally:
+                self._close()
+                if self.sessions is not None and task is not None:
+                    self.sessions.discard(task)
+            return
+        try:
+            async with asyncio.timeout(limits.session_timeout):
+                refusal = await self.handler.connect(session, scope)
+                if refusal is not None:
+                    await self.reply(refusal.reply)
+                    return
+                await self.reply(Reply(220, "", f"{self.hostname} ESMTP"))
+                await self._command_loop()
+        except _Close:
+            pass
+        except TimeoutError:
+            log.info("session deadline reached client=%s", session.peer_ip)
+            await self._try_reply(R_DEADLINE)
+        except TLSSetupException:
+            log.info("TLS handshake failed client=%s", session.peer_ip)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            log.info("connection lost client=%s", session.peer_ip)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._close()
+            self.tracker.release(session.peer_ip)
+            try:
+                await asyncio.shield(self.handler.disconnect(session, scope))
+            except asyncio.CancelledError:
+                pass
+            if self.sessions is not None and task is not None:
+                self.sessions.discard(task)
+
+    async def _try_reply(self, reply: Reply) -> None:
+        try:
+            await asyncio.wait_for(self.reply(reply), 5)
+        except Exception:  # the client may be gone already
+            pass
+
+    async def _read_line(self, timeout: float) -> bytes | None:
+        """One command line; ``None`` when it was too long (already drained)."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            await self._reader.read(exc.consumed)
+            while True:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._reader.readuntil(b"\n")
+                    return None
+                except asyncio.LimitOverrunError as more:
+                    await self._reader.read(more.consumed)
+
+    async def _command_loop(self) -> None:
+        limits = self.scope.limits
+        while self.transport is not None:
+            try:
+                line = await self._read_line(limits.idle_timeout)
+            except TimeoutError:
+                log.info("idle timeout client=%s", self.gsession.peer_ip)
+                await self._try_reply(R_IDLE)
+                return
+            if line is None:
+                await self.reply(R_TOO_LONG, bad=True)
+                continue
+            verb_bytes, _, arg_bytes = line.rstrip(b"\r\n").partition(b" ")
+            verb = verb_bytes.upper().decode("ascii", "replace")
+            limit = limits.max_command_line
+            if verb in ("MAIL", "RCPT"):
+                limit += PARAMETER_ALLOWANCE
+            if len(line) > limit:
+                await self.reply(R_TOO_LONG, bad=True)
+                continue
+            if b"\x00" in line:
+                await self.reply(Reply(501, "5.5.2", "NUL character in command"), bad=True)
+                continue
+            try:
+                arg = arg_bytes.decode("utf-8").strip(" ")
+            except UnicodeDecodeError:
+                await self.reply(Reply(500, "5.5.2", "Invalid UTF-8 in command"), bad=True)
+                continue
+            command = self._commands.get(verb)
+            if command is None:
+                log.info("unrecognised command %s", short(verb, 20))
+                await self.reply(R_UNRECOGNISED, bad=True)
+                continue
+            if self.listener.require_tls and not self.gsession.has_tls and verb not in ALLOWED_BEFORE_TLS:
+                await self.reply(R_NEED_TLS, bad=True)
+                continue
+            await command(arg)
+
+    # -- commands ----------------------------------------------------------
+
+    def _valid_helo(self, name: str) -> bool:
+        return bool(name) and " " not in name and len(name) <= 255 and name.isprintable()
+
+    async def cmd_helo(self, arg: str) -> None:
+        await self._greet(arg, esmtp=False)
+
+    async def cmd_ehlo(self, arg: str) -> None:
+        await self._greet(arg, esmtp=True)
+
+    async def _greet(self, arg: str, *, esmtp: bool) -> None:
+        if not self._valid_helo(arg):
+            await self.reply(Reply(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname"), bad=True)
+            return
+        self.txn = None
+        self.gsession.is_esmtp = esmtp
+        answer = await self.handler.helo(self.gsession, self.scope, arg)
+        if answer.reply.code != 250 or not esmtp:
+            await self.answer(answer)
+            return
+        await self.reply(Reply(250, "", "\n".join([self.hostname, *self._extensions()])))
+
+    def _extensions(self) -> list[str]:
+        limits = self.scope.limits
+        ext = ["PIPELINING", f"SIZE {limits.max_message_size}", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+        if self.tls_context is not None and not self.gsession.has_tls:
+            ext.append("STARTTLS")
+        if self.listener.auth and self.gsession.has_tls:
+            ext.append("AUTH PLAIN LOGIN")
+        return ext
+
+    async def cmd_mail(self, arg: str) -> None:
+        session = self.gsession
+        if session.helo is None:
+            await self.reply(R_NEED_HELO, bad=True)
+            return
+        if self.listener.require_auth and not session.is_authenticated:
+            await self.reply(R_NEED_AUTH)
+            return
+        if self.txn is not None:
+            await self.reply(R_NESTED_MAIL, bad=True)
+            return
+        if session.transactions >= self.scope.limits.max_transactions:
+            await self.reply(R_TOO_MANY_MSGS)
+            raise _Close()
+        if arg[:5].upper() != "FROM:":
+            await self.reply(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>"), bad=True)
+            return
+        try:
+            sender, rest = parse_path(arg[5:], allow_null=True, allow_postmaster=False, utf8=True)
+            params = parse_params(rest)
+        except AddressError as exc:
+            await self.reply(Reply(501, "5.1.7", f"Bad sender address syntax: {exc}"), bad=True)
+            return
+        mail_params = await self._mail_params(params, session.is_esmtp)
+        if mail_params is None:
+            return
+        if not sender.is_ascii and not mail_params.smtputf8:
+            await self.reply(Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"))
+            return
+        txn = Transaction(sender=sender, params=mail_params)
+        answer = await self.handler.mail(session, self.scope, txn)
+        if answer.reply.is_positive:
+            self.txn = txn
+        await self.answer(answer)
+
+    async def _mail_params(self, params: dict[str, str | None], esmtp: bool) -> MailParams | None:
+        if params and not esmtp:
+            await self.reply(Reply(501, "5.5.4", "Parameters need EHLO"), bad=True)
+            return None
+        mp = MailParams()
+        for key, value in params.items():
+            if key == "SIZE" and value is not None and value.isdigit() and len(value) < 20:
+                mp.size = int(value)
+                if mp.size > self.scope.limits.max_message_size:
+                    await self.reply(Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
+                    return None
+            elif key == "BODY" and value is not None and value.upper() in ("7BIT", "8BITMIME"):
+                mp.body = value.upper()
+            elif key == "SMTPUTF8" and value is None:
+                mp.smtputf8 = True
+            elif key == "RET" and value is not None and value.upper() in ("FULL", "HDRS"):
+                mp.ret = value.upper()
+            elif key == "ENVID" and value is not None and len(value) <= 100:
+                try:
+                    mp.envid = decode_xtext(value)
+                except AddressError:
+                    await self.reply(Reply(501, "5.5.4", "Malformed ENVID"), bad=True)
+                    return None
+            elif key in ("SIZE", "BODY", "SMTPUTF8", "RET", "ENVID"):
+                await self.reply(Reply(501, "5.5.4", f"Invalid {key} parameter"), bad=True)
+                return None
+            else:
+                await self.reply(R_BAD_PARAM)
+                return None
+        return mp
+
+    async def cmd_rcpt(self, arg: str) -> None:
+        txn = self.txn
+        if txn is None:
+            await self.reply(R_NEED_MAIL, bad=True)
+            return
+        if arg[:3].upper() != "TO:":
+            await self.reply(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>"), bad=True)
+            return
+        if len(txn.recipients) >= self.scope.limits.max_recipients:
+            await self.reply(R_TOO_MANY_RCPT)
+            return
+        try:
+            address, rest = parse_path(arg[3:], allow_null=False, allow_postmaster=True, utf8=True)
+            params = parse_params(rest)
+        except AddressError as exc:
+            await self.reply(Reply(501, "5.1.3", f"Bad recipient address syntax: {exc}"), bad=True)
+            return
+        if not address.is_ascii and not txn.params.smtputf8:
+            await self.reply(Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"))
+            return
+        rcpt_params = await self._rcpt_params(params)
+        if rcpt_params is None:
+            return
+        answer = await self.handler.rcpt(self.gsession, self.scope, txn, Recipient(address, rcpt_params))
+        await self.answer(answer)
+
+    async def _rcpt_params(self, params: dict[str, str | None]) -> RcptParams | None:
+        rp = RcptParams()
+        for key, value in params.items():
+            if key == "NOTIFY" and value:
+                items = tuple(v.upper() for v in value.split(","))
+                if items == ("NEVER",) or (items and set(items) <= _NOTIFY and len(set(items)) == len(items)):
+                    rp.notify = items
+                    continue
+                await self.reply(Reply(501, "5.5.4", "Invalid NOTIFY parameter"), bad=True)
+                return None
+            if key == "ORCPT" and value and ";" in value:
+                addr_type, _, xtext = value.partition(";")
+                try:
+                    rp.orcpt = f"{addr_type};{decode_xtext(xtext)}"
+                except AddressError:
+                    await self.reply(Reply(501, "5.5.4", "Malformed ORCPT"), bad=True)
+                    return None
+                continue
+            if key in ("NOTIFY", "ORCPT"):
+                await self.reply(Reply(501, "5.5.4", f"Invalid {key} parameter"), bad=True)
+                return None
+            await self.reply(R_BAD_PARAM)
+            return None
+        return rp
+
+    async def cmd_data(self, arg: str) -> None:
+        txn = self.txn
+        if txn is None:
+            await self.reply(R_NEED_MAIL, bad=True)
+            return
+        if arg:
+            await self.reply(Reply(501, "5.5.4", "Syntax: DATA"), bad=True)
+            return
+        if not txn.recipients:
+            await self.reply(R_NO_VALID_RCPT)
+            return
+        limits = self.scope.limits
+        await self.reply(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
+        self.txn = None
+        try:
+            result = await read_data(
+                self._reader,
+                max_size=limits.max_message_size,
+                max_line_length=limits.max_line_length,
+                timeout=limits.data_timeout,
+            )
+        except TimeoutError:
+            log.info("timeout during DATA client=%s", self.gsession.peer_ip)
+            await self._try_reply(R_IDLE)
+            raise _Close() from None
+        if result.error is not None or result.raw is None:
+            log.info("data refused: %s", result.error)
+            await self.reply(result.error or R_SYNTAX)
+            return
+        self.gsession.transactions += 1
+        answer = await self.handler.data(self.gsession, self.scope, txn, result.raw)
+        if answer.reply.is_positive:
+            self.errors = 0
+        await self.answer(answer)
+
+    async def cmd_rset(self, arg: str) -> None:
+        if arg:
+            await self.reply(Reply(501, "5.5.4", "Syntax: RSET"), bad=True)
+            return
+        self.txn = None
+        await self.reply(R_OK)
+
+    async def cmd_noop(self, arg: str) -> None:
+        await self.reply(R_OK)
+
+    async def cmd_quit(self, arg: str) -> None:
+        await self.reply(Reply(221, "2.0.0", "Bye"))
+        raise _Close()
+
+    async def cmd_vrfy(self, arg: str) -> None:
+        if not arg:
+            await self.reply(Reply(501, "5.5.4", "Syntax: VRFY address"), bad=True)
+            return
+        # RFC 5321 §7.3: do not disclose; promise nothing.
+        await self.reply(Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery"))
+
+    async def cmd_expn(self, arg: str) -> None:
+        await self.reply(Reply(502, "5.5.1", "EXPN not available"))
+
+    async def cmd_help(self, arg: str) -> None:
+        await self.reply(Reply(214, "2.0.0", "See RFC 5321"))
+
+    async def cmd_starttls(self, arg: str) -> None:
+        if self.tls_context is None:
+            await self.reply(R_NO_TLS, bad=True)
+            return
+        if self.gsession.has_tls:
+            await self.reply(Reply(503, "5.5.1", "TLS already active"), bad=True)
+            return
+        if arg:
+            await self.reply(Reply(501, "5.5.4", "Syntax: STARTTLS"), bad=True)
+            return
+        # aiosmtpd switches the transport; connection_made then drops any plaintext
+        # the client pipelined after STARTTLS and resets the session (RFC 3207 §4.2).
+        await self.smtp_STARTTLS("")
+
+    async def cmd_auth(self, arg: str) -> None:
+        session = self.gsession
+        if not self.listener.auth:
+            await self.reply(R_NO_AUTH, bad=True)
+            return
+        if not session.has_tls:
+            await self.reply(R_AUTH_NEEDS_TLS)
+            return
+        if not session.is_esmtp or session.helo is None:
+            await self.reply(R_NEED_HELO, bad=True)
+            return
+        if session.is_authenticated:
+            await self.reply(Reply(503, "5.5.1", "Already authenticated"), bad=True)
+            return
+        if self.txn is not None:
+            await self.reply(Reply(503, "5.5.1", "AUTH not permitted during a mail transaction"), bad=True)
+            return
+        mechanism, _, initial = arg.partition(" ")
+        mechanism = mechanism.upper()
+        credentials = await self._credentials(mechanism, initial.strip())
+        if credentials is None:
+            return
+        login, password = credentials
+        answer = await self.handler.auth(session, self.scope, mechanism, login, password)
+        if not answer.reply.is_positive and answer.reply.code == 535:
+            self.auth_failures += 1
+            if self.auth_failures >= self.handler.policy.auth.max_failures:
+                await self.reply(answer.reply)
+                await self.reply(Reply(421, "4.7.0", "Too many authentication failures"))
+                raise _Close()
+        await self.answer(answer)
+
+    async def _challenge(self, prompt: bytes) -> bytes | None:
+        async with asyncio.timeout(self.scope.limits.idle_timeout):
+            value = await self.challenge_auth(prompt)
+        return None if not isinstance(value, bytes) else value
+
+    async def _credentials(self, mechanism: str, initial: str) -> tuple[str, str] | None:
+        """Collect (login, password) for PLAIN or LOGIN; ``None`` if already answered."""
+        try:
+            if mechanism == "PLAIN":
+                if initial:
+                    blob: bytes | None = b"" if initial == "=" else b64decode(initial, validate=True)
+                else:
+                    blob = await self._challenge(b"")
+                if blob is None:
+                    return None
+                parts = blob.split(b"\x00")
+                if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
+                    await self.reply(Reply(501, "5.5.2", "Malformed PLAIN credentials"), bad=True)
+                    return None
+                return parts[1].decode("utf-8"), parts[2].decode("utf-8")
+            if mechanism == "LOGIN":
+                user = b64decode(initial, validate=True) if initial else await self._challenge(b"Username:")
+                if user is None:
+                    return None
+                password = await self._challenge(b"Password:")
+                if password is None:
+                    return None
+                return user.decode("utf-8"), password.decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            await self.reply(Reply(501, "5.5.2", "Cannot decode credentials"), bad=True)
+            return None
+        await self.reply(Reply(504, "5.5.4", "Unrecognized authentication type"), bad=True)
+        return None

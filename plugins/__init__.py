@@ -1,0 +1,16 @@
+"""The stock plugins shipped with the gateway.
+
+Each module is named ``<phase>_<what>`` and is referred to by that name in a policy's
+``[[plugins]]`` chain. Third-party plugins register under the ``gateway.plugins``
+entry point group and are first-class citizens alongside these.
+"""
+
+__all__ = ["DEFAULT_PLUGINS"]
+
+#: Every stock plugin module, in registration order.
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "auth_users_file",
+    "rcpt_relay",
+    "rcpt_local_users",
+    "queue_received_header",
+)

@@ -1,0 +1,156 @@
+"""The ordered async hook runner: policy order, first verdict, failures, observe mode."""
+
+import asyncio
+import types
+from dataclasses import dataclass
+
+import pytest
+
+from gateway.hooks import PLUGIN_ERROR_REPLY, HookRunner, NoSettings, PluginSpec, hookimpl
+from gateway.policy.model import PluginEntry
+from gateway.verdicts import Action, Reply, Verdict
+
+REJECT = Verdict.reject(Reply(550, "5.7.1", "no"))
+
+
+def module(name: str, **hooks):
+    mod = types.ModuleType(name)
+    for hook, fn in hooks.items():
+        setattr(mod, hook, hookimpl(fn))
+    return PluginSpec(name, mod, NoSettings)
+
+
+def entry(name: str, **kw) -> PluginEntry:
+    return PluginEntry(name=name, settings=kw.pop("settings", NoSettings()), **kw)
+
+
+def run(runner: HookRunner, entries, hook="gateway_mail"):
+    return asyncio.run(runner.first_verdict(hook, entries, session=None, txn=None, sender=None, gateway=None))
+
+
+def test_policy_order_not_registration_order() -> None:
+    calls = []
+
+    def a(sender):
+        calls.append("a")
+
+    async def b(sender):
+        calls.append("b")
+        return REJECT
+
+    def c(sender):
+        calls.append("c")
+
+    specs = {"a": module("a", gateway_mail=a), "b": module("b", gateway_mail=b), "c": module("c", gateway_mail=c)}
+    runner = HookRunner(specs, ["a", "b", "c"])
+    verdict = run(runner, [entry("c"), entry("a"), entry("b")])
+    assert calls == ["c", "a", "b"]
+    assert verdict.action is Action.REJECT and verdict.plugin == "b"
+
+
+def test_first_verdict_stops_chain() -> None:
+    calls = []
+
+    async def first(sender):
+        calls.append("first")
+        return Verdict.accept()
+
+    def second(sender):
+        calls.append("second")
+        return REJECT
+
+    runner = HookRunner({"x": module("x", gateway_mail=first), "y": module("y", gateway_mail=second)}, ["x", "y"])
+    assert run(runner, [entry("x"), entry("y")]).action is Action.ACCEPT
+    assert calls == ["first"]
+
+
+def test_raising_plugin_fails_closed_with_its_name() -> None:
+    def boom(sender):
+        raise RuntimeError("scanner exploded")
+
+    runner = HookRunner({"boom": module("boom", gateway_mail=boom)}, ["boom"])
+    verdict = run(runner, [entry("boom")])
+    assert verdict.action is Action.TEMPFAIL
+    assert verdict.reply == PLUGIN_ERROR_REPLY and verdict.reply.code == 451
+    assert verdict.plugin == "boom"
+    assert runner.stats.errors[("boom", "gateway_mail")] == 1
+
+
+def test_slow_plugin_times_out_and_fail_open_continues() -> None:
+    async def slow(sender):
+        await asyncio.sleep(10)
+
+    def after(sender):
+        return REJECT
+
+    specs = {"slow": module("slow", gateway_mail=slow), "after": module("after", gateway_mail=after)}
+    runner = HookRunner(specs, ["slow", "after"])
+    closed = run(runner, [entry("slow", timeout=0.05), entry("after")])
+    assert closed.action is Action.TEMPFAIL and closed.plugin == "slow"
+    opened = run(runner, [entry("slow", timeout=0.05, on_error="continue"), entry("after")])
+    assert opened.action is Action.REJECT and opened.plugin == "after"
+
+
+def test_observe_mode_runs_but_does_not_decide() -> None:
+    calls = []
+
+    def watcher(sender):
+        calls.append("watched")
+        return REJECT
+
+    runner = HookRunner({"w": module("w", gateway_mail=watcher)}, ["w"])
+    assert run(runner, [entry("w", mode="observe")]) is None
+    assert calls == ["watched"]
+
+
+def test_settings_are_passed_per_entry() -> None:
+    @dataclass(frozen=True)
+    class Settings:
+        code: int = 550
+
+    seen = []
+
+    def hook(settings):
+        seen.append(settings.code)
+
+    runner = HookRunner({"s": module("s", gateway_mail=hook)}, ["s"])
+    run(runner, [entry("s", settings=Settings(551), id="one"), entry("s", settings=Settings(552), id="two")])
+    assert seen == [551, 552]
+
+
+def test_non_verdict_return_is_ignored() -> None:
+    runner = HookRunner({"bad": module("bad", gateway_mail=lambda sender: "550 no")}, ["bad"])
+    assert run(runner, [entry("bad")]) is None
+
+
+def test_call_all_runs_every_entry_despite_errors() -> None:
+    calls = []
+
+    def one(session):
+        calls.append(1)
+        raise ValueError("x")
+
+    def two(session):
+        calls.append(2)
+
+    runner = HookRunner({"one": module("one", gateway_disconnect=one), "two": module("two", gateway_disconnect=two)}, ["one", "two"])
+    asyncio.run(runner.call_all("gateway_disconnect", [entry("one"), entry("two")], session=None, gateway=None))
+    assert calls == [1, 2]
+
+
+def test_unknown_hook_name_is_refused_at_registration() -> None:
+    def gateway_mial(sender):  # misspelt on purpose
+        return None
+
+    mod = types.ModuleType("typo")
+    mod.gateway_mial = hookimpl(gateway_mial)
+    with pytest.raises(Exception):
+        HookRunner({"typo": PluginSpec("typo", mod, NoSettings)}, ["typo"])
+
+
+def test_argument_not_in_spec_is_refused() -> None:
+    def gateway_mail(sender, mystery):
+        return None
+
+    with pytest.raises(Exception):
+        HookRunner({"m": module("m", gateway_mail=gateway_mail)}, ["m"])

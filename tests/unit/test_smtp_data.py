@@ -1,0 +1,95 @@
+"""The DATA reader: end of data, dot-unstuffing, limits, smuggling defence."""
+
+import asyncio
+
+import pytest
+
+from gateway.smtp.data import REPLY_BARE_NEWLINE, REPLY_LINE_TOO_LONG, REPLY_TOO_BIG, read_data
+
+
+def feed(chunks: list[bytes], **kwargs: int):
+    async def go():
+        reader = asyncio.StreamReader(limit=2**20)
+        for chunk in chunks:
+            reader.feed_data(chunk)
+        reader.feed_eof()
+        result = await read_data(
+            reader,
+            max_size=kwargs.get("max_size", 10_000),
+            max_line_length=kwargs.get("max_line_length", 1000),
+            timeout=5,
+        )
+        rest = await reader.read()
+        return result, rest
+
+    return asyncio.run(go())
+
+
+def test_plain_message_and_pipelined_rest() -> None:
+    result, rest = feed([b"Subject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n"])
+    assert result.raw == b"Subject: hi\r\n\r\nbody\r\n"
+    assert result.error is None
+    assert rest == b"QUIT\r\n"
+
+
+def test_empty_message() -> None:
+    result, rest = feed([b".\r\nQUIT\r\n"])
+    assert result.raw == b""
+    assert rest == b"QUIT\r\n"
+
+
+def test_terminator_split_across_chunks() -> None:
+    result, rest = feed([b"a: b\r\n\r\nx\r", b"\n.", b"\r", b"\nNOOP\r\n"])
+    assert result.raw == b"a: b\r\n\r\nx\r\n"
+    assert rest == b"NOOP\r\n"
+
+
+def test_dot_unstuffing() -> None:
+    result, _ = feed([b"..leading\r\nmid\r\n..\r\n.x\r\n.\r\n"])
+    assert result.raw == b".leading\r\nmid\r\n.\r\nx\r\n"
+
+
+@pytest.mark.parametrize(
+    "smuggle",
+    [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n", b"\r\n.\r", b"\r.\r", b"\n.\r"],
+)
+def test_smuggling_variants_do_not_end_data_and_are_refused(smuggle: bytes) -> None:
+    payload = (
+        b"Subject: a\r\n\r\nfirst" + smuggle
+        + b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\nsmuggled\r\n.\r\nNOOP\r\n"
+    )
+    result, rest = feed([payload])
+    # The only end of data is the real CRLF.CRLF; everything before it is one message,
+    # and that message is refused as a whole.
+    assert result.raw is None
+    assert result.error == REPLY_BARE_NEWLINE
+    assert rest == b"NOOP\r\n"
+
+
+def test_too_big_is_drained_then_refused() -> None:
+    big = b"x" * 900 + b"\r\n"
+    result, rest = feed([big * 50 + b".\r\nQUIT\r\n"], max_size=10_000)
+    assert result.error == REPLY_TOO_BIG
+    assert rest == b"QUIT\r\n"
+
+
+def test_too_big_in_many_chunks_keeps_memory_bounded() -> None:
+    chunks = [b"y" * 998 + b"\r\n"] * 3000 + [b".\r\n"]
+    result, rest = feed(chunks, max_size=50_000)
+    assert result.error == REPLY_TOO_BIG
+    assert result.received_octets >= 3_000_000
+
+
+def test_line_length_limit() -> None:
+    ok, _ = feed([b"a" * 998 + b"\r\n.\r\n"])
+    assert ok.error is None
+    stuffed, _ = feed([b"." + b"a" * 998 + b"\r\n.\r\n"])
+    assert stuffed.error is None
+    long, rest = feed([b"a" * 999 + b"\r\n.\r\nQUIT\r\n"])
+    assert long.error == REPLY_LINE_TOO_LONG
+    assert rest == b"QUIT\r\n"
+
+
+def test_eof_mid_message() -> None:
+    with pytest.raises(ConnectionResetError):
+        feed([b"Subject: x\r\n\r\nunfinished"])
