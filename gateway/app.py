@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from gateway.context import Gateway
+from gateway.delivery.scheduler import Scheduler
 from gateway.hooks import HookRunner, PluginSpec, discover_plugins
 from gateway.policy import Policy, PolicyError, load_policy
 from gateway.queue import QueueStore
@@ -49,7 +50,7 @@ class GatewayApp:
         self.gateway: Gateway | None = None
         self.listeners: dict[str, Listener] = {}
         self._handlers: dict[str, SmtpHandler] = {}
-        self._stopped = asyncio.Event()
+        self.scheduler: Scheduler | None = None
 
     # -- life cycle --------------------------------------------------------
 
@@ -61,9 +62,14 @@ class GatewayApp:
             queue=self.queue,
             executor=self.executor,
             hostname=policy.server.hostname,
+            notify_queued=self._queued,
         )
         await runner.startup(policy.plugins, gateway=gateway)
         return gateway
+
+    def _queued(self, qid: str) -> None:
+        if self.scheduler is not None:
+            self.scheduler.notify(qid)
 
     def handler_for(self, listener_name: str) -> SmtpHandler:
         handler = self._handlers.get(listener_name)
@@ -83,6 +89,9 @@ class GatewayApp:
             tls_context = await asyncio.to_thread(
                 server_context, self.policy.tls, Path(self.policy.server.var_dir), self.policy.server.hostname
             )
+        if self.policy.delivery.enabled:
+            self.scheduler = Scheduler(self)
+            await self.scheduler.start(found)
         for settings in self.policy.listeners:
             listener = Listener(settings, self.handler_for, tls_context, reuse_port=self.reuse_port)
             await listener.start()
@@ -124,13 +133,14 @@ class GatewayApp:
         for listener in self.listeners.values():
             await listener.stop_accepting()
         await asyncio.gather(*(l.drain(grace) for l in self.listeners.values()))
+        if self.scheduler is not None:
+            await self.scheduler.stop(grace)
         if self.gateway is not None:
             await self.gateway.runner.call_all(
                 "gateway_shutdown", self.gateway.policy.plugins, gateway=self.gateway
             )
         await self.queue.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self._stopped.set()
         log.info("gateway stopped")
 
     async def run_forever(self) -> None:

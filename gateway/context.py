@@ -34,6 +34,8 @@ class Gateway:
     executor: ThreadPoolExecutor
     hostname: str
     started: float = field(default_factory=time.time)
+    notify_queued: Callable[[str], None] = field(default=lambda qid: None, repr=False)
+    """Called with the queue id of each message committed to the queue (wakes the scheduler)."""
 
     async def run_in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking call (pyspf, dkimpy, clamd, password hashing) in the bounded pool.

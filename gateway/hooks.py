@@ -194,6 +194,26 @@ class HookRunner:
             return verdict
         return None
 
+    async def first_value(self, hook: str, entries: Sequence[Any], **kwargs: Any) -> Any:
+        """Run a non-filtering hook (``gateway_route``) in order; first non-``None`` wins.
+
+        Errors are logged and the entry skipped: the built-in answer then applies.
+        """
+        for entry in entries:
+            impl = self._impls[entry.name].get(hook)
+            if impl is None:
+                continue
+            try:
+                result = await self._call(entry, impl, kwargs)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # boundary: fall back to the built-in answer
+                log.exception("plugin %s %s failed", entry.id, hook)
+                continue
+            if result is not None:
+                return result
+        return None
+
     async def call_all(self, hook: str, entries: Sequence[Any], **kwargs: Any) -> None:
         """Run an "always runs" hook for every entry; errors are logged, not raised."""
         for entry in entries:

@@ -217,6 +217,11 @@ class Message:
         """The message exactly as received (no added headers)."""
         return self._raw
 
+    @property
+    def is_modified(self) -> bool:
+        """True once a header was prepended or removed."""
+        return bool(self._prepend or self._removed)
+
     def _parse(self) -> list[tuple[str, bytes, int, int]]:
         if self._headers is not None:
             return self._headers
@@ -343,9 +348,17 @@ class QueuedRecipient:
     state: RecipientState = RecipientState.PENDING
     attempts: int = 0
     last_reply: str = ""
+    remote: str = ""
+    notified: bool = False  # the DSN this state owes (failure or success) is queued
+    warned: bool = False  # a delay DSN was queued
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"address": self.address, "state": self.state.value}
+        for flag in ("notified", "warned"):
+            if getattr(self, flag):
+                out[flag] = True
+        if self.remote:
+            out["remote"] = self.remote
         if self.orcpt:
             out["orcpt"] = self.orcpt
         if self.notify:
@@ -365,6 +378,9 @@ class QueuedRecipient:
             state=RecipientState(data.get("state", "pending")),
             attempts=int(data.get("attempts", 0)),
             last_reply=str(data.get("last_reply", "")),
+            remote=str(data.get("remote", "")),
+            notified=bool(data.get("notified", False)),
+            warned=bool(data.get("warned", False)),
         )
 
 

@@ -54,6 +54,10 @@ def prepare_policy(
         server = dataclasses.replace(server, queue_dir=workdir / server.queue_dir)
     if not Path(server.var_dir).is_absolute():
         server = dataclasses.replace(server, var_dir=workdir / server.var_dir)
+    local = policy.local
+    if not Path(local.mail_root).is_absolute():
+        local = dataclasses.replace(local, mail_root=workdir / local.mail_root)
+    policy = dataclasses.replace(policy, local=local)
     listeners = policy.listeners
     if not keep_ports:
         listeners = tuple(dataclasses.replace(l, port=0) for l in listeners)

@@ -7,7 +7,8 @@ Hook: ``gateway_rcpt``. For each recipient:
    tricks, and no part of this gateway routes on them. (Source routes such as
    ``@local:user@other`` are stripped by the core parser, RFC 5321 §3.6.1, leaving
    ``user@other``, which step 4 judges.)
-2. Local domains (``[local] domains``) and bare ``<postmaster>``: no opinion; the next
+2. Local and virtual domains (``[local] domains``, ``[local] virtual``) and bare
+   ``<postmaster>``: no opinion; the next
    plugin (``rcpt_local_users``) validates the mailbox.
 3. Relay domains (``[relay] domains``; ``.example.com`` covers subdomains): accepted.
 4. Any other domain: accepted only from a relay client (``[relay] clients``) or an
@@ -60,7 +61,7 @@ def gateway_rcpt(session: Session, rcpt: Recipient, gateway: Gateway, settings: 
         return Verdict.reject(REPLY_ROUTING, reason="routing syntax in local part")
     domain = address.domain_key
     policy = gateway.policy
-    if not domain or domain in policy.local.domains:
+    if not domain or domain in policy.local.domains or domain in policy.local.virtual:
         return None
     if domain_matches(domain, policy.relay.domains):
         return Verdict.accept(reason="relay domain")

@@ -2,10 +2,8 @@
 
 Loading is all or nothing: the first problem raises :class:`PolicyError` naming the file, the
 line and the dotted key (``plugins[1].zones``), so the gateway refuses to start (or a reload
-keeps the old policy). Lines come from scanning the source text: TOML parsers do not report
-where a key was, so :class:`_SourceMap` tracks ``[table]`` and ``[[array]]`` headers (counting
-array entries for the index), ``key = value`` lines (bare, quoted and dotted keys), inline
-tables and array elements, and :meth:`_SourceMap.locate` falls back to the enclosing table.
+keeps the old policy). Lines come from :class:`~gateway.policy.source.SourceMap`, which scans
+the source text, since TOML parsers do not report where a key was.
 
 Each ``[[plugins]]`` table has reserved keys (``name``, ``id``, ``mode``, ``timeout``,
 ``on_error``); every other key is a setting validated against that plugin's ``Settings``
@@ -16,8 +14,6 @@ the gateway starts.
 
 from __future__ import annotations
 
-import bisect
-import contextlib
 import dataclasses
 import difflib
 import os
@@ -32,7 +28,10 @@ from gateway.policy.model import (
     AuthSettings,
     Limits,
     ListenerSettings,
+    DeliverySettings,
+    DnsSettings,
     LocalSettings,
+    RouteSettings,
     Match,
     Override,
     PluginEntry,
@@ -43,6 +42,7 @@ from gateway.policy.model import (
     TlsSettings,
 )
 from gateway.policy.schema import PolicyError, build, convert
+from gateway.policy.source import SourceMap
 
 __all__ = ["DEFAULT_POLICY_PATH", "RESERVED_PLUGIN_KEYS", "load_policy", "load_policy_text"]
 
@@ -60,8 +60,10 @@ _SECTIONS: dict[str, type] = {
     "local": LocalSettings,
     "relay": RelaySettings,
     "scoring": ScoringSettings,
+    "dns": DnsSettings,
+    "delivery": DeliverySettings,
 }
-_TOP_LEVEL = (*_SECTIONS, "listeners", "plugins", "overrides")
+_TOP_LEVEL = (*_SECTIONS, "listeners", "routes", "plugins", "overrides")
 _OVERRIDE_KEYS = ("match", "disable", "plugins", "limits")
 T = TypeVar("T")
 _SYNTAX_WHERE = re.compile(r"\s*\(at line (\d+), column (\d+)\)|\s*\(at end of document\)")
@@ -119,7 +121,7 @@ class _Loader:
         self.text = text
         self.file = file
         self.registry = registry
-        self.locate = _SourceMap(text).locate
+        self.locate = SourceMap(text).locate
 
     def error(self, path: str, message: str) -> PolicyError:
         return PolicyError(self.file, self.locate(path), path, message)
@@ -166,7 +168,23 @@ class _Loader:
         if not server.hostname:
             server = dataclasses.replace(server, hostname=socket.getfqdn())
         local = self.section(data, LocalSettings, "local")
-        local = dataclasses.replace(local, domains=self.domains(local.domains, "local.domains"))
+        local = dataclasses.replace(
+            local,
+            domains=self.domains(local.domains, "local.domains"),
+            users=tuple(u.lower() for u in local.users)
+            + tuple(a.user.lower() for a in local.assign if a.user.lower() not in local.users),
+            virtual={
+                self.domains((d,), f"local.virtual.{d}")[0]: u.lower() for d, u in local.virtual.items()
+            },
+        )
+        routes: tuple[RouteSettings, ...] = ()
+        if "routes" in data:
+            tables = self.tables(data["routes"], "routes")
+            routes = tuple(self.build(RouteSettings, t, f"routes[{i}]") for i, t in enumerate(tables))
+            routes = tuple(
+                r if r.domain == "*" else dataclasses.replace(r, domain=self.domains((r.domain,), f"routes[{i}].domain")[0])
+                for i, r in enumerate(routes)
+            )
         relay = self.section(data, RelaySettings, "relay")
         relay = dataclasses.replace(relay, domains=self.domains(relay.domains, "relay.domains"))
         tls = self.section(data, TlsSettings, "tls")
@@ -198,6 +216,9 @@ class _Loader:
             local=local,
             relay=relay,
             scoring=scoring,
+            dns=self.section(data, DnsSettings, "dns"),
+            delivery=self.section(data, DeliverySettings, "delivery"),
+            routes=routes,
             plugins=plugins,
             overrides=overrides,
         )
@@ -373,173 +394,3 @@ def _settings_fields(name: str, cls: type) -> tuple[str, ...]:
             f" {RESERVED_PLUGIN_KEYS}"
         )
     return fields
-
-
-class _SourceMap:
-    """Dotted key -> first line where the key (or its table) is written, from valid TOML."""
-
-    _BARE = re.compile(r"[A-Za-z0-9_-]+")
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.pos = 0
-        self.lines: dict[str, int] = {}
-        self.arrays: dict[str, int] = {}
-        self.newlines = [i for i, c in enumerate(text) if c == "\n"]
-        # Best effort: should the scan fail, the partial map still locates what came before.
-        with contextlib.suppress(IndexError, ValueError):
-            self.scan()
-
-    def locate(self, path: str) -> int | None:
-        """The line of ``path``, else of its nearest enclosing key or table, else ``None``."""
-        while path:
-            line = self.lines.get(path)
-            if line is not None:
-                return line
-            cut = max(path.rfind("."), path.rfind("["))
-            path = path[: max(cut, 0)]
-        return None
-
-    def record(self, path: str, pos: int) -> None:
-        self.lines.setdefault(path, bisect.bisect_right(self.newlines, pos - 1) + 1)
-
-    def peek(self, count: int = 1) -> str:
-        return self.text[self.pos : self.pos + count]
-
-    def skip_space(self, newlines: bool) -> None:
-        while self.pos < len(self.text):
-            c = self.text[self.pos]
-            if c == "#":
-                end = self.text.find("\n", self.pos)
-                self.pos = len(self.text) if end < 0 else end
-                if not newlines:
-                    return
-            elif c in " \t\r" or (newlines and c == "\n"):
-                self.pos += 1
-            else:
-                return
-
-    def scan(self) -> None:
-        table = ""
-        while True:
-            self.skip_space(newlines=True)
-            if self.pos >= len(self.text):
-                return
-            start = self.pos
-            if self.peek(2) == "[[":
-                self.pos += 2
-                *parents, last = self.key()
-                base = _join(self.resolve(parents), last)
-                self.arrays[base] = self.arrays.get(base, 0) + 1
-                table = f"{base}[{self.arrays[base] - 1}]"
-                self.record(base, start)
-                self.record(table, start)
-                self.pos = self.text.index("]]", self.pos) + 2
-            elif self.peek() == "[":
-                self.pos += 1
-                table = self.resolve(self.key())
-                self.record(table, start)
-                self.pos = self.text.index("]", self.pos) + 1
-            else:
-                self.key_value(table)
-
-    def resolve(self, segments: list[str]) -> str:
-        """Join header segments, indexing into arrays of tables as TOML does (last entry)."""
-        path = ""
-        for segment in segments:
-            path = _join(path, segment)
-            if path in self.arrays:
-                path = f"{path}[{self.arrays[path] - 1}]"
-        return path
-
-    def key(self) -> list[str]:
-        segments = []
-        while True:
-            self.skip_space(newlines=False)
-            c = self.peek()
-            if c in "\"'":
-                start = self.pos
-                self.string()
-                segments.append(tomllib.loads(f"k = {self.text[start : self.pos]}")["k"])
-            else:
-                match = self._BARE.match(self.text, self.pos)
-                if match is None:
-                    raise ValueError("expected a key")
-                segments.append(match.group())
-                self.pos = match.end()
-            self.skip_space(newlines=False)
-            if self.peek() != ".":
-                return segments
-            self.pos += 1
-
-    def key_value(self, table: str) -> None:
-        start = self.pos
-        path = table
-        for segment in self.key():
-            path = _join(path, segment)
-            self.record(path, start)
-        self.skip_space(newlines=False)
-        if self.peek() != "=":
-            raise ValueError("expected '='")
-        self.pos += 1
-        self.skip_space(newlines=False)
-        self.value(path)
-
-    def value(self, path: str) -> None:
-        c = self.peek()
-        if c in "\"'":
-            self.string()
-        elif c == "[":
-            self.pos += 1
-            index = 0
-            while True:
-                self.skip_space(newlines=True)
-                if self.peek() == "]":
-                    self.pos += 1
-                    return
-                self.record(f"{path}[{index}]", self.pos)
-                self.value(f"{path}[{index}]")
-                index += 1
-                self.skip_space(newlines=True)
-                if self.peek() == ",":
-                    self.pos += 1
-        elif c == "{":
-            self.pos += 1
-            while True:
-                self.skip_space(newlines=False)
-                if self.peek() == "}":
-                    self.pos += 1
-                    return
-                if self.peek() == ",":
-                    self.pos += 1
-                    continue
-                self.key_value(path)
-        else:
-            end = self.pos
-            while end < len(self.text) and self.text[end] not in ",]}\n#":
-                end += 1
-            if end == self.pos:
-                raise ValueError("expected a value")
-            self.pos = end
-
-    def string(self) -> None:
-        quote = self.peek()
-        if self.peek(3) == quote * 3:
-            self.pos += 3
-            escapes = quote == '"'
-            while self.peek(3) != quote * 3:
-                self.pos += 2 if escapes and self.peek() == "\\" else 1
-                if self.pos >= len(self.text):
-                    raise ValueError("unterminated string")
-            self.pos += 3
-            while (
-                self.peek() == quote and self.peek(3) != quote * 3
-            ):  # up to two quotes before the closer
-                self.pos += 1
-            return
-        self.pos += 1
-        while self.peek() != quote:
-            self.pos += 2 if quote == '"' and self.peek() == "\\" else 1
-            if self.pos >= len(self.text):
-                raise ValueError("unterminated string")
-        self.pos += 1

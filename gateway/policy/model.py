@@ -29,6 +29,10 @@ from gateway.policy.units import Duration, IPNetwork, Size
 
 __all__ = [
     "AuthSettings",
+    "DeliverySettings",
+    "DnsSettings",
+    "LocalAssign",
+    "RouteSettings",
     "Limits",
     "ListenerSettings",
     "LocalSettings",
@@ -130,11 +134,91 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class LocalAssign:
+    """One user's mailbox: ``[[local.assign]]`` (qmail's users/assign)."""
+
+    user: str = field(metadata={"doc": "local user name (lower-case)"})
+    home: Path = setting(Path(), "home directory: Maildir/ and .qmail files live here")
+    uid: int | None = setting(None, "run program deliveries as this uid (when running as root)")
+    gid: int | None = setting(None, "and this gid")
+
+
+@dataclass(frozen=True)
 class LocalSettings:
     """Domains and users delivered here: ``[local]``."""
 
     domains: tuple[str, ...] = setting(("localhost",), "domains delivered locally (lower-cased)")
     users: tuple[str, ...] = setting(("postmaster",), "local users")
+    mail_root: Path = setting(
+        Path("var/mail"), "a user's home without an assign entry is <mail_root>/<user>"
+    )
+    extension_delimiter: str = setting("-", "separates user and extension: user-ext@domain")
+    dot_files: bool = setting(True, "read .qmail instruction files in users' homes")
+    mailbox: Literal["maildir", "mbox"] = setting(
+        "maildir", "default delivery without a .qmail file: <home>/Maildir/ or <home>/mbox"
+    )
+    virtual: Mapping[str, str] = setting(
+        {}, "virtual domains (qmail virtualdomains): domain -> user; local part becomes the extension"
+    )
+    assign: tuple[LocalAssign, ...] = setting((), "per-user homes and ids (qmail users/assign)")
+    program_timeout: Duration = setting(600.0, "time limit of a program delivery", min=0.001)
+    program_user: str = setting(
+        "nobody", "when running as root: run programs of users without uid as this user"
+    )
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    """The resolver the gateway uses: ``[dns]``."""
+
+    nameservers: tuple[str, ...] = setting(
+        (), "\"ip\" or \"ip:port\" entries; empty = /etc/resolv.conf"
+    )
+    timeout: Duration = setting(5.0, "time limit of one lookup", min=0.001)
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    """The scheduler and delivery agents: ``[delivery]``."""
+
+    enabled: bool = setting(True, "deliver from the queue (false: only accept into it)")
+    local_concurrency: int = setting(10, "local deliveries at once (qmail concurrencylocal)", min=1)
+    remote_concurrency: int = setting(20, "remote deliveries at once (qmail concurrencyremote)", min=1)
+    destination_concurrency: int = setting(5, "connections at once to one destination", min=1)
+    queue_lifetime: Duration = setting(7 * 86400.0, "bounce what is still undelivered after this", min=1)
+    retry_base: Duration = setting(
+        60.0, "back-off unit: attempt n is tried (n * base)^2 / base after arrival, qmail-like", min=0.001
+    )
+    retry_max: Duration = setting(3600.0 * 4, "longest wait between two attempts", min=0.001)
+    delay_warning: Duration | None = setting(None, "send a delay DSN once after this (None: never)")
+    postmaster: str = setting("", "double bounces go here; empty = postmaster@<first local domain>")
+    smtp_port: int = setting(25, "port of MX hosts", min=1, max=65535)
+    helo: str = setting("", "name in our EHLO; empty = server.hostname")
+    tls: Literal["none", "opportunistic", "required", "verify"] = setting(
+        "opportunistic", "STARTTLS towards MX hosts"
+    )
+    tls_ca_file: Path | None = setting(None, "CA bundle for tls = \"verify\" (default: the system's)")
+    connect_timeout: Duration = setting(30.0, "TCP connect and 220 greeting", min=0.001)
+    command_timeout: Duration = setting(300.0, "MAIL, RCPT (RFC 5321 4.5.3.2: 5m)", min=0.001)
+    data_timeout: Duration = setting(600.0, "after the final dot (RFC 5321 4.5.3.2.6: 10m)", min=0.001)
+    poll_interval: Duration = setting(5.0, "how often to look for work another process queued", min=0.01)
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    """A smarthost route: ``[[routes]]`` (qmail smtproutes)."""
+
+    domain: str = field(metadata={"doc": "recipient domain; \".example.com\" covers subdomains; \"*\" is the default route"})
+    host: str = setting("", "smarthost name or address; empty: MX lookup for the domain")
+    port: int = setting(25, "smarthost port", min=1, max=65535)
+    tls: Literal["none", "opportunistic", "required", "verify"] = setting(
+        "opportunistic", "STARTTLS: required refuses plaintext, verify also checks the certificate"
+    )
+    auth_user: str = setting("", "AUTH login at the smarthost")
+    auth_password_env: str = setting("", "environment variable holding the AUTH password")
+    action: Literal["relay", "hold", "discard"] = setting(
+        "relay", "hold: keep in the queue until flushed; discard: drop (logged)"
+    )
 
 
 @dataclass(frozen=True)
@@ -315,6 +399,9 @@ class Policy:
     local: LocalSettings = setting(LocalSettings(), "local domains and users")
     relay: RelaySettings = setting(RelaySettings(), "relay permissions")
     scoring: ScoringSettings = setting(ScoringSettings(), "score thresholds")
+    dns: DnsSettings = setting(DnsSettings(), "resolver")
+    delivery: DeliverySettings = setting(DeliverySettings(), "scheduler and delivery agents")
+    routes: tuple[RouteSettings, ...] = setting((), "smarthost routes, first match wins")
     plugins: tuple[PluginEntry, ...] = setting((), "the ordered plugin chain")
     overrides: tuple[Override, ...] = setting((), "scoped overrides")
     _network_overrides: tuple[Override, ...] = field(

@@ -2,31 +2,36 @@
 
 A message is written to ``tmp/``, fdatasynced, renamed into its area (``msg/`` or
 ``quarantine/``), and the area directory fsynced before :meth:`QueueStore.commit`
-returns, so the 250 follows stable storage. One committer thread per store takes every
-message waiting as a batch that shares one directory fsync (group commit). Delivery
+returns, so the 250 follows stable storage. The writing itself, many messages per
+directory fsync (group commit), is :class:`~gateway.queue.committer.Committer`'s. Delivery
 state lives in ``state/<qid>``, replaced atomically. See ``docs/queue.md``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import errno
 import itertools
 import json
 import logging
 import os
-import queue
 import re
 import shutil
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from gateway.model import Envelope, Message, QueuedRecipient
-from gateway.verdicts import Reply, TemporaryFailure
+from gateway.queue.committer import (
+    NEW_FILE,
+    REPLY_DISK_FULL,
+    REPLY_QUEUE_CLOSED,
+    REPLY_QUEUE_ERROR,
+    Committer,
+    fsync_dir,
+    write_all,
+)
 
 __all__ = [
     "AREAS", "CorruptQueueFile", "QueueStore", "QueuedMessage",
@@ -36,19 +41,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 AREAS = ("msg", "quarantine")  # the directories that hold whole messages
-REPLY_DISK_FULL = Reply(452, "4.3.1", "insufficient system storage, try again later")
-REPLY_QUEUE_ERROR = Reply(451, "4.3.0", "queue write failed, try again later")
-REPLY_QUEUE_CLOSED = Reply(451, "4.3.0", "queue is shutting down, try again later")
 
 _MAGIC = b"GWQ1"
 _HEADER_MAX = 64  # b"GWQ1 " + two 20-digit lengths + spaces + newline fit in 47
 _ENVELOPE_MAX = 16 * 1024 * 1024  # bound what load() reads and parses
 _QID_RE = re.compile(r"[0-9A-Z]{1,64}")
-_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
-_IOV_MAX = 1024  # Linux UIO_MAXIOV: writev refuses more buffers than this
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-
-Buffer = bytes | memoryview
 
 
 class CorruptQueueFile(Exception):
@@ -72,20 +69,6 @@ class QueuedMessage:
     attempts: int
 
 
-@dataclass(slots=True)
-class _Job:
-    """One commit handed to the committer thread."""
-
-    qid: str
-    area: str
-    data: list[Buffer]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[None]
-    fd: int = -1
-    owned: Path | None = None  # the file this job created: in tmp/, then in its area
-    error: TemporaryFailure | None = None
-
-
 # Queue ids are process-wide (two stores on one directory in one process never collide).
 _id_lock = threading.Lock()
 _id_last = [0, 0]  # microseconds, counter
@@ -102,40 +85,6 @@ def _next_id() -> str:
         else:
             _id_last[:] = [_id_last[0] + 1, 0]
         return f"{_id_last[0]:013X}{os.getpid() & 0xFFFFFF:06X}{_id_last[1]:04X}"
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` (creations, renames, unlinks) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, chunks: Sequence[Buffer]) -> None:
-    """Write every buffer with ``writev``, coping with short writes and IOV_MAX."""
-    views = [memoryview(c).cast("B") for c in chunks if len(c)]
-    i = 0
-    while i < len(views):
-        written = os.writev(fd, views[i : i + _IOV_MAX])
-        if written <= 0:
-            raise OSError(errno.EIO, "writev wrote nothing")
-        while written and i < len(views):
-            if written >= len(views[i]):
-                written -= len(views[i])
-                i += 1
-            else:
-                views[i], written = views[i][written:], 0
-
-
-def _settle(job: _Job) -> None:
-    """On the job's event loop: report the outcome unless the waiter was cancelled."""
-    if not job.future.done():
-        if job.error is None:
-            job.future.set_result(None)
-        else:
-            job.future.set_exception(job.error)
 
 
 def _check_fd(fd: int, qid: str) -> tuple[int, int, int]:
@@ -169,14 +118,8 @@ class QueueStore:
     """
 
     def __init__(self, root: str | os.PathLike[str], *, max_batch: int = 64) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
         self.root = Path(root)
-        self._max_batch = max_batch
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()  # guards _thread and _is_closing
-        self._is_closing = False
+        self._committer = Committer(self.root / "tmp", self._dir, max_batch=max_batch)
         self._state_locks = [threading.Lock() for _ in range(64)]  # striped by qid
 
     def _dir(self, area: str) -> Path:
@@ -210,8 +153,8 @@ class QueueStore:
                 (self.root / sub).mkdir(parents=True)
                 is_new = True
         if is_new:
-            _fsync_dir(self.root)
-            _fsync_dir(self.root.parent)
+            fsync_dir(self.root)
+            fsync_dir(self.root.parent)
         for entry in os.scandir(self.root / "tmp"):
             log.debug("removing unfinished temporary file %s", entry.name)
             if entry.is_dir(follow_symlinks=False):
@@ -220,8 +163,7 @@ class QueueStore:
                 os.unlink(entry.path)
         found = {area: self._verify_area(area) for area in AREAS}
         self._verify_states(found)
-        with self._lock:
-            self._is_closing = False
+        self._committer.reopen()
         log.info("queue opened root=%s messages=%d quarantined=%d",
                  self.root, len(found["msg"]), len(found["quarantine"]))
         return sorted(found["msg"])
@@ -261,7 +203,7 @@ class QueueStore:
                 self._to_corrupt(Path(entry.path), f"{qid}.state", str(exc))
                 found[area].discard(qid)
         if is_changed:
-            _fsync_dir(self.root / "state")
+            fsync_dir(self.root / "state")
 
     def _to_corrupt(self, src: Path, name: str, reason: str) -> None:
         dst = self.root / "corrupt" / name
@@ -272,8 +214,8 @@ class QueueStore:
         log.error("moving bad queue file qid=%s to %s: %s", name, dst, reason)
         try:
             os.rename(src, dst)
-            _fsync_dir(dst.parent)
-            _fsync_dir(src.parent)
+            fsync_dir(dst.parent)
+            fsync_dir(src.parent)
         except OSError as exc:
             log.error("cannot move bad queue file qid=%s: %s", name, exc)
 
@@ -304,120 +246,12 @@ class QueueStore:
         chunks = message.chunks()
         size = sum(memoryview(c).nbytes for c in chunks)
         head = b"%s %d %d\n" % (_MAGIC, len(env), size) + env + b"\n"
-        loop = asyncio.get_running_loop()
-        job = _Job(qid, area, [head, *chunks], loop, loop.create_future())
-        with self._lock:
-            if self._is_closing:
-                raise TemporaryFailure(REPLY_QUEUE_CLOSED, f"qid={qid}: store closed")
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run_committer, name="queue-committer", daemon=True
-                )
-                self._thread.start()
-            self._jobs.put(job)
-        await job.future
+        await self._committer.commit(qid, area, [head, *chunks])
 
     async def close(self) -> None:
         """Let the commits already handed over finish, then stop the committer thread.
         Later :meth:`commit` calls fail with 451 until :meth:`open` is called again."""
-        with self._lock:
-            self._is_closing = True
-            thread, self._thread = self._thread, None
-            if thread is not None:
-                self._jobs.put(None)  # behind every job already queued
-        if thread is not None:
-            await asyncio.to_thread(thread.join)
-
-    def _run_committer(self) -> None:
-        """The committer thread: take everything waiting as one batch, commit, repeat."""
-        is_stopping = False
-        while not is_stopping:
-            first = self._jobs.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < self._max_batch:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    is_stopping = True
-                    break
-                batch.append(job)
-            try:
-                self._commit_batch(batch)
-            except Exception as exc:  # boundary: no caller may be left waiting
-                log.exception("queue committer failed on a batch of %d", len(batch))
-                for job in batch:
-                    if job.error is None:
-                        self._fail(job, exc)
-            for job in batch:
-                self._resolve(job)
-
-    def _commit_batch(self, batch: list[_Job]) -> None:
-        tmp_dir = self.root / "tmp"
-        written: list[_Job] = []
-        for job in batch:  # 1. each message into its own new temporary file
-            try:
-                job.fd = os.open(tmp_dir / job.qid, _NEW_FILE, 0o600)
-                job.owned = tmp_dir / job.qid
-                _write_all(job.fd, job.data)
-                written.append(job)
-            except Exception as exc:
-                self._fail(job, exc)
-        # 2. A file's data is on disk before any name in an area points at it. Syncing
-        # after all the writes lets the filesystem flush the batch in fewer commits.
-        for job in written:
-            try:
-                fd, job.fd = job.fd, -1
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
-                os.rename(tmp_dir / job.qid, self._dir(job.area) / job.qid)  # 3. publish
-                job.owned = self._dir(job.area) / job.qid
-            except Exception as exc:
-                self._fail(job, exc)
-        # 4. One directory fsync per area makes all of the batch's renames durable.
-        for area in {job.area for job in written if job.error is None}:
-            try:
-                _fsync_dir(self._dir(area))
-            except Exception as exc:
-                for job in written:
-                    if job.area == area and job.error is None:
-                        self._fail(job, exc)
-        for job in batch:
-            if job.error is None:
-                log.info("queued qid=%s area=%s batch=%d", job.qid, job.area, len(batch))
-
-    def _fail(self, job: _Job, exc: BaseException) -> None:
-        """Mark one job failed (disk full: 452 4.3.1, else 451 4.3.0) and clean up."""
-        log.error("queue commit failed qid=%s: %s", job.qid, exc)
-        is_full = isinstance(exc, OSError) and exc.errno in _NO_SPACE
-        reply = REPLY_DISK_FULL if is_full else REPLY_QUEUE_ERROR
-        job.error = TemporaryFailure(reply, f"qid={job.qid}: {exc}")
-        job.error.__cause__ = exc
-        if job.fd >= 0:
-            fd, job.fd = job.fd, -1
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        # Unacknowledged, so possibly not durable: take it back out of the area too.
-        owned, job.owned = job.owned, None
-        try:
-            if owned is not None:
-                os.unlink(owned)
-        except FileNotFoundError:
-            pass
-        except OSError as cleanup:
-            log.error("cannot remove failed commit qid=%s: %s", job.qid, cleanup)
-
-    @staticmethod
-    def _resolve(job: _Job) -> None:
-        try:
-            job.loop.call_soon_threadsafe(_settle, job)
-        except RuntimeError:
-            log.warning("event loop closed before commit of qid=%s was reported", job.qid)
+        await self._committer.close()
 
     # Readers --------------------------------------------------------------------------
 
@@ -519,10 +353,10 @@ class QueueStore:
             }
             data = json.dumps(state, separators=(",", ":")).encode("utf-8")
             tmp = self.root / "tmp" / f"{qid}.{os.getpid():x}.{next(_tmp_seq)}.state"
-            fd = os.open(tmp, _NEW_FILE, 0o600)
+            fd = os.open(tmp, NEW_FILE, 0o600)
             try:
                 try:
-                    _write_all(fd, [data])
+                    write_all(fd, [data])
                     os.fdatasync(fd)
                 finally:
                     os.close(fd)
@@ -530,7 +364,7 @@ class QueueStore:
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            _fsync_dir(self.root / "state")
+            fsync_dir(self.root / "state")
         log.debug("state updated qid=%s attempts=%s held=%s", qid, state["attempts"], state["held"])
 
     def remove(self, qid: str, area: str = "msg") -> None:
@@ -547,10 +381,10 @@ class QueueStore:
         path = self._path(area, qid)
         with self._state_lock(qid):
             os.unlink(path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             try:
                 os.unlink(self.root / "state" / qid)
-                _fsync_dir(self.root / "state")
+                fsync_dir(self.root / "state")
             except FileNotFoundError:
                 pass
         log.info("removed qid=%s area=%s", qid, area)
@@ -575,6 +409,6 @@ class QueueStore:
             if dst_path.exists():
                 raise FileExistsError(errno.EEXIST, f"qid={qid} already in {dst}")
             os.rename(src_path, dst_path)
-            _fsync_dir(dst_path.parent)
-            _fsync_dir(src_path.parent)
+            fsync_dir(dst_path.parent)
+            fsync_dir(src_path.parent)
         log.info("moved qid=%s from %s to %s", qid, src, dst)

@@ -220,6 +220,8 @@ class SmtpHandler:
         except Exception:  # boundary: never answer 250 unless the commit finished
             log.exception("queue commit failed")
             return Answer(REPLY_QUEUE_FAILED)
+        if area == "msg":
+            self.gateway.notify_queued(txn.queue_id)
         log.info(
             "queued from=<%s> to=%s size=%d area=%s score=%.1f",
             short(txn.sender),

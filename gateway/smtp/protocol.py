@@ -23,11 +23,14 @@ from typing import Any, Awaitable, Callable
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
-from gateway.address import Address, AddressError, decode_xtext, parse_params, parse_path
+from gateway.address import AddressError, parse_params, parse_path
 from gateway.logs import SESSION_ID, short
-from gateway.model import MailParams, RcptParams, Recipient, Transaction
+from gateway.model import Recipient, Transaction
 from gateway.smtp.data import read_data
 from gateway.smtp.handler import Answer, SmtpHandler
+from gateway.smtp.params import Refusal
+from gateway.smtp.params import mail_params as parse_mail_params
+from gateway.smtp.params import rcpt_params as parse_rcpt_params
 from gateway.verdicts import Reply
 
 __all__ = ["ConnectionTracker", "GatewaySMTP"]
@@ -48,7 +51,6 @@ R_NEED_TLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 R_NEED_AUTH = Reply(530, "5.7.0", "Authentication required")
 R_NO_VALID_RCPT = Reply(554, "5.5.1", "No valid recipients")
 R_TOO_MANY_RCPT = Reply(452, "4.5.3", "Too many recipients")
-R_BAD_PARAM = Reply(555, "5.5.4", "Unsupported MAIL or RCPT parameter")
 R_TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 R_IDLE = Reply(421, "4.4.2", "Idle timeout, closing connection")
 R_DEADLINE = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
@@ -61,7 +63,6 @@ R_OK = Reply(250, "2.0.0", "OK")
 
 # RFC 3207 §4: before TLS on a listener that requires it, only these may pass.
 ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "NOOP", "QUIT", "STARTTLS", "RSET"})
-_NOTIFY = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 
 
 class ConnectionTracker:
@@ -361,8 +362,10 @@ class GatewaySMTP(SMTP):
         except AddressError as exc:
             await self.reply(Reply(501, "5.1.7", f"Bad sender address syntax: {exc}"), bad=True)
             return
-        mail_params = await self._mail_params(params, session.is_esmtp)
-        if mail_params is None:
+        try:
+            mail_params = parse_mail_params(params, esmtp=session.is_esmtp, max_size=self.scope.limits.max_message_size)
+        except Refusal as refusal:
+            await self.reply(refusal.reply, bad=refusal.bad)
             return
         if not sender.is_ascii and not mail_params.smtputf8:
             await self.reply(Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"))
@@ -372,37 +375,6 @@ class GatewaySMTP(SMTP):
         if answer.reply.is_positive:
             self.txn = txn
         await self.answer(answer)
-
-    async def _mail_params(self, params: dict[str, str | None], esmtp: bool) -> MailParams | None:
-        if params and not esmtp:
-            await self.reply(Reply(501, "5.5.4", "Parameters need EHLO"), bad=True)
-            return None
-        mp = MailParams()
-        for key, value in params.items():
-            if key == "SIZE" and value is not None and value.isdigit() and len(value) < 20:
-                mp.size = int(value)
-                if mp.size > self.scope.limits.max_message_size:
-                    await self.reply(Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
-                    return None
-            elif key == "BODY" and value is not None and value.upper() in ("7BIT", "8BITMIME"):
-                mp.body = value.upper()
-            elif key == "SMTPUTF8" and value is None:
-                mp.smtputf8 = True
-            elif key == "RET" and value is not None and value.upper() in ("FULL", "HDRS"):
-                mp.ret = value.upper()
-            elif key == "ENVID" and value is not None and len(value) <= 100:
-                try:
-                    mp.envid = decode_xtext(value)
-                except AddressError:
-                    await self.reply(Reply(501, "5.5.4", "Malformed ENVID"), bad=True)
-                    return None
-            elif key in ("SIZE", "BODY", "SMTPUTF8", "RET", "ENVID"):
-                await self.reply(Reply(501, "5.5.4", f"Invalid {key} parameter"), bad=True)
-                return None
-            else:
-                await self.reply(R_BAD_PARAM)
-                return None
-        return mp
 
     async def cmd_rcpt(self, arg: str) -> None:
         txn = self.txn
@@ -424,36 +396,13 @@ class GatewaySMTP(SMTP):
         if not address.is_ascii and not txn.params.smtputf8:
             await self.reply(Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"))
             return
-        rcpt_params = await self._rcpt_params(params)
-        if rcpt_params is None:
+        try:
+            rcpt_params = parse_rcpt_params(params)
+        except Refusal as refusal:
+            await self.reply(refusal.reply, bad=refusal.bad)
             return
         answer = await self.handler.rcpt(self.gsession, self.scope, txn, Recipient(address, rcpt_params))
         await self.answer(answer)
-
-    async def _rcpt_params(self, params: dict[str, str | None]) -> RcptParams | None:
-        rp = RcptParams()
-        for key, value in params.items():
-            if key == "NOTIFY" and value:
-                items = tuple(v.upper() for v in value.split(","))
-                if items == ("NEVER",) or (items and set(items) <= _NOTIFY and len(set(items)) == len(items)):
-                    rp.notify = items
-                    continue
-                await self.reply(Reply(501, "5.5.4", "Invalid NOTIFY parameter"), bad=True)
-                return None
-            if key == "ORCPT" and value and ";" in value:
-                addr_type, _, xtext = value.partition(";")
-                try:
-                    rp.orcpt = f"{addr_type};{decode_xtext(xtext)}"
-                except AddressError:
-                    await self.reply(Reply(501, "5.5.4", "Malformed ORCPT"), bad=True)
-                    return None
-                continue
-            if key in ("NOTIFY", "ORCPT"):
-                await self.reply(Reply(501, "5.5.4", f"Invalid {key} parameter"), bad=True)
-                return None
-            await self.reply(R_BAD_PARAM)
-            return None
-        return rp
 
     async def cmd_data(self, arg: str) -> None:
         txn = self.txn

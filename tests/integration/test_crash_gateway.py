@@ -47,6 +47,8 @@ tls = "none"
 [local]
 domains = ["localhost"]
 users = ["postmaster"]
+[delivery]
+enabled = false
 [[plugins]]
 name = "rcpt_relay"
 [[plugins]]

@@ -73,6 +73,8 @@ def test_embedded_default_as_make_run_starts_it(tmp_path: Path) -> None:
         ok = swaks(2525, "--to", "postmaster@localhost")
         assert ok.returncode == 0, ok.stdout
         assert "250 2.0.0 OK queued as" in ok.stdout
+        maildir = tmp_path / "var" / "mail" / "postmaster" / "Maildir" / "new"
+        assert wait_for(lambda: maildir.exists() and any(maildir.iterdir()), timeout=20)
         denied = swaks(2525, "--to", "someone@example.net")
         assert denied.returncode == SWAKS_RCPT_REFUSED
         assert "5.7.1" in denied.stdout
@@ -82,8 +84,15 @@ def test_embedded_default_as_make_run_starts_it(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, output
-    store = QueueStore(tmp_path / "var" / "queue")
-    ids = store.ids()
-    assert len(ids) == 1
-    assert b"Received: from client.test.example" in store.read_message(ids[0])
-    assert f"queue={ids[0]}" in output  # the log tells the message's story by its id
+    # Delivered into the postmaster's Maildir under ./var, and gone from the queue.
+    (delivered,) = (tmp_path / "var" / "mail" / "postmaster" / "Maildir" / "new").iterdir()
+    data = delivered.read_bytes()
+    assert data.startswith(b"Return-Path: <sender@example.org>\r\nDelivered-To: postmaster@localhost\r\n")
+    assert b"Received: from client.test.example" in data
+    assert QueueStore(tmp_path / "var" / "queue").ids() == []
+    qid = data.split(b" id ", 1)[1].split(b";")[0].split()[0].decode()
+    # The log tells the message's story by its queue id: queued, delivered, removed.
+    story = [line for line in output.splitlines() if f"queue={qid}" in line]
+    assert any("queued from=<sender@example.org>" in line for line in story)
+    assert any("status=delivered" in line for line in story)
+    assert any("removed from the queue" in line for line in story)

@@ -21,7 +21,7 @@ from gateway.policy import (
     load_policy_text,
     setting,
 )
-from gateway.policy.loader import _SourceMap
+from gateway.policy.source import SourceMap
 from gateway.policy.units import Duration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -600,7 +600,7 @@ def test_source_map_tracks_tables_arrays_and_keys() -> None:
         after = 1
         """
     )
-    locate = _SourceMap(text).locate
+    locate = SourceMap(text).locate
     assert locate("title") == 1
     assert (
         locate("a") == 2

@@ -1,4 +1,5 @@
-"""Unit tests for gateway.queue.store: format, recovery, state, group commit, failures."""
+"""Unit tests for gateway.queue.store and gateway.queue.committer: format, recovery,
+state, group commit, failures."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from gateway.queue import (
     CorruptQueueFile,
     QueueStore,
 )
+from gateway.queue import committer as committer_mod
 from gateway.queue import store as store_mod
 from gateway.verdicts import TemporaryFailure
 
@@ -42,7 +44,10 @@ def _message(body: bytes = b"Hello.\r\n") -> Message:
     return Message(b"From: alice@example.org\r\nSubject: hi\r\nX-Drop: me\r\n\r\n" + body)
 
 
-STORE = "gateway.queue.store"  # fault injection patches names as this module sees them
+# Fault injection patches names as the module that calls them sees them: the committer
+# writes messages (commit), the store writes state and removes and moves files.
+STORE = "gateway.queue.store"
+COMMITTER = "gateway.queue.committer"
 
 
 def _recording(
@@ -152,16 +157,16 @@ def test_write_all_copes_with_short_writes_and_many_buffers(
         counts.append(len(bufs))
         return real_writev(fd, [b"".join(bytes(b) for b in bufs)[:10]])  # a prefix only
 
-    monkeypatch.setattr(f"{STORE}.os.writev", short_writev)
+    monkeypatch.setattr(f"{COMMITTER}.os.writev", short_writev)
     chunks: list[bytes | memoryview] = [bytes([i % 256]) * (i % 13) for i in range(3000)]
     chunks.append(memoryview(b"tail-of-message"))
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
     try:
-        store_mod._write_all(fd, chunks)
+        committer_mod.write_all(fd, chunks)
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == b"".join(bytes(c) for c in chunks)
-    assert max(counts) == store_mod._IOV_MAX
+    assert max(counts) == committer_mod._IOV_MAX
 
 
 # State, remove, move ---------------------------------------------------------------------
@@ -191,7 +196,7 @@ def test_update_state_writes_tmp_syncs_then_renames(store: QueueStore,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     qid = _commit(store)
     events: list[str] = []
-    real_fdatasync, real_rename, real_fsync_dir = os.fdatasync, os.rename, store_mod._fsync_dir
+    real_fdatasync, real_rename, real_fsync_dir = os.fdatasync, os.rename, store_mod.fsync_dir
     monkeypatch.setattr(
         f"{STORE}.os.fdatasync", _recording(events, lambda fd: "fdatasync", real_fdatasync)
     )
@@ -202,7 +207,7 @@ def test_update_state_writes_tmp_syncs_then_renames(store: QueueStore,
 
     monkeypatch.setattr(f"{STORE}.os.rename", rename)
     monkeypatch.setattr(
-        f"{STORE}._fsync_dir", _recording(events, lambda p: f"fsync {p.name}", real_fsync_dir)
+        f"{STORE}.fsync_dir", _recording(events, lambda p: f"fsync {p.name}", real_fsync_dir)
     )
     store.update_state(qid, _envelope(), attempts=2)
     assert events == ["fdatasync", f"rename tmp->state/{qid}", "fsync state"]
@@ -341,13 +346,13 @@ def _raiser(err: int) -> Callable[..., Any]:
         ("fdatasync", errno.EDQUOT, REPLY_DISK_FULL),
         ("fdatasync", errno.EIO, REPLY_QUEUE_ERROR),
         ("rename", errno.EIO, REPLY_QUEUE_ERROR),
-        ("_fsync_dir", errno.EIO, REPLY_QUEUE_ERROR),
+        ("fsync_dir", errno.EIO, REPLY_QUEUE_ERROR),
     ],
 )
 def test_commit_failure_is_temporary_and_leaves_nothing(
     store: QueueStore, monkeypatch: pytest.MonkeyPatch, target: str, err: int, expected: Any
 ) -> None:
-    where = STORE if target.startswith("_") else f"{STORE}.os"
+    where = COMMITTER if target == "fsync_dir" else f"{COMMITTER}.os"
     monkeypatch.setattr(f"{where}.{target}", _raiser(err))
     with pytest.raises(TemporaryFailure) as caught:
         _commit(store)
@@ -367,7 +372,7 @@ def test_one_failed_message_does_not_fail_its_batch(store: QueueStore,
             raise OSError(errno.ENOSPC, "no space")
         return real_writev(fd, bufs)
 
-    monkeypatch.setattr(f"{STORE}.os.writev", writev)
+    monkeypatch.setattr(f"{COMMITTER}.os.writev", writev)
     items = [
         (store.new_id(), _envelope(), _message(b"POISON" if i == 5 else b"fine")) for i in range(20)
     ]
@@ -408,7 +413,7 @@ def test_commit_syncs_file_and_directory_before_resolving(store: QueueStore,
     events: list[str] = []
     entered, release = threading.Event(), threading.Event()
     real_writev, real_fdatasync, real_rename = os.writev, os.fdatasync, os.rename
-    real_fsync_dir = store_mod._fsync_dir
+    real_fsync_dir = committer_mod.fsync_dir
     written_fds: set[int] = set()
 
     def writev(fd: int, bufs: list[memoryview]) -> int:
@@ -431,8 +436,8 @@ def test_commit_syncs_file_and_directory_before_resolving(store: QueueStore,
         assert release.wait(10)
 
     for name, fake in (("writev", writev), ("fdatasync", fdatasync), ("rename", rename)):
-        monkeypatch.setattr(f"{STORE}.os.{name}", fake)
-    monkeypatch.setattr(f"{STORE}._fsync_dir", fsync_dir)
+        monkeypatch.setattr(f"{COMMITTER}.os.{name}", fake)
+    monkeypatch.setattr(f"{COMMITTER}.fsync_dir", fsync_dir)
 
     async def main() -> None:
         task = asyncio.create_task(store.commit(store.new_id(), _envelope(), _message()))
@@ -453,8 +458,10 @@ def test_concurrent_commits_share_directory_fsyncs(store: QueueStore,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     store = QueueStore(store.root, max_batch=16)
     syncs: list[str] = []
-    real_fsync_dir = store_mod._fsync_dir
-    monkeypatch.setattr(f"{STORE}._fsync_dir", _recording(syncs, lambda p: p.name, real_fsync_dir))
+    real_fsync_dir = committer_mod.fsync_dir
+    monkeypatch.setattr(
+        f"{COMMITTER}.fsync_dir", _recording(syncs, lambda p: p.name, real_fsync_dir)
+    )
     items = [(store.new_id(), _envelope(), _message(os.urandom(1000))) for _ in range(200)]
     results = _run(_commit_all(store, items))
     _run(store.close())

@@ -1,0 +1,372 @@
+"""The local delivery agent: qmail-local for one recipient of one message.
+
+It finds the user's home, refuses a message that already carries this recipient's
+``Delivered-To`` line (a forwarding loop), then follows the user's ``.qmail``
+instruction file line by line (mailboxes, programs, forwards) or, without one, delivers
+to the default mailbox (``<home>/Maildir/`` or ``<home>/mbox``).
+
+Privileges, when the gateway runs as root:
+
+- programs run as the user's ``uid``/``gid`` from ``[[local.assign]]``, else as
+  ``policy.local.program_user``, and never as root;
+- mailbox files are written by this process, but for a home owned by someone other than
+  root (or an assign entry with a uid) they are confined to the home: no symlink below
+  the home is followed, and new files and directories belong to that user.
+
+File I/O runs through the ``run_in_thread`` callable; the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from gateway.delivery.local.dotqmail import DotQmail, Instruction, load_dotqmail
+from gateway.delivery.local.maildir import Confinement, deliver_maildir
+from gateway.delivery.local.mbox import deliver_mbox, from_line
+from gateway.delivery.local.program import ProgramResult, run_program
+from gateway.delivery.types import LocalRoute, Outcome
+from gateway.model import Envelope, Message
+from gateway.policy.model import LocalAssign, Policy
+from gateway.verdicts import PermanentFailure, Reply, TemporaryFailure
+
+__all__ = ["LOOP_REPLY", "ForwardFunction", "LocalDeliveryAgent", "program_environment"]
+
+log = logging.getLogger("gateway.delivery.local")
+
+LOOP_REPLY = Reply(554, "5.4.6", "message is looping: it already has my Delivered-To line")
+_UNKNOWN_USER = Reply(550, "5.1.1", "Sorry, no mailbox here by that name")
+_INTERNAL = Reply(451, "4.3.0", "local delivery failed: internal error")
+_MAX_WHERE = 200
+
+ForwardFunction = Callable[[str, list[str], bytes], Awaitable[None]]
+"""``forward(sender, addresses, message)``: queue ``message`` anew for ``addresses``."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Everything one delivery needs to know about its recipient."""
+
+    user: str
+    home: Path
+    assign: LocalAssign | None
+    local: str
+    domain: str
+
+
+def _header_line(name: str, value: str) -> str:
+    # Addresses are parsed and cannot hold CR/LF; strip anyway, a header is at stake.
+    return f"{name}: {value.replace(chr(13), '').replace(chr(10), '')}\n"
+
+
+def program_environment(
+    *,
+    sender: str,
+    recipient: str,
+    user: str,
+    home: Path,
+    local: str,
+    domain: str,
+    extension: str,
+    delimiter: str,
+    default: str | None,
+    when: float,
+) -> dict[str, str]:
+    """The variables qmail-local gives a program (see dot-qmail(5)).
+
+    :param sender: envelope sender (empty for the null sender)
+    :param recipient: envelope recipient, ``local@domain``
+    :param user: the local user the address belongs to
+    :param home: the user's home
+    :param local: the recipient's local part (``LOCAL``)
+    :param domain: the recipient's domain (``HOST``)
+    :param extension: the address extension (``EXT``)
+    :param delimiter: the extension delimiter, for ``EXT2`` .. ``EXT4``
+    :param default: ``$DEFAULT`` when a ``-default`` file matched, else ``None`` (unset)
+    :param when: delivery time, for ``UFLINE``
+    :returns: SENDER, RECIPIENT, USER, HOME, HOST, HOST2-4, LOCAL, EXT, EXT2-4,
+        [DEFAULT], DTLINE, RPLINE, UFLINE; the ``*LINE`` values end in a newline
+    """
+    env = {
+        "SENDER": sender,
+        "RECIPIENT": recipient,
+        "USER": user,
+        "HOME": str(home),
+        "HOST": domain,
+        "LOCAL": local,
+        "EXT": extension,
+        "DTLINE": _header_line("Delivered-To", recipient),
+        "RPLINE": _header_line("Return-Path", f"<{sender}>"),
+        "UFLINE": from_line(sender, when),
+    }
+    # EXT2 is EXT after its first delimiter, EXT3 after the second, ...
+    parts = extension.split(delimiter) if extension else []
+    labels = domain.split(".") if domain else []
+    for n in (2, 3, 4):
+        env[f"EXT{n}"] = delimiter.join(parts[n - 1 :]) if len(parts) >= n else ""
+        # HOST2 is HOST before its last dot, HOST3 before the second last, ...
+        env[f"HOST{n}"] = ".".join(labels[: -(n - 1)]) if len(labels) >= n else ""
+    if default is not None:
+        env["DEFAULT"] = default
+    return env
+
+
+def _is_safe_user(user: str) -> bool:
+    """A user name usable as one path component under the mail root."""
+    return bool(user) and user not in (".", "..") and "/" not in user and "\0" not in user
+
+
+def _has_delivered_to(message: bytes, recipient: str) -> bool:
+    wanted = recipient.lower()
+    for value in Message(message).header_values("delivered-to"):
+        if value.strip().strip("<>").lower() == wanted:
+            return True
+    return False
+
+
+def _ensure_home(home: Path) -> None:
+    """Create a mail-root home (0o700) when missing; its parents get default modes."""
+    home.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        home.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+
+
+def _can_enter(info: os.stat_result, uid: int, gid: int) -> bool:
+    """Whether ``uid``/``gid`` (not root) may search the directory ``info`` describes."""
+    if info.st_uid == uid:
+        return bool(info.st_mode & stat.S_IXUSR)
+    if info.st_gid == gid:
+        return bool(info.st_mode & stat.S_IXGRP)
+    return bool(info.st_mode & stat.S_IXOTH)
+
+
+class LocalDeliveryAgent:
+    """Delivers messages to local users: Maildir, mbox, programs, forwards, ``.qmail``.
+
+    :param policy: the policy; ``policy.local`` holds every setting used here
+    :param hostname: this host's name (Maildir file names)
+    :param forward: queues a forwarded copy; ``forward(sender, addresses, message)``
+    :param run_in_thread: runs a blocking call off the loop, like :func:`asyncio.to_thread`
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        hostname: str,
+        forward: ForwardFunction,
+        run_in_thread: Callable[..., Awaitable[Any]],
+    ) -> None:
+        self._policy = policy
+        self._hostname = hostname
+        self._forward = forward
+        self._thread = run_in_thread
+
+    async def deliver(
+        self, envelope: Envelope, recipient: str, route: LocalRoute, message: bytes,
+        *, delivery_id: str | None = None,
+    ) -> Outcome:
+        """Deliver ``message`` to one local recipient.
+
+        :param envelope: the queued envelope (sender, for Return-Path and forwards)
+        :param recipient: the recipient address, ``local@domain``
+        :param route: the local route: user, extension, domain
+        :param message: the queued message, CRLF line ends
+        :param delivery_id: stable for this (message, recipient): Maildir deliveries use
+            it as the file name, so a retry after a crash cannot deliver a second copy
+        :returns: ``delivered`` (250), ``deferred`` (4xx: retry) or ``failed`` (5xx: bounce)
+        """
+        where: list[str] = []
+        try:
+            self._delivery_id = delivery_id
+            outcome = await self._deliver(envelope, recipient, route, message, where)
+        except TemporaryFailure as exc:
+            outcome = Outcome("deferred", exc.reply)
+        except PermanentFailure as exc:
+            outcome = Outcome("failed", exc.reply)
+        except Exception:
+            # The delivery boundary: whatever went wrong, retry later rather than lose mail.
+            log.exception("local delivery to %s failed unexpectedly", recipient)
+            outcome = Outcome("deferred", _INTERNAL)
+        log.info(
+            "local delivery to=%s user=%s ext=%r status=%s where=%s reply=%r",
+            recipient, route.user, route.extension[:64], outcome.status,
+            ",".join(where)[:_MAX_WHERE] or "-", str(outcome.reply),
+        )
+        return outcome
+
+    def _target(self, recipient: str, route: LocalRoute) -> _Target:
+        settings = self._policy.local
+        user = route.user.lower()
+        if not _is_safe_user(user):
+            raise PermanentFailure(_UNKNOWN_USER)
+        assign = next((a for a in settings.assign if a.user.lower() == user), None)
+        if assign is not None and assign.home != Path():
+            home = assign.home
+        else:
+            home = settings.mail_root / user
+        local, _, domain = recipient.rpartition("@")
+        return _Target(user, Path(os.path.abspath(home)), assign, local, route.domain or domain)
+
+    async def _deliver(
+        self,
+        envelope: Envelope,
+        recipient: str,
+        route: LocalRoute,
+        message: bytes,
+        where: list[str],
+    ) -> Outcome:
+        settings = self._policy.local
+        target = self._target(recipient, route)
+        if _has_delivered_to(message, recipient):
+            return Outcome("failed", LOOP_REPLY)
+        if target.assign is None or target.assign.home == Path():
+            await self._thread(_ensure_home, target.home)
+        when = time.time()
+        dtline = _header_line("Delivered-To", recipient).replace("\n", "\r\n").encode()
+        rpline = _header_line("Return-Path", f"<{envelope.sender}>").replace("\n", "\r\n").encode()
+        forwarded = dtline + message
+        delivered = rpline + forwarded
+        confine = await self._thread(self._confinement, target)
+
+        dotqmail: DotQmail | None = None
+        if settings.dot_files:
+            dotqmail = await self._thread(
+                load_dotqmail, target.home, route.extension,
+                delimiter=settings.extension_delimiter,
+            )
+        if dotqmail is None or not dotqmail.instructions:
+            default = Instruction("maildir", "./Maildir/", 0, target.home / "Maildir")
+            if settings.mailbox == "mbox":
+                default = Instruction("mbox", "./mbox", 0, target.home / "mbox")
+            await self._mailbox(default, delivered, envelope.sender, when, confine, 0)
+            where.append(default.value)
+            return self._success(where)
+
+        forwards: list[str] = []
+        env = program_environment(
+            sender=envelope.sender, recipient=recipient, user=target.user, home=target.home,
+            local=target.local, domain=target.domain, extension=route.extension,
+            delimiter=settings.extension_delimiter,
+            default=dotqmail.default if dotqmail.is_default else None, when=when,
+        )
+        for index, instruction in enumerate(dotqmail.instructions):
+            if instruction.kind == "forward":
+                forwards.append(instruction.value)
+            elif instruction.kind == "program":
+                result = await self._program(instruction.value, delivered, env, target)
+                if result.status != "delivered":
+                    return result.outcome()
+                where.append("program")
+                if result.stop:
+                    break  # exit 99: delivered, ignore the remaining lines
+            else:
+                await self._mailbox(instruction, delivered, envelope.sender, when, confine, index)
+                where.append(instruction.value)
+        if forwards:
+            # Forwarded copies carry our Delivered-To (loop detection) but no Return-Path:
+            # they get a new envelope.
+            await self._forward(envelope.sender, forwards, forwarded)
+            where.append("forward " + " ".join(forwards))
+        return self._success(where)
+
+    @staticmethod
+    def _success(where: list[str]) -> Outcome:
+        text = "delivered to " + (", ".join(where) or "nowhere (no delivery lines)")
+        return Outcome("delivered", Reply(250, "2.0.0", text[:_MAX_WHERE]))
+
+    async def _mailbox(
+        self,
+        instruction: Instruction,
+        message: bytes,
+        sender: str,
+        when: float,
+        confine: Confinement | None,
+        index: int,
+    ) -> None:
+        assert instruction.path is not None
+        if instruction.kind == "maildir":
+            name = None
+            if self._delivery_id:
+                name = f"{int(when)}.{self._delivery_id}L{index}.{self._hostname.replace('/', '_').replace(':', '_')}"
+            await self._thread(
+                deliver_maildir, instruction.path, [message],
+                hostname=self._hostname, confine=confine, name=name,
+            )
+        else:
+            await self._thread(
+                deliver_mbox, instruction.path, message,
+                sender=sender, when=when, confine=confine,
+            )
+
+    def _confinement(self, target: _Target) -> Confinement | None:
+        """Who mailbox files are written for, when root: the assign uid or the home's owner."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            info = os.stat(target.home)
+        except OSError as exc:
+            raise TemporaryFailure(
+                Reply(451, "4.3.0", f"cannot use home directory: {exc.strerror}")
+            ) from exc
+        assign = target.assign
+        uid = assign.uid if assign is not None and assign.uid is not None else info.st_uid
+        gid = assign.gid if assign is not None and assign.gid is not None else info.st_gid
+        return None if uid == 0 else Confinement(target.home, uid, gid)
+
+    def _program_identity(self, target: _Target) -> tuple[int, int, Path] | None:
+        """uid, gid and working directory for a program; ``None``: as ourselves, in home."""
+        if os.geteuid() != 0:
+            return None
+        assign = target.assign
+        if assign is not None and assign.uid is not None:
+            uid = assign.uid
+            gid = assign.gid if assign.gid is not None else _primary_gid(uid)
+        else:
+            name = self._policy.local.program_user
+            try:
+                entry = pwd.getpwnam(name)
+            except KeyError as exc:
+                raise TemporaryFailure(
+                    Reply(451, "4.3.0", "program delivery failed: program_user unknown"),
+                    f"program_user {name!r} is not a user",
+                ) from exc
+            uid, gid = entry.pw_uid, entry.pw_gid
+        if uid == 0:
+            raise TemporaryFailure(
+                Reply(451, "4.7.0", "program delivery failed: refusing to run as root")
+            )
+        try:
+            info = os.stat(target.home)
+        except OSError:
+            return uid, gid, Path("/")
+        # A home the program user cannot enter (a root-owned mail-root home) is useless as
+        # a working directory (the chdir itself happens before the uid switch and would
+        # work); run the program from / instead, HOME still names the home.
+        return uid, gid, target.home if _can_enter(info, uid, gid) else Path("/")
+
+    async def _program(
+        self, command: str, message: bytes, env: dict[str, str], target: _Target
+    ) -> ProgramResult:
+        identity = await self._thread(self._program_identity, target)
+        uid, gid, cwd = identity if identity is not None else (None, None, target.home)
+        return await run_program(
+            command, message, env=env, cwd=cwd, uid=uid, gid=gid,
+            timeout=self._policy.local.program_timeout,
+        )
+
+
+def _primary_gid(uid: int) -> int:
+    """The uid's login group, or the same number when the uid has no passwd entry."""
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return uid

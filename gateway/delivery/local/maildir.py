@@ -1,0 +1,276 @@
+"""Maildir delivery (https://cr.yp.to/proto/maildir.html), and safe directory opening.
+
+A message is written to ``tmp/<unique>``, synced, hard-linked into ``new/<unique>``
+and the ``new/`` directory synced, so a reader never sees a partial message and a
+crash leaves at worst a stray file in ``tmp/``.
+
+This module also holds :func:`open_directory`, which :mod:`mbox` shares: when the
+gateway runs as root and delivers on behalf of another user (a path named in that
+user's ``.qmail``), every directory below the user's home is opened with
+``O_NOFOLLOW`` relative to its parent, so a symlink placed by the user can never make
+root write outside the home; files and directories created there are given to the
+user.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from gateway.verdicts import Reply, TemporaryFailure
+
+__all__ = ["Confinement", "deliver_maildir", "mailbox_error", "open_directory", "unique_name"]
+
+_counter = itertools.count(1)
+_counter_lock = threading.Lock()
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+# Names too long for a directory entry would fail late, at open; hostnames are short.
+_MAX_HOST = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Confinement:
+    """Deliver below ``base`` for ``uid``/``gid`` while the gateway runs as root.
+
+    Nothing below ``base`` is reached through a symlink, and what we create there is
+    owned by ``uid``/``gid``. ``base`` itself (the home from the policy) is trusted.
+    """
+
+    base: Path
+    uid: int
+    gid: int
+
+
+def mailbox_error(exc: OSError, what: str) -> TemporaryFailure:
+    """The temporary failure for an I/O error during a mailbox delivery.
+
+    :param exc: the error
+    :param what: ``maildir`` or ``mbox``, for the reply text
+    :returns: 452 4.2.2 when over quota, 452 4.3.1 when the disk is full, else 451 4.2.0
+        (mailbox problem); the path is not in the text because the text may reach the
+        sender in a bounce.
+    """
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno == errno.EDQUOT:
+        reply = Reply(452, "4.2.2", f"{what} delivery failed: mailbox over quota")
+    elif exc.errno == errno.ENOSPC:
+        reply = Reply(452, "4.3.1", f"{what} delivery failed: insufficient system storage")
+    elif exc.errno in (errno.EIO, errno.EROFS):
+        reply = Reply(451, "4.3.0", f"{what} delivery failed: {reason}")
+    else:
+        reply = Reply(451, "4.2.0", f"{what} delivery failed: {reason}")
+    return TemporaryFailure(reply, f"{what} delivery failed: {exc}")
+
+
+def unique_name(hostname: str, now: float | None = None) -> str:
+    """A Maildir file name: ``<seconds>.M<usec>P<pid>Q<counter>.<host>``.
+
+    The counter is process-wide and locked, so threads of one process never collide;
+    the pid separates processes and the hostname separates machines sharing a Maildir.
+
+    :param hostname: this host's name; ``/`` and ``:`` are escaped as the spec says
+        (``\\057``, ``\\072``) because ``/`` separates paths and ``:`` starts the info part
+    :param now: the time to use (tests)
+    """
+    when = time.time() if now is None else now
+    seconds = int(when)
+    usec = int((when - seconds) * 1_000_000)
+    with _counter_lock:
+        count = next(_counter)
+    host = hostname.replace("/", "\\057").replace(":", "\\072")[:_MAX_HOST] or "localhost"
+    return f"{seconds}.M{usec}P{os.getpid()}Q{count}.{host}"
+
+
+def _nofollow(confine: Confinement | None) -> int:
+    return os.O_NOFOLLOW if confine is not None else 0
+
+
+def open_directory(path: Path, *, confine: Confinement | None = None, create: bool = False) -> int:
+    """Open ``path`` as a directory and return its descriptor.
+
+    :param path: the directory; with ``confine`` it must be ``confine.base`` or below it
+    :param confine: when given, walk from ``confine.base`` one component at a time with
+        ``O_NOFOLLOW`` (a symlink fails with ``ELOOP``) and chown what we create
+    :param create: create the last component (0o700) when missing; its parent must exist,
+        so a typo in a ``.qmail`` line cannot make a tree of directories
+    :raises TemporaryFailure: when the path leaves ``confine.base``
+    :raises OSError: on any other failure (the caller maps it with :func:`mailbox_error`)
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    if confine is None:
+        if create:
+            try:
+                os.mkdir(path, _DIR_MODE)
+            except FileExistsError:
+                pass
+        return os.open(path, flags)
+    try:
+        parts = path.relative_to(confine.base).parts
+    except ValueError:
+        parts = ("..",)
+    if ".." in parts:
+        raise TemporaryFailure(
+            Reply(451, "4.7.0", "mailbox path outside the home directory refused"),
+            f"{path} is outside {confine.base}",
+        )
+    fd = os.open(confine.base, flags)
+    try:
+        for i, part in enumerate(parts):
+            if create and i == len(parts) - 1:
+                _mkdir_owned(part, fd, confine)
+            next_fd = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _mkdir_owned(name: str, dir_fd: int, confine: Confinement | None) -> bool:
+    """Create ``name`` in ``dir_fd`` (0o700), owned by the confined user. True if created."""
+    try:
+        os.mkdir(name, _DIR_MODE, dir_fd=dir_fd)
+    except FileExistsError:
+        return False
+    if confine is not None:
+        os.chown(name, confine.uid, confine.gid, dir_fd=dir_fd, follow_symlinks=False)
+    return True
+
+
+def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
+    """Write every chunk, looping over short writes."""
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+
+
+def deliver_maildir(
+    directory: Path,
+    chunks: Sequence[bytes],
+    *,
+    hostname: str,
+    confine: Confinement | None = None,
+    name: str | None = None,
+) -> str:
+    """Deliver one message into the Maildir ``directory``. Synchronous: run it in a thread.
+
+    :param directory: the Maildir; it and its ``tmp``, ``new``, ``cur`` are created
+        (0o700) when missing, but not its parent
+    :param chunks: the message, already with Return-Path and Delivered-To, in any line
+        ending (Maildir stores what it is given)
+    :param hostname: this host's name, for the unique file name
+    :param confine: deliver for another user while root (see :class:`Confinement`)
+    :param name: a caller-chosen unique name that makes the delivery idempotent: when a
+        file of that name is already in ``new/`` or ``cur/``, nothing is written again
+    :returns: the file name under ``new/``
+    :raises TemporaryFailure: on any failure; the file in ``tmp/`` is removed first
+    """
+    try:
+        maildir_fd = open_directory(directory, confine=confine, create=True)
+    except OSError as exc:
+        raise mailbox_error(exc, "maildir") from exc
+    fds: list[int] = [maildir_fd]
+    try:
+        return _deliver_in(maildir_fd, fds, chunks, hostname, confine, name)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _deliver_in(
+    maildir_fd: int,
+    fds: list[int],
+    chunks: Sequence[bytes],
+    hostname: str,
+    confine: Confinement | None,
+    chosen: str | None = None,
+) -> str:
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | _nofollow(confine)
+    name = ""
+    tmp_fd = new_fd = -1
+    in_tmp = in_new = False
+    try:
+        created = [_mkdir_owned(sub, maildir_fd, confine) for sub in ("tmp", "new", "cur")]
+        if any(created):
+            # Make the new subdirectories themselves durable before a message relies on them.
+            os.fsync(maildir_fd)
+        tmp_fd = os.open("tmp", flags, dir_fd=maildir_fd)
+        fds.append(tmp_fd)
+        new_fd = os.open("new", flags, dir_fd=maildir_fd)
+        fds.append(new_fd)
+        if chosen is not None and _already_delivered(maildir_fd, chosen, flags):
+            return chosen
+        name = chosen or unique_name(hostname)
+        # O_EXCL: never overwrite (and never follow a symlink at) the name we picked.
+        fd = os.open(
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+            _FILE_MODE,
+            dir_fd=tmp_fd,
+        )
+        in_tmp = True
+        try:
+            if confine is not None:
+                os.fchown(fd, confine.uid, confine.gid)
+            _write_all(fd, chunks)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            # The spec's link(): fails instead of replacing if the name exists in new/.
+            os.link(name, name, src_dir_fd=tmp_fd, dst_dir_fd=new_fd, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            # Filesystems without hard links (some FUSE and network ones): rename instead;
+            # the name is unique, so there is nothing to replace.
+            os.rename(name, name, src_dir_fd=tmp_fd, dst_dir_fd=new_fd)
+            in_tmp = False
+        in_new = True
+        os.fsync(new_fd)
+    except OSError as exc:
+        # Undo: we report a temporary failure, so a later retry must not find a copy
+        # (a message in new/ whose directory entry may not be durable is a duplicate
+        # waiting to happen).
+        if in_new:
+            _unlink_quietly(name, new_fd)
+        if in_tmp:
+            _unlink_quietly(name, tmp_fd)
+        raise mailbox_error(exc, "maildir") from exc
+    if in_tmp:
+        _unlink_quietly(name, tmp_fd)  # delivered; a stray tmp file is harmless anyway
+    return name
+
+
+def _already_delivered(maildir_fd: int, name: str, flags: int) -> bool:
+    """A message called ``name`` is in new/, or in cur/ (where readers add ``:2,flags``)."""
+    new_fd = os.open("new", flags, dir_fd=maildir_fd)
+    try:
+        os.stat(name, dir_fd=new_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(new_fd)
+    cur_fd = os.open("cur", flags, dir_fd=maildir_fd)
+    try:
+        return any(entry == name or entry.startswith(name + ":") for entry in os.listdir(cur_fd))
+    finally:
+        os.close(cur_fd)
+
+
+def _unlink_quietly(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass

@@ -1,0 +1,371 @@
+"""The remote delivery agent: one message to the recipients of one route, over SMTP.
+
+:class:`RemoteDeliveryAgent` is qmail-remote grown up. For an MX route it looks up the
+domain's hosts (:mod:`gateway.delivery.remote.mx`); for a smarthost it resolves the relay
+itself. It tries the addresses in order until one takes the transaction, applying the TLS
+mode (none / opportunistic / required / verify) and AUTH for smarthosts, reuses idle
+connections, bounds the connections per destination, and backs off a host that said 421.
+
+It returns one :class:`~gateway.delivery.types.Outcome` per recipient and never raises
+for a delivery problem: the scheduler turns deferred into a retry and failed into a bounce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import dns.asyncresolver
+
+from gateway.delivery.remote.client import HostFailure, SmtpConnection, TlsFailure
+from gateway.delivery.remote.mx import Destination, parse_address_literal, resolve_destinations, resolve_host
+from gateway.delivery.types import MxRoute, Outcome, SmarthostRoute
+from gateway.logs import short
+from gateway.model import Envelope, QueuedRecipient
+from gateway.policy.model import Policy
+from gateway.verdicts import GatewayError, PermanentFailure, Reply, TemporaryFailure
+
+__all__ = ["RemoteDeliveryAgent"]
+
+log = logging.getLogger("gateway.delivery.remote")
+
+# Address, port, TLS mode, host name (a verified certificate names it), AUTH user.
+_PoolKey = tuple[str, int, str, str, str]
+
+
+@dataclass(slots=True)
+class _Idle:
+    conn: SmtpConnection
+    since: float
+
+
+@dataclass(slots=True)
+class _Limit:
+    semaphore: asyncio.Semaphore
+    users: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Auth:
+    user: str
+    password: str = field(repr=False)
+
+
+class RemoteDeliveryAgent:
+    """Deliver messages to remote SMTP servers.
+
+    :param policy: the policy; ``policy.delivery`` gives port, HELO name, TLS mode,
+        timeouts and the per-destination connection limit
+    :param resolver: the gateway's DNS resolver (:func:`gateway.dns.make_resolver`)
+    :param hostname: our own name: the default HELO name, and the name that marks a loop
+    :param backoff: seconds to leave a host alone after it answered 421 or "too many"
+    :param idle_timeout: seconds an idle connection is kept for reuse
+    :param max_idle: idle connections kept per (address, port, TLS mode, AUTH user)
+    :param max_transactions: transactions on one connection before it is closed
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        resolver: dns.asyncresolver.Resolver,
+        *,
+        hostname: str,
+        backoff: float = 60.0,
+        idle_timeout: float = 5.0,
+        max_idle: int = 2,
+        max_transactions: int = 100,
+    ) -> None:
+        self.policy = policy
+        self.resolver = resolver
+        self.hostname = hostname
+        self.backoff = backoff
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle
+        self.max_transactions = max_transactions
+        self._pool: dict[_PoolKey, list[_Idle]] = {}
+        self._limits: dict[str, _Limit] = {}
+        self._backed_off: dict[tuple[str, int], tuple[float, Reply]] = {}
+        self._contexts: dict[str, ssl.SSLContext] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self._is_closed = False
+
+    @property
+    def helo_name(self) -> str:
+        return self.policy.delivery.helo or self.hostname
+
+    # -- the one public operation -----------------------------------------------------
+
+    async def deliver(
+        self,
+        envelope: Envelope,
+        recipients: list[QueuedRecipient],
+        route: MxRoute | SmarthostRoute,
+        message: bytes,
+    ) -> dict[str, Outcome]:
+        """Try to deliver ``message`` to ``recipients`` (all on ``route``) in one transaction.
+
+        :param envelope: sender and transaction parameters (BODY, SMTPUTF8, RET, ENVID)
+        :param recipients: the recipients still to deliver for this route
+        :param route: where they go: the MX hosts of a domain, or a smarthost
+        :param message: the whole message, CRLF line ends, not dot-stuffed
+        :returns: an outcome for every recipient address
+        """
+        if not recipients:
+            return {}
+        settings = self.policy.delivery
+        auth: _Auth | None = None
+        try:
+            if isinstance(route, SmarthostRoute):
+                mode, name = route.tls, route.host
+                auth = self._credentials(route)
+                destinations = await resolve_host(route.host, self.resolver, port=route.port)
+            else:
+                mode, name = settings.tls, route.domain
+                destinations = await resolve_destinations(
+                    route.domain, self.resolver, port=settings.smtp_port, local_names={self.hostname}
+                )
+        except GatewayError as exc:
+            status: Literal["failed", "deferred"] = (
+                "failed" if isinstance(exc, PermanentFailure) else "deferred"
+            )
+            log.info(
+                "remote to %s: %d recipient(s) %s: %s", name, len(recipients), status, short(exc.reply, 300)
+            )
+            return {r.address: Outcome(status, exc.reply) for r in recipients}
+        async with self._limit(route.key):
+            return await self._try_hosts(destinations, mode, auth, envelope, recipients, message)
+
+    async def close(self) -> None:
+        """Close every pooled connection (QUIT) and stop the idle reaper."""
+        self._is_closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        pool, self._pool = self._pool, {}
+        await asyncio.gather(*(idle.conn.quit() for idles in pool.values() for idle in idles))
+
+    # -- hosts in order ---------------------------------------------------------------
+
+    def _credentials(self, route: SmarthostRoute) -> _Auth | None:
+        if not route.auth_user:
+            return None
+        if route.tls == "none":
+            # Never send a password in clear text: the route must allow TLS.
+            reply = Reply(451, "4.7.0", f"refusing AUTH to {route.host} without TLS (route tls = none)")
+            log.warning("route %s: AUTH configured with tls = none; not delivering", route.key)
+            raise TemporaryFailure(reply)
+        password = os.environ.get(route.auth_password_env) if route.auth_password_env else None
+        if password is None:
+            log.error("route %s: AUTH password variable %r is not set", route.key, route.auth_password_env)
+            reply = Reply(451, "4.3.5", f"AUTH password for {route.host} is not configured")
+            raise TemporaryFailure(reply)
+        return _Auth(route.auth_user, password)
+
+    async def _try_hosts(
+        self,
+        destinations: Sequence[Destination],
+        mode: str,
+        auth: _Auth | None,
+        envelope: Envelope,
+        recipients: list[QueuedRecipient],
+        message: bytes,
+    ) -> dict[str, Outcome]:
+        last = Reply(451, "4.4.0", "no remote host could be reached")
+        last_host = ""
+        loop = asyncio.get_running_loop()
+        for dest in destinations:
+            hold = self._backed_off.get((dest.address, dest.port))
+            if hold is not None and hold[0] > loop.time():
+                last, last_host = hold[1], dest.host
+                log.debug("remote: skipping %s, backed off", dest)
+                continue
+            try:
+                conn = await self._session(dest, mode, auth)
+            except HostFailure as exc:
+                last, last_host = exc.reply, dest.host
+                log.info(
+                    "remote to %s: %d recipient(s) host failed: %s",
+                    dest, len(recipients), short(exc.reply, 300),
+                )
+                continue
+            except PermanentFailure as exc:
+                log.info(
+                    "remote to %s: %d recipient(s) failed: %s", dest, len(recipients), short(exc.reply, 300)
+                )
+                return {r.address: Outcome("failed", exc.reply, dest.host) for r in recipients}
+            outcomes = await conn.send(envelope, recipients, message)
+            self._log_outcomes(dest, conn, outcomes)
+            if conn.is_throttled:
+                self._back_off(dest, conn.last_reply or Reply(421, "4.3.2", "closing"))
+            await self._release(_key(dest, mode, auth), conn)
+            return outcomes
+        log.info("remote: %d recipient(s) deferred, no host took them: %s", len(recipients), short(last, 300))
+        return {r.address: Outcome("deferred", last, last_host) for r in recipients}
+
+    @staticmethod
+    def _log_outcomes(
+        dest: Destination, conn: SmtpConnection, outcomes: dict[str, Outcome]
+    ) -> None:
+        states = [o.status for o in outcomes.values()]
+        counts = {s: states.count(s) for s in ("delivered", "deferred", "failed")}
+        last = list(outcomes.values())[-1].reply if outcomes else ""
+        log.info(
+            "remote to %s%s: %d recipient(s) delivered=%d deferred=%d failed=%d: %s",
+            dest, " (TLS)" if conn.has_tls else "", len(outcomes),
+            counts["delivered"], counts["deferred"], counts["failed"], short(last, 300),
+        )
+
+    def _back_off(self, dest: Destination, reply: Reply) -> None:
+        """Leave ``dest`` alone for :attr:`backoff` seconds; recipients meanwhile defer."""
+        until = asyncio.get_running_loop().time() + self.backoff
+        text = f"{dest.host} asked us to slow down ({reply.code} {reply.text})"[:500]
+        self._backed_off[(dest.address, dest.port)] = (until, Reply(451, "4.4.5", text))
+        log.info("backing off %s for %.0fs after %s", dest, self.backoff, short(reply, 200))
+
+    # -- sessions, TLS, AUTH --------------------------------------------------------------
+
+    async def _session(self, dest: Destination, mode: str, auth: _Auth | None) -> SmtpConnection:
+        """A ready connection to ``dest``: from the idle pool, or newly set up."""
+        conn = await self._take_idle(_key(dest, mode, auth))
+        if conn is not None:
+            conn.remote_name = dest.host
+            return conn
+        try:
+            return await self._open(dest, mode, auth, use_tls=mode != "none")
+        except TlsFailure as exc:
+            if mode != "opportunistic":
+                raise
+            # Opportunistic TLS must not make mail undeliverable: once more, in clear.
+            log.info("TLS with %s failed (%s); retrying without TLS", dest, exc.reply.text)
+            return await self._open(dest, mode, auth, use_tls=False)
+
+    async def _open(
+        self, dest: Destination, mode: str, auth: _Auth | None, *, use_tls: bool
+    ) -> SmtpConnection:
+        settings = self.policy.delivery
+        conn = SmtpConnection(
+            helo_name=self.helo_name,
+            remote_name=dest.host,
+            local_names={self.hostname},
+            command_timeout=float(settings.command_timeout),
+            data_timeout=float(settings.data_timeout),
+        )
+        ready = False
+        try:
+            await conn.connect(dest.address, dest.port, timeout=float(settings.connect_timeout))
+            await conn.ehlo()
+            if use_tls and conn.has_extension("STARTTLS"):
+                server_name = dest.address if parse_address_literal(dest.host) else dest.host
+                timeout = float(settings.connect_timeout)
+                await conn.starttls(self._context(mode), server_name, timeout=timeout)
+            elif mode in ("required", "verify"):
+                text = f"TLS required but {dest.host} does not offer STARTTLS"
+                raise TlsFailure(Reply(451, "4.7.5", text))
+            if auth is not None:
+                if not conn.has_tls:  # RFC 4954 §4: credentials only over a protected channel
+                    raise HostFailure(Reply(451, "4.7.0", f"not sending AUTH to {dest.host} without TLS"))
+                await conn.auth_plain(auth.user, auth.password)
+            ready = True
+            return conn
+        finally:
+            if not ready:
+                if conn.is_throttled:
+                    self._back_off(dest, conn.last_reply or Reply(421, "4.3.2", "busy"))
+                await conn.quit()
+
+    def _context(self, mode: str) -> ssl.SSLContext:
+        """The client TLS context for ``mode``: verifying only for ``verify``."""
+        context = self._contexts.get(mode)
+        if context is None:
+            if mode == "verify":
+                ca_file = self.policy.delivery.tls_ca_file
+                context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+                context.minimum_version = ssl.TLSVersion.TLSv1_2
+            else:
+                # RFC 7435 opportunistic security: encrypt, do not authenticate.
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._contexts[mode] = context
+        return context
+
+    # -- idle pool and limits -------------------------------------------------------------
+
+    async def _take_idle(self, key: _PoolKey) -> SmtpConnection | None:
+        now = asyncio.get_running_loop().time()
+        idles = self._pool.get(key, [])
+        while idles:
+            idle = idles.pop()
+            if not idles:
+                self._pool.pop(key, None)
+            if now - idle.since > self.idle_timeout or not idle.conn.is_usable:
+                await idle.conn.quit()
+                continue
+            # RFC 5321 §4.1.1.5: RSET starts clean and proves the connection still works.
+            reply = await idle.conn.rset()
+            if reply.code == 250 and idle.conn.is_usable:
+                return idle.conn
+            await idle.conn.close()
+        return None
+
+    async def _release(self, key: _PoolKey, conn: SmtpConnection) -> None:
+        idles = self._pool.setdefault(key, [])
+        if (
+            not self._is_closed
+            and conn.is_usable
+            and conn.transactions < self.max_transactions
+            and len(idles) < self.max_idle
+            and self.idle_timeout > 0
+        ):
+            idles.append(_Idle(conn, asyncio.get_running_loop().time()))
+            if self._reaper is None or self._reaper.done():
+                self._reaper = asyncio.get_running_loop().create_task(self._reap())
+            return
+        if not idles:
+            del self._pool[key]
+        await conn.quit()
+
+    async def _reap(self) -> None:
+        """Close idle connections once they have waited :attr:`idle_timeout`."""
+        loop = asyncio.get_running_loop()
+        while self._pool:
+            await asyncio.sleep(max(self.idle_timeout / 2, 0.05))
+            now = loop.time()
+            expired: list[SmtpConnection] = []
+            for key in list(self._pool):
+                keep = [i for i in self._pool[key] if now - i.since <= self.idle_timeout]
+                expired.extend(i.conn for i in self._pool[key] if now - i.since > self.idle_timeout)
+                if keep:
+                    self._pool[key] = keep
+                else:
+                    del self._pool[key]
+            await asyncio.gather(*(conn.quit() for conn in expired))
+            self._backed_off = {k: v for k, v in self._backed_off.items() if v[0] > now}
+
+    @contextlib.asynccontextmanager
+    async def _limit(self, key: str) -> AsyncIterator[None]:
+        """At most ``destination_concurrency`` deliveries at once per route key."""
+        limit = self._limits.get(key)
+        if limit is None:
+            limit = _Limit(asyncio.Semaphore(self.policy.delivery.destination_concurrency))
+            self._limits[key] = limit
+        limit.users += 1
+        try:
+            async with limit.semaphore:
+                yield
+        finally:
+            limit.users -= 1
+            if limit.users == 0:
+                del self._limits[key]
+
+
+def _key(dest: Destination, mode: str, auth: _Auth | None) -> _PoolKey:
+    return (dest.address, dest.port, mode, dest.host, auth.user if auth else "")

@@ -1,0 +1,531 @@
+"""An asynchronous SMTP client on asyncio streams (RFC 5321 and its ESMTP extensions).
+
+:class:`SmtpConnection` speaks to one remote host: greeting, EHLO (HELO fallback),
+STARTTLS (RFC 3207), AUTH PLAIN (RFC 4954), and mail transactions with PIPELINING
+(RFC 2920), SIZE (RFC 1870), 8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531) and DSN (RFC 3461).
+Every network wait is bounded by the RFC 5321 §4.5.3.2 timeouts the policy sets.
+
+Failures of the session itself (connect, greeting, EHLO, TLS, AUTH, a lost connection)
+raise :class:`HostFailure`, a temporary failure that means "try another host"; a mail
+loop raises :class:`~gateway.verdicts.PermanentFailure`. A transaction never raises:
+:meth:`SmtpConnection.send` returns one :class:`~gateway.delivery.types.Outcome` per
+recipient, keeping the remote reply so a bounce can quote it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import re
+import ssl
+from collections.abc import Collection, Sequence
+from typing import Literal
+
+from gateway.delivery.types import Outcome
+from gateway.model import Envelope, QueuedRecipient
+from gateway.verdicts import PermanentFailure, Reply, TemporaryFailure
+
+__all__ = ["HostFailure", "SmtpConnection", "TlsFailure", "as_temporary", "xtext"]
+
+log = logging.getLogger(__name__)
+
+# RFC 5321 §4.5.3.1.5 allows 512 octets per reply line; leave room for sloppy servers.
+_MAX_LINE = 4096
+_MAX_REPLY_LINES = 100
+_MAX_TEXT = 1000
+_CHUNK = 64 * 1024
+_QUIT_TIMEOUT = 5.0
+_STATUS_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_THROTTLE_RE = re.compile(r"too many|connection limit|rate limit|try again later", re.IGNORECASE)
+
+
+class HostFailure(TemporaryFailure):
+    """The session with this host failed; the next host may work.
+
+    ``reply`` is temporary (what recipients get if no host works); ``remote_reply`` is
+    what the host said, if it said anything.
+    """
+
+    def __init__(self, reply: Reply, remote_reply: Reply | None = None) -> None:
+        super().__init__(reply)
+        self.remote_reply = remote_reply
+
+
+class TlsFailure(HostFailure):
+    """STARTTLS was refused or the TLS handshake (or certificate check) failed."""
+
+
+def as_temporary(reply: Reply, remote: str = "") -> Reply:
+    """``reply`` as a 4xx for deferring (a 5xx greeting is a host problem, not a bounce)."""
+    if reply.is_temporary:
+        return reply
+    status = "4" + reply.status[1:] if reply.status else "4.4.0"
+    said = f"{remote} said: " if remote else ""
+    return Reply(451, status, f"{said}{reply.code} {reply.text}"[:_MAX_TEXT])
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 §4 xtext: ``+HH`` for ``+``, ``=``, controls, space and non-ASCII octets."""
+    out = []
+    for byte in value.encode("utf-8"):
+        if 33 <= byte <= 126 and byte not in (43, 61):
+            out.append(chr(byte))
+        else:
+            out.append(f"+{byte:02X}")
+    return "".join(out)
+
+
+def _dot_stuffed(message: bytes) -> bytes:
+    """RFC 5321 §4.5.2 transparency, plus the terminating ``CRLF.CRLF``."""
+    data = message.replace(b"\n.", b"\n..")
+    if data.startswith(b"."):
+        data = b"." + data
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data + b".\r\n"
+
+
+def _header_block(message: bytes) -> bytes:
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[:end]
+
+
+class SmtpConnection:
+    """One SMTP client session.
+
+    :param helo_name: the name in our EHLO
+    :param remote_name: the host's name, for outcomes and logs
+    :param local_names: our own names; a remote greeting with one of them is a loop
+    :param command_timeout: limit for each command reply and data block (RFC 5321 §4.5.3.2)
+    :param data_timeout: limit for the reply after the final dot (§4.5.3.2.6)
+    """
+
+    def __init__(
+        self,
+        *,
+        helo_name: str,
+        remote_name: str = "",
+        local_names: Collection[str] = (),
+        command_timeout: float = 300.0,
+        data_timeout: float = 600.0,
+    ) -> None:
+        self.helo_name = helo_name
+        self.remote_name = remote_name
+        self.local_names = {n.lower().rstrip(".") for n in (*local_names, helo_name) if n}
+        self.command_timeout = command_timeout
+        self.data_timeout = data_timeout
+        self.extensions: dict[str, str] = {}
+        self.is_esmtp = False
+        self.has_tls = False
+        self.is_throttled = False  # 421 or "too many connections": back off this host
+        self.transactions = 0
+        self.greeting: Reply | None = None
+        self.last_reply: Reply | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._broken = False
+
+    # -- state ---------------------------------------------------------------------
+
+    @property
+    def is_usable(self) -> bool:
+        """Open, in a clean state, and not asked to go away: fit for another transaction."""
+        return (
+            self._writer is not None
+            and not self._writer.is_closing()
+            and not self._broken
+            and not self.is_throttled
+        )
+
+    def has_extension(self, keyword: str) -> bool:
+        return keyword.upper() in self.extensions
+
+    @property
+    def size_limit(self) -> int:
+        """The server's RFC 1870 SIZE limit; 0 means none announced."""
+        value = self.extensions.get("SIZE", "").strip()
+        return int(value) if value.isdigit() else 0
+
+    # -- wire ----------------------------------------------------------------------
+
+    def _lost(self, what: str) -> HostFailure:
+        self._abort()
+        return HostFailure(Reply(451, "4.4.2", f"{what} ({self.remote_name})"))
+
+    def _abort(self) -> None:
+        self._broken = True
+        if self._writer is not None:
+            self._writer.transport.abort()
+
+    async def _write(self, data: bytes, timeout: float) -> None:
+        if self._writer is None or self._writer.is_closing():
+            raise self._lost("connection closed")
+        try:
+            async with asyncio.timeout(timeout):
+                self._writer.write(data)
+                await self._writer.drain()
+        except TimeoutError:
+            raise self._lost("timeout sending to remote") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise self._lost(f"connection lost: {exc}") from None
+
+    async def _read_lines(self, timeout: float) -> tuple[int, list[str]]:
+        """One (multi-line) reply: its code and each line's text (RFC 5321 §4.2.1)."""
+        if self._reader is None:
+            raise self._lost("not connected")
+        code = 0
+        lines: list[str] = []
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    raw = await self._reader.readuntil(b"\n")
+                    line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+                    if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
+                        raise self._lost(f"malformed reply {line[:64]!r}")
+                    if code and int(line[:3]) != code or not 200 <= int(line[:3]) <= 599:
+                        raise self._lost(f"malformed reply {line[:64]!r}")
+                    code = int(line[:3])
+                    lines.append(line[4:])
+                    if line[3:4] != "-":
+                        break
+                    if len(lines) >= _MAX_REPLY_LINES:
+                        raise self._lost("reply too long")
+        except TimeoutError:
+            raise self._lost("timeout waiting for reply") from None
+        except asyncio.IncompleteReadError:
+            raise self._lost("connection closed by remote") from None
+        except (asyncio.LimitOverrunError, ValueError):
+            raise self._lost("reply line too long") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise self._lost(f"connection lost: {exc}") from None
+        return code, lines
+
+    async def _read_reply(self, timeout: float) -> Reply:
+        code, lines = await self._read_lines(timeout)
+        return self._to_reply(code, lines)
+
+    def _to_reply(self, code: int, lines: list[str]) -> Reply:
+        # RFC 2034: the enhanced status code leads each line's text.
+        status = ""
+        match = _STATUS_RE.match(lines[0]) if lines else None
+        if match and match.group(1) == str(code)[0]:
+            status = ".".join(match.groups())
+            lines = [_STATUS_RE.sub("", line, count=1) for line in lines]
+        reply = Reply(code, status, "\n".join(lines)[:_MAX_TEXT])
+        self.last_reply = reply
+        if code == 421:
+            self.is_throttled = True  # RFC 5321 §3.8: the server is closing the channel
+        return reply
+
+    async def _command(self, line: str, timeout: float | None = None) -> Reply:
+        if not line.startswith("AUTH"):
+            log.debug("%s <- %s", self.remote_name, line[:200])
+        await self._write(line.encode("utf-8") + b"\r\n", timeout or self.command_timeout)
+        return await self._read_reply(timeout or self.command_timeout)
+
+    def _check_loop(self, first_line: str) -> None:
+        words = first_line.split()
+        if words and words[0].lower().rstrip(".") in self.local_names:
+            self._abort()
+            raise PermanentFailure(
+                Reply(554, "5.4.6", f"mail loops back to myself ({self.remote_name} is {words[0][:64]})")
+            )
+
+    # -- session -------------------------------------------------------------------
+
+    async def connect(self, address: str, port: int, *, timeout: float) -> Reply:
+        """Open the TCP connection and read the greeting (RFC 5321 §4.5.3.2.1).
+
+        :raises HostFailure: no connection, or the greeting is not 2xx
+        :raises PermanentFailure: the greeting names us (a mail loop)
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                self._reader, self._writer = await asyncio.open_connection(address, port, limit=_MAX_LINE)
+        except TimeoutError:
+            raise HostFailure(Reply(451, "4.4.1", f"connection to {self.remote_name} timed out")) from None
+        except OSError as exc:
+            text = exc.strerror or str(exc)
+            raise HostFailure(Reply(451, "4.4.1", f"cannot connect to {self.remote_name}: {text}")) from None
+        code, lines = await self._read_lines(timeout)
+        greeting = self._to_reply(code, lines)
+        self.greeting = greeting
+        if greeting.is_positive:
+            self._check_loop(lines[0] if lines else "")
+            return greeting
+        if greeting.is_temporary and _THROTTLE_RE.search(greeting.text):
+            self.is_throttled = True
+        await self.quit()
+        raise HostFailure(as_temporary(greeting, self.remote_name), greeting)
+
+    async def ehlo(self) -> Reply:
+        """EHLO, or HELO if EHLO is refused with 5xx (RFC 5321 §4.1.4); learns the extensions.
+
+        :raises HostFailure: both refused, or a 4xx
+        :raises PermanentFailure: the EHLO reply names us
+        """
+        self.extensions = {}
+        code, lines = await self._read_after(f"EHLO {self.helo_name}")
+        reply = self._to_reply(code, lines)
+        if reply.is_positive:
+            self._check_loop(lines[0] if lines else "")
+            self.is_esmtp = True
+            for line in lines[1:]:
+                keyword, _, params = line.strip().partition(" ")
+                if keyword:
+                    self.extensions[keyword.upper()] = params.strip()
+            return reply
+        if reply.is_permanent:
+            reply = await self._command(f"HELO {self.helo_name}")
+            if reply.is_positive:
+                self.is_esmtp = False
+                return reply
+        if reply.is_temporary and _THROTTLE_RE.search(reply.text):
+            self.is_throttled = True
+        await self.quit()
+        raise HostFailure(as_temporary(reply, self.remote_name), reply)
+
+    async def _read_after(self, line: str) -> tuple[int, list[str]]:
+        log.debug("%s <- %s", self.remote_name, line)
+        await self._write(line.encode("utf-8") + b"\r\n", self.command_timeout)
+        return await self._read_lines(self.command_timeout)
+
+    async def starttls(self, context: ssl.SSLContext, server_hostname: str | None, *, timeout: float) -> None:
+        """STARTTLS, the handshake, and a fresh EHLO (RFC 3207 §4.2 discards what we knew).
+
+        :raises TlsFailure: refused, or the handshake or certificate check failed
+        """
+        reply = await self._command("STARTTLS")
+        if reply.code != 220:
+            if reply.code == 421:
+                self._abort()
+            text = f"{self.remote_name} refused STARTTLS: {reply.code} {reply.text}"
+            raise TlsFailure(Reply(451, "4.7.5", text[:_MAX_TEXT]), reply)
+        assert self._reader is not None and self._writer is not None
+        # Anything already buffered was sent in clear before the handshake and must not be
+        # taken as a reply protected by TLS (STARTTLS response injection, RFC 3207 §6).
+        if getattr(self._reader, "_buffer", b""):
+            self._abort()
+            raise TlsFailure(Reply(451, "4.7.5", f"{self.remote_name} sent data before the TLS handshake"))
+        try:
+            async with asyncio.timeout(timeout):
+                await self._writer.start_tls(
+                    context, server_hostname=server_hostname, ssl_handshake_timeout=timeout
+                )
+        except (TimeoutError, OSError, ssl.SSLError, ssl.CertificateError) as exc:
+            self._abort()
+            detail = getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__
+            raise TlsFailure(Reply(451, "4.7.5", f"TLS with {self.remote_name} failed: {detail}")) from None
+        self.has_tls = True
+        await self.ehlo()
+
+    async def auth_plain(self, user: str, password: str) -> None:
+        """AUTH PLAIN (RFC 4954, RFC 4616). The credentials are never logged.
+
+        :raises HostFailure: AUTH PLAIN not offered, or the credentials were refused
+        """
+        mechanisms = self.extensions.get("AUTH", "").upper().split()
+        if "PLAIN" not in mechanisms:
+            raise HostFailure(Reply(451, "4.7.0", f"{self.remote_name} does not offer AUTH PLAIN"))
+        token = base64.b64encode(b"\0" + user.encode("utf-8") + b"\0" + password.encode("utf-8"))
+        reply = await self._command("AUTH PLAIN " + token.decode("ascii"))
+        if reply.code != 235:
+            text = f"AUTH at {self.remote_name} failed: {reply.code} {reply.text}"
+            raise HostFailure(Reply(451, "4.7.0", text[:_MAX_TEXT]), reply)
+
+    async def rset(self) -> Reply:
+        """RSET; a connection that does not answer 250 is marked unusable."""
+        try:
+            reply = await self._command("RSET")
+        except HostFailure as exc:
+            return exc.reply
+        if reply.code != 250:
+            self._broken = True
+        return reply
+
+    async def quit(self) -> None:
+        """QUIT politely and close; never raises."""
+        if self._writer is None:
+            return
+        if not self._writer.is_closing() and not self._broken:
+            with contextlib.suppress(HostFailure):
+                timeout = min(self.command_timeout, _QUIT_TIMEOUT)
+                await self._write(b"QUIT\r\n", timeout)
+                await self._read_lines(timeout)
+        await self.close()
+
+    async def close(self) -> None:
+        """Close without QUIT; never raises."""
+        writer, self._writer = self._writer, None
+        self._broken = True
+        if writer is None:
+            return
+        if writer.transport.is_closing():
+            # Aborted (maybe mid-handshake, when the stream no longer owns the transport's
+            # protocol and wait_closed() would never finish): nothing left to wait for.
+            writer.transport.abort()
+            return
+        writer.close()
+        try:
+            async with asyncio.timeout(_QUIT_TIMEOUT):
+                await writer.wait_closed()
+        except (TimeoutError, OSError, ssl.SSLError):
+            writer.transport.abort()
+
+    # -- transaction ---------------------------------------------------------------
+
+    async def send(
+        self, envelope: Envelope, recipients: Sequence[QueuedRecipient], message: bytes
+    ) -> dict[str, Outcome]:
+        """One mail transaction; an outcome for every recipient, never an exception.
+
+        ``message`` is the whole message with CRLF line ends, not yet dot-stuffed.
+        """
+        recipients = list({r.address: r for r in recipients}.values())
+        outcomes: dict[str, Outcome] = {}
+        is_8bit = not message.isascii()
+        refusal = self._refusal(envelope, recipients, message, is_8bit)
+        if refusal is not None:
+            self._settle(outcomes, recipients, refusal)
+            return outcomes
+        self.transactions += 1
+        try:
+            await self._transaction(envelope, recipients, message, is_8bit, outcomes)
+        except HostFailure as exc:
+            self._settle(outcomes, recipients, exc.reply)
+        if self.is_throttled:
+            await self.close()
+        return outcomes
+
+    def _settle(
+        self,
+        outcomes: dict[str, Outcome],
+        rcpts: Sequence[QueuedRecipient],
+        reply: Reply,
+        *,
+        final: bool = True,
+    ) -> None:
+        """Give ``reply`` to each of ``rcpts`` that has no outcome yet.
+
+        2xx delivers only when ``final`` (the reply after the dot); 4xx defers; 5xx fails.
+        """
+        if reply.is_positive:
+            status: Literal["delivered", "deferred", "failed"] = "delivered" if final else "deferred"
+        else:
+            status = "deferred" if reply.is_temporary else "failed"
+        for rcpt in rcpts:
+            outcomes.setdefault(rcpt.address, Outcome(status, reply, self.remote_name))
+
+    def _refusal(
+        self, envelope: Envelope, recipients: Sequence[QueuedRecipient], message: bytes, is_8bit: bool
+    ) -> Reply | None:
+        """Why this server cannot take this message at all, decided before sending anything."""
+        words = [envelope.sender, *(r.address for r in recipients)]
+        words += [n for r in recipients for n in r.notify]
+        if any(_CONTROL_RE.search(word) for word in words):
+            # Parsed at the edge already; never let a stray CRLF become an SMTP command.
+            return Reply(501, "5.1.3", "control characters in the envelope")
+        limit = self.size_limit
+        if limit and len(message) > limit:
+            # RFC 1870 §6.1: do not send what the server already said it will refuse.
+            text = f"message size {len(message)} exceeds the limit of {self.remote_name} ({limit})"
+            return Reply(552, "5.3.4", text)
+        if is_8bit and not self.has_extension("8BITMIME"):
+            # RFC 6152 §3: never send 8-bit data to a server without 8BITMIME.
+            text = f"conversion to 7 bit required but not supported ({self.remote_name} lacks 8BITMIME)"
+            return Reply(554, "5.6.3", text)
+        needs_utf8 = not all(word.isascii() for word in words)
+        if envelope.smtputf8 and not _header_block(message).isascii():
+            needs_utf8 = True
+        if needs_utf8 and not self.has_extension("SMTPUTF8"):
+            # RFC 6531 §3.2: without SMTPUTF8 at the server the message cannot go as it is.
+            text = f"{self.remote_name} does not support SMTPUTF8, required for this message"
+            return Reply(553, "5.6.7", text)
+        return None
+
+    def _mail_command(self, envelope: Envelope, message: bytes, is_8bit: bool) -> str:
+        params = []
+        if self.has_extension("SIZE"):
+            params.append(f"SIZE={len(message)}")
+        if self.has_extension("8BITMIME") and (is_8bit or envelope.body.upper() == "8BITMIME"):
+            params.append("BODY=8BITMIME")
+        if envelope.smtputf8 and self.has_extension("SMTPUTF8"):
+            params.append("SMTPUTF8")
+        if self.has_extension("DSN"):  # RFC 3461 §4.3, §4.4
+            if envelope.ret and envelope.ret.upper() in ("FULL", "HDRS"):
+                params.append(f"RET={envelope.ret.upper()}")
+            if envelope.envid:
+                params.append(f"ENVID={xtext(envelope.envid)}")
+        return " ".join([f"MAIL FROM:<{envelope.sender}>", *params])
+
+    def _rcpt_command(self, rcpt: QueuedRecipient) -> str:
+        params = []
+        if self.has_extension("DSN"):  # RFC 3461 §4.1, §4.2
+            if rcpt.notify:
+                params.append("NOTIFY=" + ",".join(n.upper() for n in rcpt.notify))
+            if rcpt.orcpt and ";" in rcpt.orcpt:
+                addr_type, _, original = rcpt.orcpt.partition(";")
+                params.append(f"ORCPT={addr_type};{xtext(original)}")
+        return " ".join([f"RCPT TO:<{rcpt.address}>", *params])
+
+    async def _transaction(
+        self,
+        envelope: Envelope,
+        recipients: list[QueuedRecipient],
+        message: bytes,
+        is_8bit: bool,
+        outcomes: dict[str, Outcome],
+    ) -> None:
+        mail = self._mail_command(envelope, message, is_8bit)
+        rcpts = [self._rcpt_command(r) for r in recipients]
+        timeout = self.command_timeout
+        rcpt_replies: list[Reply] = []
+        if self.has_extension("PIPELINING"):
+            # RFC 2920 §3.1: MAIL and every RCPT in one write; DATA waits for their replies.
+            await self._write("".join(f"{c}\r\n" for c in [mail, *rcpts]).encode("utf-8"), timeout)
+            mail_reply = await self._read_reply(timeout)
+            if mail_reply.code != 421:
+                for _ in rcpts:
+                    rcpt_replies.append(await self._read_reply(timeout))
+                    if rcpt_replies[-1].code == 421:
+                        break
+        else:
+            mail_reply = await self._command(mail)
+            if mail_reply.is_positive:
+                for line in rcpts:
+                    rcpt_replies.append(await self._command(line))
+                    if rcpt_replies[-1].code == 421:
+                        break
+        for reply in (mail_reply, *rcpt_replies):
+            if reply.code == 421:  # RFC 5321 §3.8: everyone still open waits for another try
+                self._settle(outcomes, recipients, reply)
+                return
+        if not mail_reply.is_positive:
+            self._settle(outcomes, recipients, mail_reply)
+            await self.rset()
+            return
+        accepted = []
+        for rcpt, reply in zip(recipients, rcpt_replies):
+            if reply.is_positive:
+                accepted.append(rcpt)
+            else:
+                self._settle(outcomes, [rcpt], reply)
+        if not accepted:
+            await self.rset()
+            return
+        data_reply = await self._command("DATA")
+        if data_reply.code != 354:
+            self._settle(outcomes, accepted, data_reply, final=False)
+            if data_reply.code != 421:
+                await self.rset()
+            return
+        data = _dot_stuffed(message)
+        for start in range(0, len(data), _CHUNK):
+            await self._write(data[start:start + _CHUNK], timeout)
+        # RFC 5321 §4.5.3.2.6: the server may take long to answer the final dot.
+        final = await self._read_reply(self.data_timeout)
+        self._settle(outcomes, accepted, final)
+

@@ -1,0 +1,432 @@
+"""The scheduler (qmail-send): from the queue to delivery, retry, bounce or done.
+
+For each due message it splits the pending recipients by route, delivers each group
+with the local or remote agent under separate concurrency limits, records every
+recipient's new state atomically in the queue (so a restart never delivers again to a
+recipient whose success was recorded, and loses none), queues the delivery status
+notifications owed, and removes the message once every recipient is delivered or
+bounced. Temporary failures are retried with a quadratic back-off until the queue
+lifetime runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+from gateway.address import AddressError
+from gateway.delivery.bounce import build_dsn, wants_notice
+from gateway.delivery.router import route_for
+from gateway.delivery.types import LocalRoute, Outcome, Route, SpecialRoute
+from gateway.logs import QUEUE_ID, short
+from gateway.model import Envelope, Message, QueuedRecipient, RecipientState
+from gateway.verdicts import Action, PermanentFailure, Reply, TemporaryFailure
+
+if TYPE_CHECKING:
+    from gateway.context import Gateway
+    from gateway.queue import QueueStore
+
+__all__ = ["Scheduler", "backoff"]
+
+log = logging.getLogger(__name__)
+
+DOUBLE_BOUNCE_NOTE = {"plugin": "bounce", "score": 0.0, "reason": "double bounce"}
+_REPLY_LINE = re.compile(r"^(\d{3})(?: ([245]\.\d{1,3}\.\d{1,3}))?(?: (.*))?$")
+
+
+def backoff(attempts: int, base: float, ceiling: float) -> float:
+    """Seconds to wait after ``attempts`` failed attempts: base * n², at most ``ceiling``.
+
+    Quadratic like qmail-send's schedule: retries are frequent at first and thin out
+    as the message ages.
+    """
+    return float(min(ceiling, base * max(1, attempts) ** 2))
+
+
+def _reply_line(reply: Reply) -> str:
+    return " ".join(reply.lines())
+
+
+def _reply_from_line(line: str) -> Reply:
+    match = _REPLY_LINE.match(line.split(" / ")[0])
+    if not match:
+        return Reply(451, "4.0.0", line[:200])
+    code = int(match.group(1))
+    status = match.group(2) or ""
+    if status and status[0] != match.group(1)[0]:
+        status = ""
+    return Reply(code, status, match.group(3) or "")
+
+
+class Scheduler:
+    """Delivers what the queue holds, for one gateway process."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.queue: QueueStore = app.queue
+        delivery = app.policy.delivery
+        self._local = asyncio.Semaphore(delivery.local_concurrency)
+        self._remote = asyncio.Semaphore(delivery.remote_concurrency)
+        self._heap: list[tuple[float, str]] = []
+        self._due: dict[str, float] = {}
+        self._active: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._agents: dict[int, tuple[Any, Any]] = {}
+        self._stopping = False
+        self._last_scan = 0.0
+
+    # -- life cycle --------------------------------------------------------
+
+    async def start(self, ids: list[str]) -> None:
+        for qid in ids:
+            self.notify(qid, 0.0)
+        self._last_scan = time.monotonic()
+        self._runner = asyncio.create_task(self._run(), name="scheduler")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Start nothing new; give running deliveries ``grace`` seconds, then cancel.
+
+        A cancelled delivery recorded nothing, so it is simply tried again later.
+        """
+        self._stopping = True
+        self._wake.set()
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for local, remote in self._agents.values():
+            await remote.close()
+
+    def notify(self, qid: str, when: float | None = None) -> None:
+        """Schedule ``qid`` at ``when`` (epoch seconds; now by default)."""
+        when = time.time() if when is None else when
+        if self._due.get(qid, float("inf")) <= when:
+            return
+        self._due[qid] = when
+        heapq.heappush(self._heap, (when, qid))
+        self._wake.set()
+
+    def forget(self, qid: str) -> None:
+        self._due.pop(qid, None)
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            now = time.time()
+            while self._heap and self._heap[0][0] <= now:
+                when, qid = heapq.heappop(self._heap)
+                if self._due.get(qid) != when:
+                    continue  # superseded by a later notify()
+                del self._due[qid]
+                if qid in self._active:
+                    self.notify(qid, now + 1.0)
+                    continue
+                self._spawn(qid)
+            interval = self.app.gateway.policy.delivery.poll_interval
+            if time.monotonic() - self._last_scan >= interval:
+                self._last_scan = time.monotonic()
+                await self._rescan()
+            wait = interval
+            if self._heap:
+                wait = max(0.0, min(wait, self._heap[0][0] - time.time()))
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def _rescan(self) -> None:
+        """Pick up messages another process (inject, a second worker) queued."""
+        try:
+            ids = await asyncio.to_thread(self.queue.ids)
+        except OSError:
+            log.exception("queue scan failed")
+            return
+        for qid in ids:
+            if qid not in self._due and qid not in self._active:
+                self.notify(qid)
+
+    def _spawn(self, qid: str) -> None:
+        self._active.add(qid)
+        task = asyncio.create_task(self._attempt_guarded(qid), name=f"deliver-{qid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _attempt_guarded(self, qid: str) -> None:
+        token = QUEUE_ID.set(qid)
+        try:
+            await self.attempt(qid)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # boundary: one bad message must not stop the scheduler
+            log.exception("delivery attempt failed")
+            self.notify(qid, time.time() + 60)
+        finally:
+            self._active.discard(qid)
+            QUEUE_ID.reset(token)
+
+    # -- agents ------------------------------------------------------------
+
+    def _agents_for(self, gateway: Gateway) -> tuple[Any, Any]:
+        agents = self._agents.get(id(gateway))
+        if agents is None:
+            from gateway.delivery.local import LocalDeliveryAgent
+            from gateway.delivery.remote import RemoteDeliveryAgent
+            from gateway.dns import make_resolver
+
+            policy = gateway.policy
+            local = LocalDeliveryAgent(
+                policy, hostname=gateway.hostname, forward=self._forward, run_in_thread=gateway.run_in_thread
+            )
+            remote = RemoteDeliveryAgent(policy, make_resolver(policy.dns), hostname=gateway.hostname)
+            agents = self._agents[id(gateway)] = (local, remote)
+        return agents
+
+    async def _forward(self, sender: str, recipients: list[str], message: bytes) -> None:
+        await self.inject(sender, recipients, message)
+
+    async def inject(
+        self, sender: str, recipients: list[str], message: bytes, *,
+        body: str = "7BIT", smtputf8: bool = False, notes: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """Queue a locally generated message (forward, bounce) and schedule it."""
+        qid = self.queue.new_id()
+        envelope = Envelope(
+            sender=sender,
+            recipients=[QueuedRecipient(address=a) for a in recipients],
+            body=body,
+            smtputf8=smtputf8,
+            notes=notes or [],
+        )
+        await self.queue.commit(qid, envelope, Message(message))
+        log.info("queued qid=%s from=<%s> to=%s (generated)", qid, short(sender), ",".join(f"<{short(a)}>" for a in recipients))
+        self.notify(qid)
+        return qid
+
+    # -- one attempt -------------------------------------------------------
+
+    async def attempt(self, qid: str) -> None:
+        """Try every pending recipient of ``qid`` once and record what happened."""
+        gateway: Gateway = self.app.gateway
+        policy = gateway.policy
+        try:
+            item = await gateway.run_in_thread(self.queue.load, qid)
+        except FileNotFoundError:
+            self.forget(qid)
+            return
+        if item.held:
+            return
+        envelope = item.envelope
+        now = time.time()
+        pending = [r for r in envelope.recipients if r.state is RecipientState.PENDING]
+        message: bytes | None = None
+        attempts = item.attempts
+        if pending and item.next_try > now + 1 and not self._stopping:
+            self.notify(qid, item.next_try)
+            return
+        if pending:
+            message = await gateway.run_in_thread(self.queue.read_message, qid)
+            outcomes = await self._deliver(gateway, qid, envelope, pending, message)
+            attempts += 1
+            for rcpt in pending:
+                outcome = outcomes.get(rcpt.address)
+                if outcome is None:
+                    continue
+                await self._record(gateway, envelope, rcpt, outcome)
+        if now - envelope.arrived >= policy.delivery.queue_lifetime:
+            for rcpt in envelope.recipients:
+                if rcpt.state is RecipientState.PENDING:
+                    rcpt.state = RecipientState.FAILED
+                    previous = rcpt.last_reply or "no attempt succeeded"
+                    rcpt.last_reply = f"554 5.4.7 Delivery time expired / {previous}"
+                    log.info("expired to=<%s>", short(rcpt.address))
+        next_try = now + backoff(attempts, policy.delivery.retry_base, policy.delivery.retry_max)
+        await gateway.run_in_thread(self.queue.update_state, qid, envelope, next_try=next_try, attempts=attempts)
+        if await self._notices(gateway, qid, envelope, message, now):
+            await gateway.run_in_thread(self.queue.update_state, qid, envelope)
+        if all(r.state is not RecipientState.PENDING for r in envelope.recipients):
+            await gateway.run_in_thread(self.queue.remove, qid)
+            self.forget(qid)
+            log.info("done: removed from the queue")
+        else:
+            self.notify(qid, next_try)
+
+    async def _record(self, gateway: Gateway, envelope: Envelope, rcpt: QueuedRecipient, outcome: Outcome) -> None:
+        rcpt.last_reply = _reply_line(outcome.reply)
+        rcpt.remote = outcome.remote
+        if outcome.status == "delivered":
+            rcpt.state = RecipientState.DELIVERED
+        elif outcome.status == "failed":
+            rcpt.state = RecipientState.FAILED
+        else:
+            rcpt.attempts += 1
+        log.info(
+            "delivery to=<%s> status=%s relay=%s reply=%r",
+            short(rcpt.address), outcome.status, outcome.remote or "local", short(rcpt.last_reply, 200),
+        )
+        await gateway.runner.call_all(
+            "gateway_delivered", gateway.policy.plugins,
+            envelope=envelope, recipient=rcpt, reply=outcome.reply, gateway=gateway,
+        )
+
+    async def _route(self, gateway: Gateway, envelope: Envelope, rcpt: QueuedRecipient) -> Route:
+        route = await gateway.runner.first_value(
+            "gateway_route", gateway.policy.plugins, envelope=envelope, recipient=rcpt, gateway=gateway
+        )
+        return route if route is not None else route_for(rcpt.address, gateway.policy)
+
+    async def _deliver(
+        self, gateway: Gateway, qid: str, envelope: Envelope, pending: list[QueuedRecipient], message: bytes
+    ) -> dict[str, Outcome]:
+        groups: dict[Route, list[QueuedRecipient]] = {}
+        outcomes: dict[str, Outcome] = {}
+        for rcpt in pending:
+            try:
+                route = await self._route(gateway, envelope, rcpt)
+            except AddressError:
+                outcomes[rcpt.address] = Outcome("failed", Reply(553, "5.1.3", "Bad destination mailbox address syntax"))
+                continue
+            groups.setdefault(route, []).append(rcpt)
+        results = await asyncio.gather(
+            *(self._deliver_group(gateway, qid, envelope, route, rcpts, message) for route, rcpts in groups.items())
+        )
+        for result in results:
+            outcomes.update(result)
+        return outcomes
+
+    async def _deliver_group(
+        self, gateway: Gateway, qid: str, envelope: Envelope, route: Route,
+        rcpts: list[QueuedRecipient], message: bytes,
+    ) -> dict[str, Outcome]:
+        addresses = [r.address for r in rcpts]
+        if isinstance(route, SpecialRoute):
+            if route.action == "hold":
+                return {}
+            log.warning("discarded by route to=%s", ",".join(addresses))
+            return dict.fromkeys(addresses, Outcome("delivered", Reply(250, "2.0.0", "Discarded by route")))
+        msg = Message(message)
+        verdict = await gateway.runner.first_verdict(
+            "gateway_deliver", gateway.policy.plugins,
+            envelope=envelope, recipients=rcpts, route=route, message=msg, gateway=gateway,
+        )
+        if verdict is not None and verdict.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCONNECT):
+            status = "failed" if verdict.action is Action.REJECT else "deferred"
+            return dict.fromkeys(addresses, Outcome(status, verdict.reply))
+        data = msg.as_bytes() if msg.is_modified else message
+        local, remote = self._agents_for(gateway)
+        try:
+            if isinstance(route, LocalRoute):
+                async with self._local:
+                    return {
+                        r.address: await self._deliver_local(gateway, local, qid, envelope, r, route, data)
+                        for r in rcpts
+                    }
+            async with self._remote:
+                return dict(await remote.deliver(envelope, rcpts, route, data))
+        except TemporaryFailure as exc:
+            return dict.fromkeys(addresses, Outcome("deferred", exc.reply))
+        except PermanentFailure as exc:
+            return dict.fromkeys(addresses, Outcome("failed", exc.reply))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # boundary: an agent bug defers, never loses
+            log.exception("delivery agent failed route=%s", route)
+            return dict.fromkeys(addresses, Outcome("deferred", Reply(451, "4.3.0", "Local delivery error")))
+
+    async def _deliver_local(
+        self, gateway: Gateway, agent: Any, qid: str, envelope: Envelope, rcpt: QueuedRecipient,
+        route: LocalRoute, data: bytes,
+    ) -> Outcome:
+        local = gateway.policy.local
+        if route.user not in local.users and route.user != "postmaster":
+            return Outcome("failed", Reply(550, "5.1.1", "Sorry, no mailbox here by that name"))
+        # Stable per (message, recipient): a retry after a crash finds the Maildir copy.
+        index = next(i for i, r in enumerate(envelope.recipients) if r is rcpt)
+        outcome: Outcome = await agent.deliver(
+            envelope, rcpt.address, route, data, delivery_id=f"Q{qid}R{index}"
+        )
+        return outcome
+
+    # -- notifications -----------------------------------------------------
+
+    def _postmaster(self, gateway: Gateway) -> str:
+        policy = gateway.policy
+        if policy.delivery.postmaster:
+            return str(policy.delivery.postmaster)
+        domain = policy.local.domains[0] if policy.local.domains else gateway.hostname
+        return f"postmaster@{domain}"
+
+    async def _notices(
+        self, gateway: Gateway, qid: str, envelope: Envelope, message: bytes | None, now: float
+    ) -> bool:
+        """Queue the DSNs this state owes; returns True if a flag changed."""
+        policy = gateway.policy
+        failed = [r for r in envelope.recipients if r.state is RecipientState.FAILED and not r.notified]
+        done = [r for r in envelope.recipients if r.state is RecipientState.DELIVERED and not r.notified]
+        warning = policy.delivery.delay_warning
+        delayed = [
+            r for r in envelope.recipients
+            if warning is not None and r.state is RecipientState.PENDING and not r.warned
+            and now - envelope.arrived >= warning
+        ]
+        if not (failed or delayed or any(wants_notice(r, "success") for r in done)):
+            for r in done:
+                r.notified = True
+            return bool(done)
+        owed: list[tuple[str, list[QueuedRecipient]]] = [("failure", failed), ("delay", delayed), ("success", done)]
+        for kind, rcpts in owed:
+            wanted = [r for r in rcpts if wants_notice(r, kind)]  # type: ignore[arg-type]
+            if wanted:
+                if message is None:
+                    message = await gateway.run_in_thread(self.queue.read_message, qid)
+                await self._send_notice(gateway, qid, kind, envelope, wanted, message, now)
+            for r in rcpts:
+                if kind == "delay":
+                    r.warned = True
+                else:
+                    r.notified = True
+        return True
+
+    async def _send_notice(
+        self, gateway: Gateway, qid: str, kind: str, envelope: Envelope,
+        rcpts: list[QueuedRecipient], message: bytes, now: float,
+    ) -> None:
+        to: str | None = None
+        notes: list[dict[str, Any]] = []
+        if not envelope.sender:
+            # Never notify a null sender. A failed bounce goes to the postmaster once
+            # (a double bounce); a failed double bounce stops here.
+            if kind != "failure":
+                return
+            if any(n.get("reason") == DOUBLE_BOUNCE_NOTE["reason"] for n in envelope.notes):
+                log.error("double bounce failed, dropped: to=%s", ",".join(r.address for r in rcpts))
+                return
+            to = self._postmaster(gateway)
+            notes = [dict(DOUBLE_BOUNCE_NOTE)]
+        items = [
+            (r, Outcome("delivered" if r.state is RecipientState.DELIVERED else ("failed" if r.state is RecipientState.FAILED else "deferred"),
+                        _reply_from_line(r.last_reply) if r.last_reply else Reply(451, "4.0.0", "not yet delivered"),
+                        r.remote))
+            for r in rcpts
+        ]
+        notice = build_dsn(
+            kind,  # type: ignore[arg-type]
+            envelope, items, message,
+            reporting_mta=gateway.hostname, queue_id=qid, now=now,
+            retry_until=envelope.arrived + gateway.policy.delivery.queue_lifetime, to=to,
+        )
+        new = await self.inject(
+            notice.sender, [notice.recipient], notice.message,
+            body=notice.body, smtputf8=notice.smtputf8, notes=notes,
+        )
+        log.info("dsn kind=%s to=<%s> qid=%s recipients=%d", kind, short(notice.recipient), new, len(rcpts))

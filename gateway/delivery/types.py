@@ -1,0 +1,82 @@
+"""Types shared by the scheduler and the delivery agents."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from gateway.verdicts import Reply
+
+__all__ = ["LocalRoute", "MxRoute", "Outcome", "Route", "SmarthostRoute", "SpecialRoute"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one delivery attempt did for one recipient.
+
+    ``status`` is ``delivered``, ``deferred`` (temporary, retry) or ``failed``
+    (permanent, bounce). ``reply`` is the answer that decided it: the remote server's
+    (with ``remote`` naming the host) or our own local delivery's.
+    """
+
+    status: Literal["delivered", "deferred", "failed"]
+    reply: Reply
+    remote: str = ""
+
+    @property
+    def diagnostic(self) -> str:
+        """RFC 3464 Diagnostic-Code value: ``smtp; 550 5.1.1 text``."""
+        return f"smtp; {' '.join(self.reply.lines())}"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalRoute:
+    """Deliver to a local user (``user``), with an optional address extension."""
+
+    user: str
+    extension: str
+    domain: str
+
+    @property
+    def key(self) -> str:
+        return f"local:{self.user}"
+
+
+@dataclass(frozen=True, slots=True)
+class MxRoute:
+    """Deliver to the MX hosts of ``domain`` (null MX, implicit MX and A fallback apply)."""
+
+    domain: str
+
+    @property
+    def key(self) -> str:
+        return f"mx:{self.domain}"
+
+
+@dataclass(frozen=True, slots=True)
+class SmarthostRoute:
+    """Deliver through a fixed relay host (qmail smtproutes)."""
+
+    host: str
+    port: int
+    tls: Literal["none", "opportunistic", "required", "verify"]
+    auth_user: str = ""
+    auth_password_env: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"smarthost:{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SpecialRoute:
+    """Keep the recipient in the queue (``hold``) or drop it, logged (``discard``)."""
+
+    action: Literal["hold", "discard"]
+
+    @property
+    def key(self) -> str:
+        return self.action
+
+
+Route = LocalRoute | MxRoute | SmarthostRoute | SpecialRoute

@@ -1,0 +1,177 @@
+"""The gateway's asynchronous DNS resolver and a lookup with classified failures.
+
+:func:`make_resolver` builds a ``dns.asyncresolver.Resolver`` from the policy's ``[dns]``
+section. :func:`lookup` runs one query and sorts every outcome into the three cases a mail
+system must tell apart: an answer (possibly empty: the name exists without records of that
+type, NODATA), a name that does not exist (NXDOMAIN: permanent), and a failure to find out
+(SERVFAIL, timeout, no reachable server: temporary). Remote delivery, DNSBL and SPF all
+build on these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from gateway.policy.model import DnsSettings
+
+__all__ = [
+    "DnsError",
+    "DnsNotFound",
+    "DnsTemporaryError",
+    "lookup",
+    "make_resolver",
+    "parse_nameserver",
+    "resolve_addresses",
+]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_PORT = 53
+
+
+class DnsError(Exception):
+    """A lookup that gave no usable answer."""
+
+
+class DnsNotFound(DnsError):
+    """The name does not exist (NXDOMAIN), or is not a valid DNS name: permanent."""
+
+
+class DnsTemporaryError(DnsError):
+    """SERVFAIL, timeout, or no server answered: try again later."""
+
+
+def parse_nameserver(entry: str) -> tuple[str, int]:
+    """Split a policy nameserver entry into address and port.
+
+    Accepts ``"192.0.2.53"``, ``"192.0.2.53:5353"``, ``"2001:db8::53"`` and
+    ``"[2001:db8::53]:5353"``.
+
+    :raises ValueError: the entry is not an IP address with an optional port
+    """
+    text = entry.strip()
+    port = _DEFAULT_PORT
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"malformed nameserver {entry!r}")
+        if rest:
+            port = _parse_port(rest[1:], entry)
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = _parse_port(port_text, entry)
+    else:
+        host = text
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"nameserver {entry!r} is not an IP address") from None
+    return str(address), port
+
+
+def _parse_port(text: str, entry: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"bad port in nameserver {entry!r}")
+    return int(text)
+
+
+def make_resolver(settings: DnsSettings) -> dns.asyncresolver.Resolver:
+    """A resolver for the policy's ``[dns]`` section.
+
+    With ``nameservers`` set, only those are asked (each at its own port); otherwise the
+    system configuration (``/etc/resolv.conf``) applies. If that names no server, the
+    resolver asks 127.0.0.1 as the C library does, and says so in the log.
+    ``settings.timeout`` bounds one whole lookup (all servers and retries together).
+
+    :raises ValueError: a nameserver entry is malformed
+    """
+    if settings.nameservers:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        servers: list[dns.nameserver.Nameserver | str] = []
+        for entry in settings.nameservers:
+            address, port = parse_nameserver(entry)
+            servers.append(dns.nameserver.Do53Nameserver(address, port))
+        resolver.nameservers = servers
+    else:
+        try:
+            resolver = dns.asyncresolver.Resolver()
+        except dns.resolver.NoResolverConfiguration:
+            log.warning("no nameserver in the system configuration; asking 127.0.0.1")
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = ["127.0.0.1"]
+    resolver.lifetime = float(settings.timeout)
+    # One server's share of the lifetime; dnspython retries the others within it.
+    resolver.timeout = min(float(resolver.timeout), float(settings.timeout))
+    return resolver
+
+
+async def lookup(
+    resolver: dns.asyncresolver.Resolver, name: str, rdtype: str
+) -> dns.resolver.Answer | None:
+    """Query ``name`` for ``rdtype``; ``None`` means the name exists without such records.
+
+    Follows CNAMEs as the resolver does. The resolver's lifetime bounds the wait.
+
+    :raises DnsNotFound: NXDOMAIN, or ``name`` is not a valid domain name
+    :raises DnsTemporaryError: SERVFAIL, timeout, or no server could answer
+    """
+    try:
+        qname = dns.name.from_text(name)
+    except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
+        raise DnsNotFound(f"{name[:255]!r} is not a valid domain name: {exc}") from None
+    try:
+        return await resolver.resolve(qname, rdtype, raise_on_no_answer=True, search=False)
+    except dns.resolver.NoAnswer:
+        return None
+    except dns.resolver.NXDOMAIN:
+        raise DnsNotFound(f"{qname.to_text(omit_final_dot=True)}: no such domain") from None
+    except dns.resolver.YXDOMAIN:
+        raise DnsNotFound(f"{qname.to_text(omit_final_dot=True)}: name too long") from None
+    except dns.resolver.LifetimeTimeout:
+        raise DnsTemporaryError(f"{name} {rdtype}: DNS timeout") from None
+    except dns.resolver.NoNameservers as exc:
+        # Every server answered SERVFAIL/REFUSED or could not be reached.
+        raise DnsTemporaryError(f"{name} {rdtype}: DNS failure ({exc})") from None
+    except dns.exception.DNSException as exc:
+        raise DnsTemporaryError(f"{name} {rdtype}: DNS error ({exc})") from None
+
+
+async def resolve_addresses(resolver: dns.asyncresolver.Resolver, name: str) -> list[str]:
+    """The IPv4 then IPv6 addresses of ``name`` (A and AAAA asked in parallel).
+
+    IPv4 comes first because a gateway without IPv6 routing fails slowly on it; both
+    families are returned, so a client moves on to the other on a connection failure.
+    One family may fail as long as the other answers.
+
+    :raises DnsNotFound: the name does not exist, or exists without any address
+    :raises DnsTemporaryError: neither lookup gave an answer and one failed temporarily
+    """
+    results = await asyncio.gather(
+        lookup(resolver, name, "A"), lookup(resolver, name, "AAAA"), return_exceptions=True
+    )
+    addresses: list[str] = []
+    errors: list[BaseException] = []
+    for result in results:
+        if isinstance(result, BaseException):
+            if not isinstance(result, DnsError):
+                raise result
+            errors.append(result)
+        elif result is not None:
+            addresses.extend(str(rdata.address) for rdata in result)
+    if addresses:
+        return addresses
+    for error in errors:
+        if isinstance(error, DnsTemporaryError):
+            raise error
+    if errors:
+        raise errors[0]
+    raise DnsNotFound(f"{name}: no A or AAAA records")

@@ -1,0 +1,148 @@
+"""End to end: SMTP in, queue, scheduler, local delivery into real Maildirs; retries and bounces."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MESSAGE, smtp, wait_for
+
+POLICY = """
+[server]
+hostname = "mx.test.example"
+
+[[listeners]]
+name = "smtp"
+tls = "none"
+
+[local]
+domains = ["localhost"]
+users = ["postmaster", "alice", "bob"]
+
+[delivery]
+retry_base = "200ms"
+retry_max = "1s"
+poll_interval = "200ms"
+
+[[plugins]]
+name = "rcpt_relay"
+[[plugins]]
+name = "rcpt_local_users"
+[[plugins]]
+name = "queue_received_header"
+"""
+
+
+def maildir(gw, user: str) -> Path:
+    return Path(gw.policy.local.mail_root) / user / "Maildir"
+
+
+def messages(gw, user: str) -> list[bytes]:
+    new = maildir(gw, user) / "new"
+    return [p.read_bytes() for p in sorted(new.glob("*"))] if new.exists() else []
+
+
+def send(gw, sender: str, rcpts: list[str], data: bytes = MESSAGE) -> None:
+    with smtp(gw.port) as client:
+        assert client.sendmail(sender, rcpts, data) == {}
+
+
+def home(gw, user: str) -> Path:
+    path = Path(gw.policy.local.mail_root) / user
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def dot_qmail(gw, user: str, name: str, text: str) -> None:
+    path = home(gw, user) / name
+    path.write_text(text)
+    path.chmod(0o644)
+
+
+def test_delivers_into_the_users_maildir_and_leaves_the_queue(gateway_factory) -> None:
+    gw = gateway_factory(POLICY)
+    send(gw, "sender@example.org", ["alice@localhost", "bob@localhost"])
+    assert wait_for(lambda: messages(gw, "alice") and messages(gw, "bob"), timeout=10)
+    (data,) = messages(gw, "alice")
+    assert data.startswith(b"Return-Path: <sender@example.org>\r\nDelivered-To: alice@localhost\r\nReceived: from ")
+    assert data.endswith(MESSAGE)
+    assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
+
+
+def test_program_exit_100_bounces_to_the_sender_as_a_dsn(gateway_factory) -> None:
+    gw = gateway_factory(POLICY)
+    dot_qmail(gw, "alice", ".qmail-fail", "|echo 'no such list here'; exit 100\n")
+    send(gw, "bob@localhost", ["alice-fail@localhost"])
+    assert wait_for(lambda: messages(gw, "bob"), timeout=10)
+    (raw,) = messages(gw, "bob")
+    dsn = email.message_from_bytes(raw.split(b"\r\n", 2)[2], policy=email.policy.default)
+    assert dsn.get_content_type() == "multipart/report"
+    assert dsn.get_param("report-type") == "delivery-status"
+    assert dsn["To"] == "bob@localhost" and "MAILER-DAEMON" in dsn["From"]
+    status = dsn.get_payload()[1]
+    fields = status.get_payload()[1]
+    assert fields["Action"] == "failed"
+    assert fields["Status"].startswith("5.")
+    assert "alice-fail@localhost" in fields["Final-Recipient"]
+    assert "no such list here" in fields["Diagnostic-Code"]
+    assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
+
+
+def test_temporary_failure_is_retried_until_delivered(gateway_factory) -> None:
+    gw = gateway_factory(POLICY)
+    # Programs never run as root: as root they run as nobody, so the marker lives in a
+    # directory anyone may reach and write (pytest's tmp_path is private to root).
+    shared = Path(tempfile.mkdtemp(prefix="gateway-test-"))
+    shared.chmod(0o777)
+    marker = shared / "marker"
+    dot_qmail(gw, "alice", ".qmail-flaky", f"|test -f {marker} || {{ touch {marker}; exit 111; }}\n./Maildir/\n")
+    send(gw, "sender@example.org", ["alice-flaky@localhost"])
+    assert wait_for(lambda: messages(gw, "alice"), timeout=10)
+    assert marker.exists()
+    assert len(messages(gw, "alice")) == 1
+    shutil.rmtree(shared)
+
+
+def test_forward_line_queues_a_copy_for_the_target(gateway_factory) -> None:
+    gw = gateway_factory(POLICY)
+    dot_qmail(gw, "alice", ".qmail", "&bob@localhost\n./Maildir/\n")
+    send(gw, "sender@example.org", ["alice@localhost"])
+    assert wait_for(lambda: messages(gw, "bob") and messages(gw, "alice"), timeout=10)
+    (forwarded,) = messages(gw, "bob")
+    assert b"Delivered-To: alice@localhost\r\n" in forwarded
+    assert forwarded.startswith(b"Return-Path: <sender@example.org>\r\nDelivered-To: bob@localhost\r\n")
+
+
+def test_forwarding_loop_is_detected_and_bounced(gateway_factory) -> None:
+    gw = gateway_factory(POLICY)
+    dot_qmail(gw, "alice", ".qmail", "&bob@localhost\n")
+    dot_qmail(gw, "bob", ".qmail", "&alice@localhost\n")
+    send(gw, "postmaster@localhost", ["alice@localhost"])
+    assert wait_for(lambda: messages(gw, "postmaster"), timeout=15)
+    report = messages(gw, "postmaster")[0]
+    assert b"5.4.6" in report
+
+
+def test_failed_bounce_goes_to_the_postmaster_once(gateway_factory) -> None:
+    gw = gateway_factory(POLICY)
+    dot_qmail(gw, "alice", ".qmail-fail", "|exit 100\n")
+    dot_qmail(gw, "postmaster", ".qmail", "./Maildir/\n")
+    send(gw, "", ["alice-fail@localhost"])
+    assert wait_for(lambda: messages(gw, "postmaster"), timeout=10)
+    (raw,) = messages(gw, "postmaster")
+    assert b"Delivered-To: postmaster@localhost" in raw
+    assert b"alice-fail@localhost" in raw
+    assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
+
+
+def test_unknown_local_user_injected_past_smtp_bounces(gateway_factory) -> None:
+    gw = gateway_factory(POLICY)
+    dot_qmail(gw, "alice", ".qmail", "&ghost@localhost\n")
+    send(gw, "bob@localhost", ["alice@localhost"])
+    assert wait_for(lambda: messages(gw, "bob"), timeout=10)
+    assert b"5.1.1" in messages(gw, "bob")[0]
