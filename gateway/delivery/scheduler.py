@@ -236,13 +236,8 @@ class Scheduler:
             return
         if pending:
             message = await gateway.run_in_thread(self.queue.read_message, qid)
-            outcomes = await self._deliver(gateway, qid, envelope, pending, message)
+            await self._deliver(gateway, qid, envelope, pending, message)
             attempts += 1
-            for rcpt in pending:
-                outcome = outcomes.get(rcpt.address)
-                if outcome is None:
-                    continue
-                await self._record(gateway, envelope, rcpt, outcome)
         if now - envelope.arrived >= policy.delivery.queue_lifetime:
             for rcpt in envelope.recipients:
                 if rcpt.state is RecipientState.PENDING:
@@ -287,22 +282,33 @@ class Scheduler:
 
     async def _deliver(
         self, gateway: Gateway, qid: str, envelope: Envelope, pending: list[QueuedRecipient], message: bytes
-    ) -> dict[str, Outcome]:
+    ) -> None:
+        """Deliver every pending recipient, each route's group in parallel.
+
+        Each group's results are written to the queue as soon as that group is done:
+        the shorter the time between a peer's 250 and our record of it, the smaller
+        the window in which a crash makes us send again.
+        """
         groups: dict[Route, list[QueuedRecipient]] = {}
-        outcomes: dict[str, Outcome] = {}
         for rcpt in pending:
             try:
                 route = await self._route(gateway, envelope, rcpt)
             except AddressError:
-                outcomes[rcpt.address] = Outcome("failed", Reply(553, "5.1.3", "Bad destination mailbox address syntax"))
+                bad = Outcome("failed", Reply(553, "5.1.3", "Bad destination mailbox address syntax"))
+                await self._record(gateway, envelope, rcpt, bad)
                 continue
             groups.setdefault(route, []).append(rcpt)
-        results = await asyncio.gather(
-            *(self._deliver_group(gateway, qid, envelope, route, rcpts, message) for route, rcpts in groups.items())
-        )
-        for result in results:
-            outcomes.update(result)
-        return outcomes
+
+        async def run(route: Route, rcpts: list[QueuedRecipient]) -> None:
+            outcomes = await self._deliver_group(gateway, qid, envelope, route, rcpts, message)
+            for rcpt in rcpts:
+                outcome = outcomes.get(rcpt.address)
+                if outcome is not None:
+                    await self._record(gateway, envelope, rcpt, outcome)
+            if outcomes:
+                await gateway.run_in_thread(self.queue.update_state, qid, envelope)
+
+        await asyncio.gather(*(run(route, rcpts) for route, rcpts in groups.items()))
 
     async def _deliver_group(
         self, gateway: Gateway, qid: str, envelope: Envelope, route: Route,

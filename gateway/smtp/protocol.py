@@ -332,7 +332,7 @@ class GatewaySMTP(SMTP):
 
     def _extensions(self) -> list[str]:
         limits = self.scope.limits
-        ext = ["PIPELINING", f"SIZE {limits.max_message_size}", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+        ext = ["PIPELINING", f"SIZE {limits.max_message_size}", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN"]
         if self.tls_context is not None and not self.gsession.has_tls:
             ext.append("STARTTLS")
         if self.listener.auth and self.gsession.has_tls:

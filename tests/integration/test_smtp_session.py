@@ -48,7 +48,7 @@ def test_ehlo_advertises_extensions(gateway, raw) -> None:
     code, lines = c.cmd("EHLO client.test.example")
     assert code == 250
     assert lines[0] == "mx.test.example"
-    for ext in ("PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "STARTTLS"):
+    for ext in ("PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN", "STARTTLS"):
         assert ext in lines
     assert f"SIZE {25 * 1024 * 1024}" in lines
     # AUTH is only offered after TLS.

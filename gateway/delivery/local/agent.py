@@ -186,8 +186,7 @@ class LocalDeliveryAgent:
         """
         where: list[str] = []
         try:
-            self._delivery_id = delivery_id
-            outcome = await self._deliver(envelope, recipient, route, message, where)
+            outcome = await self._deliver(envelope, recipient, route, message, where, delivery_id)
         except TemporaryFailure as exc:
             outcome = Outcome("deferred", exc.reply)
         except PermanentFailure as exc:
@@ -223,6 +222,7 @@ class LocalDeliveryAgent:
         route: LocalRoute,
         message: bytes,
         where: list[str],
+        delivery_id: str | None = None,
     ) -> Outcome:
         settings = self._policy.local
         target = self._target(recipient, route)
@@ -247,7 +247,9 @@ class LocalDeliveryAgent:
             default = Instruction("maildir", "./Maildir/", 0, target.home / "Maildir")
             if settings.mailbox == "mbox":
                 default = Instruction("mbox", "./mbox", 0, target.home / "mbox")
-            await self._mailbox(default, delivered, envelope.sender, when, confine, 0)
+            await self._mailbox(
+                default, delivered, envelope.sender, when, confine, self._name(envelope, delivery_id, 0)
+            )
             where.append(default.value)
             return self._success(where)
 
@@ -269,7 +271,10 @@ class LocalDeliveryAgent:
                 if result.stop:
                     break  # exit 99: delivered, ignore the remaining lines
             else:
-                await self._mailbox(instruction, delivered, envelope.sender, when, confine, index)
+                await self._mailbox(
+                    instruction, delivered, envelope.sender, when, confine,
+                    self._name(envelope, delivery_id, index),
+                )
                 where.append(instruction.value)
         if forwards:
             # Forwarded copies carry our Delivered-To (loop detection) but no Return-Path:
@@ -283,6 +288,16 @@ class LocalDeliveryAgent:
         text = "delivered to " + (", ".join(where) or "nowhere (no delivery lines)")
         return Outcome("delivered", Reply(250, "2.0.0", text[:_MAX_WHERE]))
 
+    def _name(self, envelope: Envelope, delivery_id: str | None, index: int) -> str | None:
+        """A Maildir file name fixed for (message, recipient, instruction line), or None.
+
+        Built from the arrival time, not the attempt's, so every retry picks the same one.
+        """
+        if not delivery_id:
+            return None
+        host = self._hostname.replace("/", "\\057").replace(":", "\\072")
+        return f"{int(envelope.arrived)}.{delivery_id}L{index}.{host}"
+
     async def _mailbox(
         self,
         instruction: Instruction,
@@ -290,13 +305,10 @@ class LocalDeliveryAgent:
         sender: str,
         when: float,
         confine: Confinement | None,
-        index: int,
+        name: str | None,
     ) -> None:
         assert instruction.path is not None
         if instruction.kind == "maildir":
-            name = None
-            if self._delivery_id:
-                name = f"{int(when)}.{self._delivery_id}L{index}.{self._hostname.replace('/', '_').replace(':', '_')}"
             await self._thread(
                 deliver_maildir, instruction.path, [message],
                 hostname=self._hostname, confine=confine, name=name,

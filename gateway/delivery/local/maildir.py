@@ -211,6 +211,9 @@ def _deliver_in(
         if chosen is not None and _already_delivered(maildir_fd, chosen, flags):
             return chosen
         name = chosen or unique_name(hostname)
+        if chosen is not None:
+            # A fixed name left in tmp/ is a crashed attempt of this very delivery.
+            _unlink_quietly(name, tmp_fd)
         # O_EXCL: never overwrite (and never follow a symlink at) the name we picked.
         fd = os.open(
             name,

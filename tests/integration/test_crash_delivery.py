@@ -1,0 +1,150 @@
+"""SIGKILL during deliveries: after restarts, nothing is lost and Maildir recipients get
+each message exactly once.
+
+Local Maildir deliveries are idempotent (the file name is fixed per message and
+recipient), so a crash between writing the file and recording the success cannot give
+a second copy. Over SMTP no MTA can promise that: if the process dies after the peer's
+250 and before the success is on disk, the retry sends again (RFC 1047). For the remote
+recipient the test asserts nothing lost and at most one extra copy per delivery that
+was in flight when the process died (at most the remote concurrency per kill).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from gateway.queue import QueueStore
+from tests.conftest import wait_for
+from tests.smtppeer import SmtpPeer
+
+ROOT = Path(__file__).resolve().parents[2]
+MESSAGES = 120
+KILLS = 4
+REMOTE_CONCURRENCY = 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def policy(tmp: Path, port: int, peer_port: int, delivering: bool) -> str:
+    return f"""
+[server]
+hostname = "crash.test.example"
+queue_dir = "{tmp / 'queue'}"
+var_dir = "{tmp / 'var'}"
+log_level = "warning"
+[[listeners]]
+name = "smtp"
+port = {port}
+tls = "none"
+[local]
+domains = ["localhost"]
+users = ["postmaster", "alice", "bob"]
+mail_root = "{tmp / 'mail'}"
+[relay]
+clients = ["127.0.0.0/8"]
+[delivery]
+enabled = {str(delivering).lower()}
+remote_concurrency = {REMOTE_CONCURRENCY}
+retry_base = "100ms"
+retry_max = "300ms"
+poll_interval = "100ms"
+[[routes]]
+domain = "peer.test.example"
+host = "127.0.0.1"
+port = {peer_port}
+tls = "none"
+[[plugins]]
+name = "rcpt_relay"
+[[plugins]]
+name = "rcpt_local_users"
+[limits]
+max_connections_per_ip = 100
+max_transactions = 1000
+"""
+
+
+def start(policy_file: Path, port: int) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "run", "--policy", str(policy_file)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+    def up() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    assert wait_for(up, timeout=20), "gateway did not start"
+    return proc
+
+
+def message_ids(maildir: Path) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for sub in ("new", "cur"):
+        for path in (maildir / sub).glob("*") if (maildir / sub).exists() else []:
+            data = path.read_bytes()
+            counts[data.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0].decode()] += 1
+    return counts
+
+
+@pytest.mark.slow
+def test_sigkill_during_deliveries(tmp_path: Path) -> None:
+    port = free_port()
+    with SmtpPeer(delay=0.005) as peer:
+        filling = tmp_path / "fill.toml"
+        filling.write_text(policy(tmp_path, port, peer.port, delivering=False))
+        proc = start(filling, port)
+        sent = []
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            for n in range(MESSAGES):
+                mid = f"<m{n}@crash.test>"
+                body = f"Message-ID: {mid}\r\nSubject: {n}\r\n\r\n".encode() + b"body\r\n" * 20
+                client.sendmail("sender@example.org", ["alice@localhost", "bob@localhost", "carol@peer.test.example"], body)
+                sent.append(mid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+        delivering = tmp_path / "deliver.toml"
+        delivering.write_text(policy(tmp_path, port, peer.port, delivering=True))
+        rng = random.Random(os.getpid())
+        proc = start(delivering, port)
+        try:
+            for _ in range(KILLS):
+                time.sleep(rng.uniform(0.1, 0.4))
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(10)
+                proc = start(delivering, port)
+            store = QueueStore(tmp_path / "queue")
+            assert wait_for(lambda: store.ids() == [], timeout=60), "the queue did not drain"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        remote = Counter(
+            m.content.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0].decode() for m in peer.messages
+        )
+
+    for user in ("alice", "bob"):
+        counts = message_ids(tmp_path / "mail" / user / "Maildir")
+        assert set(counts) == set(sent), f"{user}: lost {len(set(sent) - set(counts))}"
+        assert max(counts.values()) == 1, f"{user}: delivered twice: {[m for m, c in counts.items() if c > 1][:3]}"
+    assert set(remote) == set(sent), f"remote: lost {len(set(sent) - set(remote))}"
+    assert sum(remote.values()) - len(sent) <= KILLS * REMOTE_CONCURRENCY
+    assert not any((tmp_path / "queue" / "corrupt").glob("*"))

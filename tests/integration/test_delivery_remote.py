@@ -1,0 +1,163 @@
+"""End to end over real SMTP: two gateway instances, MX from a real DNS server on
+loopback, a smarthost route, and a scriptable peer for 4xx/5xx answers."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MESSAGE, smtp, wait_for
+from tests.dnsserver import DnsTestServer
+from tests.smtppeer import SmtpPeer
+
+ZONE = """
+$ORIGIN test.example.
+$TTL 300
+@          IN SOA ns1.test.example. hostmaster.test.example. 1 3600 600 86400 300
+@          IN NS  ns1.test.example.
+ns1        IN A   127.0.0.1
+remote     IN MX  10 mx.remote.test.example.
+mx.remote  IN A   127.0.0.1
+nullmx     IN MX  0 .
+"""
+
+RECEIVER = """
+[server]
+hostname = "b.test.example"
+[[listeners]]
+name = "smtp"
+tls = "starttls"
+[local]
+domains = ["remote.test.example"]
+users = ["postmaster", "bob"]
+[delivery]
+poll_interval = "200ms"
+[[plugins]]
+name = "rcpt_relay"
+[[plugins]]
+name = "rcpt_local_users"
+[[plugins]]
+name = "queue_received_header"
+"""
+
+
+def sender_policy(dns_port: int, smtp_port: int, extra: str = "") -> str:
+    return f"""
+[server]
+hostname = "a.test.example"
+[[listeners]]
+name = "smtp"
+tls = "none"
+[local]
+domains = ["a.test.example"]
+users = ["postmaster", "alice"]
+[relay]
+clients = ["127.0.0.0/8"]
+[dns]
+nameservers = ["127.0.0.1:{dns_port}"]
+timeout = "2s"
+[delivery]
+smtp_port = {smtp_port}
+retry_base = "200ms"
+retry_max = "500ms"
+poll_interval = "200ms"
+{extra}
+[[plugins]]
+name = "rcpt_relay"
+[[plugins]]
+name = "rcpt_local_users"
+[[plugins]]
+name = "queue_received_header"
+"""
+
+
+@pytest.fixture(scope="module")
+def dns():
+    server = DnsTestServer(ZONE)
+    yield server
+    server.stop()
+
+
+def inbox(gw, user: str) -> list[bytes]:
+    new = Path(gw.policy.local.mail_root) / user / "Maildir" / "new"
+    return [p.read_bytes() for p in sorted(new.glob("*"))] if new.exists() else []
+
+
+def send(gw, sender: str, rcpts: list[str], data: bytes = MESSAGE, options: list[str] = ()) -> None:
+    with smtp(gw.port) as client:
+        client.ehlo()
+        assert client.sendmail(sender, rcpts, data, rcpt_options=list(options)) == {}
+
+
+def test_relay_through_mx_to_a_second_gateway_over_starttls(gateway_factory, dns) -> None:
+    receiver = gateway_factory(RECEIVER)
+    relay = gateway_factory(sender_policy(dns.port, receiver.port))
+    send(relay, "alice@a.test.example", ["bob@remote.test.example"])
+    assert wait_for(lambda: inbox(receiver, "bob"), timeout=15)
+    (data,) = inbox(receiver, "bob")
+    received = [line for line in data.split(b"\r\n") if line.startswith(b"Received:")]
+    # The receiver's own trace header first (over TLS), then the relay's.
+    assert received[0].startswith(b"Received: from a.test.example ([127.0.0.1])")
+    assert b"with ESMTPS id" in data.split(b"\r\n\r\n")[0]
+    assert data.endswith(MESSAGE)
+    assert wait_for(lambda: relay.queue_ids() == [], timeout=5)
+
+
+def test_smarthost_route_needs_no_dns(gateway_factory) -> None:
+    receiver = gateway_factory(RECEIVER)
+    route = f'[[routes]]\ndomain = "*"\nhost = "127.0.0.1"\nport = {receiver.port}\ntls = "required"\n'
+    relay = gateway_factory(sender_policy(1, 25, extra=route))
+    send(relay, "alice@a.test.example", ["bob@remote.test.example"])
+    assert wait_for(lambda: inbox(receiver, "bob"), timeout=15)
+
+
+def test_remote_5xx_bounces_to_the_local_sender(gateway_factory, dns) -> None:
+    with SmtpPeer(dsn=True) as peer:
+        peer.always_rcpt("carol@peer.test.example", "550 5.1.1 carol is unknown here")
+        route = f'[[routes]]\ndomain = "peer.test.example"\nhost = "127.0.0.1"\nport = {peer.port}\n'
+        relay = gateway_factory(sender_policy(dns.port, 25, extra=route))
+        send(relay, "alice@a.test.example", ["carol@peer.test.example"])
+        assert wait_for(lambda: inbox(relay, "alice"), timeout=15)
+    (raw,) = inbox(relay, "alice")
+    dsn = email.message_from_bytes(raw.split(b"\r\n", 2)[2], policy=email.policy.default)
+    assert dsn.get_content_type() == "multipart/report"
+    fields = dsn.get_payload()[1].get_payload()[1]
+    assert fields["Action"] == "failed" and fields["Status"] == "5.1.1"
+    assert "carol is unknown here" in fields["Diagnostic-Code"]
+    assert fields["Remote-MTA"] == "dns; 127.0.0.1"
+
+
+def test_remote_4xx_then_250_is_retried(gateway_factory, dns) -> None:
+    with SmtpPeer() as peer:
+        peer.script_rcpt("dave@peer.test.example", "451 4.2.0 greylisted, try later")
+        route = f'[[routes]]\ndomain = "peer.test.example"\nhost = "127.0.0.1"\nport = {peer.port}\n'
+        relay = gateway_factory(sender_policy(dns.port, 25, extra=route))
+        send(relay, "alice@a.test.example", ["dave@peer.test.example"])
+        assert wait_for(lambda: len(peer.messages) == 1, timeout=15)
+        assert peer.messages[0].rcpt_tos == ["dave@peer.test.example"]
+        assert wait_for(lambda: relay.queue_ids() == [], timeout=5)
+    assert inbox(relay, "alice") == []  # no bounce
+
+
+def test_dsn_parameters_are_passed_on(gateway_factory, dns) -> None:
+    with SmtpPeer(dsn=True) as peer:
+        route = f'[[routes]]\ndomain = "peer.test.example"\nhost = "127.0.0.1"\nport = {peer.port}\n'
+        relay = gateway_factory(sender_policy(dns.port, 25, extra=route))
+        send(relay, "alice@a.test.example", ["erin@peer.test.example"],
+             options=["NOTIFY=FAILURE,DELAY", "ORCPT=rfc822;erin+40peer.test.example"])
+        assert wait_for(lambda: len(peer.messages) == 1, timeout=15)
+        (options,) = peer.messages[0].rcpt_options
+        options = " ".join(options).upper()
+        assert "NOTIFY=FAILURE,DELAY" in options
+        # xtext (RFC 3461 §4) may carry "@" as is.
+        assert "ORCPT=RFC822;ERIN@PEER.TEST.EXAMPLE" in options
+
+
+def test_null_mx_bounces_at_once(gateway_factory, dns) -> None:
+    relay = gateway_factory(sender_policy(dns.port, 25))
+    send(relay, "alice@a.test.example", ["x@nullmx.test.example"])
+    assert wait_for(lambda: inbox(relay, "alice"), timeout=15)
+    assert b"5.1.10" in inbox(relay, "alice")[0]
