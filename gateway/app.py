@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from gateway.context import Gateway
 from gateway.delivery.scheduler import Scheduler
+from gateway.dns import make_resolver
 from gateway.hooks import HookRunner, PluginSpec, discover_plugins
 from gateway.policy import Policy, PolicyError, load_policy
 from gateway.queue import QueueStore
@@ -62,6 +63,7 @@ class GatewayApp:
             queue=self.queue,
             executor=self.executor,
             hostname=policy.server.hostname,
+            resolver=make_resolver(policy.dns),
             notify_queued=self._queued,
         )
         await runner.startup(policy.plugins, gateway=gateway)

@@ -34,6 +34,8 @@ class Gateway:
     executor: ThreadPoolExecutor
     hostname: str
     started: float = field(default_factory=time.time)
+    resolver: Any = field(default=None, repr=False)
+    """The shared asynchronous DNS resolver (``dns.asyncresolver.Resolver``, see :mod:`gateway.dns`)."""
     notify_queued: Callable[[str], None] = field(default=lambda qid: None, repr=False)
     """Called with the queue id of each message committed to the queue (wakes the scheduler)."""
 

@@ -12,7 +12,7 @@ import itertools
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from gateway.address import Address
 
@@ -130,6 +130,9 @@ class Session:
     transactions: int = 0
     stash: Stash = field(default_factory=Stash)
     results: Results = field(default_factory=Results)
+    has_early_data: Callable[[], bool] = field(default=lambda: False, repr=False)
+    """True if the client sent bytes the server has not asked for yet (before the
+    greeting, this is an early talker: RFC 5321 §4.3.1, postscreen's pregreet test)."""
 
     @property
     def has_tls(self) -> bool:

@@ -1,14 +1,31 @@
 #!/bin/sh
-# Install the Debian packages the test suite and benchmarks talk to, when missing:
-#   swaks       a real SMTP client (tests)
-#   postfix     for smtp-sink / smtp-source (real SMTP peers, load generator);
-#               installed with "No configuration", so no Postfix daemon is started
-#   openssl     certificate tooling used by TLS tests
+# Install the Debian packages the test suite and benchmarks talk to, when missing.
+# Real components, not mocks: every daemon here is started by the tests themselves, on
+# loopback, with private configuration (no service is enabled or started by this script).
+#   swaks                     a real SMTP client
+#   postfix                   smtp-sink / smtp-source (SMTP peer, load generator); installed
+#                             with "No configuration", so no Postfix daemon is set up
+#   openssl                   certificate tooling
+#   redis-server              the shared state backend (greylisting, rate limits)
+#   clamav-daemon, clamav     clamd and sigtool (virus scanning against a test signature)
+#   spamassassin, spamd       SpamAssassin's spamd (GTUBE)
+#   rspamd                    rspamd (GTUBE)
+#   opendkim-tools            an independent DKIM verifier (opendkim-testmsg)
+#   iproute2, util-linux      ip and unshare, for the private network namespace that test uses
 set -eu
+need() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
 missing=""
-command -v swaks >/dev/null 2>&1 || missing="$missing swaks"
-command -v smtp-sink >/dev/null 2>&1 || [ -x /usr/sbin/smtp-sink ] || missing="$missing postfix"
-command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
+need swaks || missing="$missing swaks"
+need smtp-sink || missing="$missing postfix"
+need openssl || missing="$missing openssl"
+need redis-server || missing="$missing redis-server"
+need clamd || missing="$missing clamav-daemon"
+need sigtool || missing="$missing clamav"
+need spamd || missing="$missing spamd spamassassin"
+need rspamd || missing="$missing rspamd"
+need opendkim-testmsg || missing="$missing opendkim-tools"
+need ip || missing="$missing iproute2"
+need unshare || missing="$missing util-linux"
 [ -z "$missing" ] && exit 0
 echo "install-system-deps: installing$missing with apt-get" >&2
 SUDO=""

@@ -206,6 +206,7 @@ class GatewaySMTP(SMTP):
         local = self.transport.get_extra_info("sockname")
         session, scope = self.handler.open_session(peer, local)
         self.gsession, self.scope = session, scope
+        session.has_early_data = lambda: bool(self._reader._buffer)  # type: ignore[attr-defined]
         SESSION_ID.set(session.id)
         limits = scope.limits
         if self.implicit_tls:

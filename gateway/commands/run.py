@@ -1,0 +1,42 @@
+"""``gateway run``: run the gateway in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from gateway import logs
+from gateway.commands._common import load
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: Any) -> None:
+    run = sub.add_parser("run", help="run the gateway in the foreground")
+    run.add_argument("--policy", "-p", help="policy file (default: the embedded default)")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from gateway.app import GatewayApp
+    from gateway.policy import PolicyError
+
+    try:
+        policy, specs = load(args.policy)
+    except PolicyError as exc:
+        print(f"gateway: invalid policy: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(args.log_level or policy.server.log_level)
+    app = GatewayApp(policy, specs=specs, policy_path=args.policy)
+    try:
+        asyncio.run(app.run_forever())
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0
