@@ -40,11 +40,18 @@ class GatewayApp:
         specs: Mapping[str, PluginSpec] | None = None,
         policy_path: str | os.PathLike[str] | None = None,
         reuse_port: bool = False,
+        role: str = "single",
+        notify_fd: int | None = None,
     ) -> None:
         self.policy = policy
         self.specs = dict(specs) if specs is not None else discover_plugins()
         self.policy_path = policy_path
         self.reuse_port = reuse_port
+        # "single": one process does everything. With workers, the "master" owns the
+        # queue's recovery and the scheduler; a "worker" only accepts mail and tells the
+        # master about each commit through a pipe (``notify_fd``, its write end).
+        self.role = role
+        self.notify_fd = notify_fd
         self.queue = QueueStore(policy.server.queue_dir)
         workers = min(32, (os.cpu_count() or 2) * 4)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gateway-pool")
@@ -72,6 +79,34 @@ class GatewayApp:
     def _queued(self, qid: str) -> None:
         if self.scheduler is not None:
             self.scheduler.notify(qid)
+        elif self.notify_fd is not None:
+            try:
+                # One short line is written atomically (below PIPE_BUF); if the pipe is
+                # full the master's periodic rescan finds the message anyway.
+                os.write(self.notify_fd, qid.encode("ascii") + b"\n")
+            except (BlockingIOError, BrokenPipeError):
+                pass
+
+    def _read_notifications(self, fd: int) -> None:
+        buffer = b""
+
+        def readable() -> None:
+            nonlocal buffer
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            if not data:
+                asyncio.get_running_loop().remove_reader(fd)
+                return
+            buffer += data
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                if line and self.scheduler is not None:
+                    self.scheduler.notify(line.decode("ascii", "replace"))
+
+        os.set_blocking(fd, False)
+        asyncio.get_running_loop().add_reader(fd, readable)
 
     def handler_for(self, listener_name: str) -> SmtpHandler:
         handler = self._handlers.get(listener_name)
@@ -81,21 +116,35 @@ class GatewayApp:
             handler = self._handlers[listener_name] = SmtpHandler(self.gateway, settings)
         return handler
 
-    async def start(self) -> None:
-        """Open the queue, start the plugins, bind every listener."""
-        found = await asyncio.to_thread(self.queue.open)
-        log.info("queue %s opened with %d messages", self.policy.server.queue_dir, len(found))
+    async def start(
+        self,
+        sockets: Mapping[str, Any] | None = None,
+        recovered: list[str] | None = None,
+    ) -> None:
+        """Open the queue, start the plugins, bind every listener.
+
+        :param sockets: listener name -> an already bound listening socket (workers)
+        :param recovered: queue ids found by an :meth:`QueueStore.open` done before
+            forking workers; then this process only attaches to the queue
+        """
+        if recovered is None and self.role == "single":
+            found = await asyncio.to_thread(self.queue.open)
+        else:
+            await asyncio.to_thread(self.queue.attach)
+            found = recovered or []
+        log.info("queue %s opened with %d messages role=%s", self.policy.server.queue_dir, len(found), self.role)
         self.gateway = await self._build(self.policy)
         tls_context = None
         if any(l.tls != "none" for l in self.policy.listeners):
             tls_context = await asyncio.to_thread(
                 server_context, self.policy.tls, Path(self.policy.server.var_dir), self.policy.server.hostname
             )
-        if self.policy.delivery.enabled:
+        if self.policy.delivery.enabled and self.role != "worker":
             self.scheduler = Scheduler(self)
             await self.scheduler.start(found)
         for settings in self.policy.listeners:
-            listener = Listener(settings, self.handler_for, tls_context, reuse_port=self.reuse_port)
+            sock = sockets.get(settings.name) if sockets else None
+            listener = Listener(settings, self.handler_for, tls_context, reuse_port=self.reuse_port, sock=sock)
             await listener.start()
             self.listeners[settings.name] = listener
         log.info("gateway started hostname=%s pid=%d", self.policy.server.hostname, os.getpid())
@@ -145,14 +194,21 @@ class GatewayApp:
         self.executor.shutdown(wait=False, cancel_futures=True)
         log.info("gateway stopped")
 
-    async def run_forever(self) -> None:
+    async def run_forever(
+        self,
+        sockets: Mapping[str, Any] | None = None,
+        recovered: list[str] | None = None,
+        notify_read_fd: int | None = None,
+    ) -> None:
         """Serve until SIGTERM or SIGINT; SIGHUP reloads the policy."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
-        await self.start()
+        await self.start(sockets, recovered)
+        if notify_read_fd is not None:
+            self._read_notifications(notify_read_fd)
         await stop.wait()
         log.info("shutting down")
         await self.stop()

@@ -16,7 +16,7 @@ __all__ = ["QUEUE_ID", "SESSION_ID", "configure", "short"]
 SESSION_ID: contextvars.ContextVar[str] = contextvars.ContextVar("session_id", default="-")
 QUEUE_ID: contextvars.ContextVar[str] = contextvars.ContextVar("queue_id", default="-")
 
-FORMAT = "%(asctime)s %(levelname)s %(name)s session=%(session)s queue=%(queue)s %(message)s"
+FORMAT = "%(asctime)s gateway[%(process)d] %(levelname)s %(name)s session=%(session)s queue=%(queue)s %(message)s"
 
 
 class _IdsFilter(logging.Filter):

@@ -31,6 +31,17 @@ def main(args: argparse.Namespace) -> int:
         print(f"gateway: invalid policy: {exc}", file=sys.stderr)
         return 2
     logs.configure(args.log_level or policy.server.log_level)
+    if policy.server.workers > 1:
+        from gateway.workers import run_workers
+
+        def make_app(role: str, notify_fd: int | None) -> GatewayApp:
+            return GatewayApp(policy, specs=specs, policy_path=args.policy, role=role, notify_fd=notify_fd)
+
+        try:
+            return run_workers(policy, make_app)
+        except OSError as exc:
+            log.error("cannot start: %s", exc)
+            return 1
     app = GatewayApp(policy, specs=specs, policy_path=args.policy)
     try:
         asyncio.run(app.run_forever())

@@ -62,7 +62,9 @@ class ServerSettings:
         Path("var"), "state directory: generated TLS certificate, state databases"
     )
     log_level: Literal["debug", "info", "warning", "error"] = setting("info", "logging threshold")
-    workers: int = setting(1, "delivery worker count", min=1)
+    workers: int = setting(
+        1, "processes accepting SMTP on the same ports (SO_REUSEPORT); the first one also delivers", min=1
+    )
 
     def effective_hostname(self) -> str:
         """The configured hostname, or this host's FQDN when empty."""

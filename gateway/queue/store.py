@@ -168,6 +168,17 @@ class QueueStore:
                  self.root, len(found["msg"]), len(found["quarantine"]))
         return sorted(found["msg"])
 
+    def attach(self) -> None:
+        """Use a queue another process of this gateway opened (a worker after fork).
+
+        No recovery here: only :meth:`open`, in the process that owns the queue, may
+        clear ``tmp/``, where the other processes' commits are in flight.
+        """
+        for sub in ("tmp", "msg", "state", "quarantine", "corrupt"):
+            if not (self.root / sub).is_dir():
+                raise FileNotFoundError(f"queue {self.root} is not open: {sub}/ is missing")
+        self._committer.reopen()
+
     def _verify_area(self, area: str) -> set[str]:
         good: set[str] = set()
         for entry in os.scandir(self._dir(area)):

@@ -1,0 +1,93 @@
+"""Several processes on one set of listening ports (``[server] workers``).
+
+One process cannot use both cores of a machine for Python code. With ``workers = N``
+the gateway forks N-1 worker processes after the queue is recovered; each process
+binds its own listening socket to the same address with SO_REUSEPORT, so the kernel
+spreads new connections across them. Only the first process (the master) runs the
+delivery scheduler; workers tell it about each message they queue through a pipe.
+The master forwards SIGTERM and SIGHUP to the workers and waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from typing import Any
+
+from gateway.queue import QueueStore
+
+__all__ = ["bind_listeners", "run_workers"]
+
+log = logging.getLogger(__name__)
+
+
+def _bind(address: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((address, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_listeners(policy: Any, ports: dict[str, int] | None = None) -> dict[str, socket.socket]:
+    """A SO_REUSEPORT listening socket per listener (on ``ports`` when given: port 0
+    in the policy binds a free port once, and every worker then joins that port)."""
+    return {
+        l.name: _bind(l.address, (ports or {}).get(l.name, l.port)) for l in policy.listeners
+    }
+
+
+def run_workers(policy: Any, make_app: Any) -> int:
+    """Fork the workers and run the master; returns the exit status.
+
+    :param make_app: ``make_app(role, notify_fd)`` builds a :class:`GatewayApp`
+    """
+    recovered = QueueStore(policy.server.queue_dir).open()
+    master_sockets = bind_listeners(policy)
+    ports = {name: s.getsockname()[1] for name, s in master_sockets.items()}
+    read_fd, write_fd = os.pipe()
+    children: list[int] = []
+    for _ in range(policy.server.workers - 1):
+        pid = os.fork()
+        if pid == 0:  # worker
+            status = 1
+            try:
+                os.close(read_fd)
+                for sock in master_sockets.values():
+                    sock.close()
+                sockets = bind_listeners(policy, ports)
+                app = make_app("worker", write_fd)
+                asyncio.run(app.run_forever(sockets=sockets, recovered=[]))
+                status = 0
+            except KeyboardInterrupt:
+                status = 0
+            finally:
+                os._exit(status)
+        children.append(pid)
+    os.close(write_fd)
+    app = make_app("master", None)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for pid in children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    previous_hup = signal.signal(signal.SIGHUP, forward)
+    try:
+        asyncio.run(app.run_forever(sockets=master_sockets, recovered=recovered, notify_read_fd=read_fd))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGHUP, previous_hup)
+        forward(signal.SIGTERM, None)
+        for pid in children:
+            os.waitpid(pid, 0)
+    return 0
