@@ -60,15 +60,16 @@ SENDER = "a@example.org"
 RECIPIENT = "postmaster@localhost"
 HOST = "127.0.0.1"
 
-ALL_SERVERS = ("plain", "plain-uvloop", "empty", "default", "sink")
+ALL_SERVERS = ("plain", "plain-uvloop", "empty", "default", "default-2w", "sink")
 DESCRIPTION = {
     "plain": "aiosmtpd, returns 250, asyncio loop",
     "plain-uvloop": "aiosmtpd, returns 250, uvloop",
     "empty": "gateway, empty chain (rcpt_local_users only)",
     "default": "gateway, default chain",
+    "default-2w": "gateway, default chain, [server] workers = 2",
     "sink": "Postfix smtp-sink (generator ceiling)",
 }
-GATEWAYS = ("empty", "default")
+GATEWAYS = ("empty", "default", "default-2w")
 REFERENCE = "plain"
 
 FULL = {"concurrency": [1, 20, 100], "counts": {1: 600, 20: 2000, 100: 2000}, "rounds": 5}
@@ -138,7 +139,9 @@ def policy_text(kind: str, port: int, workdir: Path) -> str:
     for listener in data["listeners"]:
         listener["address"] = HOST
         listener["port"] = port
-    if kind == "default":
+    if kind == "default-2w":
+        data["server"]["workers"] = 2
+    if kind in ("default", "default-2w"):
         with open(ROOT / "policies" / "default.toml", "rb") as f:
             data["plugins"] = tomllib.load(f)["plugins"]
         data.setdefault("auth", {})["users_file"] = str(workdir / "var" / "users")
@@ -146,7 +149,7 @@ def policy_text(kind: str, port: int, workdir: Path) -> str:
 
 
 def chain_of(kind: str) -> list[str]:
-    path = ROOT / "policies" / "default.toml" if kind == "default" else EMPTY_POLICY
+    path = ROOT / "policies" / "default.toml" if kind.startswith("default") else EMPTY_POLICY
     with open(path, "rb") as f:
         return [p["name"] for p in tomllib.load(f).get("plugins", [])]
 

@@ -59,6 +59,7 @@ class GatewayApp:
         self.listeners: dict[str, Listener] = {}
         self._handlers: dict[str, SmtpHandler] = {}
         self.scheduler: Scheduler | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
 
     # -- life cycle --------------------------------------------------------
 
@@ -87,6 +88,21 @@ class GatewayApp:
             except (BlockingIOError, BrokenPipeError):
                 pass
 
+    def _watch_trigger(self) -> None:
+        """Listen on the queue's trigger FIFO (``gateway queue retry`` writes to it)."""
+        path = self.queue.trigger_path
+        try:
+            if not path.exists():
+                os.mkfifo(path, 0o600)
+            read_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            # Hold a writer open ourselves, so the FIFO never reads as end-of-file
+            # between two commands (as qmail-send does with lock/trigger).
+            self._trigger_fds = (read_fd, os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        except OSError as exc:
+            log.warning("no queue trigger (%s): commands act at the next rescan", exc)
+            return
+        self._read_notifications(read_fd)
+
     def _read_notifications(self, fd: int) -> None:
         buffer = b""
 
@@ -102,7 +118,12 @@ class GatewayApp:
             buffer += data
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
-                if line and self.scheduler is not None:
+                if not line or self.scheduler is None:
+                    continue
+                if line == b"*":
+                    for qid in self.queue.ids():
+                        self.scheduler.notify(qid)
+                else:
                     self.scheduler.notify(line.decode("ascii", "replace"))
 
         os.set_blocking(fd, False)
@@ -142,12 +163,29 @@ class GatewayApp:
         if self.policy.delivery.enabled and self.role != "worker":
             self.scheduler = Scheduler(self)
             await self.scheduler.start(found)
+            self._watch_trigger()
         for settings in self.policy.listeners:
             sock = sockets.get(settings.name) if sockets else None
             listener = Listener(settings, self.handler_for, tls_context, reuse_port=self.reuse_port, sock=sock)
             await listener.start()
             self.listeners[settings.name] = listener
+        if self.role != "worker":
+            self._write_pidfile()
         log.info("gateway started hostname=%s pid=%d", self.policy.server.hostname, os.getpid())
+
+    @property
+    def pidfile(self) -> Path:
+        """``<var_dir>/gateway.pid``: where ``gateway reload`` finds the running gateway."""
+        return Path(self.policy.server.var_dir) / "gateway.pid"
+
+    def _write_pidfile(self) -> None:
+        try:
+            self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.pidfile.with_suffix(".tmp")
+            tmp.write_text(f"{os.getpid()}\n")
+            tmp.replace(self.pidfile)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.pidfile, exc)
 
     def port(self, name: str | None = None) -> int:
         """The bound port of a listener (the first one by default)."""
@@ -175,9 +213,19 @@ class GatewayApp:
         old = self.gateway
         self.gateway, self.policy, self._handlers = gateway, policy, {}
         if old is not None:
-            await old.runner.call_all("gateway_shutdown", old.policy.plugins, gateway=old)
+            # Sessions that began under the old policy finish under it: its plugins
+            # are shut down only once those sessions are over.
+            running = set().union(*(l.sessions for l in self.listeners.values()))
+            task = asyncio.create_task(self._retire(old, running))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
         log.info("policy reloaded from %s", self.policy_path)
         return True
+
+    async def _retire(self, old: Gateway, sessions: set[asyncio.Task[Any]]) -> None:
+        if sessions:
+            await asyncio.wait(sessions, timeout=old.policy.limits.session_timeout)
+        await old.runner.call_all("gateway_shutdown", old.policy.plugins, gateway=old)
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let sessions finish within ``grace``, close the queue."""
@@ -186,12 +234,23 @@ class GatewayApp:
         await asyncio.gather(*(l.drain(grace) for l in self.listeners.values()))
         if self.scheduler is not None:
             await self.scheduler.stop(grace)
+        if self._retiring:
+            await asyncio.wait(set(self._retiring), timeout=grace)
         if self.gateway is not None:
             await self.gateway.runner.call_all(
                 "gateway_shutdown", self.gateway.policy.plugins, gateway=self.gateway
             )
         await self.queue.close()
+        for fd in getattr(self, "_trigger_fds", ()):
+            asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.role != "worker":
+            try:
+                if self.pidfile.read_text().strip() == str(os.getpid()):
+                    self.pidfile.unlink()
+            except OSError:
+                pass
         log.info("gateway stopped")
 
     async def run_forever(

@@ -9,7 +9,9 @@ state lives in ``state/<qid>``, replaced atomically. See ``docs/queue.md``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import itertools
 import json
 import logging
@@ -20,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from gateway.model import Envelope, Message, QueuedRecipient
 from gateway.queue.committer import (
@@ -135,6 +137,30 @@ class QueueStore:
     def _state_lock(self, qid: str) -> threading.Lock:
         return self._state_locks[hash(qid) % len(self._state_locks)]
 
+    @contextlib.contextmanager
+    def _locked(self, qid: str) -> Iterator[None]:
+        """Serialise state changes of ``qid`` across threads and processes.
+
+        The gateway's scheduler and ``gateway queue hold/release/retry`` both
+        read-modify-write the state file: a thread lock covers this process, an
+        advisory ``flock`` on the (immutable) message file covers the others.
+        """
+        with self._state_lock(qid):
+            fd = -1
+            for area in AREAS:
+                try:
+                    fd = os.open(self._path(area, qid), os.O_RDONLY | os.O_CLOEXEC)
+                    break
+                except FileNotFoundError:
+                    continue
+            if fd < 0:
+                raise FileNotFoundError(errno.ENOENT, f"no queued message qid={qid}")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
     # Recovery -------------------------------------------------------------------------
 
     def open(self) -> list[str]:
@@ -178,6 +204,26 @@ class QueueStore:
             if not (self.root / sub).is_dir():
                 raise FileNotFoundError(f"queue {self.root} is not open: {sub}/ is missing")
         self._committer.reopen()
+
+    @property
+    def trigger_path(self) -> Path:
+        """A FIFO the running gateway reads: a queue id, or ``*``, per line means
+        "look at this message (all messages) now" (qmail's lock/trigger)."""
+        return self.root / "trigger"
+
+    def trigger(self, *qids: str) -> bool:
+        """Wake the running gateway's scheduler; False if no gateway is listening."""
+        try:
+            fd = os.open(self.trigger_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (FileNotFoundError, OSError):
+            return False  # ENXIO: no reader, the gateway is not running
+        try:
+            os.write(fd, "".join(f"{q}\n" for q in qids).encode("ascii"))
+        except BlockingIOError:
+            pass  # the gateway has a backlog; its periodic rescan will do
+        finally:
+            os.close(fd)
+        return True
 
     def _verify_area(self, area: str) -> set[str]:
         good: set[str] = set()
@@ -352,9 +398,7 @@ class QueueStore:
         :raises FileNotFoundError: when the message is not queued
         :raises OSError: when the state cannot be written; the old one still holds
         """
-        with self._state_lock(qid):
-            if not any(self._path(area, qid).exists() for area in AREAS):
-                raise FileNotFoundError(errno.ENOENT, f"no queued message qid={qid}")
+        with self._locked(qid):
             old = self._read_state(qid) or {}
             state = {
                 "recipients": [r.to_dict() for r in envelope.recipients],
