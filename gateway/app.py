@@ -13,7 +13,8 @@ from typing import Any, Mapping
 from gateway.context import Gateway
 from gateway.delivery.scheduler import Scheduler
 from gateway.dns import make_resolver
-from gateway.hooks import HookRunner, PluginSpec, discover_plugins
+from gateway.hooks import HookRunner, HookStats, PluginSpec, discover_plugins
+from gateway.metrics import Counters, start_metrics_server
 from gateway.policy import Policy, PolicyError, load_policy
 from gateway.queue import QueueStore
 from gateway.smtp.handler import SmtpHandler
@@ -59,12 +60,15 @@ class GatewayApp:
         self.listeners: dict[str, Listener] = {}
         self._handlers: dict[str, SmtpHandler] = {}
         self.scheduler: Scheduler | None = None
+        self.counters = Counters()
+        self.hook_stats = HookStats()
+        self.metrics_server: Any = None
         self._retiring: set[asyncio.Task[None]] = set()
 
     # -- life cycle --------------------------------------------------------
 
     async def _build(self, policy: Policy) -> Gateway:
-        runner = HookRunner(self.specs, [entry.name for entry in policy.plugins])
+        runner = HookRunner(self.specs, [entry.name for entry in policy.plugins], stats=self.hook_stats)
         gateway = Gateway(
             policy=policy,
             runner=runner,
@@ -73,6 +77,7 @@ class GatewayApp:
             hostname=policy.server.hostname,
             resolver=make_resolver(policy.dns),
             notify_queued=self._queued,
+            counters=self.counters,
         )
         await runner.startup(policy.plugins, gateway=gateway)
         return gateway
@@ -171,6 +176,9 @@ class GatewayApp:
             self.listeners[settings.name] = listener
         if self.role != "worker":
             self._write_pidfile()
+        metrics = self.policy.metrics
+        if metrics.enabled and self.role != "worker":
+            self.metrics_server = await asyncio.to_thread(start_metrics_server, self, metrics.address, metrics.port)
         log.info("gateway started hostname=%s pid=%d", self.policy.server.hostname, os.getpid())
 
     @property
@@ -240,6 +248,8 @@ class GatewayApp:
             await self.gateway.runner.call_all(
                 "gateway_shutdown", self.gateway.policy.plugins, gateway=self.gateway
             )
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.shutdown)
         await self.queue.close()
         for fd in getattr(self, "_trigger_fds", ()):
             asyncio.get_running_loop().remove_reader(fd)

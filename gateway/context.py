@@ -37,6 +37,8 @@ class Gateway:
     resolver: Any = field(default=None, repr=False)
     """The shared asynchronous DNS resolver (``dns.asyncresolver.Resolver``, see :mod:`gateway.dns`)."""
     notify_queued: Callable[[str], None] = field(default=lambda qid: None, repr=False)
+    counters: Any = field(default=None, repr=False)
+    """Event counters for the metrics endpoint (:class:`gateway.metrics.Counters`)."""
     """Called with the queue id of each message committed to the queue (wakes the scheduler)."""
 
     async def run_in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

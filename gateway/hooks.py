@@ -96,14 +96,34 @@ class _Impl:
     argnames: tuple[str, ...]
 
 
+#: Upper bounds (seconds) of the hook latency histogram buckets.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
 @dataclass
 class HookStats:
-    """Counters the runner keeps per (plugin, hook); read by the metrics endpoint."""
+    """Counters the runner keeps per (plugin, hook); read by the metrics endpoint.
+
+    Plain integers on the hot path; the metrics endpoint turns them into Prometheus
+    series only when scraped. Kept across policy reloads (the app passes it on).
+    """
 
     calls: dict[tuple[str, str], int] = field(default_factory=dict)
     seconds: dict[tuple[str, str], float] = field(default_factory=dict)
-    verdicts: dict[tuple[str, str], int] = field(default_factory=dict)
+    buckets: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    verdicts: dict[tuple[str, str, str], int] = field(default_factory=dict)
     errors: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def observe(self, key: tuple[str, str], elapsed: float) -> None:
+        self.calls[key] = self.calls.get(key, 0) + 1
+        self.seconds[key] = self.seconds.get(key, 0.0) + elapsed
+        counts = self.buckets.get(key)
+        if counts is None:
+            counts = self.buckets[key] = [0] * len(LATENCY_BUCKETS)
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if elapsed <= bound:
+                counts[i] += 1
+                break
 
 
 class HookRunner:
@@ -113,12 +133,14 @@ class HookRunner:
     chain to run is passed per call, because overrides give each scope its own.
     """
 
-    def __init__(self, specs: Mapping[str, PluginSpec], names: Iterable[str]) -> None:
+    def __init__(
+        self, specs: Mapping[str, PluginSpec], names: Iterable[str], stats: HookStats | None = None
+    ) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.objects: dict[str, object] = {}
         self._impls: dict[str, dict[str, _Impl]] = {}
-        self.stats = HookStats()
+        self.stats = stats if stats is not None else HookStats()
         for name in dict.fromkeys(names):
             obj = specs[name].instantiate()
             self.pm.register(obj, name=name)
@@ -174,10 +196,7 @@ class HookRunner:
                     continue
                 return Verdict(Action.TEMPFAIL, PLUGIN_ERROR_REPLY, entry.id, reason)
             finally:
-                self.stats.calls[key] = self.stats.calls.get(key, 0) + 1
-                self.stats.seconds[key] = (
-                    self.stats.seconds.get(key, 0.0) + time.perf_counter() - started
-                )
+                self.stats.observe(key, time.perf_counter() - started)
             if result is None:
                 continue
             if not isinstance(result, Verdict):
@@ -190,7 +209,8 @@ class HookRunner:
                     entry.id, hook, verdict.action.value, str(verdict.reply), verdict.reason,
                 )
                 continue
-            self.stats.verdicts[key] = self.stats.verdicts.get(key, 0) + 1
+            vkey = (entry.id, hook, verdict.action.value)
+            self.stats.verdicts[vkey] = self.stats.verdicts.get(vkey, 0) + 1
             return verdict
         return None
 

@@ -10,6 +10,8 @@ __all__ = ["DEFAULT_PLUGINS"]
 #: Every stock plugin module, in registration order.
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "auth_users_file",
+    "connect_earlytalker",
+    "helo_checks",
     "rcpt_relay",
     "rcpt_local_users",
     "queue_received_header",

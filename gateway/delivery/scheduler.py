@@ -265,6 +265,9 @@ class Scheduler:
             rcpt.state = RecipientState.FAILED
         else:
             rcpt.attempts += 1
+        counters = gateway.counters
+        if counters is not None:
+            counters.bump(counters.deliveries, (outcome.status, "remote" if outcome.remote else "local"))
         log.info(
             "delivery to=<%s> status=%s relay=%s reply=%r",
             short(rcpt.address), outcome.status, outcome.remote or "local", short(rcpt.last_reply, 200),

@@ -31,6 +31,7 @@ from gateway.policy.model import (
     DeliverySettings,
     DnsSettings,
     LocalSettings,
+    MetricsSettings,
     RouteSettings,
     Match,
     Override,
@@ -62,6 +63,7 @@ _SECTIONS: dict[str, type] = {
     "scoring": ScoringSettings,
     "dns": DnsSettings,
     "delivery": DeliverySettings,
+    "metrics": MetricsSettings,
 }
 _TOP_LEVEL = (*_SECTIONS, "listeners", "routes", "plugins", "overrides")
 _OVERRIDE_KEYS = ("match", "disable", "plugins", "limits")
@@ -218,6 +220,7 @@ class _Loader:
             scoring=scoring,
             dns=self.section(data, DnsSettings, "dns"),
             delivery=self.section(data, DeliverySettings, "delivery"),
+            metrics=self.section(data, MetricsSettings, "metrics"),
             routes=routes,
             plugins=plugins,
             overrides=overrides,

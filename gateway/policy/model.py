@@ -32,6 +32,7 @@ __all__ = [
     "DeliverySettings",
     "DnsSettings",
     "LocalAssign",
+    "MetricsSettings",
     "RouteSettings",
     "Limits",
     "ListenerSettings",
@@ -167,6 +168,15 @@ class LocalSettings:
     program_user: str = setting(
         "nobody", "when running as root: run programs of users without uid as this user"
     )
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """The Prometheus endpoint: ``[metrics]``."""
+
+    enabled: bool = setting(False, "serve /metrics over HTTP")
+    address: str = setting("127.0.0.1", "address to bind (keep it on loopback or a management network)")
+    port: int = setting(9125, "TCP port (0: any free port)", min=0, max=65535)
 
 
 @dataclass(frozen=True)
@@ -402,6 +412,7 @@ class Policy:
     relay: RelaySettings = setting(RelaySettings(), "relay permissions")
     scoring: ScoringSettings = setting(ScoringSettings(), "score thresholds")
     dns: DnsSettings = setting(DnsSettings(), "resolver")
+    metrics: MetricsSettings = setting(MetricsSettings(), "Prometheus endpoint")
     delivery: DeliverySettings = setting(DeliverySettings(), "scheduler and delivery agents")
     routes: tuple[RouteSettings, ...] = setting((), "smarthost routes, first match wins")
     plugins: tuple[PluginEntry, ...] = setting((), "the ordered plugin chain")

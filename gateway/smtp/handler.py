@@ -9,6 +9,7 @@ Every decision is logged as one line.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -193,7 +194,7 @@ class SmtpHandler:
         )
         verdict = await self.runner.first_verdict("gateway_data", dscope.plugins, **kwargs)
         if verdict is None:
-            verdict = self._score(txn)
+            verdict = self._score(session, txn)
         if verdict is not None:
             self._note_quarantine(txn, verdict)
             if verdict.is_refusal:
@@ -222,6 +223,11 @@ class SmtpHandler:
             return Answer(REPLY_QUEUE_FAILED)
         if area == "msg":
             self.gateway.notify_queued(txn.queue_id)
+        counters = self.gateway.counters
+        if counters is not None:
+            counters.queued += 1
+            counters.queued_bytes += message.size
+            counters.quarantined += area == "quarantine"
         log.info(
             "queued from=<%s> to=%s size=%d area=%s score=%.1f",
             short(txn.sender),
@@ -232,11 +238,15 @@ class SmtpHandler:
         )
         return Answer(Reply(250, "2.0.0", f"OK queued as {txn.queue_id}"))
 
-    def _score(self, txn: Transaction) -> Verdict | None:
-        """The policy's final scoring step: the summed score against thresholds."""
+    def _score(self, session: Session, txn: Transaction) -> Verdict | None:
+        """The policy's final scoring step: the session's and the message's summed
+        scores (connect and HELO findings count for every message of the session)
+        against the thresholds."""
         scoring = self.policy.scoring
-        total = txn.results.total
-        reasons = ", ".join(f"{r.plugin}={r.score:g}" for r in txn.results if r.score)
+        total = txn.results.total + session.results.total
+        reasons = ", ".join(
+            f"{r.plugin}={r.score:g}" for r in itertools.chain(session.results, txn.results) if r.score
+        )
         if scoring.reject is not None and total >= scoring.reject:
             return Verdict(
                 Action.REJECT,
@@ -261,8 +271,10 @@ class SmtpHandler:
             txn.stash[QUARANTINE_REASON] = f"{verdict.plugin}: {verdict.reason}"
             log.info("quarantine by=%s reason=%s", verdict.plugin, short(verdict.reason))
 
-    @staticmethod
-    def _log_verdict(stage: str, verdict: Verdict, **extra: object) -> None:
+    def _log_verdict(self, stage: str, verdict: Verdict, **extra: object) -> None:
+        counters = self.gateway.counters
+        if counters is not None:
+            counters.bump(counters.refused, (stage, verdict.action.value))
         details = " ".join(f"{k}=<{short(v)}>" for k, v in extra.items())
         log.info(
             "%s %s by=%s reply=%r reason=%s %s",

@@ -207,6 +207,9 @@ class GatewaySMTP(SMTP):
         session, scope = self.handler.open_session(peer, local)
         self.gsession, self.scope = session, scope
         session.has_early_data = lambda: bool(self._reader._buffer)  # type: ignore[attr-defined]
+        counters = self.handler.gateway.counters
+        if counters is not None:
+            counters.bump(counters.sessions, session.listener)
         SESSION_ID.set(session.id)
         limits = scope.limits
         if self.implicit_tls:

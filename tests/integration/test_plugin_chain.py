@@ -151,3 +151,19 @@ def test_listener_override_disables_a_plugin(gateway_factory) -> None:
     with smtp(denied.port) as client:
         client.ehlo()
         assert client.mail("a@example.org") == (550, b"5.7.1 Go away")
+
+
+def suspicious_client(session, settings):
+    session.results.add("connect_suspicious", settings.score, "client looks odd")
+
+
+def test_connect_scores_count_towards_the_message_verdict(gateway_factory) -> None:
+    specs = plugin_specs(
+        connect_suspicious=make_plugin("connect_suspicious", gateway_connect=suspicious_client),
+        data_spammy=make_plugin("data_spammy", gateway_data=spammy),
+    )
+    policy = chain('name = "connect_suspicious"\nscore = 3.0', 'name = "data_spammy"\nscore = 3.0',
+                   extra="\n[scoring]\nreject = 5.0\n")
+    gw = gateway_factory(policy, specs=specs)
+    code, text = send(gw.port)
+    assert code == 550 and text.startswith(b"5.7.1")

@@ -160,20 +160,24 @@ def test_privilege_drop_to_nobody() -> None:
 
 
 def test_cancellation_kills_the_program(tmp_path: Path) -> None:
-    async def main() -> None:
+    async def main() -> bool:
         task = asyncio.create_task(
             run_program(
-                f"echo $$ > {tmp_path}/pid; sleep 30", MESSAGE,
-                env={}, cwd=tmp_path, uid=None, gid=None, timeout=60,
+                f"echo $$ > {tmp_path}/pid; exec sleep 300", MESSAGE,
+                env={}, cwd=tmp_path, uid=None, gid=None, timeout=600,
             )
         )
-        while not (tmp_path / "pid").exists() or not (tmp_path / "pid").read_text():
+        while not (tmp_path / "pid").exists() or not (tmp_path / "pid").read_text().strip():
             await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        # The program must be gone now, not when its sleep would have ended.
+        pid = int((tmp_path / "pid").read_text())
+        for _ in range(500):
+            if not _alive(pid):
+                return True
+            await asyncio.sleep(0.01)
+        return False
 
-    started = time.monotonic()
-    asyncio.run(main())
-    assert time.monotonic() - started < 10
-    assert not _alive(int((tmp_path / "pid").read_text()))
+    assert asyncio.run(main()), "the program outlived the cancelled delivery"

@@ -1,0 +1,43 @@
+"""/metrics scraped from a running gateway and parsed with prometheus-client's parser."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import BASE_POLICY, MESSAGE, RawClient, smtp
+
+
+def scrape(port: int) -> dict[str, list]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def value(samples: list, name: str, **labels: str) -> float:
+    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_metrics_count_sessions_messages_verdicts_and_queue(gateway_factory) -> None:
+    gw = gateway_factory(BASE_POLICY + '\n[metrics]\nenabled = true\nport = 0\n')
+    port = gw.app.metrics_server.server_address[1]
+    with smtp(gw.port) as client:
+        client.sendmail("a@example.org", ["alice@localhost"], MESSAGE)
+    c = RawClient(gw.port)
+    c.reply()
+    c.cmd("EHLO client.test.example")
+    c.cmd("MAIL FROM:<a@example.org>")
+    assert c.cmd("RCPT TO:<x@elsewhere.example>")[0] == 554
+    c.cmd("QUIT")
+    c.close()
+    metrics = scrape(port)
+    assert value(metrics["gateway_sessions"], "gateway_sessions_total", listener="smtp") == 2
+    assert value(metrics["gateway_messages_queued"], "gateway_messages_queued_total") == 1
+    assert value(metrics["gateway_messages_queued_bytes"], "gateway_messages_queued_bytes_total") == len(MESSAGE)
+    assert value(metrics["gateway_plugin_verdicts"], "gateway_plugin_verdicts_total",
+                 plugin="rcpt_relay", hook="gateway_rcpt", action="reject") == 1
+    assert value(metrics["gateway_refusals"], "gateway_refusals_total", stage="rcpt", action="reject") == 1
+    histogram = metrics["gateway_hook_duration_seconds"]
+    assert value(histogram, "gateway_hook_duration_seconds_count", plugin="rcpt_local_users", hook="gateway_rcpt") == 1
+    assert value(metrics["gateway_queue_messages"], "gateway_queue_messages") == 1
