@@ -362,7 +362,7 @@ class QueuedRecipient:
                 out[flag] = True
         if self.remote:
             out["remote"] = self.remote
-        if self.orcpt:
+        if self.orcpt is not None:
             out["orcpt"] = self.orcpt
         if self.notify:
             out["notify"] = list(self.notify)

@@ -11,7 +11,10 @@ __all__ = ["DEFAULT_PLUGINS"]
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "auth_users_file",
     "connect_earlytalker",
+    "connect_limits",
     "helo_checks",
+    "mail_rate_limit",
+    "rcpt_greylist",
     "rcpt_relay",
     "rcpt_local_users",
     "queue_received_header",
