@@ -303,13 +303,16 @@ class Scheduler:
             groups.setdefault(route, []).append(rcpt)
 
         async def run(route: Route, rcpts: list[QueuedRecipient]) -> None:
-            outcomes = await self._deliver_group(gateway, qid, envelope, route, rcpts, message)
-            for rcpt in rcpts:
-                outcome = outcomes.get(rcpt.address)
-                if outcome is not None:
-                    await self._record(gateway, envelope, rcpt, outcome)
-            if outcomes:
-                await gateway.run_in_thread(self.queue.update_state, qid, envelope)
+            # The concurrency slot is held until the results are on disk, so at most
+            # local + remote concurrency deliveries can ever be done-but-unrecorded.
+            async with self._local if isinstance(route, (LocalRoute, SpecialRoute)) else self._remote:
+                outcomes = await self._deliver_group(gateway, qid, envelope, route, rcpts, message)
+                for rcpt in rcpts:
+                    outcome = outcomes.get(rcpt.address)
+                    if outcome is not None:
+                        await self._record(gateway, envelope, rcpt, outcome)
+                if outcomes:
+                    await gateway.run_in_thread(self.queue.update_state, qid, envelope)
 
         await asyncio.gather(*(run(route, rcpts) for route, rcpts in groups.items()))
 
@@ -335,13 +338,11 @@ class Scheduler:
         local, remote = self._agents_for(gateway)
         try:
             if isinstance(route, LocalRoute):
-                async with self._local:
-                    return {
-                        r.address: await self._deliver_local(gateway, local, qid, envelope, r, route, data)
-                        for r in rcpts
-                    }
-            async with self._remote:
-                return dict(await remote.deliver(envelope, rcpts, route, data))
+                return {
+                    r.address: await self._deliver_local(gateway, local, qid, envelope, r, route, data)
+                    for r in rcpts
+                }
+            return dict(await remote.deliver(envelope, rcpts, route, data))
         except TemporaryFailure as exc:
             return dict.fromkeys(addresses, Outcome("deferred", exc.reply))
         except PermanentFailure as exc:
