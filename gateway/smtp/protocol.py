@@ -482,7 +482,13 @@ class GatewaySMTP(SMTP):
             return
         # aiosmtpd switches the transport; connection_made then drops any plaintext
         # the client pipelined after STARTTLS and resets the session (RFC 3207 §4.2).
-        await self.smtp_STARTTLS("")
+        # A client that never completes the handshake must not hold the session.
+        try:
+            async with asyncio.timeout(self.scope.limits.idle_timeout):
+                await self.smtp_STARTTLS("")
+        except TimeoutError:
+            log.info("TLS handshake timed out client=%s", self.gsession.peer_ip)
+            raise _Close() from None
 
     async def cmd_auth(self, arg: str) -> None:
         session = self.gsession
