@@ -10,6 +10,7 @@ __all__ = ["DEFAULT_PLUGINS"]
 #: Every stock plugin module, in registration order.
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "auth_users_file",
+    "connect_dnsbl",
     "connect_earlytalker",
     "connect_limits",
     "helo_checks",
