@@ -14,6 +14,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "connect_earlytalker",
     "connect_limits",
     "helo_checks",
+    "mail_spf",
     "mail_rate_limit",
     "rcpt_greylist",
     "rcpt_relay",
