@@ -14,6 +14,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "connect_earlytalker",
     "connect_limits",
     "data_clamav",
+    "data_dkim_verify",
+    "data_dmarc",
     "data_rspamd",
     "data_spamd",
     "helo_checks",
@@ -22,5 +24,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rcpt_greylist",
     "rcpt_relay",
     "rcpt_local_users",
+    "queue_authentication_results",
+    "queue_dkim_sign",
     "queue_received_header",
 )

@@ -1,0 +1,211 @@
+"""DMARC (RFC 7489): does the author domain vouch for this message, and what does it ask?
+
+Hook: ``gateway_data``. Put it after ``data_dkim_verify`` (and after ``mail_spf``, which
+runs at MAIL FROM): it reads their results from :mod:`gateway.authres`.
+
+1. The author domain is the domain of the single RFC 5322.From address. A message with
+   no From, several From fields or several addresses gets ``dmarc=permerror``
+   (RFC 7489 §6.6.1) and ``bad_from_action``.
+2. The policy record is ``_dmarc.<author domain>`` TXT, else that of the organisational
+   domain (the last two labels, or three under a known multi-label suffix such as
+   ``co.uk``; ``public_suffixes`` adds more). A record found at the organisational
+   domain applies its ``sp=`` policy to subdomains, when it has one.
+3. The message passes if an SPF ``pass`` for the MAIL FROM domain (``smtp.mailfrom``,
+   or ``smtp.helo`` for the null sender) or a DKIM ``pass`` (``header.d``) is aligned
+   with the author domain: equal in strict mode (``aspf=s``, ``adkim=s``), the same
+   organisational domain in relaxed mode (the default).
+4. A failing message is subject to the policy: ``reject`` and ``quarantine`` are
+   enacted for ``pct`` percent of failing messages (RFC 7489 §6.6.4), the rest are only
+   annotated; ``pct=0`` never enacts. What "enacting" means is the site's choice:
+   ``reject_action`` and ``quarantine_action`` (reject with 550 5.7.1, quarantine,
+   add ``score`` to the transaction's results, or only annotate).
+
+Records ``dmarc=<result>`` (pass, fail, none, temperror, permerror) with ``header.from``
+and ``policy.dmarc`` (the policy in force: ``p`` or ``sp``), and stashes a
+:class:`DmarcResult` under :data:`DMARC_RESULT`. A DNS failure looking up the record, or
+a temporary SPF/DKIM error on an aligned identifier when nothing passed, gives
+``temperror`` and ``on_dns_error`` (default ``tempfail``: 451 4.4.3).
+
+Settings: ``reject_action`` (default ``reject``), ``quarantine_action`` (default
+``quarantine``), ``score`` (default 5.0), ``bad_from_action`` (default ``reject``),
+``on_dns_error`` (default ``tempfail``), ``public_suffixes`` (default none),
+``check_outbound`` (default false: mail from relay clients and authenticated users is
+not checked; it is signed later, at the queue stage).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gateway.authres import AuthResult, add_result, results
+from gateway.context import Gateway
+from gateway.dns import DnsTemporaryError
+from gateway.hooks import hookimpl
+from gateway.model import Message, Session, StashKey, Transaction
+from gateway.verdicts import Reply, Verdict
+from plugins._dmarc_record import DmarcRecord, discover_record
+from plugins._mailauth import author_domain, is_aligned
+
+__all__ = ["DMARC_RESULT", "DmarcResult", "Settings"]
+
+log = logging.getLogger("plugins.data_dmarc")
+
+REPLY_REJECT = Reply(550, "5.7.1", "Message rejected: it fails the DMARC policy of its author domain")
+REPLY_BAD_FROM = Reply(550, "5.7.1", "Message rejected: it must have exactly one From address")
+# RFC 3463 X.4.3: directory (DNS) server failure.
+REPLY_DNS = Reply(451, "4.4.3", "Temporary DNS failure checking DMARC, try again later")
+
+_Action = Literal["reject", "quarantine", "score", "annotate"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Settings of ``data_dmarc``."""
+
+    reject_action: _Action = field(
+        default="reject", metadata={"doc": "what p=reject does: reject (550 5.7.1), quarantine, score or annotate"}
+    )
+    quarantine_action: Literal["quarantine", "score", "annotate"] = field(
+        default="quarantine", metadata={"doc": "what p=quarantine does: quarantine, score or annotate"}
+    )
+    score: float = field(default=5.0, metadata={"doc": "score added when an action is 'score'"})
+    bad_from_action: Literal["reject", "score", "annotate"] = field(
+        default="reject", metadata={"doc": "for a message without exactly one From address"}
+    )
+    on_dns_error: Literal["tempfail", "continue"] = field(
+        default="tempfail", metadata={"doc": "DMARC temperror: answer 451 4.4.3, or go on with the header only"}
+    )
+    public_suffixes: tuple[str, ...] = field(
+        default=(), metadata={"doc": "extra multi-label public suffixes for organisational domains"}
+    )
+    check_outbound: bool = field(
+        default=False, metadata={"doc": "also check mail from relay clients and authenticated users"}
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DmarcResult:
+    """The DMARC outcome of one message.
+
+    :param result: pass, fail, none, temperror or permerror
+    :param domain: the author domain ("" when there is not exactly one)
+    :param policy: the policy in force (``p`` or ``sp``), "" without a record
+    :param enacted: what was asked of us after ``pct``: none, quarantine or reject
+    :param reason: why, for the header and the logs
+    """
+
+    result: str
+    domain: str = ""
+    policy: str = ""
+    enacted: str = "none"
+    reason: str = ""
+
+
+DMARC_RESULT = StashKey[DmarcResult]("data_dmarc.result")
+
+
+def _identifier_domain(result: AuthResult) -> str | None:
+    # RFC 7489 §4.1: the SPF identity is MAIL FROM, or HELO for the null sender.
+    value = result.prop("smtp.mailfrom") or result.prop("smtp.helo") or result.prop("header.d")
+    if not value:
+        return None
+    return value.rpartition("@")[2].lower().rstrip(".") or None
+
+
+def evaluate(
+    txn: Transaction, author: str, record: DmarcRecord, suffixes: tuple[str, ...]
+) -> tuple[str, str]:
+    """Whether an aligned SPF or DKIM pass exists (RFC 7489 §4.2).
+
+    :param txn: the transaction whose SPF and DKIM results are read
+    :param author: the author domain
+    :param record: the policy record (its alignment modes)
+    :param suffixes: site-specific public suffixes
+    :returns: (pass / fail / temperror, reason)
+    """
+    checks = [(r, record.aspf) for r in results(txn, "spf")] + [(r, record.adkim) for r in results(txn, "dkim")]
+    aligned_temp = False
+    for found, mode in checks:
+        domain = _identifier_domain(found)
+        if domain is None or not is_aligned(domain, author, mode, suffixes):
+            continue
+        if found.result == "pass":
+            return "pass", f"aligned {found.method} pass ({domain})"
+        if found.result == "temperror":
+            aligned_temp = True
+    if aligned_temp:
+        return "temperror", "aligned identifier could not be checked"
+    return "fail", "no aligned SPF or DKIM pass"
+
+
+def _act(action: str, txn: Transaction, settings: Settings, reason: str, reply: Reply) -> Verdict | None:
+    if action == "reject":
+        return Verdict.reject(reply, reason=reason)
+    if action == "quarantine":
+        return Verdict.quarantine(reason)
+    if action == "score":
+        txn.results.add("data_dmarc", settings.score, reason)
+    return None
+
+
+def _record(txn: Transaction, outcome: DmarcResult) -> None:
+    props: list[tuple[str, str]] = []
+    if outcome.domain:
+        props.append(("header.from", outcome.domain))
+    if outcome.policy:
+        props.append(("policy.dmarc", outcome.policy))
+    # A pass needs no explanation in the header; the log line names the aligned identifier.
+    reason = "" if outcome.result == "pass" else outcome.reason
+    add_result(txn, AuthResult("dmarc", outcome.result, reason, tuple(props)))
+    txn.stash[DMARC_RESULT] = outcome
+
+
+@hookimpl
+async def gateway_data(
+    session: Session, txn: Transaction, message: Message, gateway: Gateway, settings: Settings
+) -> Verdict | None:
+    if not settings.check_outbound and (session.is_relay_client or session.is_authenticated):
+        return None
+    author, problem = author_domain(message)
+    if author is None:
+        _record(txn, DmarcResult("permerror", reason=problem))
+        log.info("txn=%s dmarc=permerror %s", txn.id, problem)
+        return _act(settings.bad_from_action, txn, settings, f"DMARC: {problem}", REPLY_BAD_FROM)
+
+    timeout = float(gateway.policy.dns.timeout) + 1.0
+    try:
+        record, found_at = await discover_record(gateway.resolver, author, timeout, settings.public_suffixes)
+    except DnsTemporaryError as exc:
+        _record(txn, DmarcResult("temperror", author, reason="policy lookup failed"))
+        log.info("txn=%s dmarc=temperror from=%s: %s", txn.id, author, exc)
+        return Verdict.tempfail(REPLY_DNS, reason=str(exc)) if settings.on_dns_error == "tempfail" else None
+    if record is None:
+        _record(txn, DmarcResult("none", author, reason="no DMARC record"))
+        return None
+
+    # RFC 7489 §6.3: sp= is the policy for subdomains of the domain that published it.
+    is_subdomain = found_at != author
+    policy = record.subdomain_policy if is_subdomain and record.subdomain_policy else record.policy
+    result, reason = evaluate(txn, author, record, settings.public_suffixes)
+    if result != "fail":
+        _record(txn, DmarcResult(result, author, policy, reason=reason))
+        log.info("txn=%s dmarc=%s from=%s: %s", txn.id, result, author, reason)
+        if result == "temperror" and settings.on_dns_error == "tempfail":
+            return Verdict.tempfail(REPLY_DNS, reason=f"DMARC {author}: {reason}")
+        return None
+
+    # RFC 7489 §6.6.4: enact the policy on no more than pct percent of failing mail.
+    enacted = policy if random.randrange(100) < record.pct else "none"
+    if enacted != policy:
+        reason += f"; p={policy} not applied (pct={record.pct})"
+    _record(txn, DmarcResult("fail", author, policy, enacted, reason))
+    log.info("txn=%s dmarc=fail from=%s policy=%s enacted=%s", txn.id, author, policy, enacted)
+    why = f"DMARC {author} p={policy}: {reason}"
+    if enacted == "reject":
+        return _act(settings.reject_action, txn, settings, why, REPLY_REJECT)
+    if enacted == "quarantine":
+        return _act(settings.quarantine_action, txn, settings, why, REPLY_REJECT)
+    return None
