@@ -354,10 +354,11 @@ class QueuedRecipient:
     remote: str = ""
     notified: bool = False  # the DSN this state owes (failure or success) is queued
     warned: bool = False  # a delay DSN was queued
+    dsn_relayed: bool = False  # delivered to a DSN-capable next hop, which notifies
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"address": self.address, "state": self.state.value}
-        for flag in ("notified", "warned"):
+        for flag in ("notified", "warned", "dsn_relayed"):
             if getattr(self, flag):
                 out[flag] = True
         if self.remote:
@@ -384,6 +385,7 @@ class QueuedRecipient:
             remote=str(data.get("remote", "")),
             notified=bool(data.get("notified", False)),
             warned=bool(data.get("warned", False)),
+            dsn_relayed=bool(data.get("dsn_relayed", False)),
         )
 
 

@@ -259,6 +259,7 @@ class Scheduler:
     async def _record(self, gateway: Gateway, envelope: Envelope, rcpt: QueuedRecipient, outcome: Outcome) -> None:
         rcpt.last_reply = _reply_line(outcome.reply)
         rcpt.remote = outcome.remote
+        rcpt.dsn_relayed = outcome.dsn_relayed
         if outcome.status == "delivered":
             rcpt.state = RecipientState.DELIVERED
         elif outcome.status == "failed":
@@ -382,7 +383,10 @@ class Scheduler:
         """Queue the DSNs this state owes; returns True if a flag changed."""
         policy = gateway.policy
         failed = [r for r in envelope.recipients if r.state is RecipientState.FAILED and not r.notified]
-        done = [r for r in envelope.recipients if r.state is RecipientState.DELIVERED and not r.notified]
+        done = [
+            r for r in envelope.recipients
+            if r.state is RecipientState.DELIVERED and not r.notified and not r.dsn_relayed
+        ]
         warning = policy.delivery.delay_warning
         delayed = [
             r for r in envelope.recipients

@@ -22,6 +22,7 @@ class Outcome:
     status: Literal["delivered", "deferred", "failed"]
     reply: Reply
     remote: str = ""
+    dsn_relayed: bool = False  # the next hop took our DSN parameters: it notifies from now on
 
     @property
     def diagnostic(self) -> str:

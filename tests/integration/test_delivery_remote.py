@@ -161,3 +161,18 @@ def test_null_mx_bounces_at_once(gateway_factory, dns) -> None:
     send(relay, "alice@a.test.example", ["x@nullmx.test.example"])
     assert wait_for(lambda: inbox(relay, "alice"), timeout=15)
     assert b"5.1.10" in inbox(relay, "alice")[0]
+
+
+def test_success_notice_only_when_the_next_hop_cannot_send_one(gateway_factory, dns) -> None:
+    for dsn_capable, expect_notice in ((True, False), (False, True)):
+        with SmtpPeer(dsn=dsn_capable) as peer:
+            route = f'[[routes]]\ndomain = "peer.test.example"\nhost = "127.0.0.1"\nport = {peer.port}\n'
+            relay = gateway_factory(sender_policy(dns.port, 25, extra=route))
+            send(relay, "alice@a.test.example", ["frank@peer.test.example"], options=["NOTIFY=SUCCESS"])
+            assert wait_for(lambda: len(peer.messages) == 1, timeout=15)
+            assert wait_for(lambda: relay.queue_ids() == [], timeout=10)
+            if expect_notice:
+                assert wait_for(lambda: inbox(relay, "alice"), timeout=10)
+                assert b"Action: delivered" in inbox(relay, "alice")[0]
+            else:
+                assert inbox(relay, "alice") == []

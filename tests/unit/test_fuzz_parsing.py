@@ -67,6 +67,7 @@ recipients = st.builds(
     remote=st.text(max_size=30),
     notified=st.booleans(),
     warned=st.booleans(),
+    dsn_relayed=st.booleans(),
 )
 envelopes = st.builds(
     Envelope,

@@ -416,8 +416,11 @@ class SmtpConnection:
             status: Literal["delivered", "deferred", "failed"] = "delivered" if final else "deferred"
         else:
             status = "deferred" if reply.is_temporary else "failed"
+        # RFC 3461 §6.2.2: once a DSN-capable next hop has the parameters, success
+        # notices are its job, not ours.
+        relayed = status == "delivered" and self.has_extension("DSN")
         for rcpt in rcpts:
-            outcomes.setdefault(rcpt.address, Outcome(status, reply, self.remote_name))
+            outcomes.setdefault(rcpt.address, Outcome(status, reply, self.remote_name, relayed))
 
     def _refusal(
         self, envelope: Envelope, recipients: Sequence[QueuedRecipient], message: bytes, is_8bit: bool
