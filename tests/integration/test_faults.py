@@ -1,0 +1,139 @@
+"""Fault injection with real processes: a full disk mid-message, a corrupted queue file
+found at start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.model import Envelope, Message, QueuedRecipient
+from gateway.queue import QueueStore
+from tests.conftest import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def up(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def policy_text(tmp: Path, port: int, delivering: bool) -> str:
+    return f"""
+[server]
+queue_dir = "{tmp / 'queue'}"
+var_dir = "{tmp / 'var'}"
+[[listeners]]
+name = "smtp"
+port = {port}
+tls = "none"
+[local]
+domains = ["localhost"]
+users = ["postmaster", "alice"]
+mail_root = "{tmp / 'mail'}"
+[delivery]
+enabled = {str(delivering).lower()}
+poll_interval = "200ms"
+[[plugins]]
+name = "rcpt_relay"
+[[plugins]]
+name = "rcpt_local_users"
+"""
+
+
+def _can_unshare() -> bool:
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        return False
+    return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare to mount a small private filesystem")
+def test_disk_full_mid_message_gives_452_and_leaves_nothing_half_written(tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "queue").mkdir()
+    policy = tmp_path / "policy.toml"
+    policy.write_text(policy_text(tmp_path, port, delivering=False))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # The queue lives on a 256 KiB tmpfs that only the gateway's mount namespace sees.
+    script = (
+        f"mount -t tmpfs -o size=256k tmpfs {tmp_path / 'queue'} && "
+        f"exec {sys.executable} -m gateway.cli run --policy {policy}"
+    )
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: up(port), timeout=20)
+        big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 400  # 400 KB > the disk
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo()
+            client.mail("a@example.org")
+            client.rcpt("alice@localhost")
+            code, text = client.data(big)
+            assert (code, text[:5]) == (452, b"4.3.1")
+            # The session goes on, and a small message still fits.
+            assert client.sendmail("a@example.org", ["alice@localhost"], b"Subject: small\r\n\r\nx\r\n") == {}
+
+        def listing(sub: str) -> list[str]:
+            out = subprocess.run(["nsenter", "-t", str(proc.pid), "-m", "ls", "-A", str(tmp_path / "queue" / sub)],
+                                 capture_output=True, text=True)
+            return out.stdout.split()
+
+        assert listing("tmp") == []
+        assert len(listing("msg")) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_corrupt_queue_file_is_moved_aside_and_the_rest_delivered(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path / "queue")
+    store.open()
+
+    async def fill() -> list[str]:
+        ids = []
+        for n in range(3):
+            qid = store.new_id()
+            env = Envelope(sender="a@example.org", recipients=[QueuedRecipient("alice@localhost")])
+            await store.commit(qid, env, Message(f"Subject: {n}\r\n\r\nbody {n}\r\n".encode()))
+            ids.append(qid)
+        await store.close()
+        return ids
+
+    good1, bad, good2 = asyncio.run(fill())
+    path = tmp_path / "queue" / "msg" / bad
+    path.write_bytes(path.read_bytes()[:-7])  # truncated, as a disk error might leave it
+    port = free_port()
+    policy = tmp_path / "policy.toml"
+    policy.write_text(policy_text(tmp_path, port, delivering=True))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--policy", str(policy)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    new = tmp_path / "mail" / "alice" / "Maildir" / "new"
+    try:
+        assert wait_for(lambda: up(port), timeout=20)
+        assert wait_for(lambda: new.exists() and len(list(new.iterdir())) == 2, timeout=15)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, log = proc.communicate(timeout=30)
+    bodies = sorted(p.read_bytes().split(b"\r\n\r\n", 1)[1] for p in new.iterdir())
+    assert bodies == [b"body 0\r\n", b"body 2\r\n"]
+    assert (tmp_path / "queue" / "corrupt" / bad).exists()
+    assert bad in log and "ERROR" in log
