@@ -11,6 +11,7 @@
 #   spamassassin, spamd       SpamAssassin's spamd (GTUBE)
 #   rspamd                    rspamd (GTUBE)
 #   opendkim-tools            an independent DKIM verifier (opendkim-testmsg)
+#   dovecot-core              Dovecot's auth service (AUTH and user lookups for submission)
 #   iproute2, util-linux      ip and unshare, for the private network namespace that test uses
 set -eu
 need() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
@@ -24,6 +25,7 @@ need sigtool || missing="$missing clamav"
 need spamd || missing="$missing spamd spamassassin"
 need rspamd || missing="$missing rspamd"
 need opendkim-testmsg || missing="$missing opendkim-tools"
+need dovecot || missing="$missing dovecot-core"
 need ip || missing="$missing iproute2"
 need unshare || missing="$missing util-linux"
 [ -z "$missing" ] && exit 0
