@@ -92,7 +92,7 @@ def locate(path: Path) -> tuple[Path, Path]:
     if (path / "control" / "me").is_file():
         return path / "control", path / "users" / "assign"
     if (path / "me").is_file():
-        return path, path.parent / "users" / "assign"
+        return path, path.absolute().parent / "users" / "assign"
     raise QmailFormatError(
         str(path), None, "no control/me or me file here: give the qmail root or its control directory"
     )
@@ -421,9 +421,9 @@ class _Converter:
         out = [
             "# Gateway policy converted from qmail by `gateway import-qmail`.",
             "#",
-            f"# Made from: {self.control}",
+            f"# Made from: {self.control.absolute()}",
             *textwrap.wrap(", ".join(self.read), 86, initial_indent="#   ", subsequent_indent="#   "),
-            *([f"# and {self.assign_path}"] if self.has_assign else []),
+            *([f"# and {self.assign_path.absolute()}"] if self.has_assign else []),
             "# Each converted value names the qmail file and line it came from. What has no",
             '# equivalent here is listed under "Not converted" at the end (and was printed as a',
             "# warning). Keys not written keep the defaults shown in policies/default.toml.",

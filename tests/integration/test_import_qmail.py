@@ -26,6 +26,7 @@ from gateway.delivery.types import LocalRoute, MxRoute, SmarthostRoute
 from gateway.hooks import discover_plugins
 from gateway.policy import Policy, load_policy
 from gateway.testing import running_gateway
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "qmail"
@@ -141,6 +142,29 @@ def test_a_smtp_session_on_the_converted_policy(converted: tuple[Path, str], tmp
         assert len(gw.queue_ids()) == 1
 
 
+def test_mail_lands_in_the_homes_users_assign_gave(converted: tuple[Path, str], tmp_path: Path) -> None:
+    """Local and vpopmail-style virtual delivery with the converted policy, homes moved here."""
+    joe, vhost = tmp_path / "home" / "joe", tmp_path / "vpopmail" / "vhost.example"
+    for home in (joe, vhost):
+        home.mkdir(parents=True, mode=0o755)
+    # qmail-local would read .qmail-info in the domain's home for info@vhost.example.
+    (vhost / ".qmail-info").write_text("./info/\n")
+    (vhost / ".qmail-info").chmod(0o644)
+    text = converted[0].read_text()
+    text = text.replace('address = "0.0.0.0"', 'address = "127.0.0.1"')
+    text = re.sub(r'^(queue_dir|var_dir|mail_root) = "/var/[^"]*"', r'\1 = "\1"', text, flags=re.M)
+    text = text.replace('"/home/joe"', f'"{joe}"').replace('"/home/vpopmail/domains/vhost.example"', f'"{vhost}"')
+    with running_gateway(text, tmp_path / "gw") as gw:
+        with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
+            client.sendmail("sender@elsewhere.example", ["joe@example.com", "info@vhost.example"],
+                            b"Subject: moved\r\n\r\nhello\r\n")
+        assert wait_for(lambda: gw.queue_ids() == [], timeout=15)
+    [joe_copy] = list((joe / "Maildir" / "new").iterdir())
+    assert b"Delivered-To: joe@example.com" in joe_copy.read_bytes()
+    [info_copy] = list((vhost / "info" / "new").iterdir())
+    assert b"Delivered-To: info@vhost.example" in info_copy.read_bytes()
+
+
 # -- malformed input: file and line -----------------------------------------------------
 
 
@@ -190,3 +214,10 @@ def test_a_directory_without_me_is_refused(tmp_path: Path) -> None:
     result = gateway("import-qmail", str(tmp_path))
     assert result.returncode == 2
     assert "no control/me" in result.stderr
+
+
+def test_help_says_what_is_read_and_what_is_not() -> None:
+    result = gateway("import-qmail", "--help")
+    assert result.returncode == 0
+    for text in ("/var/qmail/control", "users/assign", "smtproutes", "Not converted", "[relay] clients"):
+        assert text in result.stdout
