@@ -241,7 +241,7 @@ class _Converter:
         local_names = {d for d, _ in locals_}
         result: list[tuple[str, str, Line]] = []
         for line in self.lines("virtualdomains") or []:
-            target, colon, prefix = line.text.rpartition(":")
+            target, colon, prefix = line.text.partition(":")  # at the first colon, as qmail-send
             if not colon:
                 raise QmailFormatError(line.file, line.number, f"expected domain:prefix, got {line.text!r}")
             if not target:
