@@ -153,7 +153,8 @@ class Plugin:
                     )
         except StateUnavailable as exc:
             log.warning("auth failure not counted, state unavailable: %s", exc)
-        log.info(
+        # The core logs the failure itself (INFO, with login and client); this adds the counts.
+        log.debug(
             "auth failure mechanism=%s client=%s login=%s failures=%s",
             mechanism, session.peer_ip, short(login, 64), ",".join(counts) or "not counted",
         )
