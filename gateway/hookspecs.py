@@ -125,6 +125,28 @@ def gateway_auth(
     """
 
 
+@hookspec
+def gateway_auth_result(
+    session: Session, mechanism: str, login: str, outcome: str, gateway: Gateway, settings: Any
+) -> None:
+    """Note how an AUTH attempt ended: failure counters, lock-outs, logging.
+
+    Always runs, for every plugin entry, after the :func:`gateway_auth` chain decided and
+    before the client gets its reply. Added for brute-force protection: a check that
+    runs before the backends in :func:`gateway_auth` cannot see their answer.
+
+    :param session: the session; ``session.auth_login`` is set when ``outcome`` is
+        ``"success"``
+    :param mechanism: ``PLAIN`` or ``LOGIN``
+    :param login: the authentication identity the client gave (the password is not passed)
+    :param outcome: ``"success"`` (235), ``"failure"`` (535: wrong or unknown
+        credentials) or ``"tempfail"`` (454: a backend down, or a lock-out)
+    :param gateway: the gateway's services and the policy in force for this session
+    :param settings: this plugin entry's settings
+    :returns: nothing; verdicts are ignored
+    """
+
+
 # ---------------------------------------------------------------------------
 # SMTP transaction: mail, rcpt, data, queue
 # ---------------------------------------------------------------------------

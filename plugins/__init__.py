@@ -9,6 +9,7 @@ __all__ = ["DEFAULT_PLUGINS"]
 
 #: Every stock plugin module, in registration order.
 DEFAULT_PLUGINS: tuple[str, ...] = (
+    "auth_lockout",
     "auth_users_file",
     "connect_dnsbl",
     "connect_earlytalker",
@@ -21,9 +22,12 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "helo_checks",
     "mail_spf",
     "mail_rate_limit",
+    "mail_sender_login",
     "rcpt_greylist",
+    "rcpt_restrictions",
     "rcpt_relay",
     "rcpt_local_users",
+    "queue_submission_cleanup",
     "queue_authentication_results",
     "queue_dkim_sign",
     "queue_received_header",

@@ -15,6 +15,10 @@ the recipient only when there is exactly one (never disclose a Bcc list).
 
 Settings: ``show_tls`` (default true), ``show_auth_login`` (default false: do not tell
 recipients a user's login).
+
+A plugin that sets :data:`HIDE_CLIENT` on the transaction's stash (``queue_submission_cleanup``
+with ``hide_client``) gets a header without the ``from`` clause, as for locally submitted
+mail (RFC 5322 §3.6.7 allows it): ``Received: by <our hostname> with ESMTPSA id ...``.
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ from dataclasses import dataclass, field
 
 from gateway.context import Gateway
 from gateway.hooks import hookimpl
-from gateway.model import Message, Session, Transaction
+from gateway.model import Message, Session, StashKey, Transaction
 
-__all__ = ["Settings", "protocol_name", "received_header"]
+__all__ = ["HIDE_CLIENT", "Settings", "protocol_name", "received_header"]
+
+#: Set to true by a plugin that wants the client's HELO name and address left out.
+HIDE_CLIENT = StashKey[bool]("received.hide_client")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 # A recipient is named only in its plain dot-atom form (no quoting, no comments).
@@ -56,7 +63,9 @@ def _clean(text: str, limit: int = 64) -> str:
 
 def received_header(session: Session, txn: Transaction, hostname: str, settings: Settings) -> str:
     """The header value, folded with ``\\n\\t`` between clauses."""
-    parts = [f"from {_clean(session.helo or 'unknown')} ([{session.peer_ip}])"]
+    parts = []
+    if not txn.stash.get(HIDE_CLIENT):
+        parts.append(f"from {_clean(session.helo or 'unknown')} ([{session.peer_ip}])")
     parts.append(f"by {hostname} with {protocol_name(session, txn)} id {txn.queue_id}")
     if settings.show_tls and session.has_tls:
         parts.append(f"(using {_clean(session.tls_version or '')} with cipher {_clean(session.tls_cipher or '')})")

@@ -270,6 +270,11 @@ class _Loader:
                 )
             if listener.require_auth and not listener.auth:
                 raise self.error(f"{path}.require_auth", "require_auth needs auth = true")
+            if listener.require_auth and listener.tls == "none":
+                # AUTH is offered only inside TLS, so such a listener could never take mail.
+                raise self.error(
+                    f"{path}.require_auth", 'require_auth needs tls = "starttls" or "implicit" (AUTH only after TLS)'
+                )
 
     def check_scoring(self, scoring: ScoringSettings) -> None:
         if scoring.reject is None:

@@ -127,15 +127,31 @@ class SmtpHandler:
         if verdict is not None and verdict.action is Action.ACCEPT:
             session.auth_login = login
             log.info("auth ok mechanism=%s login=%s by=%s", mechanism, short(login, 64), verdict.plugin)
-            return Answer(REPLY_AUTH_OK)
-        if verdict is not None and verdict.action in (Action.TEMPFAIL, Action.DISCONNECT):
-            log.warning("auth tempfail mechanism=%s login=%s by=%s", mechanism, short(login, 64), verdict.plugin)
-            return Answer(REPLY_AUTH_TEMP, close=verdict.action is Action.DISCONNECT)
-        log.info(
-            "auth failed mechanism=%s login=%s by=%s",
-            mechanism, short(login, 64), verdict.plugin if verdict else "default-deny",
+            answer, outcome = Answer(REPLY_AUTH_OK), "success"
+        elif verdict is not None and verdict.action in (Action.TEMPFAIL, Action.DISCONNECT):
+            log.warning(
+                "auth tempfail mechanism=%s login=%s client=%s by=%s",
+                mechanism, short(login, 64), session.peer_ip, verdict.plugin,
+            )
+            answer = Answer(REPLY_AUTH_TEMP, close=verdict.action is Action.DISCONNECT)
+            outcome = "tempfail"
+        else:
+            log.info(
+                "auth failed mechanism=%s login=%s client=%s by=%s",
+                mechanism, short(login, 64), session.peer_ip,
+                verdict.plugin if verdict else "default-deny",
+            )
+            answer, outcome = Answer(REPLY_AUTH_FAILED), "failure"
+        await self.runner.call_all(
+            "gateway_auth_result",
+            scope.plugins,
+            session=session,
+            mechanism=mechanism,
+            login=login,
+            outcome=outcome,
+            gateway=self.gateway,
         )
-        return Answer(REPLY_AUTH_FAILED)
+        return answer
 
     # -- transaction -------------------------------------------------------
 

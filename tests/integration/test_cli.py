@@ -21,7 +21,7 @@ def gateway(*args: str, stdin: str = "", cwd: Path | None = None) -> subprocess.
 
 
 def test_check_accepts_the_shipped_policies() -> None:
-    for policy in ("policies/default.toml", "policies/edge-relay.toml"):
+    for policy in ("policies/default.toml", "policies/edge-relay.toml", "policies/examples/submission.toml"):
         result = gateway("check", str(ROOT / policy))
         assert result.returncode == 0, result.stderr
         assert "OK" in result.stdout

@@ -299,6 +299,12 @@ def test_reserved_settings_field_is_a_plugin_bug() -> None:
             "auth",
         ),
         (
+            '[[listeners]]\nname = "a"\ntls = "none"\nrequire_auth = true\n',
+            4,
+            "listeners[0].require_auth",
+            "AUTH only after TLS",
+        ),
+        (
             '[[listeners]]\nname = "a"\ntls = "none"\nrequire_tls = true\n',
             4,
             "listeners[0].require_tls",
