@@ -10,6 +10,7 @@ __all__ = ["DEFAULT_PLUGINS"]
 #: Every stock plugin module, in registration order.
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "auth_users_file",
+    "auth_dovecot",
     "connect_dnsbl",
     "connect_earlytalker",
     "connect_limits",
@@ -24,6 +25,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rcpt_greylist",
     "rcpt_relay",
     "rcpt_local_users",
+    "rcpt_dovecot_users",
     "queue_authentication_results",
     "queue_dkim_sign",
     "queue_received_header",
