@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import shutil
 import signal
@@ -72,22 +73,27 @@ def test_auth_login_mechanism_over_tcp(gateway_factory, dovecot) -> None:
     c.close()
 
 
-def test_wrong_password_and_unknown_user_are_refused(gateway_factory, dovecot) -> None:
+def test_wrong_password_and_unknown_user_are_refused(gateway_factory, dovecot, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
     gw = gateway_factory(dovecot_policy(dovecot.auth_socket, dovecot.userdb_socket))
     c = tls_client(gw.port)
     assert auth_plain(c, "alice@local.example", "not-her-password") == AUTH_INVALID
-    assert auth_plain(c, "nobody@local.example", "whatever") == AUTH_INVALID
+    assert auth_plain(c, "nobody@local.example", "whatever-she-typed") == AUTH_INVALID
     # The session goes on, and the right password still works in it.
     assert auth_plain(c, "alice@local.example", USERS["alice@local.example"])[0] == AUTH_OK
     assert c.cmd("MAIL FROM:<alice@local.example>")[0] == 250
     c.close()
+    assert "auth failed" in caplog.text and "auth ok" in caplog.text
+    for secret in ("not-her-password", "whatever-she-typed", USERS["alice@local.example"]):
+        assert secret not in caplog.text
+        assert secret not in dovecot.log
 
 
 def test_dovecot_sees_service_client_address_tls_and_session(gateway_factory, dovecot) -> None:
     gw = gateway_factory(dovecot_policy(dovecot.auth_socket, dovecot.userdb_socket))
     c = tls_client(gw.port)
     # A wrong password makes Dovecot go on to the checkpassword passdb, which notes the request.
-    assert auth_plain(c, "carol", "wrong") == AUTH_INVALID
+    assert auth_plain(c, "carol", "carols-guess") == AUTH_INVALID
     c.close()
     seen = [line for line in dovecot.requests() if line.startswith("user=carol ")]
     assert seen, dovecot.requests()
@@ -95,7 +101,7 @@ def test_dovecot_sees_service_client_address_tls_and_session(gateway_factory, do
     assert "rip=127.0.0.1" in seen[-1]
     assert "secured=secured" in seen[-1]
     assert "session=S" in seen[-1]
-    assert "wrong" not in dovecot.log
+    assert "carols-guess" not in dovecot.log
 
 
 def test_dovecot_database_failure_is_temporary(gateway_factory, dovecot) -> None:
