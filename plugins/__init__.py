@@ -11,6 +11,7 @@ __all__ = ["DEFAULT_PLUGINS"]
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "auth_lockout",
     "auth_users_file",
+    "auth_dovecot",
     "connect_dnsbl",
     "connect_earlytalker",
     "connect_limits",
@@ -27,6 +28,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rcpt_restrictions",
     "rcpt_relay",
     "rcpt_local_users",
+    "rcpt_dovecot_users",
     "queue_submission_cleanup",
     "queue_authentication_results",
     "queue_dkim_sign",
