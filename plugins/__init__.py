@@ -27,4 +27,5 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "queue_authentication_results",
     "queue_dkim_sign",
     "queue_received_header",
+    "queue_archive",
 )
