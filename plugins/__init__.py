@@ -25,6 +25,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rcpt_relay",
     "rcpt_local_users",
     "queue_authentication_results",
+    "queue_footer",
     "queue_dkim_sign",
     "queue_received_header",
     "queue_archive",
