@@ -20,6 +20,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "data_spamd",
     "helo_checks",
     "mail_spf",
+    "mail_verp",
     "mail_rate_limit",
     "rcpt_greylist",
     "rcpt_relay",
