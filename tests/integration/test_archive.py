@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.policy import PolicyError
+from gateway.verdicts import Reply, TemporaryFailure
 from plugins.queue_archive import Settings, archive_addresses
 from tests.conftest import wait_for
 from tests.smtppeer import SmtpPeer
@@ -133,6 +134,48 @@ always = ["archive@peer.test.example"]
         assert "451 4.3.0 archive is down" in item.envelope.recipients[0].last_reply
         assert peer.messages == []
     assert b"Subject: kept" in maildir(alice)[0]
+
+
+def _failing_commits(gw, fails) -> None:
+    """Fault injection into our own queue store (nothing external is mocked): the commits
+    whose envelope ``fails(envelope)`` picks fail as a full disk would."""
+    store = gw.app.queue
+    real = store.commit
+
+    async def commit(qid, envelope, message, *, area="msg"):
+        if fails(envelope):
+            raise TemporaryFailure(Reply(452, "4.3.1", "Insufficient system storage"))
+        return await real(qid, envelope, message, area=area)
+
+    store.commit = commit
+
+
+ARCHIVE_LOCAL = """
+[[plugins]]
+name = "queue_archive"
+always = ["archivein@local.test.example"]
+"""
+
+
+def test_a_copy_that_cannot_be_queued_costs_the_message_nothing(gateway_factory, tmp_path: Path) -> None:
+    gw = gateway_factory(policy(tmp_path, 25, ARCHIVE_LOCAL))
+    _failing_commits(gw, lambda envelope: envelope.sender == "")
+    send(gw.port, "127.0.0.1", "someone@remote.example", ["alice@local.test.example"], "no-copy")
+    alice = Path(gw.policy.local.mail_root) / "alice"
+    assert wait_for(lambda: len(maildir(alice)) == 1, timeout=15)
+    assert wait_for(lambda: gw.queue_ids() == [], timeout=10)
+    assert maildir(tmp_path / "archive-in") == []
+
+
+def test_a_message_refused_at_commit_takes_its_copy_back(gateway_factory, tmp_path: Path) -> None:
+    gw = gateway_factory(policy(tmp_path, 25, ARCHIVE_LOCAL))
+    _failing_commits(gw, lambda envelope: envelope.sender != "")
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        send(gw.port, "127.0.0.1", "someone@remote.example", ["alice@local.test.example"], "refused")
+    assert refused.value.smtp_code == 452
+    assert gw.queue_ids() == []  # the copy written beside it was removed before the 452
+    # ... and so it is never delivered: the archive holds no copy of a refused message.
+    assert not wait_for(lambda: maildir(tmp_path / "archive-in"), timeout=1)
 
 
 def test_maps_pick_archive_addresses_by_address_then_domain() -> None:
