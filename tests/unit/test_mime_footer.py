@@ -144,3 +144,15 @@ def test_mixed_text_body_gets_it_text_attachment_does_not() -> None:
 def test_html_footer_defaults_to_the_escaped_text() -> None:
     footer = footer_texts(Settings(text="A & B <legal>\nline two"))
     assert footer.html == '<div class="footer">A &amp; B &lt;legal&gt;<br>\nline two</div>'
+
+
+def test_a_line_that_only_starts_like_the_boundary_is_text() -> None:
+    raw = (
+        b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="xx"\r\n\r\n'
+        b"preamble\r\n--xx\r\nContent-Type: text/plain\r\n\r\nline one\r\n--xxnot a delimiter\r\nlast\r\n"
+        b"--xx \r\nContent-Type: application/octet-stream\r\n\r\nAAAA\r\n--xx--\r\n"
+    )
+    out = apply(raw)
+    assert out is not None
+    assert b"--xxnot a delimiter\r\nlast\r\n\r\n-- \r\nSent from Example Corp\r\n--xx \r\n" in out
+    assert out.startswith(raw[: raw.index(b"line one")])
