@@ -1,6 +1,7 @@
 """A footer (disclaimer, tag line) on the text of outgoing mail.
 
-Hook: ``gateway_queue``. For mail of the selected ``direction`` (by default ``outbound``:
+Hooks: ``gateway_startup`` (refuses a chain that lists ``queue_dkim_sign`` before this
+plugin) and ``gateway_queue``. For mail of the selected ``direction`` (by default ``outbound``:
 relay clients and authenticated users; ``inbound`` is everyone else; or ``all``) it adds
 ``text`` to the message's ``text/plain`` body and ``html`` (by default ``text``, escaped,
 in a ``<div>``) to its ``text/html`` body, before ``</body>`` when there is one:
@@ -19,7 +20,7 @@ is passed on unchanged, and so is a part that already contains the footer text. 
 field (``X-Footer-Added: <our hostname>``) is added whenever the footer was.
 
 **Order.** List it before ``queue_dkim_sign``: the signature must cover the body with
-the footer, or every receiver sees a broken signature. A gateway that must pass on
+the footer, or every receiver sees a broken signature (start-up refuses the other order). A gateway that must pass on
 mail signed elsewhere should leave that mail to an ``inbound``/``outbound`` choice
 that excludes it. The work (parsing and re-encoding) runs in the thread pool.
 
@@ -39,7 +40,7 @@ from gateway.hooks import hookimpl
 from gateway.model import Message, Session, Transaction
 from plugins._mime_footer import FooterText, Result, add_footer
 
-__all__ = ["Settings", "footer_texts", "footer_message_in_thread"]
+__all__ = ["Settings", "check_order", "footer_texts", "footer_message_in_thread"]
 
 log = logging.getLogger("plugins.queue_footer")
 
@@ -71,6 +72,22 @@ def footer_message_in_thread(message: Message, footer: FooterText) -> Result | N
     """Parse and re-encode off the event loop (the body may be megabytes)."""
     raw = message.raw
     return add_footer(raw[: message.body_offset], message.body, footer)
+
+
+def check_order(names: list[str]) -> None:
+    """Refuse a chain that signs before it adds the footer (the signature would break)."""
+    footers = [i for i, name in enumerate(names) if name == "queue_footer"]
+    signers = [i for i, name in enumerate(names) if name == "queue_dkim_sign"]
+    if footers and signers and min(signers) < max(footers):
+        raise ValueError(
+            "queue_footer must come before queue_dkim_sign in [[plugins]]: "
+            "a footer added after signing breaks the DKIM signature"
+        )
+
+
+@hookimpl
+def gateway_startup(gateway: Gateway, settings: Settings) -> None:
+    check_order([entry.name for entry in gateway.policy.plugins])
 
 
 def _is_outbound(session: Session) -> bool:

@@ -82,3 +82,11 @@ def test_inbound_mail_gets_no_footer(gateway_factory, dkim_world) -> None:
     (raw,) = queued(gw)
     assert "confidential" not in texts(raw)["text/plain"]
     assert header_values(raw, "X-Footer-Added") == []
+
+
+def test_a_chain_that_signs_before_the_footer_is_refused(gateway_factory, dkim_world) -> None:
+    text = policy(dkim_world, relay_client=True)
+    marker = '[[plugins]]\nname = "queue_received_header"'
+    text = text.replace(marker, FOOTER.strip() + "\n" + marker)  # after queue_dkim_sign
+    with pytest.raises(ValueError, match="queue_footer must come before queue_dkim_sign"):
+        gateway_factory(text, specs=specs())
