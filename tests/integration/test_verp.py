@@ -148,3 +148,12 @@ def test_policy_verp_for_list_senders_and_inject_v(gateway_factory, tmp_path: Pa
         assert done.returncode == 0, done.stderr
         assert wait_for(lambda: len(peer.messages) == 3, timeout=15)
         assert peer.messages[2].mail_from == "news-return-bob=peer.test.example@lists.test.example"
+        # sendmail -XV (Postfix's spelling), default delimiters.
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway.sendmail", "-C", str(tmp_path / "policy.toml"),
+             "-XV", "-f", "digest@lists.test.example", "-i", CAROL],
+            input=MESSAGE, capture_output=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+        assert done.returncode == 0, done.stderr
+        assert wait_for(lambda: len(peer.messages) == 4, timeout=15)
+        assert peer.messages[3].mail_from == "digest+carol=peer.test.example@lists.test.example"
