@@ -121,7 +121,8 @@ class _DryRunQueue:
         return f"{time.time_ns() // 1000:013X}{os.getpid() & 0xFFFFFF:06X}0000"
 
     async def commit(self, qid: str, envelope: Envelope, message: Message, *, area: str = "msg") -> None:
-        self.committed = (qid, envelope, message, area)
+        if self.committed is None:  # the message; copies (queue_archive) are committed after it
+            self.committed = (qid, envelope, message, area)
 
 
 class _Capture(logging.Handler):

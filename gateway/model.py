@@ -20,6 +20,7 @@ __all__ = [
     "Envelope",
     "Message",
     "MailParams",
+    "QueueCopy",
     "Recipient",
     "RecipientState",
     "RcptParams",
@@ -157,6 +158,7 @@ class MailParams:
     smtputf8: bool = False
     ret: str | None = None  # FULL or HDRS
     envid: str | None = None
+    verp: str | None = None  # VERP delimiters (XVERP, e.g. "+="): a sender per recipient
 
 
 @dataclass(slots=True)
@@ -177,6 +179,20 @@ class Recipient:
     stash: Stash = field(default_factory=Stash)
 
 
+@dataclass(frozen=True, slots=True)
+class QueueCopy:
+    """A copy of the message queued as its own entry beside it (archive, always_bcc).
+
+    Plugins append these to :attr:`Transaction.copies`; the core commits each one with
+    the message (same final bytes, its own envelope) in the same group commit, and only
+    when the message itself goes to ``msg/``. The 250 never depends on a copy.
+    """
+
+    recipients: tuple[str, ...]
+    sender: str = ""  # the copy's envelope sender; "" is the null sender
+    reason: str = ""  # noted in the copy's envelope, for ``gateway queue show``
+
+
 @dataclass(slots=True)
 class Transaction:
     """One MAIL FROM .. DATA exchange within a session."""
@@ -188,6 +204,7 @@ class Transaction:
     queue_id: str | None = None
     stash: Stash = field(default_factory=Stash)
     results: Results = field(default_factory=Results)
+    copies: list[QueueCopy] = field(default_factory=list)
 
 
 _HEADER_NAME = re.compile(rb"^[!-9;-~]+$")
@@ -201,7 +218,7 @@ class Message:
     additions and removals, and the queue writes the final form once, at commit.
     """
 
-    __slots__ = ("_raw", "_header_end", "_headers", "_prepend", "_removed")
+    __slots__ = ("_raw", "_header_end", "_headers", "_prepend", "_removed", "_body")
 
     def __init__(self, raw: bytes) -> None:
         self._raw = raw
@@ -209,6 +226,7 @@ class Message:
         self._headers: list[tuple[str, bytes, int, int]] | None = None
         self._prepend: list[bytes] = []
         self._removed: set[int] = set()
+        self._body: bytes | None = None
 
     @property
     def size(self) -> int:
@@ -222,8 +240,24 @@ class Message:
 
     @property
     def is_modified(self) -> bool:
-        """True once a header was prepended or removed."""
-        return bool(self._prepend or self._removed)
+        """True once a header was prepended or removed, or the body replaced."""
+        return bool(self._prepend or self._removed) or self._body is not None
+
+    @property
+    def body(self) -> bytes:
+        """The body as it will be queued: :meth:`replace_body`'s, else the received one."""
+        if self._body is not None:
+            return self._body
+        return self._raw[self.body_offset :]
+
+    def replace_body(self, body: bytes) -> None:
+        """Queue ``body`` (CRLF line ends) in place of the received body.
+
+        For queue plugins that must change the content (a footer): the header block
+        stays as received (apart from :meth:`prepend_header` / :meth:`remove_headers`),
+        so every byte a plugin did not mean to change is kept.
+        """
+        self._body = bytes(body)
 
     def _parse(self) -> list[tuple[str, bytes, int, int]]:
         if self._headers is not None:
@@ -317,15 +351,21 @@ class Message:
         """The final message (added headers first) as a list of buffers for writing."""
         out: list[bytes | memoryview] = list(reversed(self._prepend))
         view = memoryview(self._raw)
-        if not self._removed:
+        if not self._removed and self._body is None:
             out.append(view)
             return out
+        stop = len(self._raw) if self._body is None else self.body_offset
         pos = 0
         for i, (_, _, start, end) in enumerate(self._parse()):
             if i in self._removed:
                 out.append(view[pos:start])
                 pos = end
-        out.append(view[pos:])
+        out.append(view[pos:stop])
+        if self._body is not None:
+            assert self._header_end is not None
+            if stop == self._header_end:
+                out.append(b"\r\n")  # the received message had no blank line
+            out.append(self._body)
         return out
 
     def as_bytes(self) -> bytes:
@@ -405,6 +445,7 @@ class Envelope:
     envid: str | None = None
     notes: list[dict[str, Any]] = field(default_factory=list)
     quarantine_reason: str | None = None
+    verp: str | None = None  # VERP delimiters: each recipient gets its own sender
 
     @classmethod
     def from_transaction(cls, session: Session, txn: Transaction) -> Envelope:
@@ -423,6 +464,7 @@ class Envelope:
             smtputf8=txn.params.smtputf8,
             ret=txn.params.ret,
             envid=txn.params.envid,
+            verp=txn.params.verp,
             notes=[
                 {"plugin": r.plugin, "score": r.score, "reason": r.reason}
                 for r in itertools.chain(session.results, txn.results)
@@ -440,7 +482,7 @@ class Envelope:
             "body": self.body,
             "smtputf8": self.smtputf8,
         }
-        for key in ("auth_login", "ret", "envid", "quarantine_reason"):
+        for key in ("auth_login", "ret", "envid", "quarantine_reason", "verp"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -465,4 +507,5 @@ class Envelope:
             envid=data.get("envid"),
             notes=list(data.get("notes", [])),
             quarantine_reason=data.get("quarantine_reason"),
+            verp=data.get("verp"),
         )

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Sequence
 
 from gateway.address import AddressError, parse_path
+from gateway.delivery.verp import DEFAULT_DELIMITERS, check_delimiters
 from gateway.model import Envelope, Message, QueuedRecipient
 
 __all__ = [
@@ -197,8 +198,10 @@ def prepare(
     return Injection(envelope_sender, list(found), b"".join(head) + b"\r\n" + body)
 
 
-async def queue_message(queue_dir: str | os.PathLike[str], injection: Injection) -> str:
+async def queue_message(queue_dir: str | os.PathLike[str], injection: Injection, *, verp: str | None = None) -> str:
     """Commit ``injection`` to the queue a running gateway opened; returns the queue id.
+
+    :param verp: VERP delimiters (``-V``): each recipient gets its own envelope sender
 
     :raises FileNotFoundError: the queue directory was never opened by a gateway
     :raises gateway.verdicts.TemporaryFailure: the commit failed (disk full, ...)
@@ -217,6 +220,7 @@ async def queue_message(queue_dir: str | os.PathLike[str], injection: Injection)
             recipients=[QueuedRecipient(address=a) for a in injection.recipients],
             body="8BITMIME" if any(b > 127 for b in message) else "7BIT",
             smtputf8=not all(a.isascii() for a in [injection.sender, *injection.recipients]),
+            verp=verp,
         )
         await store.commit(qid, envelope, Message(message))
     finally:
@@ -243,12 +247,21 @@ def inject(
     sender: str | None,
     full_name: str | None,
     dot_ends: bool = False,
+    verp: str | None = None,
 ) -> tuple[int, str]:
-    """Read, complete and queue one message: (exit status, queue id or error text)."""
+    """Read, complete and queue one message: (exit status, queue id or error text).
+
+    :param verp: VERP delimiters (``-V``, ``-XV``): a return path per recipient
+    """
     from gateway.commands._common import load
     from gateway.policy import PolicyError
     from gateway.verdicts import TemporaryFailure
 
+    if verp is not None:
+        try:
+            check_delimiters(verp)
+        except ValueError as exc:
+            return EX_USAGE, str(exc)
     try:
         policy, _ = load(policy_path)
     except (PolicyError, OSError) as exc:
@@ -266,7 +279,7 @@ def inject(
     except UsageError as exc:
         return EX_USAGE, str(exc)
     try:
-        return 0, asyncio.run(queue_message(policy.server.queue_dir, injection))
+        return 0, asyncio.run(queue_message(policy.server.queue_dir, injection, verp=verp))
     except FileNotFoundError as exc:
         return EX_TEMPFAIL, f"queue not ready (has the gateway been started?): {exc}"
     except (TemporaryFailure, OSError) as exc:
@@ -277,7 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``sendmail`` command: ``sendmail [-t] [-i] [-f addr] [-F name] [rcpt ...]``.
 
     Also accepted: ``-oi`` (as ``-i``), ``-bm`` (the default mode), ``-r addr`` (as ``-f``),
-    ``-C policy`` (else ``$GATEWAY_POLICY``, else the embedded default); ignored:
+    ``-C policy`` (else ``$GATEWAY_POLICY``, else the embedded default), ``-XV`` or
+    ``-XVxy`` (VERP, Postfix's: a return path per recipient, delimiters ``+=`` or ``xy``);
+    ignored:
     ``-odb``, ``-odq``, any other ``-oX``, ``-v``, ``-m``, ``-n``, ``-U`` and the
     valued ``-B``, ``-N``, ``-R``, ``-V``, ``-L``, ``-X``. Silent on success.
     """
@@ -285,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipients: list[str] = []
     opts: dict[str, str | None] = {"f": None, "F": None, "C": os.environ.get("GATEWAY_POLICY") or None}
     from_headers, dot_ends = False, True
+    verp: str | None = None
     while args:
         arg = args.pop(0)
         if arg == "--":
@@ -294,7 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             recipients.append(arg)
             continue
         flag, rest = arg[1:2], arg[2:]
-        if arg == "-oi" or re.fullmatch(r"-[ti]+", arg):  # -t, -i, -ti, -it
+        if arg.startswith("-XV"):
+            verp = arg[3:] or DEFAULT_DELIMITERS
+        elif arg == "-oi" or re.fullmatch(r"-[ti]+", arg):  # -t, -i, -ti, -it
             from_headers = from_headers or "t" in arg[1:]
             dot_ends = dot_ends and "i" not in arg
         elif flag in "frFCBNRVLX":
@@ -312,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _usage(f"unsupported option {arg}")
     status, text = inject(
         opts["C"], sys.stdin.buffer, recipients=recipients, from_headers=from_headers,
-        sender=opts["f"], full_name=opts["F"], dot_ends=dot_ends,
+        sender=opts["f"], full_name=opts["F"], dot_ends=dot_ends, verp=verp,
     )
     if status:
         print(f"sendmail: {text}", file=sys.stderr)

@@ -22,6 +22,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "data_spamd",
     "helo_checks",
     "mail_spf",
+    "mail_verp",
     "mail_rate_limit",
     "mail_sender_login",
     "rcpt_greylist",
@@ -31,6 +32,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rcpt_dovecot_users",
     "queue_submission_cleanup",
     "queue_authentication_results",
+    "queue_footer",
     "queue_dkim_sign",
     "queue_received_header",
+    "queue_archive",
 )

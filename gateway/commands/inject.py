@@ -23,6 +23,8 @@ def register(sub: Any) -> None:
     inject.add_argument("-f", "--from", dest="sender", metavar="ADDRESS",
                         help="envelope sender and From address (default $USER@<first local domain>; '' for <>)")
     inject.add_argument("-F", "--name", dest="full_name", metavar="NAME", help="full name for an added From")
+    inject.add_argument("-V", "--verp", nargs="?", const="+=", metavar="DELIMITERS",
+                        help="VERP: a return path per recipient, sender+user=domain@host (delimiters default +=)")
     inject.add_argument("--policy", "-p", help="policy file (default: the embedded default)")
     inject.set_defaults(func=main)
 
@@ -32,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
 
     status, text = inject(
         args.policy, sys.stdin.buffer, recipients=args.recipients, from_headers=args.from_headers,
-        sender=args.sender, full_name=args.full_name,
+        sender=args.sender, full_name=args.full_name, verp=args.verp,
     )
     if status:
         print(f"gateway: {text}", file=sys.stderr)

@@ -22,6 +22,7 @@ from gateway.address import AddressError
 from gateway.delivery.bounce import build_dsn, wants_notice
 from gateway.delivery.router import route_for
 from gateway.delivery.types import LocalRoute, Outcome, Route, SpecialRoute
+from gateway.delivery.verp import for_recipient
 from gateway.logs import QUEUE_ID, short
 from gateway.model import Envelope, Message, QueuedRecipient, RecipientState
 from gateway.verdicts import Action, PermanentFailure, Reply, TemporaryFailure
@@ -293,7 +294,9 @@ class Scheduler:
         the shorter the time between a peer's 250 and our record of it, the smaller
         the window in which a crash makes us send again.
         """
-        groups: dict[Route, list[QueuedRecipient]] = {}
+        # With VERP every recipient has its own envelope sender: its own transaction.
+        is_verp = bool(envelope.verp and envelope.sender)
+        groups: dict[tuple[Route, str], list[QueuedRecipient]] = {}
         for rcpt in pending:
             try:
                 route = await self._route(gateway, envelope, rcpt)
@@ -301,13 +304,14 @@ class Scheduler:
                 bad = Outcome("failed", Reply(553, "5.1.3", "Bad destination mailbox address syntax"))
                 await self._record(gateway, envelope, rcpt, bad)
                 continue
-            groups.setdefault(route, []).append(rcpt)
+            groups.setdefault((route, rcpt.address if is_verp else ""), []).append(rcpt)
 
         async def run(route: Route, rcpts: list[QueuedRecipient]) -> None:
             # The concurrency slot is held until the results are on disk, so at most
             # local + remote concurrency deliveries can ever be done-but-unrecorded.
+            sent_as = for_recipient(envelope, rcpts[0]) if is_verp else envelope
             async with self._local if isinstance(route, (LocalRoute, SpecialRoute)) else self._remote:
-                outcomes = await self._deliver_group(gateway, qid, envelope, route, rcpts, message)
+                outcomes = await self._deliver_group(gateway, qid, sent_as, route, rcpts, message)
                 for rcpt in rcpts:
                     outcome = outcomes.get(rcpt.address)
                     if outcome is not None:
@@ -315,7 +319,7 @@ class Scheduler:
                 if outcomes:
                     await gateway.run_in_thread(self.queue.update_state, qid, envelope)
 
-        await asyncio.gather(*(run(route, rcpts) for route, rcpts in groups.items()))
+        await asyncio.gather(*(run(route, rcpts) for (route, _), rcpts in groups.items()))
 
     async def _deliver_group(
         self, gateway: Gateway, qid: str, envelope: Envelope, route: Route,
@@ -415,6 +419,12 @@ class Scheduler:
         self, gateway: Gateway, qid: str, kind: str, envelope: Envelope,
         rcpts: list[QueuedRecipient], message: bytes, now: float,
     ) -> None:
+        if envelope.verp and envelope.sender and len(rcpts) > 1:
+            # VERP: each recipient's notice goes to its own return address.
+            for rcpt in rcpts:
+                await self._send_notice(gateway, qid, kind, envelope, [rcpt], message, now)
+            return
+        envelope = for_recipient(envelope, rcpts[0])
         to: str | None = None
         notes: list[dict[str, Any]] = []
         if not envelope.sender:

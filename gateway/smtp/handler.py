@@ -8,6 +8,8 @@ Every decision is logged as one line.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import ipaddress
 import itertools
 import logging
@@ -16,7 +18,7 @@ from typing import Any
 
 from gateway.context import Gateway
 from gateway.logs import QUEUE_ID, short
-from gateway.model import Envelope, Message, Recipient, Session, StashKey, Transaction
+from gateway.model import Envelope, Message, QueuedRecipient, Recipient, Session, StashKey, Transaction
 from gateway.verdicts import Action, Reply, TemporaryFailure, Verdict
 
 __all__ = ["Answer", "SmtpHandler"]
@@ -229,14 +231,24 @@ class SmtpHandler:
             envelope.quarantine_reason = reason
             area = "quarantine"
         assert txn.queue_id is not None
-        try:
-            await self.gateway.queue.commit(txn.queue_id, envelope, message, area=area)
-        except TemporaryFailure as exc:
-            log.error("queue commit failed: %s", exc)
-            return Answer(exc.reply)
-        except Exception:  # boundary: never answer 250 unless the commit finished
-            log.exception("queue commit failed")
+        copies = self._copies(txn, envelope) if area == "msg" else []
+        queue = self.gateway.queue
+        # The copies share the message's group commit; the 250 depends on the message alone.
+        results = await asyncio.gather(
+            queue.commit(txn.queue_id, envelope, message, area=area),
+            *(queue.commit(qid, copy, message) for qid, copy in copies),
+            return_exceptions=True,
+        )
+        failure = results[0]
+        if isinstance(failure, BaseException):
+            await self._drop_copies(copies, results[1:])
+            if isinstance(failure, TemporaryFailure):
+                log.error("queue commit failed: %s", failure)
+                return Answer(failure.reply)
+            # boundary: never answer 250 unless the commit finished
+            log.error("queue commit failed", exc_info=failure)
             return Answer(REPLY_QUEUE_FAILED)
+        self._note_copies(copies, results[1:])
         if area == "msg":
             self.gateway.notify_queued(txn.queue_id)
         counters = self.gateway.counters
@@ -253,6 +265,43 @@ class SmtpHandler:
             txn.results.total + session.results.total,
         )
         return Answer(Reply(250, "2.0.0", f"OK queued as {txn.queue_id}"))
+
+    def _copies(self, txn: Transaction, envelope: Envelope) -> list[tuple[str, Envelope]]:
+        """A queue id and an envelope for each :class:`~gateway.model.QueueCopy` asked for."""
+        out = []
+        for copy in txn.copies:
+            if not copy.recipients:
+                continue
+            note = {"plugin": "copy", "score": 0.0, "reason": f"{copy.reason} of {txn.queue_id}".strip()}
+            out.append((
+                self.gateway.queue.new_id(),
+                dataclasses.replace(
+                    envelope,
+                    sender=copy.sender,
+                    recipients=[QueuedRecipient(address=a) for a in copy.recipients],
+                    ret=None, envid=None, verp=None, notes=[*envelope.notes, note],
+                ),
+            ))
+        return out
+
+    def _note_copies(self, copies: list[tuple[str, Envelope]], results: list[Any]) -> None:
+        for (qid, copy), result in zip(copies, results):
+            if isinstance(result, BaseException):
+                # The message itself is safe; only this copy is missing. Say so loudly.
+                log.error("copy NOT queued to=%s: %s", ",".join(r.address for r in copy.recipients), result)
+                continue
+            self.gateway.notify_queued(qid)
+            log.info("copy queued qid=%s to=%s", qid, ",".join(f"<{short(r.address, 80)}>" for r in copy.recipients))
+
+    async def _drop_copies(self, copies: list[tuple[str, Envelope]], results: list[Any]) -> None:
+        """The message was refused (4xx): take back the copies of it that were queued."""
+        for (qid, _), result in zip(copies, results):
+            if isinstance(result, BaseException):
+                continue
+            try:
+                await self.gateway.run_in_thread(self.gateway.queue.remove, qid)
+            except OSError as exc:
+                log.error("copy qid=%s of a refused message could not be removed: %s", qid, exc)
 
     def _score(self, session: Session, txn: Transaction) -> Verdict | None:
         """The policy's final scoring step: the session's and the message's summed

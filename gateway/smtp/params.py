@@ -7,6 +7,7 @@ whether that reply counts against the session's error budget.
 from __future__ import annotations
 
 from gateway.address import AddressError, decode_xtext
+from gateway.delivery.verp import DEFAULT_DELIMITERS, check_delimiters
 from gateway.model import MailParams, RcptParams
 from gateway.verdicts import Reply
 
@@ -25,8 +26,11 @@ class Refusal(Exception):
         self.bad = bad
 
 
-def mail_params(params: dict[str, str | None], *, esmtp: bool, max_size: int) -> MailParams:
-    """SIZE (RFC 1870), BODY (RFC 6152), SMTPUTF8 (RFC 6531), RET and ENVID (RFC 3461).
+def mail_params(
+    params: dict[str, str | None], *, esmtp: bool, max_size: int, allow_verp: bool = False
+) -> MailParams:
+    """SIZE (RFC 1870), BODY (RFC 6152), SMTPUTF8 (RFC 6531), RET and ENVID (RFC 3461),
+    and Postfix's ``XVERP`` / ``XVERP=+=`` when ``allow_verp`` (our own users only).
 
     :raises Refusal: an unknown or malformed parameter, or a declared size over ``max_size``
     """
@@ -49,6 +53,11 @@ def mail_params(params: dict[str, str | None], *, esmtp: bool, max_size: int) ->
                 mp.envid = decode_xtext(value)
             except AddressError:
                 raise Refusal(Reply(501, "5.5.4", "Malformed ENVID")) from None
+        elif key == "XVERP" and allow_verp:
+            try:
+                mp.verp = DEFAULT_DELIMITERS if value is None else check_delimiters(value)
+            except ValueError:
+                raise Refusal(Reply(501, "5.5.4", f"Invalid XVERP parameter (two of {'-=+'!r})")) from None
         elif key in ("SIZE", "BODY", "SMTPUTF8", "RET", "ENVID"):
             raise Refusal(Reply(501, "5.5.4", f"Invalid {key} parameter"))
         else:

@@ -341,6 +341,9 @@ class GatewaySMTP(SMTP):
             ext.append("STARTTLS")
         if self.listener.auth and self.gsession.has_tls:
             ext.append("AUTH PLAIN LOGIN")
+        session = self.gsession
+        if session.is_relay_client or session.is_authenticated or "AUTH PLAIN LOGIN" in ext:
+            ext.append("XVERP")  # MAIL ... XVERP: our own users only (relay clients, after AUTH)
         return ext
 
     async def cmd_mail(self, arg: str) -> None:
@@ -367,7 +370,10 @@ class GatewaySMTP(SMTP):
             await self.reply(Reply(501, "5.1.7", f"Bad sender address syntax: {exc}"), bad=True)
             return
         try:
-            mail_params = parse_mail_params(params, esmtp=session.is_esmtp, max_size=self.scope.limits.max_message_size)
+            mail_params = parse_mail_params(
+                params, esmtp=session.is_esmtp, max_size=self.scope.limits.max_message_size,
+                allow_verp=session.is_relay_client or session.is_authenticated,
+            )
         except Refusal as refusal:
             await self.reply(refusal.reply, bad=refusal.bad)
             return
