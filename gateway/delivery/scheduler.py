@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from gateway.address import AddressError
 from gateway.delivery.bounce import build_dsn, wants_notice
 from gateway.delivery.router import route_for
-from gateway.delivery.types import LocalRoute, Outcome, Route, SpecialRoute
+from gateway.delivery.expansion import expand_pending, target_route
+from gateway.delivery.types import LocalRoute, Outcome, Route, SpecialRoute, TargetRoute
 from gateway.logs import QUEUE_ID, short
 from gateway.model import Envelope, Message, QueuedRecipient, RecipientState
 from gateway.verdicts import Action, PermanentFailure, Reply, TemporaryFailure
@@ -279,6 +280,8 @@ class Scheduler:
         )
 
     async def _route(self, gateway: Gateway, envelope: Envelope, rcpt: QueuedRecipient) -> Route:
+        if rcpt.target:
+            return target_route(rcpt, gateway)  # an alias or .forward target: decided
         route = await gateway.runner.first_value(
             "gateway_route", gateway.policy.plugins, envelope=envelope, recipient=rcpt, gateway=gateway
         )
@@ -294,11 +297,24 @@ class Scheduler:
         the window in which a crash makes us send again.
         """
         groups: dict[Route, list[QueuedRecipient]] = {}
+        bad = Outcome("failed", Reply(553, "5.1.3", "Bad destination mailbox address syntax"))
+        routed: list[tuple[QueuedRecipient, Route]] = []
         for rcpt in pending:
             try:
-                route = await self._route(gateway, envelope, rcpt)
+                routed.append((rcpt, await self._route(gateway, envelope, rcpt)))
             except AddressError:
-                bad = Outcome("failed", Reply(553, "5.1.3", "Bad destination mailbox address syntax"))
+                await self._record(gateway, envelope, rcpt, bad)
+        # Aliases and .forward: targets replace the recipient, recorded before delivery.
+        expanded, failures, changed = await expand_pending(gateway, envelope, routed)
+        for rcpt, _ in routed:
+            if id(rcpt) in failures:
+                await self._record(gateway, envelope, rcpt, failures[id(rcpt)])
+        if changed or failures:
+            await gateway.run_in_thread(self.queue.update_state, qid, envelope)
+        for rcpt, maybe in expanded:
+            try:
+                route = maybe if maybe is not None else await self._route(gateway, envelope, rcpt)
+            except AddressError:
                 await self._record(gateway, envelope, rcpt, bad)
                 continue
             groups.setdefault(route, []).append(rcpt)
@@ -306,7 +322,7 @@ class Scheduler:
         async def run(route: Route, rcpts: list[QueuedRecipient]) -> None:
             # The concurrency slot is held until the results are on disk, so at most
             # local + remote concurrency deliveries can ever be done-but-unrecorded.
-            async with self._local if isinstance(route, (LocalRoute, SpecialRoute)) else self._remote:
+            async with self._local if isinstance(route, (LocalRoute, SpecialRoute, TargetRoute)) else self._remote:
                 outcomes = await self._deliver_group(gateway, qid, envelope, route, rcpts, message)
                 for rcpt in rcpts:
                     outcome = outcomes.get(rcpt.address)
@@ -338,6 +354,12 @@ class Scheduler:
         data = msg.as_bytes() if msg.is_modified else message
         local, remote = self._agents_for(gateway)
         try:
+            if isinstance(route, TargetRoute):
+                index = next(i for i, r in enumerate(envelope.recipients) if r is rcpts[0])
+                outcome = await local.deliver_target(
+                    envelope, rcpts[0].address, route, data, delivery_id=f"Q{qid}R{index}"
+                )
+                return {r.address: outcome for r in rcpts}
             if isinstance(route, LocalRoute):
                 return {
                     r.address: await self._deliver_local(gateway, local, qid, envelope, r, route, data)

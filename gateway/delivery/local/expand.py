@@ -1,0 +1,181 @@
+"""Aliases and ``.forward`` for a running gateway: which recipients expand, into what.
+
+The policy names the aliases file (``[local] aliases``) and switches ``.forward`` files
+on (``[local] dot_forward``). This module ties those to :mod:`gateway.delivery.local.aliases`:
+
+- :func:`is_alias` answers RCPT (an alias name is a valid local recipient);
+- :func:`expand_recipient` gives the scheduler the concrete targets of one recipient,
+  or ``None`` when it is an ordinary mailbox;
+- :func:`startup_check` loads and validates the file when the gateway starts or
+  reloads (a broken file stops either) and lists the warnings owed (``postmaster``,
+  ``abuse`` or ``MAILER-DAEMON`` going nowhere).
+
+Everything here that touches files is synchronous: callers run it in the gateway's
+thread pool.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from gateway.delivery.local.aliases import (
+    EMPTY,
+    AliasError,
+    AliasFile,
+    ExpansionError,
+    Leaf,
+    Resolver,
+    Target,
+    alias_table,
+    read_target_file,
+)
+from gateway.delivery.local.dotqmail import UNSAFE_MODE
+from gateway.policy.model import LocalSettings
+from gateway.verdicts import Reply
+
+__all__ = [
+    "REQUIRED_NAMES",
+    "aliases_enabled",
+    "check_aliases",
+    "current_aliases",
+    "expand_recipient",
+    "home_of",
+    "is_alias",
+    "read_forward",
+    "resolver",
+    "startup_check",
+]
+
+REQUIRED_NAMES = ("postmaster", "abuse", "mailer-daemon")
+"""Names every mail domain should answer (RFC 2142, RFC 5321 §4.5.1)."""
+
+
+def aliases_enabled(local: LocalSettings) -> bool:
+    """Whether the policy names an aliases file."""
+    return local.aliases != Path()
+
+
+def current_aliases(local: LocalSettings) -> AliasFile:
+    """The policy's aliases, re-read if the file changed (synchronous)."""
+    if not aliases_enabled(local):
+        return EMPTY
+    return alias_table(local.aliases).current()
+
+
+def is_alias(local: LocalSettings, name: str) -> bool | None:
+    """Whether ``name`` is an alias, without I/O; ``None`` when the file is due a look."""
+    if not aliases_enabled(local):
+        return False
+    cached = alias_table(local.aliases).cached()
+    return None if cached is None else name.lower() in cached.aliases
+
+
+def home_of(local: LocalSettings, user: str) -> Path:
+    """A user's home: the ``[[local.assign]]`` home, else ``<mail_root>/<user>``."""
+    assign = next((a for a in local.assign if a.user.lower() == user), None)
+    if assign is not None and assign.home != Path():
+        return Path(os.path.abspath(assign.home))
+    return Path(os.path.abspath(local.mail_root / user))
+
+
+def read_forward(local: LocalSettings, user: str) -> tuple[Target, ...] | None:
+    """The targets of ``<home>/.forward``; ``None`` when off, missing, or only comments.
+
+    :raises AliasError: unreadable, malformed, or writable by group or others (the
+        home too), since then someone else could redirect the user's mail
+    """
+    if not local.dot_forward or "/" in user or user in ("", ".", ".."):
+        return None
+    home = home_of(local, user)
+    path = home / ".forward"
+    try:
+        if os.stat(home).st_mode & UNSAFE_MODE:
+            raise AliasError(str(path), None, user, "home directory is writable by group or others")
+        targets = read_target_file(path, alias=user)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return targets or None
+
+
+def resolver(local: LocalSettings, aliases: AliasFile | None = None) -> Resolver:
+    """A :class:`Resolver` on the policy's aliases, users, domains and ``.forward`` files."""
+    return Resolver(
+        aliases if aliases is not None else current_aliases(local),
+        domains=local.domains,
+        users=local.users,
+        forward=(lambda user: read_forward(local, user)) if local.dot_forward else None,
+        base=local.aliases.parent if aliases_enabled(local) else Path("/"),
+        delimiter=local.extension_delimiter,
+    )
+
+
+def expand_recipient(local: LocalSettings, local_part: str) -> list[Leaf] | None:
+    """The concrete targets of a local recipient, or ``None`` for an ordinary mailbox.
+
+    ``local_part`` expands when it is an alias name, or a local user with a
+    ``.forward`` file (and ``dot_forward`` on). Synchronous: run it in a thread.
+
+    :raises ExpansionError: a loop, or an include or ``.forward`` file that is broken
+        (5xx) or cannot be read now (4xx)
+    """
+    name = local_part.lower()
+    if not aliases_enabled(local) and not local.dot_forward:
+        return None
+    resolve = resolver(local)
+    if not resolve.is_alias(name) and (not local.dot_forward or name not in local.users):
+        return None
+    leaves = resolve.expand(name)
+    if leaves == [Leaf("user", name)]:
+        return None  # a .forward that says only "\me", or nothing: the mailbox itself
+    if not leaves:
+        raise ExpansionError(Reply(550, "5.1.1", f"alias {name} has no recipients"))
+    return leaves
+
+
+def startup_check(local: LocalSettings) -> list[str]:
+    """Load and check the aliases file now; the warnings to log.
+
+    :returns: one message per required name (``postmaster``, ``abuse``,
+        ``MAILER-DAEMON``) that is neither a local user nor an alias
+    :raises AliasError: the file is unreadable or broken, or an alias loops (file,
+        line and alias named)
+    """
+    aliases = EMPTY
+    warnings: list[str] = []
+    if aliases_enabled(local):
+        aliases = alias_table(local.aliases).load()
+        # .forward files are the users' business, read at delivery: not here.
+        resolve = Resolver(
+            aliases, domains=local.domains, users=local.users,
+            base=local.aliases.parent, delimiter=local.extension_delimiter,
+        )
+        check_aliases(aliases, resolve, warnings=warnings)
+    users = set(local.users)
+    for name in REQUIRED_NAMES:
+        if name not in users and name not in aliases.aliases:
+            shown = "MAILER-DAEMON" if name == "mailer-daemon" else name
+            where = "" if aliases_enabled(local) else " (no [local] aliases file)"
+            warnings.append(f"{shown} is neither a local user nor an alias: mail to it is refused{where}")
+    return warnings
+
+
+def check_aliases(
+    aliases: AliasFile, resolve: Resolver, *, warnings: list[str] | None = None,
+) -> dict[str, list[Leaf]]:
+    """Expand every alias (``:include:`` files read); the leaves of each.
+
+    :param warnings: when given, an include file that cannot be read right now (a 4xx
+        at delivery) is reported here instead of raised
+    :raises AliasError: the first alias whose expansion fails, naming its line
+    """
+    out: dict[str, list[Leaf]] = {}
+    for name, alias in aliases.aliases.items():
+        try:
+            out[name] = resolve.expand(name)
+        except ExpansionError as exc:
+            error = AliasError(aliases.source, alias.line, name, exc.detail)
+            if warnings is None or exc.is_permanent:
+                raise error from None
+            warnings.append(str(error))
+    return out

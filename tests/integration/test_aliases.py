@@ -1,0 +1,306 @@
+"""Aliases and .forward end to end: SMTP in, queue, expansion, real Maildirs, mbox files, programs."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import logging
+import os
+import shutil
+import smtplib
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from gateway.policy import PolicyError
+from tests.conftest import MESSAGE, smtp, wait_for
+
+POLICY = """
+[server]
+hostname = "mx.test.example"
+
+[[listeners]]
+name = "smtp"
+tls = "none"
+
+[local]
+domains = ["localhost"]
+users = ["postmaster", "alice", "bob", "carol", "list"]
+aliases = "{aliases}"
+dot_forward = {dot_forward}
+
+[delivery]
+retry_base = "200ms"
+retry_max = "1s"
+poll_interval = "200ms"
+
+[[plugins]]
+name = "rcpt_relay"
+[[plugins]]
+name = "rcpt_local_users"
+"""
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A directory anyone may write: programs never run as root (as root: nobody)."""
+    path = Path(tempfile.mkdtemp(prefix="gateway-aliases-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path)
+
+
+def start(gateway_factory, shared: Path, aliases: str, *, dot_forward: bool = False):
+    path = shared / "aliases"
+    path.write_text(aliases)
+    text = POLICY.format(aliases=path, dot_forward=str(dot_forward).lower())
+    return gateway_factory(text)
+
+
+def messages(gw, user: str) -> list[bytes]:
+    new = Path(gw.policy.local.mail_root) / user / "Maildir" / "new"
+    return [p.read_bytes() for p in sorted(new.glob("*"))] if new.exists() else []
+
+
+def send(gw, rcpts: list[str], sender: str = "sender@example.org") -> None:
+    with smtp(gw.port) as client:
+        assert client.sendmail(sender, rcpts, MESSAGE) == {}
+
+
+def script(shared: Path, name: str, body: str) -> Path:
+    path = shared / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def test_alias_expands_to_every_kind_of_target(gateway_factory, shared: Path) -> None:
+    out = shared / "program.out"
+    program = script(shared, "archive.sh", f"cat > {out}\n")
+    (shared / "md").mkdir()
+    (shared / "staff.list").write_text("# the staff\nbob\n")
+    (shared / "staff.list").chmod(0o644)
+    gw = start(gateway_factory, shared, f"""\
+# every kind of target
+staff: alice,
+       "|{program}",
+       {shared}/staff.mbox, {shared}/md/,
+       :include:{shared}/staff.list
+team:  staff, carol      # nested
+""")
+    send(gw, ["team@localhost"])
+    assert wait_for(lambda: gw.queue_ids() == [], timeout=15)
+    for user in ("alice", "bob", "carol"):
+        (data,) = messages(gw, user)
+        assert data.endswith(MESSAGE)
+        assert f"Delivered-To: {user}@localhost\r\n".encode() in data
+    assert out.read_bytes().endswith(MESSAGE)
+    assert b"Delivered-To: team@localhost\r\n" in out.read_bytes()
+    mbox = (shared / "staff.mbox").read_bytes()
+    assert mbox.startswith(b"From sender@example.org ") and b"Subject: test" in mbox
+    (copy,) = list((shared / "md" / "new").iterdir())
+    assert copy.read_bytes().endswith(MESSAGE)
+
+
+def test_alias_naming_itself_keeps_a_copy_for_the_user_of_that_name(gateway_factory, shared: Path) -> None:
+    gw = start(gateway_factory, shared, "list: list, bob\n")
+    send(gw, ["list@localhost"])
+    assert wait_for(lambda: messages(gw, "list") and messages(gw, "bob"), timeout=10)
+    assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
+    assert len(messages(gw, "list")) == 1 and len(messages(gw, "bob")) == 1
+
+
+def test_alias_names_are_valid_recipients_and_unknown_names_are_refused(gateway_factory, shared: Path) -> None:
+    gw = start(gateway_factory, shared, "sales: alice\n")
+    with smtp(gw.port) as client:
+        client.ehlo()
+        client.mail("sender@example.org")
+        assert client.rcpt("Sales@localhost")[0] == 250
+        assert client.rcpt("nobody-here@localhost")[0] == 550
+
+
+def test_targets_are_recorded_in_the_queue_and_delivered_once_each(gateway_factory, shared: Path) -> None:
+    marker, out = shared / "failed-once", shared / "out"
+    flaky = script(shared, "flaky.sh", f"test -f {marker} || {{ touch {marker}; exit 111; }}\ncat >> {out}\n")
+    gw = start(gateway_factory, shared, f'staff: alice, bob, "|{flaky}"\n')
+    send(gw, ["staff@localhost"])
+    assert wait_for(lambda: out.exists(), timeout=15)
+    assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
+    # The program failed once and was retried; the mailboxes got one copy each.
+    assert len(messages(gw, "alice")) == 1 and len(messages(gw, "bob")) == 1
+    assert out.read_bytes().count(b"Subject: test") == 1
+
+
+def test_expansion_is_written_to_the_queue_before_delivery(gateway_factory, shared: Path) -> None:
+    hold = script(shared, "hold.sh", "exit 111\n")
+    gw = start(gateway_factory, shared, f'staff: alice, "|{hold}"\n')
+    send(gw, ["staff@localhost"])
+    assert wait_for(lambda: messages(gw, "alice"), timeout=10)
+    (qid,) = gw.queue_ids()
+    state = json.loads((Path(gw.policy.server.queue_dir) / "state" / qid).read_text())
+    by_target = {r.get("target", ""): r for r in state["recipients"]}
+    assert by_target[""]["address"] == "staff@localhost"
+    assert by_target[""]["state"] == "delivered"
+    assert by_target["\\alice"]["state"] == "delivered"
+    assert by_target[f"|{hold}"]["state"] == "pending"
+    assert by_target["\\alice"]["orcpt"] == "rfc822;staff@localhost"
+
+
+def test_a_loop_found_at_delivery_bounces_with_5_4_6(gateway_factory, shared: Path) -> None:
+    include = shared / "loop.list"
+    include.write_text("carol\n")
+    include.chmod(0o644)
+    gw = start(gateway_factory, shared, f"first: :include:{include}\nsecond: first\n")
+    include.write_text("second\n")  # now first -> second -> first
+    send(gw, ["first@localhost"], sender="bob@localhost")
+    assert wait_for(lambda: messages(gw, "bob"), timeout=10)
+    (raw,) = messages(gw, "bob")
+    dsn = email.message_from_bytes(raw.split(b"\r\n", 2)[2], policy=email.policy.default)
+    fields = dsn.get_payload()[1].get_payload()[1]
+    assert fields["Action"] == "failed"
+    assert fields["Status"] == "5.4.6"
+    assert "alias loop: first -> second -> first" in fields["Diagnostic-Code"]
+    assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
+    assert messages(gw, "carol") == []
+
+
+def test_a_looping_aliases_file_stops_start_up_naming_file_and_line(gateway_factory, shared: Path) -> None:
+    with pytest.raises(PolicyError) as info:
+        start(gateway_factory, shared, "ok: alice\na: b\nb: a\n")
+    assert f"{shared / 'aliases'}:2: alias 'a': alias loop: a -> b -> a" in str(info.value)
+
+
+def test_start_up_warns_about_required_names_that_go_nowhere(gateway_factory, shared: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        start(gateway_factory, shared, "abuse: alice\n")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(w.startswith("MAILER-DAEMON is neither a local user nor an alias") for w in warnings)
+    assert not any(w.startswith(("abuse ", "postmaster ")) for w in warnings)
+
+
+def test_changed_aliases_file_is_read_again(gateway_factory, shared: Path) -> None:
+    gw = start(gateway_factory, shared, "sales: alice\n")
+    (shared / "aliases").write_text("sales: alice\n\nsupport: bob\n")
+
+    def accepted() -> bool:
+        with smtp(gw.port) as client:
+            client.ehlo()
+            client.mail("sender@example.org")
+            return client.rcpt("support@localhost")[0] == 250
+
+    assert wait_for(accepted, timeout=10)
+    send(gw, ["support@localhost"])
+    assert wait_for(lambda: messages(gw, "bob"), timeout=10)
+
+
+def test_broken_change_keeps_the_previous_aliases(gateway_factory, shared: Path) -> None:
+    gw = start(gateway_factory, shared, "sales: alice\n")
+    (shared / "aliases").write_text("sales: alice\nbroken line without colon\nsupport: bob\n")
+    send(gw, ["sales@localhost"])  # the send gives the table time to look at the file
+    assert wait_for(lambda: messages(gw, "alice"), timeout=10)
+    with smtp(gw.port) as client:
+        client.ehlo()
+        client.mail("sender@example.org")
+        assert client.rcpt("support@localhost")[0] == 550
+        assert client.rcpt("sales@localhost")[0] == 250
+
+
+# -- .forward -----------------------------------------------------------------
+
+
+def forward(gw, user: str, text: str) -> None:
+    home = Path(gw.policy.local.mail_root) / user
+    home.mkdir(parents=True, exist_ok=True)
+    (home / ".forward").write_text(text)
+    (home / ".forward").chmod(0o644)
+
+
+def test_dot_forward_with_backslash_self_keeps_a_local_copy(gateway_factory, shared: Path) -> None:
+    out = shared / "vacation.out"
+    gw = start(gateway_factory, shared, "sales: alice\n", dot_forward=True)
+    forward(gw, "alice", f'\\alice, carol\n"|cat > {out}"\n')
+    send(gw, ["alice@localhost"])
+    assert wait_for(lambda: gw.queue_ids() == [], timeout=15)
+    assert len(messages(gw, "alice")) == 1 and len(messages(gw, "carol")) == 1
+    assert out.read_bytes().endswith(MESSAGE)
+    # An alias pointing at alice follows her .forward too.
+    send(gw, ["sales@localhost"])
+    assert wait_for(lambda: len(messages(gw, "carol")) == 2, timeout=15)
+    assert len(messages(gw, "alice")) == 2
+
+
+def test_dot_forward_is_ignored_unless_switched_on(gateway_factory, shared: Path) -> None:
+    gw = start(gateway_factory, shared, "sales: alice\n", dot_forward=False)
+    forward(gw, "alice", "carol\n")
+    send(gw, ["alice@localhost"])
+    assert wait_for(lambda: messages(gw, "alice"), timeout=10)
+    assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
+    assert messages(gw, "carol") == []
+
+
+def test_dot_forward_loop_between_two_users_bounces(gateway_factory, shared: Path) -> None:
+    gw = start(gateway_factory, shared, "sales: alice\n", dot_forward=True)
+    forward(gw, "alice", "bob\n")
+    forward(gw, "bob", "alice\n")
+    send(gw, ["alice@localhost"], sender="carol@localhost")
+    assert wait_for(lambda: messages(gw, "carol"), timeout=10)
+    (raw,) = messages(gw, "carol")
+    assert b"alias loop: alice -> bob -> alice" in raw
+    assert messages(gw, "alice") == [] and messages(gw, "bob") == []
+
+
+# -- gateway aliases check ------------------------------------------------------
+
+
+def run_check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "aliases", "check", *args],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+
+
+def test_check_command_summarises_a_good_file(tmp_path: Path) -> None:
+    (tmp_path / "team.list").write_text("carol, dave@example.org\n")
+    (tmp_path / "aliases").write_text(
+        "postmaster: alice\nabuse: alice\nstaff: alice,\n  bob, :include:team.list,\n"
+        '  "|/usr/bin/archive --list staff", /var/mail/staff\n'
+    )
+    result = run_check(str(tmp_path / "aliases"))
+    assert result.returncode == 0, result.stderr
+    assert f"{tmp_path / 'aliases'}: OK: 3 aliases" in result.stdout
+    assert "1 address, 1 mbox, 1 program" in result.stdout
+    assert "MAILER-DAEMON: not an alias" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("a: alice\nb: c\nc: b\n", ":2: alias 'b': alias loop: b -> c -> b"),
+        ("a: alice\nb: alice,\n  /x /y\n", ":3: alias 'b': white space in target"),
+        ("a: alice\na: bob\n", ":2: alias 'a': defined twice (first at line 1)"),
+        ("a: alice\nno colon here\n", ":2: expected 'name: target, ...'"),
+        ("a: :include:missing.list\n", ":1: alias 'a': "),
+        ('a: "|unterminated\n', ":1: alias 'a': unterminated double quote"),
+    ],
+)
+def test_check_command_names_file_and_line_of_a_problem(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "aliases").write_text(text)
+    result = run_check(str(tmp_path / "aliases"))
+    assert result.returncode == 1
+    assert f"{tmp_path / 'aliases'}{message}" in result.stderr
+
+
+def test_check_command_with_a_policy_reports_unknown_names(tmp_path: Path) -> None:
+    (tmp_path / "aliases").write_text("staff: alice,\n   mallory\n")
+    (tmp_path / "policy.toml").write_text(
+        '[local]\ndomains = ["localhost"]\nusers = ["postmaster", "alice"]\n'
+        f'aliases = "{tmp_path / "aliases"}"\n'
+    )
+    result = run_check("--policy", str(tmp_path / "policy.toml"))
+    assert result.returncode == 1
+    assert f"{tmp_path / 'aliases'}:2: alias 'staff': 'mallory' is neither an alias nor a local user" in result.stderr
