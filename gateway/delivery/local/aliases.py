@@ -52,6 +52,7 @@ __all__ = [
     "AliasFile",
     "AliasTable",
     "ExpansionError",
+    "UnsafeFileError",
     "Leaf",
     "Resolver",
     "Target",
@@ -95,6 +96,10 @@ class AliasError(Exception):
         where = self.file if self.line is None else f"{self.file}:{self.line}"
         what = f"alias {self.alias!r}: " if self.alias else ""
         return f"{where}: {what}{self.message}"
+
+
+class UnsafeFileError(AliasError):
+    """An include or ``.forward`` file (or its home) writable by group or others."""
 
 
 class ExpansionError(Exception):
@@ -379,7 +384,8 @@ def read_target_file(path: Path, *, alias: str = "") -> tuple[Target, ...]:
     except OSError as exc:
         raise AliasError(source, None, alias, f"cannot read: {exc.strerror or exc}") from None
     except ValueError as exc:
-        raise AliasError(source, None, alias, str(exc)) from None
+        cls = UnsafeFileError if "writable" in str(exc) else AliasError
+        raise cls(source, None, alias, str(exc)) from None
     targets: list[Target] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = _strip_comment(raw).strip()
@@ -392,6 +398,12 @@ def read_target_file(path: Path, *, alias: str = "") -> tuple[Target, ...]:
 # -- expansion --------------------------------------------------------------
 
 LOOP = "5.4.6"
+
+
+def _unsafe(what: str, exc: AliasError) -> ExpansionError:
+    # As for .qmail files (qmail's "Uh-oh"): defer until someone fixes the permissions.
+    reply = Reply(451, "4.7.0", f"unsafe permissions: {what} is writable by group or others")
+    return ExpansionError(reply, str(exc))
 
 
 def _loop(chain: list[str], name: str) -> ExpansionError:
@@ -493,6 +505,8 @@ class Resolver:
             return None
         try:
             return self.forward(name)
+        except UnsafeFileError as exc:
+            raise _unsafe(".forward", exc) from None
         except AliasError as exc:
             raise ExpansionError(Reply(554, "5.3.5", f"bad .forward of {name}"), str(exc)) from None
 
@@ -535,6 +549,8 @@ class Resolver:
                 Reply(451, "4.3.0", f"cannot read :include: file {path.name}"),
                 f"{path}: no such file",
             ) from None
+        except UnsafeFileError as exc:
+            raise _unsafe(f":include: file {path.name}", exc) from None
         except AliasError as exc:
             raise ExpansionError(Reply(554, "5.3.5", f"bad :include: file {path.name}"), str(exc)) from None
         self._targets(targets, chain, owner, leaves, (*includes, key))

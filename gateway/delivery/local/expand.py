@@ -24,6 +24,7 @@ from gateway.delivery.local.aliases import (
     AliasError,
     AliasFile,
     ExpansionError,
+    UnsafeFileError,
     Leaf,
     Resolver,
     Target,
@@ -91,7 +92,7 @@ def read_forward(local: LocalSettings, user: str) -> tuple[Target, ...] | None:
     path = home / ".forward"
     try:
         if os.stat(home).st_mode & UNSAFE_MODE:
-            raise AliasError(str(path), None, user, "home directory is writable by group or others")
+            raise UnsafeFileError(str(path), None, user, "home directory is writable by group or others")
         targets = read_target_file(path, alias=user)
     except (FileNotFoundError, NotADirectoryError):
         return None
