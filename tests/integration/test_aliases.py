@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import smtplib
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Iterator
 import pytest
 
 from gateway.policy import PolicyError
+from gateway.queue import QueueStore
 from tests.conftest import MESSAGE, smtp, wait_for
 from tests.integration.test_reload import free_port
 
@@ -366,3 +368,57 @@ def test_gateway_run_refuses_to_start_on_a_broken_aliases_file(tmp_path: Path) -
     )
     assert result.returncode == 2
     assert f"{tmp_path / 'aliases'}:2: alias 'sales': defined twice (first at line 1)" in result.stderr
+
+
+def test_sigkill_after_expansion_delivers_each_target_once(tmp_path: Path, shared: Path) -> None:
+    """A crash while one target is being delivered: after the restart the others get no second copy."""
+    from tests.integration.test_crash_delivery import start as start_process
+
+    started, release, out = shared / "started", shared / "release", shared / "out"
+    program = script(
+        shared, "slow.sh",
+        f"if [ -f {release} ]; then cat >> {out}; exit 0; fi\necho $$ > {started}\nexec sleep 120\n",
+    )
+    mbox = shared / "staff.mbox"  # unlike Maildir, an mbox append done twice shows twice
+    (shared / "aliases").write_text(f'staff: alice, bob, {mbox}, "|{program}"\n')
+    port = free_port()
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text(
+        POLICY.format(aliases=shared / "aliases", dot_forward="false")
+        .replace("[server]\n", f'[server]\nqueue_dir = "{tmp_path / "queue"}"\nvar_dir = "{tmp_path / "var"}"\n')
+        .replace('tls = "none"\n', f'tls = "none"\nport = {port}\n', 1)
+        .replace("[local]\n", f'[local]\nmail_root = "{tmp_path / "mail"}"\n')
+    )
+
+    def copies(user: str) -> int:
+        new = tmp_path / "mail" / user / "Maildir" / "new"
+        return len(list(new.iterdir())) if new.exists() else 0
+
+    proc = start_process(policy_file, port)
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            assert client.sendmail("sender@example.org", ["staff@localhost"], MESSAGE) == {}
+        (qid,) = QueueStore(tmp_path / "queue").ids()
+        state = tmp_path / "queue" / "state" / qid
+
+        def done_but_the_program() -> bool:
+            if not (started.exists() and state.exists()):
+                return False
+            states = [r["state"] for r in json.loads(state.read_text())["recipients"]]
+            return states.count("delivered") == 4  # staff (expanded), alice, bob, the mbox
+
+        assert wait_for(done_but_the_program, timeout=20)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    os.kill(int(started.read_text()), signal.SIGKILL)  # the program outlives the gateway
+    release.touch()
+    proc = start_process(policy_file, port)
+    try:
+        assert wait_for(lambda: out.exists() and QueueStore(tmp_path / "queue").ids() == [], timeout=30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert copies("alice") == 1 and copies("bob") == 1
+    assert mbox.read_bytes().count(b"\nFrom sender@example.org ") + mbox.read_bytes().startswith(b"From ") == 1
+    assert out.read_bytes().count(b"Subject: test") == 1
