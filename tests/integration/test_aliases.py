@@ -422,3 +422,26 @@ def test_sigkill_after_expansion_delivers_each_target_once(tmp_path: Path, share
     assert copies("alice") == 1 and copies("bob") == 1
     assert mbox.read_bytes().count(b"\nFrom sender@example.org ") + mbox.read_bytes().startswith(b"From ") == 1
     assert out.read_bytes().count(b"Subject: test") == 1
+
+
+def test_gateway_check_and_reload_validate_the_aliases_file_of_the_policy(tmp_path: Path) -> None:
+    (tmp_path / "aliases").write_text("abuse: alice\nlist: a\na: list2\nlist2: a\n")
+    (tmp_path / "policy.toml").write_text(
+        f'[server]\nvar_dir = "{tmp_path / "var"}"\n'
+        f'[local]\ndomains = ["localhost"]\nusers = ["postmaster", "alice"]\naliases = "{tmp_path / "aliases"}"\n'
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    for command in ("check", "reload --policy"):
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", *command.split(), str(tmp_path / "policy.toml")],
+            capture_output=True, text=True, timeout=60, env=env,
+        )
+        assert result.returncode == 2
+        assert f"{tmp_path / 'aliases'}:3: alias 'a': alias loop: a -> list2 -> a" in result.stderr
+    (tmp_path / "aliases").write_text("abuse: alice\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "check", str(tmp_path / "policy.toml")],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert result.returncode == 0
+    assert "warning: MAILER-DAEMON is neither a local user nor an alias" in result.stdout

@@ -109,9 +109,10 @@ class ExpansionError(Exception):
         may come back (cannot be read right now)
     """
 
-    def __init__(self, reply: Reply, detail: str = "") -> None:
+    def __init__(self, reply: Reply, detail: str = "", *, name: str = "") -> None:
         self.reply = reply
         self.detail = detail or reply.text
+        self.name = name  # for a loop: the name it returns to
         super().__init__(self.detail)
 
     @property
@@ -408,7 +409,7 @@ def _unsafe(what: str, exc: AliasError) -> ExpansionError:
 
 def _loop(chain: list[str], name: str) -> ExpansionError:
     path = " -> ".join([*chain[chain.index(name):], name])
-    return ExpansionError(Reply(554, LOOP, f"alias loop: {path}"[:200]), f"alias loop: {path}")
+    return ExpansionError(Reply(554, LOOP, f"alias loop: {path}"[:200]), f"alias loop: {path}", name=name)
 
 
 class Resolver:

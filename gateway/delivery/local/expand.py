@@ -175,7 +175,9 @@ def check_aliases(
         try:
             out[name] = resolve.expand(name)
         except ExpansionError as exc:
-            error = AliasError(aliases.source, alias.line, name, exc.detail)
+            # A loop is reported at the alias it returns to, wherever the walk began.
+            at = aliases.aliases.get(exc.name, alias)
+            error = AliasError(aliases.source, at.line, at.name, exc.detail)
             if warnings is None or exc.is_permanent:
                 raise error from None
             warnings.append(str(error))
