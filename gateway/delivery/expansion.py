@@ -27,7 +27,6 @@ from gateway.delivery.router import split_user
 from gateway.delivery.types import LocalRoute, Outcome, Route, TargetRoute
 from gateway.logs import short
 from gateway.model import Envelope, QueuedRecipient, RecipientState
-from gateway.verdicts import Reply
 
 if TYPE_CHECKING:
     from gateway.context import Gateway
@@ -40,7 +39,7 @@ log = logging.getLogger("gateway.delivery.expansion")
 def target_route(rcpt: QueuedRecipient, gateway: Gateway) -> Route:
     """The route of an expanded target recipient (``rcpt.target`` is set)."""
     local = gateway.policy.local
-    domain = rcpt.address.rpartition("@")[2].lower()
+    domain = rcpt.address.rpartition("@")[2].lower() if "@" in rcpt.address else ""
     if rcpt.target.startswith("\\"):
         user, ext = split_user(rcpt.target[1:], local.users, local.extension_delimiter)
         return LocalRoute(user, ext, domain)
@@ -81,9 +80,12 @@ def _recipient(leaf: Leaf, parent: QueuedRecipient, domain: str) -> QueuedRecipi
 
 
 def _key(rcpt: QueuedRecipient) -> tuple[str, str, str]:
+    """What makes two recipients the same delivery."""
+    if rcpt.target and not rcpt.target.startswith("\\"):
+        # The same program or file for the same owner, whichever alias led there.
+        return "", rcpt.target, rcpt.owner
     # "\\alice" and a plain alice@domain reach the same mailbox.
-    target = "" if rcpt.target.startswith("\\") else rcpt.target
-    return rcpt.address.lower(), target, rcpt.owner
+    return rcpt.address.lower(), "", ""
 
 
 async def expand_pending(
@@ -116,7 +118,10 @@ async def expand_pending(
         if leaves is None:
             out.append((rcpt, route))
             continue
-        seen = {_key(r) for r in envelope.recipients if r is not rcpt and (r.target or r.state is not RecipientState.FAILED)}
+        seen = {
+            _key(r) for r in envelope.recipients
+            if r is not rcpt and (r.target or r.state is not RecipientState.FAILED)
+        }
         added: list[QueuedRecipient] = []
         for leaf in leaves:
             new = _recipient(leaf, rcpt, domain)

@@ -118,6 +118,16 @@ def test_alias_naming_itself_keeps_a_copy_for_the_user_of_that_name(gateway_fact
     assert len(messages(gw, "list")) == 1 and len(messages(gw, "bob")) == 1
 
 
+def test_a_mailbox_or_program_reached_twice_in_one_message_gets_one_copy(gateway_factory, shared: Path) -> None:
+    out = shared / "out"
+    program = script(shared, "count.sh", f"cat >> {out}\n")
+    gw = start(gateway_factory, shared, f'staff: alice, bob, "|{program}"\nsales: alice, "|{program}"\n')
+    send(gw, ["alice@localhost", "staff@localhost", "sales@localhost"])
+    assert wait_for(lambda: gw.queue_ids() == [], timeout=15)
+    assert len(messages(gw, "alice")) == 1 and len(messages(gw, "bob")) == 1
+    assert out.read_bytes().count(b"Subject: test") == 1
+
+
 def test_alias_names_are_valid_recipients_and_unknown_names_are_refused(gateway_factory, shared: Path) -> None:
     gw = start(gateway_factory, shared, "sales: alice\n")
     with smtp(gw.port) as client:
