@@ -187,3 +187,20 @@ def test_startup_check_warns_for_required_names_and_refuses_loops(tmp_path: Path
     with pytest.raises(AliasError) as info:
         startup_check(local)
     assert info.value.line == 2 and info.value.alias == "x"
+
+
+def test_an_include_in_a_forward_file_must_stay_in_the_home(tmp_path: Path) -> None:
+    home = tmp_path / "alice"
+    home.mkdir()
+    (home / "lists").write_text("carol\n")
+    (home / "lists").chmod(0o644)
+    (tmp_path / "secret").write_text("dave\n")
+    forwards = {
+        "alice": (Target("include", "lists", 1),),
+        "bob": (Target("include", str(tmp_path / "secret"), 1),),
+    }
+    resolve = resolver("", users=("alice", "bob"), forward=forwards.get, home=lambda user: tmp_path / user)
+    assert resolve.expand("alice") == [Leaf("user", "carol")]
+    with pytest.raises(ExpansionError) as info:
+        resolve.expand("bob")
+    assert info.value.reply.code == 554 and "outside the home" in info.value.reply.text

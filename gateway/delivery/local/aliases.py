@@ -423,6 +423,8 @@ class Resolver:
         ``None`` (no file, or ``.forward`` files are off); may raise :class:`AliasError`
     :param base: the directory relative ``:include:`` paths start from
     :param delimiter: the extension delimiter (``user-ext`` is user ``user``)
+    :param home: ``home(user)``: an ``:include:`` in that user's ``.forward`` must lie
+        inside it (the gateway reads it as root: no one may make it read other files)
     """
 
     def __init__(
@@ -434,6 +436,7 @@ class Resolver:
         forward: Callable[[str], tuple[Target, ...] | None] | None = None,
         base: Path | None = None,
         delimiter: str = "-",
+        home: Callable[[str], Path] | None = None,
     ) -> None:
         self.aliases = aliases
         self.domains = frozenset(d.lower() for d in domains)
@@ -441,6 +444,7 @@ class Resolver:
         self.forward = forward
         self.base = base if base is not None else Path(aliases.source).parent
         self.delimiter = delimiter
+        self.home = home
         self.unknown: set[str] = set()
 
     def is_alias(self, name: str) -> bool:
@@ -536,7 +540,16 @@ class Resolver:
         self, value: str, chain: list[str], owner: str, leaves: dict[Leaf, None],
         includes: tuple[str, ...],
     ) -> None:
-        path = Path(os.path.normpath(self.base / value))
+        if owner:
+            home = self.home(owner) if self.home is not None else None
+            path = Path(os.path.realpath((home or Path("/nonexistent")) / value))
+            if home is None or not path.is_relative_to(os.path.realpath(home)):
+                raise ExpansionError(
+                    Reply(554, "5.3.5", f"bad .forward of {owner}: :include: outside the home"),
+                    f"{owner}'s .forward includes {value}, outside the home",
+                )
+        else:
+            path = Path(os.path.normpath(self.base / value))
         key = str(path)
         if key in includes:
             raise ExpansionError(Reply(554, LOOP, f"alias loop: {path.name} includes itself"))

@@ -108,6 +108,7 @@ def resolver(local: LocalSettings, aliases: AliasFile | None = None) -> Resolver
         forward=(lambda user: read_forward(local, user)) if local.dot_forward else None,
         base=local.aliases.parent if aliases_enabled(local) else Path("/"),
         delimiter=local.extension_delimiter,
+        home=lambda user: home_of(local, user),
     )
 
 
