@@ -8,7 +8,6 @@ import pytest
 
 from gateway.delivery.local.aliases import (
     AliasError,
-    AliasTable,
     ExpansionError,
     Leaf,
     Resolver,
@@ -16,7 +15,7 @@ from gateway.delivery.local.aliases import (
     parse_aliases,
     read_target_file,
 )
-from gateway.delivery.local.expand import expand_recipient, startup_check
+from gateway.delivery.local.expand import AliasTable, expand_recipient, startup_check
 from gateway.policy.model import LocalSettings
 
 
@@ -163,7 +162,7 @@ def test_table_rereads_a_changed_file_and_keeps_the_last_good_one(tmp_path: Path
     path.write_text("a: b\n")
     table = AliasTable(path)
     assert set(table.load().aliases) == {"a"}
-    monkeypatch.setattr("gateway.delivery.local.aliases.RECHECK_SECONDS", 0.0)
+    monkeypatch.setattr("gateway.delivery.local.expand.RECHECK_SECONDS", 0.0)
     path.write_text("a: b\nc: d\n")
     assert set(table.current().aliases) == {"a", "c"}
     path.write_text("a: b\nbroken\n")

@@ -32,11 +32,8 @@ Parsing errors are :class:`AliasError`, naming file, line and alias.
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
-import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,20 +47,16 @@ __all__ = [
     "Alias",
     "AliasError",
     "AliasFile",
-    "AliasTable",
     "ExpansionError",
     "UnsafeFileError",
     "Leaf",
     "Resolver",
     "Target",
-    "alias_table",
     "load_aliases",
     "parse_aliases",
     "parse_targets",
     "read_target_file",
 ]
-
-log = logging.getLogger("gateway.delivery.local.aliases")
 
 MAX_FILE_SIZE = 16 << 20
 """An aliases or include file bigger than this is refused (a mistake or an attack)."""
@@ -71,8 +64,6 @@ MAX_DEPTH = 32
 """Nesting deeper than this is refused like a loop (sendmail's MAXRCRSN is 10)."""
 MAX_LEAVES = 10000
 """At most this many concrete targets from one expansion."""
-RECHECK_SECONDS = 1.0
-"""The aliases file's mtime is looked at no more often than this."""
 UNSAFE_MODE = 0o022
 
 TargetKind = Literal["address", "user", "program", "file", "include"]
@@ -568,77 +559,3 @@ class Resolver:
         except AliasError as exc:
             raise ExpansionError(Reply(554, "5.3.5", f"bad :include: file {path.name}"), str(exc)) from None
         self._targets(targets, chain, owner, leaves, (*includes, key))
-
-
-# -- the live table ---------------------------------------------------------
-
-
-class AliasTable:
-    """The aliases file named by the policy, re-read when it changes on disk.
-
-    :meth:`current` looks at the file's inode, size and mtime at most once per
-    :data:`RECHECK_SECONDS`; a changed file that no longer parses is logged at ERROR
-    (file and line) and the last good version stays in use.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._file: AliasFile = EMPTY
-        self._stamp: tuple[int, int, int, int] | None = None
-        self._checked = 0.0
-
-    def _stat(self) -> tuple[int, int, int, int] | None:
-        try:
-            info = os.stat(self.path)
-        except OSError:
-            return None
-        return (info.st_ino, info.st_dev, info.st_size, info.st_mtime_ns)
-
-    def load(self) -> AliasFile:
-        """Read the file now (start-up, reload). Synchronous.
-
-        :raises AliasError: the file is unreadable or broken; the table is unchanged
-        """
-        with self._lock:
-            stamp = self._stat()
-            parsed = load_aliases(self.path)
-            self._file, self._stamp, self._checked = parsed, stamp, time.monotonic()
-            return parsed
-
-    def cached(self) -> AliasFile | None:
-        """The table without any I/O, or ``None`` when it is due for a look at the file."""
-        if self._stamp is not None and time.monotonic() - self._checked < RECHECK_SECONDS:
-            return self._file
-        return None
-
-    def current(self) -> AliasFile:
-        """The table, re-read first if the file changed. Synchronous: run it in a thread."""
-        with self._lock:
-            if time.monotonic() - self._checked < RECHECK_SECONDS and self._stamp is not None:
-                return self._file
-            self._checked = time.monotonic()
-            stamp = self._stat()
-            if stamp == self._stamp:
-                return self._file
-            try:
-                self._file = load_aliases(self.path)
-                log.info("aliases re-read from %s: %d aliases", self.path, len(self._file.aliases))
-            except AliasError as exc:
-                log.error("aliases file changed but is broken, keeping the previous one: %s", exc)
-            self._stamp = stamp
-            return self._file
-
-
-_TABLES: dict[Path, AliasTable] = {}
-_TABLES_LOCK = threading.Lock()
-
-
-def alias_table(path: Path) -> AliasTable:
-    """The process-wide table for ``path`` (shared by policy generations)."""
-    key = Path(os.path.abspath(path))
-    with _TABLES_LOCK:
-        table = _TABLES.get(key)
-        if table is None:
-            table = _TABLES[key] = AliasTable(key)
-        return table

@@ -8,7 +8,8 @@ on (``[local] dot_forward``). This module ties those to :mod:`gateway.delivery.l
   or ``None`` when it is an ordinary mailbox;
 - :func:`startup_check` loads and validates the file when the gateway starts or
   reloads (a broken file stops either) and lists the warnings owed (``postmaster``,
-  ``abuse`` or ``MAILER-DAEMON`` going nowhere).
+  ``abuse`` or ``MAILER-DAEMON`` going nowhere);
+- :class:`AliasTable` keeps the parsed file and reads it again when it changes.
 
 Everything here that touches files is synchronous: callers run it in the gateway's
 thread pool.
@@ -16,7 +17,10 @@ thread pool.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 from gateway.delivery.local.aliases import (
@@ -28,7 +32,7 @@ from gateway.delivery.local.aliases import (
     Leaf,
     Resolver,
     Target,
-    alias_table,
+    load_aliases,
     read_target_file,
 )
 from gateway.delivery.local.dotqmail import UNSAFE_MODE
@@ -37,6 +41,8 @@ from gateway.verdicts import Reply
 
 __all__ = [
     "REQUIRED_NAMES",
+    "AliasTable",
+    "alias_table",
     "aliases_enabled",
     "check_aliases",
     "current_aliases",
@@ -47,6 +53,11 @@ __all__ = [
     "resolver",
     "startup_check",
 ]
+
+log = logging.getLogger("gateway.delivery.local.aliases")
+
+RECHECK_SECONDS = 1.0
+"""The aliases file's mtime is looked at no more often than this."""
 
 REQUIRED_NAMES = ("postmaster", "abuse", "mailer-daemon")
 """Names every mail domain should answer (RFC 2142, RFC 5321 §4.5.1)."""
@@ -183,3 +194,74 @@ def check_aliases(
                 raise error from None
             warnings.append(str(error))
     return out
+
+
+class AliasTable:
+    """The aliases file named by the policy, re-read when it changes on disk.
+
+    :meth:`current` looks at the file's inode, size and mtime at most once per
+    :data:`RECHECK_SECONDS`; a changed file that no longer parses is logged at ERROR
+    (file and line) and the last good version stays in use.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._file: AliasFile = EMPTY
+        self._stamp: tuple[int, int, int, int] | None = None
+        self._checked = 0.0
+
+    def _stat(self) -> tuple[int, int, int, int] | None:
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return None
+        return (info.st_ino, info.st_dev, info.st_size, info.st_mtime_ns)
+
+    def load(self) -> AliasFile:
+        """Read the file now (start-up, reload). Synchronous.
+
+        :raises AliasError: the file is unreadable or broken; the table is unchanged
+        """
+        with self._lock:
+            stamp = self._stat()
+            parsed = load_aliases(self.path)
+            self._file, self._stamp, self._checked = parsed, stamp, time.monotonic()
+            return parsed
+
+    def cached(self) -> AliasFile | None:
+        """The table without any I/O, or ``None`` when it is due for a look at the file."""
+        if self._stamp is not None and time.monotonic() - self._checked < RECHECK_SECONDS:
+            return self._file
+        return None
+
+    def current(self) -> AliasFile:
+        """The table, re-read first if the file changed. Synchronous: run it in a thread."""
+        with self._lock:
+            if time.monotonic() - self._checked < RECHECK_SECONDS and self._stamp is not None:
+                return self._file
+            self._checked = time.monotonic()
+            stamp = self._stat()
+            if stamp == self._stamp:
+                return self._file
+            try:
+                self._file = load_aliases(self.path)
+                log.info("aliases re-read from %s: %d aliases", self.path, len(self._file.aliases))
+            except AliasError as exc:
+                log.error("aliases file changed but is broken, keeping the previous one: %s", exc)
+            self._stamp = stamp
+            return self._file
+
+
+_TABLES: dict[Path, AliasTable] = {}
+_TABLES_LOCK = threading.Lock()
+
+
+def alias_table(path: Path) -> AliasTable:
+    """The process-wide table for ``path`` (shared by policy generations)."""
+    key = Path(os.path.abspath(path))
+    with _TABLES_LOCK:
+        table = _TABLES.get(key)
+        if table is None:
+            table = _TABLES[key] = AliasTable(key)
+        return table
