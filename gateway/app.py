@@ -26,6 +26,23 @@ __all__ = ["GatewayApp"]
 log = logging.getLogger(__name__)
 
 
+async def check_aliases(policy: Policy) -> None:
+    """Load the aliases file (start-up and reload); log names that go nowhere.
+
+    :raises PolicyError: the aliases file is broken or loops (file, line and alias)
+    """
+    from gateway.delivery.local.aliases import AliasError
+    from gateway.delivery.local.expand import startup_check
+
+    try:
+        warnings = await asyncio.to_thread(startup_check, policy.local)
+    except AliasError as exc:
+        key = f"alias {exc.alias!r}" if exc.alias else "local.aliases"
+        raise PolicyError(exc.file, exc.line, key, exc.message) from None
+    for warning in warnings:
+        log.warning("%s", warning)
+
+
 def registry(specs: Mapping[str, PluginSpec]) -> dict[str, type]:
     """Plugin name to Settings class, as the policy loader wants it."""
     return {name: spec.settings_cls for name, spec in specs.items()}
@@ -68,6 +85,7 @@ class GatewayApp:
     # -- life cycle --------------------------------------------------------
 
     async def _build(self, policy: Policy) -> Gateway:
+        await check_aliases(policy)
         runner = HookRunner(self.specs, [entry.name for entry in policy.plugins], stats=self.hook_stats)
         gateway = Gateway(
             policy=policy,

@@ -395,9 +395,17 @@ class QueuedRecipient:
     notified: bool = False  # the DSN this state owes (failure or success) is queued
     warned: bool = False  # a delay DSN was queued
     dsn_relayed: bool = False  # delivered to a DSN-capable next hop, which notifies
+    # Set on the targets an alias or .forward expanded into: "\\user" (that mailbox,
+    # no further expansion), "|command", "/mbox" or "/maildir/"; "" for an address.
+    target: str = ""
+    owner: str = ""  # whose rights a program/file target uses: "" = the aliases file
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"address": self.address, "state": self.state.value}
+        if self.target:
+            out["target"] = self.target
+        if self.owner:
+            out["owner"] = self.owner
         for flag in ("notified", "warned", "dsn_relayed"):
             if getattr(self, flag):
                 out[flag] = True
@@ -426,6 +434,8 @@ class QueuedRecipient:
             notified=bool(data.get("notified", False)),
             warned=bool(data.get("warned", False)),
             dsn_relayed=bool(data.get("dsn_relayed", False)),
+            target=str(data.get("target", "")),
+            owner=str(data.get("owner", "")),
         )
 
 

@@ -6,7 +6,8 @@ user (``[local] users`` and ``[[local.assign]]``) is accepted, and so is
 ``user<delimiter>extension`` for a known user (``[local] extension_delimiter``, qmail's
 ``-``); anything else gets 550 5.1.1, so no bounce is ever owed for an unknown local
 user. A virtual domain (``[local] virtual``) accepts every local part when the user it
-maps to exists. Other domains: no opinion.
+maps to exists. A name of the aliases file (``[local] aliases``, exactly the local part)
+is accepted too. Other domains: no opinion.
 
 Put it after ``rcpt_relay``, which refuses routing tricks before a mailbox is looked up.
 Settings: ``allow_extensions`` (default true).
@@ -17,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gateway.context import Gateway
+from gateway.delivery.local.expand import current_aliases, is_alias
 from gateway.delivery.router import split_user
 from gateway.hooks import hookimpl
 from gateway.model import Recipient
@@ -36,8 +38,17 @@ class Settings:
     )
 
 
+async def _is_alias(gateway: Gateway, local_part: str) -> bool:
+    local = gateway.policy.local
+    known = is_alias(local, local_part)
+    if known is None:  # the aliases file is due a look for changes: not on the loop
+        aliases = await gateway.run_in_thread(current_aliases, local)
+        known = local_part.lower() in aliases.aliases
+    return known
+
+
 @hookimpl
-def gateway_rcpt(rcpt: Recipient, gateway: Gateway, settings: Settings) -> Verdict | None:
+async def gateway_rcpt(rcpt: Recipient, gateway: Gateway, settings: Settings) -> Verdict | None:
     address = rcpt.address
     domain = address.domain_key
     local = gateway.policy.local
@@ -53,4 +64,6 @@ def gateway_rcpt(rcpt: Recipient, gateway: Gateway, settings: Settings) -> Verdi
     user, _ = split_user(address.local, local.users, delimiter)
     if user in local.users:
         return Verdict.accept(reason="local user")
+    if await _is_alias(gateway, address.local):
+        return Verdict.accept(reason="alias")
     return Verdict.reject(REPLY_UNKNOWN, reason="unknown local user")

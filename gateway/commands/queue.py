@@ -66,7 +66,8 @@ def _list(store: Any, area: str, as_json: bool) -> int:
         print(f"{row['id']}  {row['arrived']}  {row['size']:>9}  <{row['sender']}>{flags}")
         for r in row["recipients"]:
             last = f"  {r['last_reply']}" if r.get("last_reply") else ""
-            print(f"    {r['state']:<9} <{r['address']}>{last}")
+            target = f" {r['target']}" if r.get("target") else ""  # an alias/.forward target
+            print(f"    {r['state']:<9} <{r['address']}>{target}{last}")
     return 0
 
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.commands._common import load
+from gateway.commands._common import check_aliases, load
 
 
 def register(sub: Any) -> None:
@@ -30,6 +30,10 @@ def main(args: argparse.Namespace) -> int:
         policy, _ = load(args.policy)
     except PolicyError as exc:
         print(f"gateway: not reloaded, the policy is invalid: {exc}", file=sys.stderr)
+        return 2
+    error, _ = check_aliases(policy)
+    if error is not None:
+        print(f"gateway: not reloaded, the aliases file is invalid: {error}", file=sys.stderr)
         return 2
     pidfile = Path(policy.server.var_dir) / "gateway.pid"
     try:

@@ -47,6 +47,9 @@ def main(args: argparse.Namespace) -> int:
         asyncio.run(app.run_forever())
     except KeyboardInterrupt:
         pass
+    except PolicyError as exc:  # the aliases file, read at start
+        log.error("cannot start: %s", exc)
+        return 2
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1

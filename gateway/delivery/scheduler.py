@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from gateway.address import AddressError
 from gateway.delivery.bounce import build_dsn, wants_notice
 from gateway.delivery.router import route_for
-from gateway.delivery.types import LocalRoute, Outcome, Route, SpecialRoute
+from gateway.delivery.expansion import expand_pending, target_route
+from gateway.delivery.types import LocalRoute, Outcome, Route, SpecialRoute, TargetRoute
 from gateway.delivery.verp import for_recipient
 from gateway.logs import QUEUE_ID, short
 from gateway.model import Envelope, Message, QueuedRecipient, RecipientState
@@ -280,6 +281,8 @@ class Scheduler:
         )
 
     async def _route(self, gateway: Gateway, envelope: Envelope, rcpt: QueuedRecipient) -> Route:
+        if rcpt.target:
+            return target_route(rcpt, gateway)  # an alias or .forward target: decided
         route = await gateway.runner.first_value(
             "gateway_route", gateway.policy.plugins, envelope=envelope, recipient=rcpt, gateway=gateway
         )
@@ -297,11 +300,24 @@ class Scheduler:
         # With VERP every recipient has its own envelope sender: its own transaction.
         is_verp = bool(envelope.verp and envelope.sender)
         groups: dict[tuple[Route, str], list[QueuedRecipient]] = {}
+        bad = Outcome("failed", Reply(553, "5.1.3", "Bad destination mailbox address syntax"))
+        routed: list[tuple[QueuedRecipient, Route]] = []
         for rcpt in pending:
             try:
-                route = await self._route(gateway, envelope, rcpt)
+                routed.append((rcpt, await self._route(gateway, envelope, rcpt)))
             except AddressError:
-                bad = Outcome("failed", Reply(553, "5.1.3", "Bad destination mailbox address syntax"))
+                await self._record(gateway, envelope, rcpt, bad)
+        # Aliases and .forward: targets replace the recipient, recorded before delivery.
+        expanded, failures, changed = await expand_pending(gateway, envelope, routed)
+        for rcpt, _ in routed:
+            if id(rcpt) in failures:
+                await self._record(gateway, envelope, rcpt, failures[id(rcpt)])
+        if changed or failures:
+            await gateway.run_in_thread(self.queue.update_state, qid, envelope)
+        for rcpt, maybe in expanded:
+            try:
+                route = maybe if maybe is not None else await self._route(gateway, envelope, rcpt)
+            except AddressError:
                 await self._record(gateway, envelope, rcpt, bad)
                 continue
             groups.setdefault((route, rcpt.address if is_verp else ""), []).append(rcpt)
@@ -310,7 +326,7 @@ class Scheduler:
             # The concurrency slot is held until the results are on disk, so at most
             # local + remote concurrency deliveries can ever be done-but-unrecorded.
             sent_as = for_recipient(envelope, rcpts[0]) if is_verp else envelope
-            async with self._local if isinstance(route, (LocalRoute, SpecialRoute)) else self._remote:
+            async with self._local if isinstance(route, (LocalRoute, SpecialRoute, TargetRoute)) else self._remote:
                 outcomes = await self._deliver_group(gateway, qid, sent_as, route, rcpts, message)
                 for rcpt in rcpts:
                     outcome = outcomes.get(rcpt.address)
@@ -342,6 +358,12 @@ class Scheduler:
         data = msg.as_bytes() if msg.is_modified else message
         local, remote = self._agents_for(gateway)
         try:
+            if isinstance(route, TargetRoute):
+                index = next(i for i, r in enumerate(envelope.recipients) if r is rcpts[0])
+                outcome = await local.deliver_target(
+                    envelope, rcpts[0].address, route, data, delivery_id=f"Q{qid}R{index}"
+                )
+                return {r.address: outcome for r in rcpts}
             if isinstance(route, LocalRoute):
                 return {
                     r.address: await self._deliver_local(gateway, local, qid, envelope, r, route, data)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from gateway.verdicts import Reply
 
-__all__ = ["LocalRoute", "MxRoute", "Outcome", "Route", "SmarthostRoute", "SpecialRoute"]
+__all__ = ["LocalRoute", "MxRoute", "Outcome", "Route", "SmarthostRoute", "SpecialRoute", "TargetRoute"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,4 +80,23 @@ class SpecialRoute:
         return self.action
 
 
-Route = LocalRoute | MxRoute | SmarthostRoute | SpecialRoute
+@dataclass(frozen=True, slots=True)
+class TargetRoute:
+    """Deliver to a program or mailbox file an alias or ``.forward`` expanded into.
+
+    ``kind`` is ``program`` (``value`` the command), ``mbox`` or ``maildir`` (``value``
+    the absolute path); ``owner`` is the local user whose ``.forward`` named it, whose
+    rights it uses, or ``""`` for the aliases file (``[local] program_user``).
+    """
+
+    kind: Literal["program", "mbox", "maildir"]
+    value: str
+    owner: str
+    domain: str
+
+    @property
+    def key(self) -> str:
+        return f"target:{self.kind}:{self.owner}:{self.value}"
+
+
+Route = LocalRoute | MxRoute | SmarthostRoute | SpecialRoute | TargetRoute

@@ -157,6 +157,10 @@ class LocalSettings:
     )
     extension_delimiter: str = setting("-", "separates user and extension: user-ext@domain")
     dot_files: bool = setting(True, "read .qmail instruction files in users' homes")
+    aliases: Path = setting(
+        Path(), "sendmail-style aliases file (name: target, ...); empty = no aliases"
+    )
+    dot_forward: bool = setting(False, "read .forward files in users' homes (sendmail syntax)")
     mailbox: Literal["maildir", "mbox"] = setting(
         "maildir", "default delivery without a .qmail file: <home>/Maildir/ or <home>/mbox"
     )

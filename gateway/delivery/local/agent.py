@@ -31,7 +31,7 @@ from gateway.delivery.local.dotqmail import DotQmail, Instruction, load_dotqmail
 from gateway.delivery.local.maildir import Confinement, deliver_maildir
 from gateway.delivery.local.mbox import deliver_mbox, from_line
 from gateway.delivery.local.program import ProgramResult, run_program
-from gateway.delivery.types import LocalRoute, Outcome
+from gateway.delivery.types import LocalRoute, Outcome, TargetRoute
 from gateway.model import Envelope, Message
 from gateway.policy.model import LocalAssign, Policy
 from gateway.verdicts import PermanentFailure, Reply, TemporaryFailure
@@ -201,6 +201,77 @@ class LocalDeliveryAgent:
             ",".join(where)[:_MAX_WHERE] or "-", str(outcome.reply),
         )
         return outcome
+
+    async def deliver_target(
+        self, envelope: Envelope, recipient: str, route: TargetRoute, message: bytes,
+        *, delivery_id: str | None = None,
+    ) -> Outcome:
+        """Deliver ``message`` to one program or mailbox file an alias or ``.forward`` named.
+
+        A target of the aliases file runs as ``local.program_user`` (when root) from
+        ``/``, and its mailbox files are written without confinement (the aliases file
+        is the administrator's). A ``.forward`` target acts for its owner exactly like
+        a line of the owner's ``.qmail`` file.
+
+        :param recipient: the alias address (``Delivered-To``, ``$RECIPIENT``)
+        :param route: what to deliver to, and for whom
+        :returns: as :meth:`deliver`
+        """
+        where: list[str] = []
+        try:
+            outcome = await self._deliver_target(envelope, recipient, route, message, where, delivery_id)
+        except TemporaryFailure as exc:
+            outcome = Outcome("deferred", exc.reply)
+        except PermanentFailure as exc:
+            outcome = Outcome("failed", exc.reply)
+        except Exception:
+            # The delivery boundary: whatever went wrong, retry later rather than lose mail.
+            log.exception("alias target delivery to %s failed unexpectedly", recipient)
+            outcome = Outcome("deferred", _INTERNAL)
+        log.info(
+            "local delivery to=%s owner=%s target=%s status=%s reply=%r",
+            recipient, route.owner or "(aliases)", route.kind, outcome.status, str(outcome.reply),
+        )
+        return outcome
+
+    async def _deliver_target(
+        self, envelope: Envelope, recipient: str, route: TargetRoute, message: bytes,
+        where: list[str], delivery_id: str | None,
+    ) -> Outcome:
+        if _has_delivered_to(message, recipient):
+            return Outcome("failed", LOOP_REPLY)
+        local, _, domain = recipient.rpartition("@")
+        if route.owner:
+            target = self._target(recipient, LocalRoute(route.owner, "", route.domain))
+            if target.assign is None or target.assign.home == Path():
+                await self._thread(_ensure_home, target.home)
+            confine = await self._thread(self._confinement, target)
+        else:
+            target = _Target(self._policy.local.program_user, Path("/"), None, local, route.domain or domain)
+            confine = None
+        when = time.time()
+        dtline = _header_line("Delivered-To", recipient).replace("\n", "\r\n").encode()
+        rpline = _header_line("Return-Path", f"<{envelope.sender}>").replace("\n", "\r\n").encode()
+        delivered = rpline + dtline + message
+        if route.kind == "program":
+            env = program_environment(
+                sender=envelope.sender, recipient=recipient, user=target.user, home=target.home,
+                local=target.local, domain=target.domain, extension="",
+                delimiter=self._policy.local.extension_delimiter, default=None, when=when,
+            )
+            result = await self._program(route.value, delivered, env, target)
+            if result.status != "delivered":
+                return result.outcome()
+            where.append("program")
+        else:
+            path = Path(route.value)
+            instruction = Instruction(route.kind, route.value, 0, path)
+            await self._mailbox(
+                instruction, delivered, envelope.sender, when, confine,
+                self._name(envelope, delivery_id, 0),
+            )
+            where.append(route.value)
+        return self._success(where)
 
     def _target(self, recipient: str, route: LocalRoute) -> _Target:
         settings = self._policy.local
