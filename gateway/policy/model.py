@@ -31,6 +31,7 @@ __all__ = [
     "AuthSettings",
     "DeliverySettings",
     "DnsSettings",
+    "EtrnSettings",
     "LocalAssign",
     "MetricsSettings",
     "RouteSettings",
@@ -231,6 +232,9 @@ class RouteSettings:
     action: Literal["relay", "hold", "discard"] = setting(
         "relay", "hold: keep in the queue until flushed; discard: drop (logged)"
     )
+    hold: bool = setting(
+        False, "keep this route's mail queued until `gateway queue flush` or ETRN releases it (serialmail)"
+    )
 
 
 @dataclass(frozen=True)
@@ -240,6 +244,23 @@ class RelaySettings:
     domains: tuple[str, ...] = setting((), "remote domains accepted from anyone (we are their MX)")
     clients: tuple[IPNetwork, ...] = setting((), "client networks allowed to relay anywhere")
     authenticated: bool = setting(True, "authenticated clients may relay anywhere")
+
+
+@dataclass(frozen=True)
+class EtrnSettings:
+    """Who may ask for a flush of held mail with ETRN (RFC 1985): ``[etrn]``.
+
+    ETRN is offered (in the EHLO answer) when ``clients`` is not empty or
+    ``authenticated`` is true; other clients get 459.
+    """
+
+    clients: tuple[IPNetwork, ...] = setting((), "client networks allowed to use ETRN")
+    authenticated: bool = setting(False, "authenticated clients may use ETRN")
+
+    @property
+    def is_enabled(self) -> bool:
+        """Whether anyone at all may use ETRN."""
+        return bool(self.clients) or self.authenticated
 
 
 @dataclass(frozen=True)
@@ -410,6 +431,7 @@ class Policy:
     limits: Limits = setting(Limits(), "per-session bounds")
     local: LocalSettings = setting(LocalSettings(), "local domains and users")
     relay: RelaySettings = setting(RelaySettings(), "relay permissions")
+    etrn: EtrnSettings = setting(EtrnSettings(), "ETRN: who may flush held mail")
     scoring: ScoringSettings = setting(ScoringSettings(), "score thresholds")
     dns: DnsSettings = setting(DnsSettings(), "resolver")
     metrics: MetricsSettings = setting(MetricsSettings(), "Prometheus endpoint")
