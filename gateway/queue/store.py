@@ -202,7 +202,8 @@ class QueueStore:
 
         :raises FileNotFoundError: when the message is gone
         """
-        fd = os.open(self._path(area, qid), os.O_RDONLY | os.O_CLOEXEC)
+        # A write lock needs a descriptor open for writing; nothing is ever written.
+        fd = os.open(self._path(area, qid), os.O_RDWR | os.O_CLOEXEC)
         try:
             _ofd_lock(fd, fcntl.F_WRLCK, wait=True)
             yield fd
