@@ -23,6 +23,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "mail_rate_limit",
     "rcpt_greylist",
     "rcpt_relay",
+    "rcpt_quota",
     "rcpt_local_users",
     "queue_authentication_results",
     "queue_dkim_sign",

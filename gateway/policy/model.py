@@ -42,6 +42,8 @@ __all__ = [
     "Override",
     "PluginEntry",
     "Policy",
+    "QuotaLimit",
+    "QuotaSettings",
     "RelaySettings",
     "Scope",
     "ScoringSettings",
@@ -148,6 +150,33 @@ class LocalAssign:
 
 
 @dataclass(frozen=True)
+class QuotaLimit:
+    """A Maildir++ quota: ``{ storage = "100MB", messages = 5000 }``; unset parts: no limit."""
+
+    storage: Size | None = setting(None, "bytes a Maildir may hold (Maildir++ S)", min=1)
+    messages: int | None = setting(None, "messages a Maildir may hold (Maildir++ C)", min=1)
+
+
+@dataclass(frozen=True)
+class QuotaSettings:
+    """Maildir++ quotas of local Maildirs: ``[local.quota]`` (docs/local-delivery.md)."""
+
+    default: QuotaLimit = setting(QuotaLimit(), "every local user's Maildir (unset: no quota)")
+    users: Mapping[str, QuotaLimit] = setting({}, "user -> limit; beats domains and default")
+    domains: Mapping[str, QuotaLimit] = setting(
+        {}, "recipient domain -> limit of each Maildir reached through it; beats default"
+    )
+    over_quota: Literal["defer", "bounce"] = setting(
+        "defer", "at delivery, a Maildir over quota: defer (452 4.2.2, retried) or bounce (552 5.2.2)"
+    )
+
+    def limit_for(self, user: str, domain: str) -> QuotaLimit | None:
+        """The limit of ``user``'s Maildir for mail to ``domain``, or None for none."""
+        limit = self.users.get(user.lower()) or self.domains.get(domain.lower().rstrip(".")) or self.default
+        return limit if (limit.storage is not None or limit.messages is not None) else None
+
+
+@dataclass(frozen=True)
 class LocalSettings:
     """Domains and users delivered here: ``[local]``."""
 
@@ -169,6 +198,7 @@ class LocalSettings:
     program_user: str = setting(
         "nobody", "when running as root: run programs of users without uid as this user"
     )
+    quota: QuotaSettings = setting(QuotaSettings(), "Maildir++ quotas (off unless a limit is set)")
 
 
 @dataclass(frozen=True)
