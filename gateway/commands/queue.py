@@ -231,7 +231,10 @@ def _export(store: Any, args: argparse.Namespace, hostname: str) -> int:
             out.close()
     what = {"hold": ", held here", "move": ", removed here", "keep": ""}[args.mode]
     print(f"exported {len(result.exported)} messages{what}", file=sys.stderr)
-    return 0
+    missing = [qid for qid in args.ids or [] if qid not in result.exported]
+    for qid in missing:
+        print(f"gateway: no message {qid} in the queue", file=sys.stderr)
+    return 1 if missing else 0
 
 
 def _import(store: Any, args: argparse.Namespace) -> int:
