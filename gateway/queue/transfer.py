@@ -106,7 +106,9 @@ def export_queue(
             manifest = {"format": FORMAT, "created": now, "source": source, "mode": mode}
             _add_bytes(tar, MANIFEST, json.dumps(manifest).encode(), now)
             for area in areas:
-                wanted = store.ids(area) if qids is None else [q for q in qids if (store.root / area / q).exists()]
+                wanted = store.ids(area) if qids is None else [
+                    q for q in qids if _QID_RE.fullmatch(q) and (store.root / area / q).exists()
+                ]
                 for qid in wanted:
                     if _export_one(store, tar, qid, area, mode, result):
                         result.exported.append(qid)
