@@ -188,9 +188,15 @@ class Scheduler:
         except ValueError as exc:
             log.warning("flush refused: %s", exc)
             return
-        task = asyncio.create_task(self.flush(target), name=f"flush-{target}")
+        task = asyncio.create_task(self._flush_guarded(target), name=f"flush-{target}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _flush_guarded(self, target: FlushTarget) -> None:
+        try:
+            await self.flush(target)
+        except OSError:  # the queue directory could not be read: the operator asks again
+            log.exception("flush %s failed", target)
 
     async def flush(self, target: FlushTarget) -> int:
         """Release what is queued now for ``target`` for one delivery run.
