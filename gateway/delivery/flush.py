@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from gateway.address import Address, AddressError
 from gateway.model import QueuedRecipient, RecipientState
+from gateway.queue.store import CorruptQueueFile
 
 if TYPE_CHECKING:
     from gateway.queue import QueueStore
@@ -89,7 +90,7 @@ def matching_messages(store: QueueStore, target: FlushTarget) -> list[str]:
             item = store.load(qid)
         except FileNotFoundError:
             continue  # delivered meanwhile
-        except Exception as exc:  # noqa: BLE001 - a damaged file must not stop the scan
+        except (CorruptQueueFile, OSError, ValueError) as exc:  # a damaged file must not stop the scan
             log.warning("flush: cannot read qid=%s: %s", qid, exc)
             continue
         if not item.held and waiting(item.envelope.recipients, target):
