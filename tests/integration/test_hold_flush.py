@@ -176,3 +176,27 @@ def test_queue_flush_without_a_running_gateway_says_so(tmp_path: Path, gateway_f
     assert etrn(gw.port, HELD)[0] == R_CANNOT
     assert cli(policy, "flush", "nothing.example").returncode == 0
     assert cli(policy, "flush", "bad domain").returncode == 2
+
+
+def test_etrn_for_authenticated_clients(gateway_factory, tmp_path: Path) -> None:
+    from gateway.passwords import hash_password
+    from tests.conftest import no_verify_context
+
+    users = tmp_path / "users"
+    users.write_text(f"site:{hash_password('s3cret', ln=4)}\n")
+    with SmtpPeer() as peer:
+        text = policy_text(tmp_path, peer.port).replace('tls = "none"\n[local]', 'tls = "starttls"\n[local]', 1)
+        text = text.replace('clients = ["127.0.0.1/32"]', "authenticated = true")
+        text += f'\n[[plugins]]\nname = "auth_users_file"\n[auth]\nusers_file = "{users}"\n'
+        gw = gateway_factory(text)
+        send(gw.port, [f"one@{HELD}"])
+        assert wait_for(lambda: looked_at(gw, 1), timeout=10)
+        with smtp(gw.port) as client:
+            client.ehlo()
+            assert client.has_extn("etrn")
+            assert client.docmd("ETRN", HELD)[0] == R_NOT_ALLOWED  # not authenticated yet
+            client.starttls(context=no_verify_context())
+            client.ehlo()
+            assert client.login("site", "s3cret")[0] == 235
+            assert client.docmd("ETRN", HELD)[0] == R_STARTED
+        assert wait_for(lambda: len(peer.messages) == 1 and gw.queue_ids() == [], timeout=10)
