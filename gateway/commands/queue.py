@@ -271,6 +271,9 @@ def main(args: argparse.Namespace) -> int:
     store = QueueStore(policy.server.queue_dir)
     area = "quarantine" if getattr(args, "quarantine", False) else "msg"
     as_json = getattr(args, "json", False)
+    if args.action != "import" and not (store.root / "msg").is_dir():
+        print(f"gateway: no queue at {store.root} (the gateway creates it when it first starts)", file=sys.stderr)
+        return 1
     if args.action == "flush":
         return _flush(store, args.domain)
     if args.action == "export":
