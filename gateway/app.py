@@ -146,6 +146,8 @@ class GatewayApp:
                 if line == b"*":
                     for qid in self.queue.ids():
                         self.scheduler.notify(qid)
+                elif line.startswith(b"flush "):  # gateway queue flush, ETRN
+                    self.scheduler.request_flush(line[6:].decode("ascii", "replace"))
                 else:
                     self.scheduler.notify(line.decode("ascii", "replace"))
 

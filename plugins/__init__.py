@@ -28,6 +28,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rcpt_greylist",
     "rcpt_restrictions",
     "rcpt_relay",
+    "rcpt_quota",
     "rcpt_local_users",
     "rcpt_dovecot_users",
     "queue_submission_cleanup",

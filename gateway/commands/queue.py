@@ -1,9 +1,10 @@
 """``gateway queue``: look at and act on the queue, safe while the gateway runs.
 
 ``list`` and ``stat`` (qmail-qread, qmail-qstat), ``show ID``, ``hold ID``,
-``release ID``, ``retry [ID]`` (postqueue -f / -i), ``delete ID`` (postsuper -d).
-State changes go through the queue store's atomic, locked state file, and the running
-gateway is woken through the queue's trigger FIFO.
+``release ID``, ``retry [ID]`` (postqueue -f / -i), ``delete ID`` (postsuper -d),
+``flush DOMAIN`` (held routes, like ETRN), ``export`` and ``import`` (backup, restore,
+moving a queue to another node). State changes go through the queue store's atomic,
+locked state file, and the running gateway is woken through the queue's trigger FIFO.
 """
 
 from __future__ import annotations
@@ -17,19 +18,96 @@ from typing import Any
 
 from gateway.commands._common import load
 
-ACTIONS = ("list", "stat", "count", "show", "hold", "release", "retry", "delete")
+ACTIONS = ("list", "stat", "count", "show", "hold", "release", "retry", "delete", "flush", "export", "import")
+
+_HELP = {
+    "list": ("list the queued messages and each recipient's state (qmail-qread)", "", False),
+    "stat": ("count messages, bytes, pending recipients, held and oldest (qmail-qstat)", "", False),
+    "count": ("print the number of queued messages", "", False),
+    "show": ("print a queued message as committed, added headers included", "the queue id", True),
+    "hold": ("keep messages from delivery until released", "queue ids", True),
+    "release": ("undo hold and try the messages now", "queue ids", True),
+    "retry": ("try messages now instead of at their next retry time (postqueue -i / -f)",
+              "queue ids; none: every message", False),
+    "delete": ("delete messages for good, without a bounce (postsuper -d)", "queue ids", True),
+}
+
+_FLUSH_EPILOG = """Delivers now, once, every pending recipient in DOMAIN (with @DOMAIN: also its
+subdomains) of the messages queued at this moment: mail held by a route with
+hold = true (serialmail, the way ETRN does it for a client) and mail waiting for its
+next retry. Recipients that fail are held again; mail arriving later is held again.
+Needs the running gateway (it is told through the queue's trigger FIFO): exit status
+1 when no delivering gateway listens. Messages put on hold by hand stay held.
+"""
+
+_EXPORT_EPILOG = """Writes a tar stream (a manifest, then per message its state file and its queue file)
+to FILE, or to standard output with - or no FILE. Safe while the gateway runs: each
+message is read under the queue's locks, after any delivery attempt on it has ended.
+
+Whoever imports the stream delivers the recipients still pending in it, so the
+source must not deliver them too:
+  --hold (the default)  the exported messages are put on hold here; delete them
+                        once the import elsewhere is done (gateway queue delete ID)
+  --move                the exported messages are removed here once the stream is
+                        complete (moving a queue to another node)
+  --keep                nothing changes here (a backup): never import it while this
+                        node still has the messages, or they are delivered twice
+If writing fails, nothing is removed and the holds this export set are undone.
+"""
+
+_IMPORT_EPILOG = """Loads an export (FILE, or standard input with -) into this policy's queue, running or
+not. Recorded recipient states are kept: delivered recipients stay delivered, held
+messages stay held; the rest is due at once. A message already queued here or imported
+here before (the queue's "imported" journal) is skipped; a queue id in use here gets a
+new one. Each message is written atomically (synced, renamed into place).
+Exit status 0 when every message was imported or skipped as a duplicate, 1 otherwise.
+"""
 
 
 def register(sub: Any) -> None:
     queue = sub.add_parser(
         "queue", help="inspect the queue and act on messages (safe while the gateway runs)",
-        description="list | stat | count | show ID | hold ID | release ID | retry [ID] | delete ID",
+        description="Inspect the queue and act on messages; safe while the gateway runs. "
+        "Run `gateway queue ACTION --help` for each action.",
     )
-    queue.add_argument("action", choices=ACTIONS)
-    queue.add_argument("id", nargs="*", help="queue ids (retry without an id: every message)")
-    queue.add_argument("--policy", "-p", help="policy file (its [server] queue_dir)")
-    queue.add_argument("--json", action="store_true", help="machine-readable output")
-    queue.add_argument("--quarantine", action="store_true", help="list/show/delete in the quarantine")
+    actions = queue.add_subparsers(dest="action", metavar="ACTION", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--policy", "-p", help="policy file (its [server] queue_dir); default: the embedded one")
+    for name, (text, ids, required) in _HELP.items():
+        action = actions.add_parser(name, parents=[common], help=text, description=text)
+        if ids:
+            action.add_argument("id", nargs="+" if required else "*", metavar="ID", help=ids)
+        else:
+            action.set_defaults(id=[])
+        if name in ("list", "stat"):
+            action.add_argument("--json", action="store_true", help="machine-readable output")
+        if name in ("list", "count", "show", "delete"):
+            action.add_argument("--quarantine", action="store_true", help="act on the quarantine")
+    flush = actions.add_parser(
+        "flush", parents=[common], help="deliver the mail held for a domain now (like ETRN)",
+        description="Deliver the mail held for a domain now (like ETRN).", epilog=_FLUSH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    flush.add_argument("domain", metavar="DOMAIN", help="domain, or @domain for it and its subdomains")
+    export = actions.add_parser(
+        "export", parents=[common], help="write the queue to a tar stream (backup, move)",
+        description="Write the queue to a tar stream (backup, or moving mail to another node).",
+        epilog=_EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("file", nargs="?", default="-", metavar="FILE", help="output file; - (default): standard output")
+    mode = export.add_mutually_exclusive_group()
+    mode.add_argument("--hold", dest="mode", action="store_const", const="hold", help="hold the exported messages here (default)")
+    mode.add_argument("--move", dest="mode", action="store_const", const="move", help="remove the exported messages here afterwards")
+    mode.add_argument("--keep", dest="mode", action="store_const", const="keep", help="change nothing here (a backup)")
+    export.set_defaults(mode="hold")
+    export.add_argument("--id", dest="ids", action="append", metavar="ID", help="only this message (repeatable)")
+    export.add_argument("--no-quarantine", action="store_true", help="leave the quarantine out")
+    imp = actions.add_parser(
+        "import", parents=[common], help="load an export into this queue",
+        description="Load a queue export into this policy's queue.",
+        epilog=_IMPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    imp.add_argument("file", metavar="FILE", help="the export; - for standard input")
     queue.set_defaults(func=main)
 
 
@@ -120,16 +198,93 @@ def _change(store: Any, qids: list[str], action: str) -> int:
     return status
 
 
+def _flush(store: Any, text: str) -> int:
+    from gateway.delivery.flush import TRIGGER_PREFIX, matching_messages, parse_target
+
+    try:
+        target = parse_target(text)
+    except ValueError as exc:
+        print(f"gateway: queue flush: {exc}", file=sys.stderr)
+        return 2
+    count = len(matching_messages(store, target))
+    if not count:
+        print(f"no messages waiting for {target}")
+        return 0
+    if not store.trigger(TRIGGER_PREFIX + str(target)):
+        print(f"gateway: {count} messages wait for {target}, but no delivering gateway is running", file=sys.stderr)
+        return 1
+    print(f"flushing {count} messages for {target}")
+    return 0
+
+
+def _export(store: Any, args: argparse.Namespace, hostname: str) -> int:
+    from gateway.queue.transfer import TransferError, export_queue
+
+    areas = ("msg",) if args.no_quarantine else ("msg", "quarantine")
+    out = sys.stdout.buffer if args.file == "-" else open(args.file, "xb")
+    try:
+        result = export_queue(store, out, mode=args.mode, qids=args.ids, areas=areas, source=hostname)
+    except TransferError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+    what = {"hold": ", held here", "move": ", removed here", "keep": ""}[args.mode]
+    print(f"exported {len(result.exported)} messages{what}", file=sys.stderr)
+    missing = [qid for qid in args.ids or [] if qid not in result.exported]
+    for qid in missing:
+        print(f"gateway: no message {qid} in the queue", file=sys.stderr)
+    return 1 if missing else 0
+
+
+def _import(store: Any, args: argparse.Namespace) -> int:
+    from gateway.queue.transfer import TransferError, import_queue
+
+    if (store.root / "msg").is_dir():
+        store.attach()
+    else:
+        store.open()  # a new queue: no gateway can be running on it
+    source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    try:
+        result = import_queue(store, source)
+    except TransferError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+    for origin, qid in result.imported.items():
+        print(f"{origin}: imported" + ("" if qid == origin else f" as {qid}"))
+    for origin in result.duplicates:
+        print(f"{origin}: already here, skipped")
+    for error in result.errors:
+        print(f"gateway: {error}", file=sys.stderr)
+    if result.imported:
+        store.trigger("*")
+    return 1 if result.errors else 0
+
+
 def main(args: argparse.Namespace) -> int:
     from gateway.queue import QueueStore
 
     policy, _ = load(args.policy)
     store = QueueStore(policy.server.queue_dir)
-    area = "quarantine" if args.quarantine else "msg"
+    area = "quarantine" if getattr(args, "quarantine", False) else "msg"
+    as_json = getattr(args, "json", False)
+    if args.action != "import" and not (store.root / "msg").is_dir():
+        print(f"gateway: no queue at {store.root} (the gateway creates it when it first starts)", file=sys.stderr)
+        return 1
+    if args.action == "flush":
+        return _flush(store, args.domain)
+    if args.action == "export":
+        return _export(store, args, policy.server.effective_hostname())
+    if args.action == "import":
+        return _import(store, args)
     if args.action == "list":
-        return _list(store, area, args.json)
+        return _list(store, area, as_json)
     if args.action == "stat":
-        return _stat(store, args.json)
+        return _stat(store, as_json)
     if args.action == "count":
         print(len(store.ids(area)))
         return 0

@@ -14,7 +14,7 @@ from typing import Any
 from gateway.address import Address, AddressError
 from gateway.delivery.types import LocalRoute, MxRoute, Route, SmarthostRoute, SpecialRoute
 
-__all__ = ["route_for", "split_user"]
+__all__ = ["is_held", "route_for", "split_user"]
 
 
 def split_user(local: str, users: tuple[str, ...] | frozenset[str], delimiter: str) -> tuple[str, str]:
@@ -47,6 +47,21 @@ def _domain_matches(domain: str, pattern: str) -> bool:
     return domain == pattern
 
 
+def _matching_route(domain: str, policy: Any) -> Any:
+    """The ``[[routes]]`` entry for ``domain``: exact, then the longest ``.suffix``, then ``*``."""
+    best = None
+    for route in policy.routes:
+        if route.domain == "*" and best is None:
+            best = route
+        elif route.domain != "*" and _domain_matches(domain, route.domain):
+            # Exact beats suffix; among suffixes the longest wins.
+            if best is None or best.domain == "*" or len(route.domain) > len(best.domain) or route.domain == domain:
+                best = route
+                if route.domain == domain:
+                    break
+    return best
+
+
 def route_for(address: str, policy: Any) -> Route:
     """The built-in route for one recipient address.
 
@@ -63,22 +78,32 @@ def route_for(address: str, policy: Any) -> Route:
         return LocalRoute(user, ext, domain)
     if domain in local.virtual:
         return LocalRoute(local.virtual[domain], parsed.local.lower(), domain)
-    best = None
-    for route in policy.routes:
-        if route.domain == "*" and best is None:
-            best = route
-        elif route.domain != "*" and _domain_matches(domain, route.domain):
-            # Exact beats suffix; among suffixes the longest wins.
-            if best is None or best.domain == "*" or len(route.domain) > len(best.domain) or route.domain == domain:
-                best = route
-                if route.domain == domain:
-                    break
+    best = _matching_route(domain, policy)
     if best is not None:
         if best.action != "relay":
             return SpecialRoute(best.action)
         if best.host:
             return SmarthostRoute(best.host, best.port, best.tls, best.auth_user, best.auth_password_env)
     return MxRoute(domain)
+
+
+def is_held(address: str, policy: Any) -> bool:
+    """Whether the recipient's ``[[routes]]`` entry has ``hold = true`` (serialmail/ETRN:
+    the scheduler keeps the mail until ``gateway queue flush`` or ``ETRN`` releases it).
+
+    Local and virtual domains are never held; an address that no longer parses is not
+    held either (routing then fails it).
+    """
+    if "@" not in address:
+        return False
+    try:
+        domain = Address.parse(address).domain_key
+    except AddressError:
+        return False
+    if domain in policy.local.domains or domain in policy.local.virtual:
+        return False
+    best = _matching_route(domain, policy)
+    return bool(best is not None and getattr(best, "hold", False))
 
 
 def is_valid(address: str) -> bool:

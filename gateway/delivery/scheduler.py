@@ -14,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import os
 import re
 import time
 from typing import TYPE_CHECKING, Any
 
 from gateway.address import AddressError
 from gateway.delivery.bounce import build_dsn, wants_notice
-from gateway.delivery.router import route_for
 from gateway.delivery.expansion import expand_pending, target_route
+from gateway.delivery.flush import FlushTarget, matching_messages, parse_target
+from gateway.delivery.router import is_held, route_for
 from gateway.delivery.types import LocalRoute, Outcome, Route, SpecialRoute, TargetRoute
 from gateway.delivery.verp import for_recipient
 from gateway.logs import QUEUE_ID, short
@@ -82,6 +84,8 @@ class Scheduler:
         self._agents: dict[int, tuple[Any, Any]] = {}
         self._stopping = False
         self._last_scan = 0.0
+        # qid -> flush targets released for its next attempt (one delivery run).
+        self._released: dict[str, list[FlushTarget]] = {}
 
     # -- life cycle --------------------------------------------------------
 
@@ -177,6 +181,37 @@ class Scheduler:
             self._active.discard(qid)
             QUEUE_ID.reset(token)
 
+    # -- flush (held routes, ETRN) -------------------------------------------
+
+    def request_flush(self, text: str) -> None:
+        """Start a flush of ``domain`` or ``@domain`` (a trigger FIFO line)."""
+        try:
+            target = parse_target(text)
+        except ValueError as exc:
+            log.warning("flush refused: %s", exc)
+            return
+        task = asyncio.create_task(self._flush_guarded(target), name=f"flush-{target}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush_guarded(self, target: FlushTarget) -> None:
+        try:
+            await self.flush(target)
+        except OSError:  # the queue directory could not be read: the operator asks again
+            log.exception("flush %s failed", target)
+
+    async def flush(self, target: FlushTarget) -> int:
+        """Release what is queued now for ``target`` for one delivery run.
+
+        :returns: how many messages have a pending recipient there
+        """
+        qids = await asyncio.to_thread(matching_messages, self.queue, target)
+        for qid in qids:
+            self._released.setdefault(qid, []).append(target)
+            self.notify(qid)
+        log.info("flush %s: %d messages", target, len(qids))
+        return len(qids)
+
     # -- agents ------------------------------------------------------------
 
     def _agents_for(self, gateway: Gateway) -> tuple[Any, Any]:
@@ -218,9 +253,29 @@ class Scheduler:
     # -- one attempt -------------------------------------------------------
 
     async def attempt(self, qid: str) -> None:
-        """Try every pending recipient of ``qid`` once and record what happened."""
+        """Try every pending recipient of ``qid`` once and record what happened.
+
+        The attempt holds the queue's delivery lock on the message, so an export with
+        ``--hold``/``--move`` waits for it and sees its outcome.
+        """
         gateway: Gateway = self.app.gateway
+        try:
+            lock = await gateway.run_in_thread(self.queue.lock_delivery, qid)
+        except FileNotFoundError:
+            self.forget(qid)
+            self._released.pop(qid, None)
+            return
+        if lock is None:  # being exported right now: look again shortly
+            self.notify(qid, time.time() + 2.0)
+            return
+        try:
+            await self._attempt_locked(gateway, qid)
+        finally:
+            os.close(lock)
+
+    async def _attempt_locked(self, gateway: Gateway, qid: str) -> None:
         policy = gateway.policy
+        released = self._released.pop(qid, [])
         try:
             item = await gateway.run_in_thread(self.queue.load, qid)
         except FileNotFoundError:
@@ -231,23 +286,39 @@ class Scheduler:
         envelope = item.envelope
         now = time.time()
         pending = [r for r in envelope.recipients if r.state is RecipientState.PENDING]
+        # A flush delivers its recipients now, held or not yet due; a held route's
+        # other recipients wait for the next flush, and no attempt is counted for them.
+        flushed = [r for r in pending if any(t.covers(r.address) for t in released)]
+        waiting = [r for r in pending if not any(t.covers(r.address) for t in released)]
+        is_due = item.next_try <= now + 1 or self._stopping
+        ready = [r for r in waiting if not is_held(r.address, policy)] if is_due else []
         message: bytes | None = None
         attempts = item.attempts
-        if pending and item.next_try > now + 1 and not self._stopping:
+        if pending and not (ready or flushed) and not is_due:
             self.notify(qid, item.next_try)
             return
-        if pending:
+        if ready or flushed:
             message = await gateway.run_in_thread(self.queue.read_message, qid)
-            await self._deliver(gateway, qid, envelope, pending, message)
+            await self._deliver(gateway, qid, envelope, ready + flushed, message)
             attempts += 1
         if now - envelope.arrived >= policy.delivery.queue_lifetime:
+            # Held recipients expire too: a held route is not a licence to keep mail
+            # forever (docs/queue.md, "Hold and flush").
             for rcpt in envelope.recipients:
                 if rcpt.state is RecipientState.PENDING:
                     rcpt.state = RecipientState.FAILED
                     previous = rcpt.last_reply or "no attempt succeeded"
+                    if not rcpt.last_reply and is_held(rcpt.address, policy):
+                        previous = "held for a flush (ETRN) that never came"
                     rcpt.last_reply = f"554 5.4.7 Delivery time expired / {previous}"
                     log.info("expired to=<%s>", short(rcpt.address))
-        next_try = now + backoff(attempts, policy.delivery.retry_base, policy.delivery.retry_max)
+        if ready or flushed:
+            next_try = now + backoff(attempts, policy.delivery.retry_base, policy.delivery.retry_max)
+        else:
+            # Only held recipients: nothing was tried. Look again at the queue lifetime
+            # (to expire them) or after retry_max (a reload may have lifted the hold).
+            expires = envelope.arrived + policy.delivery.queue_lifetime
+            next_try = max(now + 1.0, min(now + policy.delivery.retry_max, expires))
         await gateway.run_in_thread(self.queue.update_state, qid, envelope, next_try=next_try, attempts=attempts)
         if await self._notices(gateway, qid, envelope, message, now):
             await gateway.run_in_thread(self.queue.update_state, qid, envelope)

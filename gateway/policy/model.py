@@ -31,6 +31,7 @@ __all__ = [
     "AuthSettings",
     "DeliverySettings",
     "DnsSettings",
+    "EtrnSettings",
     "LocalAssign",
     "MetricsSettings",
     "RouteSettings",
@@ -41,6 +42,8 @@ __all__ = [
     "Override",
     "PluginEntry",
     "Policy",
+    "QuotaLimit",
+    "QuotaSettings",
     "RelaySettings",
     "Scope",
     "ScoringSettings",
@@ -147,6 +150,33 @@ class LocalAssign:
 
 
 @dataclass(frozen=True)
+class QuotaLimit:
+    """A Maildir++ quota: ``{ storage = "100MB", messages = 5000 }``; unset parts: no limit."""
+
+    storage: Size | None = setting(None, "bytes a Maildir may hold (Maildir++ S)", min=1)
+    messages: int | None = setting(None, "messages a Maildir may hold (Maildir++ C)", min=1)
+
+
+@dataclass(frozen=True)
+class QuotaSettings:
+    """Maildir++ quotas of local Maildirs: ``[local.quota]`` (docs/local-delivery.md)."""
+
+    default: QuotaLimit = setting(QuotaLimit(), "every local user's Maildir (unset: no quota)")
+    users: Mapping[str, QuotaLimit] = setting({}, "user -> limit; beats domains and default")
+    domains: Mapping[str, QuotaLimit] = setting(
+        {}, "recipient domain -> limit of each Maildir reached through it; beats default"
+    )
+    over_quota: Literal["defer", "bounce"] = setting(
+        "defer", "at delivery, a Maildir over quota: defer (452 4.2.2, retried) or bounce (552 5.2.2)"
+    )
+
+    def limit_for(self, user: str, domain: str) -> QuotaLimit | None:
+        """The limit of ``user``'s Maildir for mail to ``domain``, or None for none."""
+        limit = self.users.get(user.lower()) or self.domains.get(domain.lower().rstrip(".")) or self.default
+        return limit if (limit.storage is not None or limit.messages is not None) else None
+
+
+@dataclass(frozen=True)
 class LocalSettings:
     """Domains and users delivered here: ``[local]``."""
 
@@ -172,6 +202,7 @@ class LocalSettings:
     program_user: str = setting(
         "nobody", "when running as root: run programs of users without uid as this user"
     )
+    quota: QuotaSettings = setting(QuotaSettings(), "Maildir++ quotas (off unless a limit is set)")
 
 
 @dataclass(frozen=True)
@@ -235,6 +266,9 @@ class RouteSettings:
     action: Literal["relay", "hold", "discard"] = setting(
         "relay", "hold: keep in the queue until flushed; discard: drop (logged)"
     )
+    hold: bool = setting(
+        False, "keep this route's mail queued until `gateway queue flush` or ETRN releases it (serialmail)"
+    )
 
 
 @dataclass(frozen=True)
@@ -244,6 +278,23 @@ class RelaySettings:
     domains: tuple[str, ...] = setting((), "remote domains accepted from anyone (we are their MX)")
     clients: tuple[IPNetwork, ...] = setting((), "client networks allowed to relay anywhere")
     authenticated: bool = setting(True, "authenticated clients may relay anywhere")
+
+
+@dataclass(frozen=True)
+class EtrnSettings:
+    """Who may ask for a flush of held mail with ETRN (RFC 1985): ``[etrn]``.
+
+    ETRN is offered (in the EHLO answer) when ``clients`` is not empty or
+    ``authenticated`` is true; other clients get 459.
+    """
+
+    clients: tuple[IPNetwork, ...] = setting((), "client networks allowed to use ETRN")
+    authenticated: bool = setting(False, "authenticated clients may use ETRN")
+
+    @property
+    def is_enabled(self) -> bool:
+        """Whether anyone at all may use ETRN."""
+        return bool(self.clients) or self.authenticated
 
 
 @dataclass(frozen=True)
@@ -414,6 +465,7 @@ class Policy:
     limits: Limits = setting(Limits(), "per-session bounds")
     local: LocalSettings = setting(LocalSettings(), "local domains and users")
     relay: RelaySettings = setting(RelaySettings(), "relay permissions")
+    etrn: EtrnSettings = setting(EtrnSettings(), "ETRN: who may flush held mail")
     scoring: ScoringSettings = setting(ScoringSettings(), "score thresholds")
     dns: DnsSettings = setting(DnsSettings(), "resolver")
     metrics: MetricsSettings = setting(MetricsSettings(), "Prometheus endpoint")

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -48,6 +49,19 @@ _MAGIC = b"GWQ1"
 _HEADER_MAX = 64  # b"GWQ1 " + two 20-digit lengths + spaces + newline fit in 47
 _ENVELOPE_MAX = 16 * 1024 * 1024  # bound what load() reads and parses
 _QID_RE = re.compile(r"[0-9A-Z]{1,64}")
+# Open-file-description locks (Linux): per descriptor like flock, independent of the
+# flock the state updates take, and of byte-range locks other code might hold.
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+_F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
+_FLOCK = "hhqqi4x"  # struct flock: l_type, l_whence, l_start, l_len (0: to the end), l_pid
+
+
+def _ofd_lock(fd: int, kind: int, *, wait: bool) -> None:
+    """Lock the whole file behind ``fd`` (``fcntl.F_RDLCK`` or ``F_WRLCK``).
+
+    :raises OSError: EAGAIN/EACCES when ``wait`` is false and another holder conflicts
+    """
+    fcntl.fcntl(fd, _F_OFD_SETLKW if wait else _F_OFD_SETLK, struct.pack(_FLOCK, kind, os.SEEK_SET, 0, 0, 0))
 
 
 class CorruptQueueFile(Exception):
@@ -160,6 +174,54 @@ class QueueStore:
                 yield
             finally:
                 os.close(fd)
+
+    def lock_delivery(self, qid: str) -> int | None:
+        """Take a shared lock on ``msg/<qid>`` for the length of one delivery attempt.
+
+        :meth:`lock_exclusive` (``gateway queue export``) waits for these, so a message
+        exported with ``--hold`` or ``--move`` has no delivery still in flight whose
+        outcome the export did not see. Close the returned descriptor to release it.
+
+        :returns: the locked descriptor, or None while an exclusive holder has it
+        :raises FileNotFoundError: when the message is gone
+        """
+        fd = os.open(self._path("msg", qid), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _ofd_lock(fd, fcntl.F_RDLCK, wait=False)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return None
+            raise
+        return fd
+
+    @contextlib.contextmanager
+    def lock_exclusive(self, qid: str, area: str = "msg") -> Iterator[int]:
+        """Wait until no delivery attempt has ``qid`` (see :meth:`lock_delivery`), keep
+        new ones out while the block runs, and give the message file's descriptor.
+
+        :raises FileNotFoundError: when the message is gone
+        """
+        # A write lock needs a descriptor open for writing; nothing is ever written.
+        fd = os.open(self._path(area, qid), os.O_RDWR | os.O_CLOEXEC)
+        try:
+            _ofd_lock(fd, fcntl.F_WRLCK, wait=True)
+            yield fd
+        finally:
+            os.close(fd)
+
+    def read_state(self, qid: str) -> dict[str, Any] | None:
+        """The state file of ``qid`` as recorded (JSON types), read under the state lock,
+        or None when the message has none yet.
+
+        :raises FileNotFoundError: when the message is not queued
+        :raises CorruptQueueFile: when the state file is damaged
+        """
+        with self._locked(qid):
+            state = self._read_state(qid)
+        if state is None:
+            return None
+        return {**state, "recipients": [r.to_dict() for r in state["recipients"]]}
 
     # Recovery -------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from gateway.address import AddressError, parse_params, parse_path
 from gateway.logs import SESSION_ID, short
 from gateway.model import Recipient, Transaction
 from gateway.smtp.data import read_data
+from gateway.smtp.etrn import etrn, is_offered
 from gateway.smtp.handler import Answer, SmtpHandler
 from gateway.smtp.params import Refusal
 from gateway.smtp.params import mail_params as parse_mail_params
@@ -149,6 +150,7 @@ class GatewaySMTP(SMTP):
             "HELP": self.cmd_help,
             "STARTTLS": self.cmd_starttls,
             "AUTH": self.cmd_auth,
+            "ETRN": self.cmd_etrn,
         }
 
     # -- plumbing ----------------------------------------------------------
@@ -344,6 +346,8 @@ class GatewaySMTP(SMTP):
         session = self.gsession
         if session.is_relay_client or session.is_authenticated or "AUTH PLAIN LOGIN" in ext:
             ext.append("XVERP")  # MAIL ... XVERP: our own users only (relay clients, after AUTH)
+        if is_offered(self.handler.gateway.policy):
+            ext.append("ETRN")
         return ext
 
     async def cmd_mail(self, arg: str) -> None:
@@ -475,6 +479,20 @@ class GatewaySMTP(SMTP):
 
     async def cmd_help(self, arg: str) -> None:
         await self.reply(Reply(214, "2.0.0", "See RFC 5321"))
+
+    async def cmd_etrn(self, arg: str) -> None:
+        # RFC 1985: a flush of held mail; gateway/smtp/etrn.py decides.
+        if not is_offered(self.handler.gateway.policy):
+            await self.reply(R_UNRECOGNISED, bad=True)
+            return
+        if self.gsession.helo is None:
+            await self.reply(R_NEED_HELO, bad=True)
+            return
+        if self.txn is not None:
+            await self.reply(Reply(503, "5.5.1", "ETRN not permitted during a mail transaction"), bad=True)
+            return
+        reply = await etrn(self.handler.gateway, self.gsession, arg)
+        await self.reply(reply, bad=reply.code in (500, 501))
 
     async def cmd_starttls(self, arg: str) -> None:
         if self.tls_context is None:

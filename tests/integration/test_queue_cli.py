@@ -78,7 +78,7 @@ def test_queue_commands_on_a_running_gateway(gateway_factory, tmp_path: Path) ->
     # retry wakes the scheduler at once (the trigger FIFO), but a held message waits.
     assert cli(policy, "retry", second).returncode == 0
     assert wait_for(lambda: len(inbox(tmp_path, "alice")) == 1, timeout=10)
-    assert gw.queue_ids() == [first]
+    assert wait_for(lambda: gw.queue_ids() == [first], timeout=5)  # removal follows the Maildir link
     assert cli(policy, "release", first).returncode == 0
     assert wait_for(lambda: len(inbox(tmp_path, "alice")) == 2, timeout=10)
     assert wait_for(lambda: gw.queue_ids() == [], timeout=5)

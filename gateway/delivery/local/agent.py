@@ -31,6 +31,7 @@ from gateway.delivery.local.dotqmail import DotQmail, Instruction, load_dotqmail
 from gateway.delivery.local.maildir import Confinement, deliver_maildir
 from gateway.delivery.local.mbox import deliver_mbox, from_line
 from gateway.delivery.local.program import ProgramResult, run_program
+from gateway.delivery.local.quota import Quota, deliver_with_quota
 from gateway.delivery.types import LocalRoute, Outcome, TargetRoute
 from gateway.model import Envelope, Message
 from gateway.policy.model import LocalAssign, Policy
@@ -307,6 +308,8 @@ class LocalDeliveryAgent:
         forwarded = dtline + message
         delivered = rpline + forwarded
         confine = await self._thread(self._confinement, target)
+        limit = settings.quota.limit_for(target.user, target.domain)
+        quota = Quota(limit.storage, limit.messages) if limit is not None else None
 
         dotqmail: DotQmail | None = None
         if settings.dot_files:
@@ -319,7 +322,7 @@ class LocalDeliveryAgent:
             if settings.mailbox == "mbox":
                 default = Instruction("mbox", "./mbox", 0, target.home / "mbox")
             await self._mailbox(
-                default, delivered, envelope.sender, when, confine, self._name(envelope, delivery_id, 0)
+                default, delivered, envelope.sender, when, confine, self._name(envelope, delivery_id, 0), quota
             )
             where.append(default.value)
             return self._success(where)
@@ -344,7 +347,7 @@ class LocalDeliveryAgent:
             else:
                 await self._mailbox(
                     instruction, delivered, envelope.sender, when, confine,
-                    self._name(envelope, delivery_id, index),
+                    self._name(envelope, delivery_id, index), quota,
                 )
                 where.append(instruction.value)
         if forwards:
@@ -377,9 +380,17 @@ class LocalDeliveryAgent:
         when: float,
         confine: Confinement | None,
         name: str | None,
+        quota: Quota | None = None,
     ) -> None:
         assert instruction.path is not None
-        if instruction.kind == "maildir":
+        if instruction.kind == "maildir" and quota is not None:
+            # Maildir++ quota (docs/local-delivery.md): checked and counted in maildirsize.
+            await self._thread(
+                deliver_with_quota, instruction.path, [message], quota=quota,
+                bounce=self._policy.local.quota.over_quota == "bounce",
+                hostname=self._hostname, confine=confine, name=name,
+            )
+        elif instruction.kind == "maildir":
             await self._thread(
                 deliver_maildir, instruction.path, [message],
                 hostname=self._hostname, confine=confine, name=name,
