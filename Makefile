@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check bench clean
+.PHONY: run test check bench bench-deliver bench-filters clean
 
 $(STAMP): pyproject.toml
 	sh scripts/bootstrap.sh "$(PYTHON)" "$(VENV)"
@@ -26,6 +26,14 @@ check: $(STAMP)
 bench: $(STAMP)
 	sh scripts/install-system-deps.sh
 	$(BIN)/python bench/accept.py
+
+bench-deliver: $(STAMP)
+	sh scripts/install-system-deps.sh
+	$(BIN)/python bench/deliver.py
+
+bench-filters: $(STAMP)
+	sh scripts/install-system-deps.sh
+	$(BIN)/python bench/filters.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

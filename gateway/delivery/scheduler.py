@@ -319,15 +319,21 @@ class Scheduler:
             # (to expire them) or after retry_max (a reload may have lifted the hold).
             expires = envelope.arrived + policy.delivery.queue_lifetime
             next_try = max(now + 1.0, min(now + policy.delivery.retry_max, expires))
-        await gateway.run_in_thread(self.queue.update_state, qid, envelope, next_try=next_try, attempts=attempts)
-        if await self._notices(gateway, qid, envelope, message, now):
-            await gateway.run_in_thread(self.queue.update_state, qid, envelope)
         if all(r.state is not RecipientState.PENDING for r in envelope.recipients):
+            # Nothing left to try: the removal is the record that counts, so the next
+            # try, the attempts and the flags of recipients nobody is told about are not
+            # written (each write is two flushes). A notice queued is recorded before the
+            # message goes: a crash in between must not send it twice.
+            if await self._notices(gateway, qid, envelope, message, now, final=True):
+                await gateway.run_in_thread(self.queue.update_state, qid, envelope)
             await gateway.run_in_thread(self.queue.remove, qid)
             self.forget(qid)
             log.info("done: removed from the queue")
-        else:
-            self.notify(qid, next_try)
+            return
+        await gateway.run_in_thread(self.queue.update_state, qid, envelope, next_try=next_try, attempts=attempts)
+        if await self._notices(gateway, qid, envelope, message, now):
+            await gateway.run_in_thread(self.queue.update_state, qid, envelope)
+        self.notify(qid, next_try)
 
     async def _record(self, gateway: Gateway, envelope: Envelope, rcpt: QueuedRecipient, outcome: Outcome) -> None:
         rcpt.last_reply = _reply_line(outcome.reply)
@@ -475,9 +481,14 @@ class Scheduler:
         return f"postmaster@{domain}"
 
     async def _notices(
-        self, gateway: Gateway, qid: str, envelope: Envelope, message: bytes | None, now: float
+        self, gateway: Gateway, qid: str, envelope: Envelope, message: bytes | None, now: float,
+        *, final: bool = False,
     ) -> bool:
-        """Queue the DSNs this state owes; returns True if a flag changed."""
+        """Queue the DSNs this state owes; returns True if a flag changed.
+
+        :param final: the message is removed next: flags set without a notice queued
+            need no record, and False is returned for them
+        """
         policy = gateway.policy
         failed = [r for r in envelope.recipients if r.state is RecipientState.FAILED and not r.notified]
         done = [
@@ -493,7 +504,7 @@ class Scheduler:
         if not (failed or delayed or any(wants_notice(r, "success") for r in done)):
             for r in done:
                 r.notified = True
-            return bool(done)
+            return bool(done) and not final
         owed: list[tuple[str, list[QueuedRecipient]]] = [("failure", failed), ("delay", delayed), ("success", done)]
         for kind, rcpts in owed:
             wanted = [r for r in rcpts if wants_notice(r, kind)]  # type: ignore[arg-type]

@@ -74,6 +74,26 @@ def test_delivers_into_the_users_maildir_and_leaves_the_queue(gateway_factory) -
     assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
 
 
+def test_a_delivered_message_is_recorded_once_then_removed(gateway_factory) -> None:
+    # Each state write costs two flushes: a message whose every recipient is done is
+    # recorded once (its delivery), then removed; the next try and the "notified" flags
+    # of recipients nobody is told about are not written for a message about to go.
+    gw = gateway_factory(POLICY)
+    store = gw.app.queue
+    original = store.update_state
+    writes: list[list[str]] = []
+
+    def recording(qid, envelope, **fields):
+        writes.append([r.state.value for r in envelope.recipients])
+        return original(qid, envelope, **fields)
+
+    store.update_state = recording
+    send(gw, "sender@example.org", ["alice@localhost"])
+    assert wait_for(lambda: messages(gw, "alice"), timeout=10)
+    assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
+    assert writes == [["delivered"]]
+
+
 def test_program_exit_100_bounces_to_the_sender_as_a_dsn(gateway_factory) -> None:
     gw = gateway_factory(POLICY)
     dot_qmail(gw, "alice", ".qmail-fail", "|echo 'no such list here'; exit 100\n")
