@@ -195,6 +195,8 @@ def _role_settings(argv: list[str]) -> int:
     for name, fallback in (("max_transactions", 100), ("max_idle", 2), ("idle_timeout", 5.0)):
         default = defaults[name].default if name in defaults else fallback
         out[name] = fallback if default is inspect.Parameter.empty else default
+    if out["max_idle"] is None:  # the pool keeps as many as may run at once
+        out["max_idle"] = out["destination_concurrency"]
     print(json.dumps(out))
     return 0
 

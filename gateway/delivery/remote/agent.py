@@ -66,7 +66,9 @@ class RemoteDeliveryAgent:
     :param hostname: our own name: the default HELO name, and the name that marks a loop
     :param backoff: seconds to leave a host alone after it answered 421 or "too many"
     :param idle_timeout: seconds an idle connection is kept for reuse
-    :param max_idle: idle connections kept per (address, port, TLS mode, AUTH user)
+    :param max_idle: idle connections kept per (address, port, TLS mode, AUTH user);
+        by default as many as ``delivery.destination_concurrency`` (so every delivery
+        that may run at once to a destination can find a connection to reuse)
     :param max_transactions: transactions on one connection before it is closed
     """
 
@@ -78,7 +80,7 @@ class RemoteDeliveryAgent:
         hostname: str,
         backoff: float = 60.0,
         idle_timeout: float = 5.0,
-        max_idle: int = 2,
+        max_idle: int | None = None,
         max_transactions: int = 100,
     ) -> None:
         self.policy = policy
@@ -322,7 +324,7 @@ class RemoteDeliveryAgent:
             not self._is_closed
             and conn.is_usable
             and conn.transactions < self.max_transactions
-            and len(idles) < self.max_idle
+            and len(idles) < (self.max_idle or self.policy.delivery.destination_concurrency)
             and self.idle_timeout > 0
         ):
             idles.append(_Idle(conn, asyncio.get_running_loop().time()))
