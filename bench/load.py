@@ -52,7 +52,7 @@ from typing import Any, Iterator
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from accept import dump_toml, free_port, wait_ready  # noqa: E402  (same folder)
+from accept import dump_toml, export_rev, free_port, wait_ready  # noqa: E402  (same folder)
 
 HOST = "127.0.0.1"
 SENDER = "a@example.org"
@@ -208,9 +208,13 @@ def gateway_policy(kind: str, port: int, workdir: Path, workers: int, sink_port:
     return dump_toml(data)
 
 
-def gateway_env() -> dict[str, str]:
+#: source tree of the "@before" gateways (--before REV), set in main()
+BEFORE_ROOT: Path | None = None
+
+
+def gateway_env(root: Path = REPO) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
     return env
 
@@ -256,12 +260,13 @@ def smtp_sink(tools: dict[str, str], workdir: Path) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def gateway(kind: str, workdir: Path, workers: int, sink_port: int | None = None) -> Iterator[Server]:
+def gateway(kind: str, workdir: Path, workers: int, sink_port: int | None = None,
+            root: Path = REPO) -> Iterator[Server]:
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     policy = workdir / "policy.toml"
     policy.write_text(gateway_policy(kind, port, workdir, workers, sink_port))
-    proc = popen([sys.executable, "-m", "gateway.cli", "run", "--policy", str(policy)], workdir, gateway_env())
+    proc = popen([sys.executable, "-m", "gateway.cli", "run", "--policy", str(policy)], workdir, gateway_env(root))
     try:
         wait_ready(proc, port, 60)
         yield Server(kind, port, proc.pid, workdir, workdir / "queue" / "msg")
@@ -506,6 +511,9 @@ def wait_drained(d: Path, timeout: float) -> bool:
 
 @contextlib.contextmanager
 def start(name: str, tools: dict[str, str], workdir: Path, workers: int) -> Iterator[Server]:
+    root = REPO
+    if name.endswith("@before"):
+        name, root = name.removesuffix("@before"), BEFORE_ROOT
     with contextlib.ExitStack() as stack:
         if name == "sink":
             yield stack.enter_context(smtp_sink(tools, workdir))
@@ -514,11 +522,11 @@ def start(name: str, tools: dict[str, str], workdir: Path, workers: int) -> Iter
         elif name == "haraka":
             yield stack.enter_context(haraka(workdir))
         elif name in ("empty", "default"):
-            yield stack.enter_context(gateway(name, workdir, workers))
+            yield stack.enter_context(gateway(name, workdir, workers, root=root))
         elif name in ("gw-relay", "haraka-fwd"):
             sink = stack.enter_context(smtp_sink(tools, workdir / "sink"))
             if name == "gw-relay":
-                yield stack.enter_context(gateway(name, workdir, workers, sink.port))
+                yield stack.enter_context(gateway(name, workdir, workers, sink.port, root=root))
             else:
                 yield stack.enter_context(haraka(workdir, sink.port))
         else:
@@ -528,7 +536,7 @@ def start(name: str, tools: dict[str, str], workdir: Path, workers: int) -> Iter
 def run_server(name: str, scenario: str, size: int, cfg: dict[str, Any], tools: dict[str, str],
                base: Path, args: argparse.Namespace, rnd: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    workdir = base / f"r{rnd}-{scenario}-{name}-{size}"
+    workdir = base / f"r{rnd}-{scenario}-{name.replace('@', '-')}-{size}"
     rcpt = REMOTE_RCPT if scenario == "relay" else LOCAL_RCPT
     try:
         with start(name, tools, workdir, args.workers) as server, RssSampler(server.root_pid) as rss:
@@ -740,6 +748,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-latency", action="store_true", help="skip the asyncio latency client")
     p.add_argument("--timeout", type=float, default=300, help="time limit per batch, seconds")
     p.add_argument("--tmpdir", help="where queues go (default: the system temp dir)")
+    p.add_argument("--before", metavar="REV", help="also run the gateways as committed at REV (git archive), "
+                   "as empty@before, default@before, gw-relay@before, for before/after ratios in one run")
     p.add_argument("--keep", action="store_true", help="keep the temporary directories")
     p.add_argument("--json", help="also write every sample here (default bench/results/load-*.json)")
     return p.parse_args(argv)
@@ -750,6 +760,7 @@ def _terminated(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global ACCEPT_SERVERS, RELAY_SERVERS, BEFORE_ROOT
     args = parse_args(argv)
     cfg = json.loads(json.dumps(QUICK if args.quick else FULL), object_hook=lambda d: {
         (int(k) if k.isdigit() else k): v for k, v in d.items()})
@@ -773,6 +784,12 @@ def main(argv: list[str] | None = None) -> int:
           f"RLIMIT_NOFILE={nofile}; tmp={base}", flush=True)
     rows: list[dict[str, Any]] = []
     idle = None
+    if args.before:
+        BEFORE_ROOT = export_rev(args.before, base)
+        ACCEPT_SERVERS += tuple(f"{s}@before" for s in ("empty", "default"))
+        RELAY_SERVERS += ("gw-relay@before",)
+        wanted |= {f"{s}@before" for s in wanted if s in GATEWAYS}
+        print(f"@before: the gateway at {args.before} ({BEFORE_ROOT})", flush=True)
     try:
         if "haraka" in wanted or "haraka-fwd" in wanted:
             haraka_setup()
