@@ -56,7 +56,8 @@ _INTROS: dict[str, str] = {
     ),
     "success": (
         "Your message was successfully delivered to the destination(s)\r\n"
-        "listed below."
+        "listed below (\"relayed\": handed to a server that will not report\r\n"
+        "further on its delivery)."
     ),
 }
 _PART3 = {"failure": "Undelivered Message", "delay": "Delayed Message", "success": "Delivered Message"}
@@ -251,7 +252,10 @@ def _status_part(
             fields.append(_field("Original-Recipient", f"{_address_type(addr, addr_type)};{addr.strip()}"))
         address = _one_line(rcpt.address)
         fields.append(_field("Final-Recipient", f"{_address_type(address)}; {address}"))
-        fields.append(_field("Action", _ACTIONS[kind]))
+        # RFC 3464 §2.3.3: handed to a next hop that does not do DSN (one that does
+        # reports for itself, and we send nothing) is "relayed", not "delivered".
+        relayed = kind == "success" and bool(outcome.remote)
+        fields.append(_field("Action", "relayed" if relayed else _ACTIONS[kind]))
         reply = outcome.reply
         fields.append(_field("Status", reply.status or f"{reply.code // 100}.0.0"))
         if outcome.remote:

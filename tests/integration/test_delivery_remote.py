@@ -173,6 +173,6 @@ def test_success_notice_only_when_the_next_hop_cannot_send_one(gateway_factory, 
             assert wait_for(lambda: relay.queue_ids() == [], timeout=10)
             if expect_notice:
                 assert wait_for(lambda: inbox(relay, "alice"), timeout=10)
-                assert b"Action: delivered" in inbox(relay, "alice")[0]
+                assert b"Action: relayed" in inbox(relay, "alice")[0]
             else:
                 assert inbox(relay, "alice") == []

@@ -235,13 +235,21 @@ def test_delay_notice_says_delayed_and_until_when() -> None:
 
 
 def test_success_notice_says_delivered_and_returns_headers_only() -> None:
-    items = [(QueuedRecipient("bob@example.net"), Outcome("delivered", DELIVERED, "mx.example.net"))]
+    items = [(QueuedRecipient("bob@localhost"), Outcome("delivered", DELIVERED))]
     msg = _parse(_dsn("success", items))
     assert msg["Subject"] == "Successful Mail Delivery Report"
     _, bob = _status_blocks(msg)
     assert bob["Action"] == "delivered"
     assert bob["Status"] == "2.0.0"
     assert _parts(msg)[2].get_content_type() == "text/rfc822-headers"
+
+
+def test_success_notice_for_a_next_hop_without_dsn_says_relayed() -> None:
+    # RFC 3464 §2.3.3: the next hop took the message but will not report further.
+    items = [(QueuedRecipient("bob@example.net"), Outcome("delivered", DELIVERED, "mx.example.net"))]
+    _, bob = _status_blocks(_parse(_dsn("success", items)))
+    assert bob["Action"] == "relayed"
+    assert bob["Remote-MTA"] == "dns; mx.example.net"
 
 
 def test_success_notice_returns_full_message_with_ret_full() -> None:
