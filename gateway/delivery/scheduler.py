@@ -51,6 +51,20 @@ def backoff(attempts: int, base: float, ceiling: float) -> float:
     return float(min(ceiling, base * max(1, attempts) ** 2))
 
 
+def _owes_nothing(envelope: Envelope) -> bool:
+    """Every recipient is done and no notice is owed (what ``_notices(final=True)`` would
+    queue nothing for): the message can go without a state write, its removal is the record."""
+    for rcpt in envelope.recipients:
+        if rcpt.state is RecipientState.PENDING:
+            return False
+        if rcpt.state is RecipientState.FAILED and not rcpt.notified:
+            return False
+        if (rcpt.state is RecipientState.DELIVERED and not rcpt.notified and not rcpt.dsn_relayed
+                and wants_notice(rcpt, "success")):
+            return False
+    return True
+
+
 def _reply_line(reply: Reply) -> str:
     return " ".join(reply.lines())
 
@@ -299,7 +313,10 @@ class Scheduler:
             return
         if ready or flushed:
             message = await gateway.run_in_thread(self.queue.read_message, qid)
-            await self._deliver(gateway, qid, envelope, ready + flushed, message)
+            if await self._deliver(gateway, qid, envelope, ready + flushed, message):
+                self.forget(qid)
+                log.info("done: removed from the queue")
+                return
             attempts += 1
         if now - envelope.arrived >= policy.delivery.queue_lifetime:
             # Held recipients expire too: a held route is not a licence to keep mail
@@ -367,12 +384,17 @@ class Scheduler:
 
     async def _deliver(
         self, gateway: Gateway, qid: str, envelope: Envelope, pending: list[QueuedRecipient], message: bytes
-    ) -> None:
+    ) -> bool:
         """Deliver every pending recipient, each route's group in parallel.
 
         Each group's results are written to the queue as soon as that group is done:
         the shorter the time between a peer's 250 and our record of it, the smaller
-        the window in which a crash makes us send again.
+        the window in which a crash makes us send again. The group whose results leave
+        every recipient done with no notice owed removes the message instead of
+        writing its state (the removal is the record: same crash window, one write
+        less).
+
+        :returns: True when the message was removed
         """
         # With VERP every recipient has its own envelope sender: its own transaction.
         is_verp = bool(envelope.verp and envelope.sender)
@@ -399,9 +421,13 @@ class Scheduler:
                 continue
             groups.setdefault((route, rcpt.address if is_verp else ""), []).append(rcpt)
 
+        removal: asyncio.Future[None] | None = None  # shared by the groups that see it done
+
         async def run(route: Route, rcpts: list[QueuedRecipient]) -> None:
-            # The concurrency slot is held until the results are on disk, so at most
-            # local + remote concurrency deliveries can ever be done-but-unrecorded.
+            # The concurrency slot is held until the results are on disk (state written
+            # or message removed), so at most local + remote concurrency deliveries can
+            # ever be done-but-unrecorded.
+            nonlocal removal
             sent_as = for_recipient(envelope, rcpts[0]) if is_verp else envelope
             async with self._local if isinstance(route, (LocalRoute, SpecialRoute, TargetRoute)) else self._remote:
                 outcomes = await self._deliver_group(gateway, qid, sent_as, route, rcpts, message)
@@ -409,10 +435,22 @@ class Scheduler:
                     outcome = outcomes.get(rcpt.address)
                     if outcome is not None:
                         await self._record(gateway, envelope, rcpt, outcome)
-                if outcomes:
+                if not outcomes:
+                    return
+                if removal is None and _owes_nothing(envelope):
+                    removal = asyncio.ensure_future(gateway.run_in_thread(self.queue.remove, qid))
+                if removal is not None:
+                    await removal
+                    return
+                try:
                     await gateway.run_in_thread(self.queue.update_state, qid, envelope)
+                except FileNotFoundError:
+                    if removal is None:
+                        raise
+                    await removal  # a sibling group's removal records these results too
 
         await asyncio.gather(*(run(route, rcpts) for (route, _), rcpts in groups.items()))
+        return removal is not None
 
     async def _deliver_group(
         self, gateway: Gateway, qid: str, envelope: Envelope, route: Route,

@@ -35,6 +35,7 @@ from gateway.queue.committer import (
     fsync_dir,
     write_all,
 )
+from gateway.queue.dirsync import DirSync
 
 __all__ = [
     "AREAS", "CorruptQueueFile", "QueueStore", "QueuedMessage",
@@ -137,6 +138,11 @@ class QueueStore:
         self.root = Path(root)
         self._committer = Committer(self.root / "tmp", self._dir, max_batch=max_batch)
         self._state_locks = [threading.Lock() for _ in range(64)]  # striped by qid
+        # Concurrent state updates and removals share their directory fsyncs.
+        self._syncs = {
+            sub: DirSync(self.root / sub, lambda path: fsync_dir(path))
+            for sub in (*AREAS, "state")
+        }
 
     def _dir(self, area: str) -> Path:
         if area not in AREAS:
@@ -450,7 +456,8 @@ class QueueStore:
         """Atomically replace a message's recipients and delivery bookkeeping.
 
         Written to ``tmp/``, fdatasynced, renamed over ``state/<qid>``, then the state
-        directory fsynced: after a crash either the old or the new state is in force.
+        directory fsynced (one fsync shared with the updates and removals running at the
+        same time): after a crash either the old or the new state is in force.
 
         :param qid: the queue id; the message must be in some area
         :param envelope: its ``recipients`` (with their states) are recorded
@@ -481,7 +488,7 @@ class QueueStore:
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            fsync_dir(self.root / "state")
+            self._syncs["state"].sync()
         log.debug("state updated qid=%s attempts=%s held=%s", qid, state["attempts"], state["held"])
 
     def remove(self, qid: str, area: str = "msg") -> None:
@@ -489,7 +496,9 @@ class QueueStore:
 
         The message goes (durably) first: a crash in between leaves a state file with
         no message, which :meth:`open` deletes; the reverse order could resurrect the
-        message with its delivered recipients pending again.
+        message with its delivered recipients pending again. Removals and state updates
+        running at the same time share their directory fsyncs; each call returns once
+        its own unlinks are durable.
 
         :param qid: the queue id
         :param area: ``"msg"`` or ``"quarantine"``
@@ -498,12 +507,13 @@ class QueueStore:
         path = self._path(area, qid)
         with self._state_lock(qid):
             os.unlink(path)
-            fsync_dir(path.parent)
+            self._syncs[area].sync()
             try:
                 os.unlink(self.root / "state" / qid)
-                fsync_dir(self.root / "state")
             except FileNotFoundError:
                 pass
+            else:
+                self._syncs["state"].sync()
         log.info("removed qid=%s area=%s", qid, area)
 
     def move(self, qid: str, src: str, dst: str) -> None:
@@ -526,6 +536,6 @@ class QueueStore:
             if dst_path.exists():
                 raise FileExistsError(errno.EEXIST, f"qid={qid} already in {dst}")
             os.rename(src_path, dst_path)
-            fsync_dir(dst_path.parent)
-            fsync_dir(src_path.parent)
+            self._syncs[dst].sync()
+            self._syncs[src].sync()
         log.info("moved qid=%s from %s to %s", qid, src, dst)

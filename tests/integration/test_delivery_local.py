@@ -74,24 +74,64 @@ def test_delivers_into_the_users_maildir_and_leaves_the_queue(gateway_factory) -
     assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
 
 
-def test_a_delivered_message_is_recorded_once_then_removed(gateway_factory) -> None:
-    # Each state write costs two flushes: a message whose every recipient is done is
-    # recorded once (its delivery), then removed; the next try and the "notified" flags
-    # of recipients nobody is told about are not written for a message about to go.
-    gw = gateway_factory(POLICY)
+def _record_bookkeeping(gw) -> tuple[list[tuple[str, list[str], list[bool]]], list[str]]:
+    """Spy on the store: (qid, recipient states, notified flags) per state write, and
+    the qids removed (the real methods still run)."""
     store = gw.app.queue
-    original = store.update_state
-    writes: list[list[str]] = []
+    update_state, remove = store.update_state, store.remove
+    writes: list[tuple[str, list[str], list[bool]]] = []
+    removals: list[str] = []
 
-    def recording(qid, envelope, **fields):
-        writes.append([r.state.value for r in envelope.recipients])
-        return original(qid, envelope, **fields)
+    def recording_update(qid, envelope, **fields):
+        writes.append((qid, [r.state.value for r in envelope.recipients], [r.notified for r in envelope.recipients]))
+        return update_state(qid, envelope, **fields)
 
-    store.update_state = recording
+    def recording_remove(qid, area="msg"):
+        removals.append(qid)
+        return remove(qid, area)
+
+    store.update_state, store.remove = recording_update, recording_remove
+    return writes, removals
+
+
+def test_a_delivered_message_is_removed_without_a_state_write(gateway_factory) -> None:
+    # Each state write costs two flushes: a message whose every recipient is delivered
+    # and owed no notice is not written at all; its removal is the record.
+    gw = gateway_factory(POLICY)
+    writes, removals = _record_bookkeeping(gw)
     send(gw, "sender@example.org", ["alice@localhost"])
     assert wait_for(lambda: messages(gw, "alice"), timeout=10)
     assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
-    assert writes == [["delivered"]]
+    assert writes == [] and len(removals) == 1
+
+
+def test_groups_finishing_together_remove_the_message_once(gateway_factory) -> None:
+    # alice and bob are two routes delivered in parallel: whichever group finishes last
+    # removes the message (the other records its result or shares that removal).
+    gw = gateway_factory(POLICY)
+    writes, removals = _record_bookkeeping(gw)
+    for _ in range(5):
+        send(gw, "sender@example.org", ["alice@localhost", "bob@localhost"])
+    assert wait_for(lambda: len(messages(gw, "alice")) == 5 and len(messages(gw, "bob")) == 5, timeout=15)
+    assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
+    assert len(removals) == len(set(removals)) == 5
+    assert all(states.count("pending") == 1 for _, states, _ in writes)  # only a first group writes
+    assert len(messages(gw, "alice")) == 5 and len(messages(gw, "bob")) == 5
+
+
+def test_a_success_notice_is_recorded_before_the_message_goes(gateway_factory) -> None:
+    gw = gateway_factory(POLICY)
+    writes, removals = _record_bookkeeping(gw)
+    with smtp(gw.port) as client:
+        assert client.sendmail("bob@localhost", ["alice@localhost"], MESSAGE, rcpt_options=["NOTIFY=SUCCESS"]) == {}
+    assert wait_for(lambda: messages(gw, "alice") and messages(gw, "bob"), timeout=10)
+    assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
+    dsn = email.message_from_bytes(messages(gw, "bob")[0].split(b"\r\n", 2)[2], policy=email.policy.default)
+    assert dsn.get_payload()[1].get_payload()[1]["Action"] == "delivered"
+    original = {qid for qid, _, _ in writes}
+    assert len(original) == 1  # the notice itself (null sender) owes nothing: no write
+    assert writes[-1][1:] == (["delivered"], [True])  # the notice is recorded as sent
+    assert len(removals) == 2 and original < set(removals)
 
 
 def test_program_exit_100_bounces_to_the_sender_as_a_dsn(gateway_factory) -> None:

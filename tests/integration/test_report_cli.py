@@ -103,9 +103,17 @@ def session_log(gateway_factory, log_file: Path) -> Path:
     # alice: the first message and the retried one; bob: the first message and the DSN.
     assert wait_for(lambda: len(mailbox(gw, "alice")) == 2 and len(mailbox(gw, "bob")) == 2, timeout=15)
     assert wait_for(lambda: gw.queue_ids() == [], timeout=10)
+    # msg/ empties at the unlink; the "done" line follows the removal's fsync. Four
+    # messages: the first, the bounced one, its DSN and the retried one.
+    assert wait_for(lambda: done_lines(log_file) == 4, timeout=10)
     shutil.rmtree(shared)
     logging.getLogger().handlers[0].flush()
     return log_file
+
+
+def done_lines(path: Path) -> int:
+    logging.getLogger().handlers[0].flush()
+    return path.read_text().count("done: removed from the queue")
 
 
 def test_report_counts_what_happened(session_log: Path) -> None:
@@ -134,7 +142,7 @@ def test_report_counts_what_happened(session_log: Path) -> None:
 
 def test_report_reads_gzip_and_standard_input_alike(session_log: Path, tmp_path: Path) -> None:
     # The gateway is still running and may log a line more: compare one frozen copy.
-    frozen = tmp_path / "gateway.log"
+    frozen = tmp_path / "frozen.log"  # not session_log's own name: that file is still open
     frozen.write_bytes(session_log.read_bytes())
     compressed = tmp_path / "gateway.log.1.gz"
     compressed.write_bytes(gzip.compress(frozen.read_bytes()))
