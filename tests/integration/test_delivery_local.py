@@ -115,7 +115,11 @@ def test_groups_finishing_together_remove_the_message_once(gateway_factory) -> N
     assert wait_for(lambda: len(messages(gw, "alice")) == 5 and len(messages(gw, "bob")) == 5, timeout=15)
     assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
     assert len(removals) == len(set(removals)) == 5
-    assert all(states.count("pending") == 1 for _, states, _ in writes)  # only a first group writes
+    # Only the group that finishes first writes its results: at most one write a message.
+    # (The spy reads the shared envelope on the writer thread, so the states it sees may
+    # already include the other group's result: count writes, not what they show.)
+    written = [qid for qid, _, _ in writes]
+    assert len(written) == len(set(written)) <= 5
     assert len(messages(gw, "alice")) == 5 and len(messages(gw, "bob")) == 5
 
 
