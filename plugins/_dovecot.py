@@ -35,11 +35,10 @@ import asyncio
 import base64
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 from gateway.context import Gateway
 
-from plugins._scanner import close_stream
+from plugins import _scanner
 
 __all__ = [
     "AuthAnswer",
@@ -126,26 +125,7 @@ def parse_address(address: str) -> str | tuple[str, int]:
 
     :raises ValueError: empty, no port, or a bad port
     """
-    text = address.strip()
-    if text.startswith("unix:"):
-        text = text[5:]
-        if not text:
-            raise ValueError(f"no socket path in Dovecot address {address!r}")
-        return text
-    if text.startswith("/"):
-        return text
-    if not text:
-        raise ValueError("empty Dovecot address")
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or (":" in host and not host.startswith("[")):
-        raise ValueError(f"no port in Dovecot address {address!r} (a socket path starts with /)")
-    if host.startswith("["):
-        if not host.endswith("]"):
-            raise ValueError(f"unclosed '[' in Dovecot address {address!r}")
-        host = host[1:-1]
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port in Dovecot address {address!r}")
-    return host, int(port)
+    return _scanner.parse_address(address, None, "Dovecot")
 
 
 def check_address(address: str) -> None:
@@ -157,19 +137,7 @@ def check_address(address: str) -> None:
 
 
 async def _connect(address: str, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    try:
-        where = parse_address(address)
-    except ValueError as exc:
-        raise DovecotError(str(exc)) from None
-    try:
-        async with asyncio.timeout(timeout):
-            if isinstance(where, str):
-                return await asyncio.open_unix_connection(where, limit=_MAX_LINE)
-            return await asyncio.open_connection(where[0], where[1], limit=_MAX_LINE)
-    except TimeoutError:
-        raise DovecotError(f"connect to {address} timed out after {timeout:g}s") from None
-    except OSError as exc:
-        raise DovecotError(f"cannot connect to {address}: {exc.strerror or exc}") from None
+    return await _scanner.open_stream(address, None, timeout, limit=_MAX_LINE, error=DovecotError, what="Dovecot")
 
 
 async def _read_line(reader: asyncio.StreamReader) -> list[str]:
@@ -278,7 +246,7 @@ async def authenticate(
     except OSError as exc:
         raise DovecotError(f"connection to Dovecot failed: {exc.strerror or exc}") from None
     finally:
-        await close_stream(writer)
+        await _scanner.close_stream(writer)
     fields = parse_fields(answer[2:])
     user = fields.get("user", login)
     if answer[0] == "OK":
@@ -322,7 +290,7 @@ async def lookup_user(
     except OSError as exc:
         raise DovecotError(f"connection to Dovecot failed: {exc.strerror or exc}") from None
     finally:
-        await close_stream(writer)
+        await _scanner.close_stream(writer)
     if answer[0] == "NOTFOUND":
         return None
     if answer[0] == "FAIL":
@@ -356,7 +324,7 @@ async def probe(address: str, *, master: bool, connect_timeout: float, timeout: 
     except OSError as exc:
         raise DovecotError(f"connection to Dovecot failed: {exc.strerror or exc}") from None
     finally:
-        await close_stream(writer)
+        await _scanner.close_stream(writer)
     if "PLAIN" not in handshake.mechanisms:
         raise DovecotError("Dovecot does not offer the PLAIN mechanism (auth_mechanisms)")
     return "mechanisms " + " ".join(sorted(handshake.mechanisms))
@@ -372,22 +340,4 @@ def check_entries(gateway: Gateway, name: str, settings_cls: type) -> None:
 
     :raises ValueError: naming the entry and the problem
     """
-    policy = gateway.policy
-    for entry in policy.plugins:
-        if entry.name != name:
-            continue
-        found: list[Any] = [entry.settings]
-        found += [o.plugins.get(entry.id) for o in policy.overrides]
-        for settings in found:
-            if not isinstance(settings, settings_cls):
-                continue
-            try:
-                check_address(settings.address)  # type: ignore[attr-defined]
-            except ValueError as exc:
-                raise ValueError(f"plugin {entry.id} ({name}): {exc}") from None
-            budget = settings.connect_timeout + settings.answer_timeout  # type: ignore[attr-defined]
-            if budget >= entry.timeout:
-                raise ValueError(
-                    f"plugin {entry.id} ({name}): connect_timeout + answer_timeout ({budget:g}s)"
-                    f" must be shorter than the entry's timeout {entry.timeout:g}s"
-                )
+    _scanner.check_entries(gateway, name, settings_cls, None, answer_timeout="answer_timeout", what="Dovecot")

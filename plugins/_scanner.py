@@ -3,6 +3,8 @@
 Each scanner speaks its own protocol, but they share how a daemon is addressed, how a
 connection is opened and closed under a time limit, what happens when the daemon is
 down, and (for the two spam scanners) the ``X-Spam-*`` headers and score thresholds.
+The Dovecot client (``plugins/_dovecot.py``) uses the same addressing, connection and
+start-up checks.
 
 All network I/O here is native asyncio with an explicit timeout: no blocking socket
 ever runs on the event loop, and no thread of the gateway's pool is held while a
@@ -52,56 +54,67 @@ class ScannerError(Exception):
     """The scanner could not give an answer: down, slow, or an answer we cannot read."""
 
 
-def parse_address(address: str, default_port: int) -> str | tuple[str, int]:
+def parse_address(address: str, default_port: int | None, what: str = "scanner") -> str | tuple[str, int]:
     """Where a daemon listens: a Unix socket path or a TCP host and port.
 
     ``/run/clamav/clamd.ctl`` and ``unix:/path`` are Unix sockets; ``127.0.0.1:3310``,
     ``[::1]:783``, ``scanner.example`` (with ``default_port``) are TCP.
 
     :param address: the setting's value
-    :param default_port: the port when ``address`` names none
+    :param default_port: the port when ``address`` names none; None: a TCP address
+        must name its port (a daemon with no standard port, such as Dovecot's auth)
+    :param what: the daemon, as the error messages name it
     :returns: the socket path, or ``(host, port)``
-    :raises ValueError: an empty address or a bad port
+    :raises ValueError: an empty address, a missing or a bad port
     """
     text = address.strip()
     if text.startswith("unix:"):
         text = text[5:]
         if not text:
-            raise ValueError(f"no socket path in {address!r}")
+            raise ValueError(f"no socket path in {what} address {address!r}")
         return text
     if text.startswith("/"):
         return text
     if not text:
-        raise ValueError("empty scanner address")
-    host, port = text, str(default_port)
+        raise ValueError(f"empty {what} address")
+    host, port = text, None if default_port is None else str(default_port)
     if text.startswith("["):  # [IPv6]:port
         end = text.find("]")
         if end < 0:
-            raise ValueError(f"unclosed '[' in {address!r}")
+            raise ValueError(f"unclosed '[' in {what} address {address!r}")
         host, rest = text[1:end], text[end + 1 :]
         if rest:
             if not rest.startswith(":"):
-                raise ValueError(f"expected ':port' after ']' in {address!r}")
+                raise ValueError(f"expected ':port' after ']' in {what} address {address!r}")
             port = rest[1:]
     elif text.count(":") == 1:
         host, port = text.split(":")
+    if port is None:
+        raise ValueError(f"no port in {what} address {address!r} (a socket path starts with /)")
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port in scanner address {address!r}")
+        raise ValueError(f"bad port in {what} address {address!r}")
     return host, int(port)
 
 
-def check_entries(gateway: Gateway, name: str, settings_cls: type, default_port: int) -> None:
-    """Refuse a policy whose scanner entries cannot work as written.
+def check_entries(
+    gateway: Gateway, name: str, settings_cls: type, default_port: int | None, *,
+    answer_timeout: str = "scan_timeout", what: str = "scanner",
+) -> None:
+    """Refuse a policy whose daemon entries cannot work as written.
 
     Every entry of plugin ``name``, with each override's settings for it, must have a
-    well-formed ``address``, and ``connect_timeout + scan_timeout`` below the entry's
-    ``timeout``: otherwise a slow scanner would hit the hook runner's limit first and get
-    its generic 451 4.3.0 (or the entry's ``on_error``) instead of ``on_scanner_error``.
+    well-formed ``address``, and ``connect_timeout`` plus its answer timeout below the
+    entry's ``timeout``: otherwise a slow daemon would hit the hook runner's limit first
+    and get its generic 451 4.3.0 (or the entry's ``on_error``) instead of the plugin's
+    own answer for a daemon that cannot answer.
 
     :param gateway: the gateway being started, with its policy
     :param name: the plugin's name
     :param settings_cls: the plugin's ``Settings`` class
-    :param default_port: the daemon's port when an address names none
+    :param default_port: the daemon's port when an address names none (see
+        :func:`parse_address`)
+    :param answer_timeout: the setting that bounds the wait for the daemon's answer
+    :param what: the daemon, as the error messages name it
     :raises ValueError: naming the entry and the problem
     """
     policy = gateway.policy
@@ -114,40 +127,45 @@ def check_entries(gateway: Gateway, name: str, settings_cls: type, default_port:
             if not isinstance(settings, settings_cls):
                 continue
             try:
-                parse_address(settings.address, default_port)  # type: ignore[attr-defined]
+                parse_address(settings.address, default_port, what)  # type: ignore[attr-defined]
             except ValueError as exc:
                 raise ValueError(f"plugin {entry.id} ({name}): {exc}") from None
-            budget = settings.connect_timeout + settings.scan_timeout  # type: ignore[attr-defined]
+            budget = settings.connect_timeout + getattr(settings, answer_timeout)  # type: ignore[attr-defined]
             if budget >= entry.timeout:
                 raise ValueError(
-                    f"plugin {entry.id} ({name}): connect_timeout + scan_timeout ({budget:g}s)"
+                    f"plugin {entry.id} ({name}): connect_timeout + {answer_timeout} ({budget:g}s)"
                     f" must be shorter than the entry's timeout {entry.timeout:g}s"
                 )
 
 
 async def open_stream(
-    address: str, default_port: int, timeout: float
+    address: str, default_port: int | None, timeout: float, *,
+    limit: int = 2**16, error: type[Exception] = ScannerError, what: str = "scanner",
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to a scanner daemon within ``timeout`` seconds.
+    """Connect to a daemon within ``timeout`` seconds.
 
     :param address: the daemon's address (see :func:`parse_address`)
     :param default_port: the port when ``address`` names none
     :param timeout: the longest wait for the connection
-    :raises ScannerError: the daemon cannot be reached in time, or ``address`` is malformed
+    :param limit: the stream reader's buffer limit (the longest line it reads)
+    :param error: the exception raised when the daemon cannot be reached
+    :param what: the daemon, as the error messages name it
+    :raises ScannerError: (or ``error``) the daemon cannot be reached in time, or
+        ``address`` is malformed
     """
     try:
-        where = parse_address(address, default_port)
+        where = parse_address(address, default_port, what)
     except ValueError as exc:
-        raise ScannerError(str(exc)) from None
+        raise error(str(exc)) from None
     try:
         async with asyncio.timeout(timeout):
             if isinstance(where, str):
-                return await asyncio.open_unix_connection(where)
-            return await asyncio.open_connection(where[0], where[1])
+                return await asyncio.open_unix_connection(where, limit=limit)
+            return await asyncio.open_connection(where[0], where[1], limit=limit)
     except TimeoutError:
-        raise ScannerError(f"connect to {address} timed out after {timeout:g}s") from None
+        raise error(f"connect to {address} timed out after {timeout:g}s") from None
     except OSError as exc:
-        raise ScannerError(f"cannot connect to {address}: {exc.strerror or exc}") from None
+        raise error(f"cannot connect to {address}: {exc.strerror or exc}") from None
 
 
 async def close_stream(writer: asyncio.StreamWriter) -> None:
