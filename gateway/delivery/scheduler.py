@@ -15,16 +15,15 @@ import asyncio
 import heapq
 import logging
 import os
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
 from gateway.address import AddressError
-from gateway.delivery.bounce import build_dsn, wants_notice
 from gateway.delivery.expansion import expand_pending, target_route
 from gateway.delivery.flush import FlushTarget, matching_messages, parse_target
 from gateway.delivery.router import is_held, route_for
 from gateway.delivery.types import LocalRoute, Outcome, Route, SpecialRoute, TargetRoute
+from gateway.delivery.notices import Notifier, owes_nothing
 from gateway.delivery.verp import for_recipient
 from gateway.logs import QUEUE_ID, short
 from gateway.model import Envelope, Message, QueuedRecipient, RecipientState
@@ -38,8 +37,6 @@ __all__ = ["Scheduler", "backoff"]
 
 log = logging.getLogger(__name__)
 
-DOUBLE_BOUNCE_NOTE = {"plugin": "bounce", "score": 0.0, "reason": "double bounce"}
-_REPLY_LINE = re.compile(r"^(\d{3})(?: ([245]\.\d{1,3}\.\d{1,3}))?(?: (.*))?$")
 
 
 def backoff(attempts: int, base: float, ceiling: float) -> float:
@@ -51,33 +48,14 @@ def backoff(attempts: int, base: float, ceiling: float) -> float:
     return float(min(ceiling, base * max(1, attempts) ** 2))
 
 
-def _owes_nothing(envelope: Envelope) -> bool:
-    """Every recipient is done and no notice is owed (what ``_notices(final=True)`` would
-    queue nothing for): the message can go without a state write, its removal is the record."""
-    for rcpt in envelope.recipients:
-        if rcpt.state is RecipientState.PENDING:
-            return False
-        if rcpt.state is RecipientState.FAILED and not rcpt.notified:
-            return False
-        if (rcpt.state is RecipientState.DELIVERED and not rcpt.notified and not rcpt.dsn_relayed
-                and wants_notice(rcpt, "success")):
-            return False
-    return True
+def _delivery_id(qid: str, envelope: Envelope, rcpt: QueuedRecipient) -> str:
+    """Stable per (message, recipient): a retry after a crash finds the Maildir copy."""
+    index = next(i for i, r in enumerate(envelope.recipients) if r is rcpt)
+    return f"Q{qid}R{index}"
 
 
 def _reply_line(reply: Reply) -> str:
     return " ".join(reply.lines())
-
-
-def _reply_from_line(line: str) -> Reply:
-    match = _REPLY_LINE.match(line.split(" / ")[0])
-    if not match:
-        return Reply(451, "4.0.0", line[:200])
-    code = int(match.group(1))
-    status = match.group(2) or ""
-    if status and status[0] != match.group(1)[0]:
-        status = ""
-    return Reply(code, status, match.group(3) or "")
 
 
 class Scheduler:
@@ -100,6 +78,7 @@ class Scheduler:
         self._last_scan = 0.0
         # qid -> flush targets released for its next attempt (one delivery run).
         self._released: dict[str, list[FlushTarget]] = {}
+        self._notifier = Notifier(self.queue, self.inject)
 
     # -- life cycle --------------------------------------------------------
 
@@ -309,8 +288,10 @@ class Scheduler:
         pending = [r for r in envelope.recipients if r.state is RecipientState.PENDING]
         # A flush delivers its recipients now, held or not yet due; a held route's
         # other recipients wait for the next flush, and no attempt is counted for them.
-        flushed = [r for r in pending if any(t.covers(r.address) for t in released)]
-        waiting = [r for r in pending if not any(t.covers(r.address) for t in released)]
+        flushed: list[QueuedRecipient] = []
+        waiting: list[QueuedRecipient] = []
+        for rcpt in pending:
+            (flushed if any(t.covers(rcpt.address) for t in released) else waiting).append(rcpt)
         is_due = item.next_try <= now + 1 or self._stopping
         ready = [r for r in waiting if not is_held(r.address, policy)] if is_due else []
         message: bytes | None = None
@@ -348,14 +329,14 @@ class Scheduler:
             # try, the attempts and the flags of recipients nobody is told about are not
             # written (each write is two flushes). A notice queued is recorded before the
             # message goes: a crash in between must not send it twice.
-            if await self._notices(gateway, qid, envelope, message, now, final=True):
+            if await self._notifier.queue_owed(gateway, qid, envelope, message, now, final=True):
                 await gateway.run_in_thread(self.queue.update_state, qid, envelope)
             await gateway.run_in_thread(self.queue.remove, qid)
             self.forget(qid)
             log.info("done: removed from the queue")
             return
         await gateway.run_in_thread(self.queue.update_state, qid, envelope, next_try=next_try, attempts=attempts)
-        if await self._notices(gateway, qid, envelope, message, now):
+        if await self._notifier.queue_owed(gateway, qid, envelope, message, now):
             await gateway.run_in_thread(self.queue.update_state, qid, envelope)
         self.notify(qid, next_try)
 
@@ -444,7 +425,7 @@ class Scheduler:
                         await self._record(gateway, envelope, rcpt, outcome)
                 if not outcomes:
                     return
-                if removal is None and _owes_nothing(envelope):
+                if removal is None and owes_nothing(envelope):
                     removal = asyncio.ensure_future(gateway.run_in_thread(self.queue.remove, qid))
                 if removal is not None:
                     await removal
@@ -481,9 +462,8 @@ class Scheduler:
         local, remote = self._agents_for(gateway)
         try:
             if isinstance(route, TargetRoute):
-                index = next(i for i, r in enumerate(envelope.recipients) if r is rcpts[0])
                 outcome = await local.deliver_target(
-                    envelope, rcpts[0].address, route, data, delivery_id=f"Q{qid}R{index}"
+                    envelope, rcpts[0].address, route, data, delivery_id=_delivery_id(qid, envelope, rcpts[0])
                 )
                 return {r.address: outcome for r in rcpts}
             if isinstance(route, LocalRoute):
@@ -509,97 +489,7 @@ class Scheduler:
         local = gateway.policy.local
         if route.user not in local.users and route.user != "postmaster":
             return Outcome("failed", Reply(550, "5.1.1", "Sorry, no mailbox here by that name"))
-        # Stable per (message, recipient): a retry after a crash finds the Maildir copy.
-        index = next(i for i, r in enumerate(envelope.recipients) if r is rcpt)
         outcome: Outcome = await agent.deliver(
-            envelope, rcpt.address, route, data, delivery_id=f"Q{qid}R{index}"
+            envelope, rcpt.address, route, data, delivery_id=_delivery_id(qid, envelope, rcpt)
         )
         return outcome
-
-    # -- notifications -----------------------------------------------------
-
-    def _postmaster(self, gateway: Gateway) -> str:
-        policy = gateway.policy
-        if policy.delivery.postmaster:
-            return str(policy.delivery.postmaster)
-        domain = policy.local.domains[0] if policy.local.domains else gateway.hostname
-        return f"postmaster@{domain}"
-
-    async def _notices(
-        self, gateway: Gateway, qid: str, envelope: Envelope, message: bytes | None, now: float,
-        *, final: bool = False,
-    ) -> bool:
-        """Queue the DSNs this state owes; returns True if a flag changed.
-
-        :param final: the message is removed next: flags set without a notice queued
-            need no record, and False is returned for them
-        """
-        policy = gateway.policy
-        failed = [r for r in envelope.recipients if r.state is RecipientState.FAILED and not r.notified]
-        done = [
-            r for r in envelope.recipients
-            if r.state is RecipientState.DELIVERED and not r.notified and not r.dsn_relayed
-        ]
-        warning = policy.delivery.delay_warning
-        delayed = [
-            r for r in envelope.recipients
-            if warning is not None and r.state is RecipientState.PENDING and not r.warned
-            and now - envelope.arrived >= warning
-        ]
-        if not (failed or delayed or any(wants_notice(r, "success") for r in done)):
-            for r in done:
-                r.notified = True
-            return bool(done) and not final
-        owed: list[tuple[str, list[QueuedRecipient]]] = [("failure", failed), ("delay", delayed), ("success", done)]
-        for kind, rcpts in owed:
-            wanted = [r for r in rcpts if wants_notice(r, kind)]  # type: ignore[arg-type]
-            if wanted:
-                if message is None:
-                    message = await gateway.run_in_thread(self.queue.read_message, qid)
-                await self._send_notice(gateway, qid, kind, envelope, wanted, message, now)
-            for r in rcpts:
-                if kind == "delay":
-                    r.warned = True
-                else:
-                    r.notified = True
-        return True
-
-    async def _send_notice(
-        self, gateway: Gateway, qid: str, kind: str, envelope: Envelope,
-        rcpts: list[QueuedRecipient], message: bytes, now: float,
-    ) -> None:
-        if envelope.verp and envelope.sender and len(rcpts) > 1:
-            # VERP: each recipient's notice goes to its own return address.
-            for rcpt in rcpts:
-                await self._send_notice(gateway, qid, kind, envelope, [rcpt], message, now)
-            return
-        envelope = for_recipient(envelope, rcpts[0])
-        to: str | None = None
-        notes: list[dict[str, Any]] = []
-        if not envelope.sender:
-            # Never notify a null sender. A failed bounce goes to the postmaster once
-            # (a double bounce); a failed double bounce stops here.
-            if kind != "failure":
-                return
-            if any(n.get("reason") == DOUBLE_BOUNCE_NOTE["reason"] for n in envelope.notes):
-                log.error("double bounce failed, dropped: to=%s", ",".join(r.address for r in rcpts))
-                return
-            to = self._postmaster(gateway)
-            notes = [dict(DOUBLE_BOUNCE_NOTE)]
-        items = [
-            (r, Outcome("delivered" if r.state is RecipientState.DELIVERED else ("failed" if r.state is RecipientState.FAILED else "deferred"),
-                        _reply_from_line(r.last_reply) if r.last_reply else Reply(451, "4.0.0", "not yet delivered"),
-                        r.remote))
-            for r in rcpts
-        ]
-        notice = build_dsn(
-            kind,  # type: ignore[arg-type]
-            envelope, items, message,
-            reporting_mta=gateway.hostname, queue_id=qid, now=now,
-            retry_until=envelope.arrived + gateway.policy.delivery.queue_lifetime, to=to,
-        )
-        new = await self.inject(
-            notice.sender, [notice.recipient], notice.message,
-            body=notice.body, smtputf8=notice.smtputf8, notes=notes,
-        )
-        log.info("dsn kind=%s to=<%s> qid=%s recipients=%d", kind, short(notice.recipient), new, len(rcpts))

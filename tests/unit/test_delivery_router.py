@@ -7,8 +7,9 @@ import textwrap
 import pytest
 
 from gateway.app import registry
+from gateway.delivery.notices import reply_from_line
 from gateway.delivery.router import route_for, split_user
-from gateway.delivery.scheduler import _reply_from_line, backoff
+from gateway.delivery.scheduler import backoff
 from gateway.delivery.types import LocalRoute, MxRoute, SmarthostRoute, SpecialRoute
 from gateway.hooks import discover_plugins
 from gateway.policy import load_policy_text
@@ -80,6 +81,6 @@ def test_backoff_is_quadratic_and_capped() -> None:
 
 
 def test_reply_round_trip_through_the_state_file() -> None:
-    assert _reply_from_line("550 5.1.1 User unknown") == Reply(550, "5.1.1", "User unknown")
-    assert _reply_from_line("451 Try later") == Reply(451, "", "Try later")
-    assert _reply_from_line("554 5.4.7 Delivery time expired / 451 4.4.1 x") == Reply(554, "5.4.7", "Delivery time expired")
+    assert reply_from_line("550 5.1.1 User unknown") == Reply(550, "5.1.1", "User unknown")
+    assert reply_from_line("451 Try later") == Reply(451, "", "Try later")
+    assert reply_from_line("554 5.4.7 Delivery time expired / 451 4.4.1 x") == Reply(554, "5.4.7", "Delivery time expired")
