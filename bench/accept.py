@@ -154,9 +154,11 @@ def chain_of(kind: str) -> list[str]:
         return [p["name"] for p in tomllib.load(f).get("plugins", [])]
 
 
-def gateway_env() -> dict[str, str]:
+def gateway_env(root: Path | None = None) -> dict[str, str]:
+    """The environment of a gateway process run from the source tree ``root`` (default:
+    the tree under test, ``ROOT``)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root or ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
     return env
 
@@ -333,6 +335,12 @@ class Load:
 def smtp_source(source: str, port: int, conc: int, count: int, size: int, timeout: float) -> Load:
     argv = [source, "-c", "-s", str(conc), "-m", str(count), "-l", str(size),
             "-f", SENDER, "-t", RECIPIENT, f"{HOST}:{port}"]
+    return run_smtp_source(argv, count, timeout)
+
+
+def run_smtp_source(argv: list[str], count: int, timeout: float) -> Load:
+    """Run one ``smtp-source`` command (``-c``: it counts what it sent) and check that it
+    sent ``count`` messages, printed no error and ended well, within ``timeout``."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

@@ -74,10 +74,12 @@ from accept import (  # noqa: E402
     export_rev,
     find_tool,
     free_port,
+    queue_count,
     read_status,
     stop,
     wait_ready,
 )
+from accept import gateway_env as accept_gateway_env  # noqa: E402
 
 POLICIES = {"local": BENCH / "policies" / "deliver-local.toml", "remote": BENCH / "policies" / "deliver-remote.toml"}
 # The gateway source tree under test (--rev exports another one); set in main().
@@ -402,10 +404,7 @@ ROLES = {"_fill": _role_fill, "_settings": _role_settings, "_maildir-copy": _rol
 
 
 def gateway_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
-    return env
+    return accept_gateway_env(ROOT)
 
 
 def user_names(users: int) -> list[str]:
@@ -460,13 +459,6 @@ def move_batch(stage: Path, queue_msg: Path) -> int:
         os.rename(entry.path, queue_msg / entry.name)
         moved += 1
     return moved
-
-
-def queue_count(msg_dir: Path) -> int:
-    try:
-        return sum(1 for n in os.listdir(msg_dir) if not n.startswith("."))
-    except FileNotFoundError:
-        return 0
 
 
 def stuck_reasons(queue: Path, limit: int = 3) -> str:

@@ -59,11 +59,9 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import shutil
 import signal
 import smtplib
-import socket
 import statistics
 import subprocess
 import sys
@@ -80,7 +78,6 @@ sys.path.insert(0, str(BENCH))
 from _daemons import Daemon, start_clamd, start_dns, start_spamd  # noqa: E402
 from accept import (  # noqa: E402
     Load,
-    _last_counter,
     cpu_seconds,
     describe_source,
     dump_toml,
@@ -90,9 +87,11 @@ from accept import (  # noqa: E402
     free_port,
     queue_count,
     read_status,
+    run_smtp_source,
     stop,
     wait_ready,
 )
+from accept import gateway_env as accept_gateway_env  # noqa: E402
 
 EMPTY_POLICY = BENCH / "policies" / "empty-chain.toml"
 ENVELOPE_POLICY = BENCH / "policies" / "filters-envelope.toml"
@@ -269,10 +268,7 @@ def policy_text(variant: str, port: int, workdir: Path, daemons: dict[str, Daemo
 
 
 def gateway_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
-    return env
+    return accept_gateway_env(ROOT)
 
 
 def check_policies(base: Path, variants: list[str], daemons: dict[str, Daemon]) -> None:
@@ -296,26 +292,7 @@ def smtp_source(source: str, port: int, conc: int, count: int, message: Path, re
                 timeout: float) -> Load:
     argv = [source, "-c", "-s", str(conc), "-m", str(count), "-F", str(message), "-M", HELO,
             "-f", SENDER, "-t", RECIPIENT, *(["-d"] if reuse else []), f"{HOST}:{port}"]
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        return Load(False, time.perf_counter() - start, _last_counter(out), f"timed out after {timeout:.0f}s")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    seconds = time.perf_counter() - start
-    text = err.decode(errors="replace").strip()
-    sent = _last_counter(out)
-    if proc.returncode != 0 or text:
-        return Load(False, seconds, sent, f"smtp-source status {proc.returncode}: {text[-300:]}")
-    if sent != count:
-        return Load(False, seconds, sent, f"smtp-source counted {sent} of {count}")
-    return Load(True, seconds, sent, "")
+    return run_smtp_source(argv, count, timeout)
 
 
 def _wire(text: str) -> bytes:

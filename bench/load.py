@@ -53,6 +53,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 from accept import dump_toml, export_rev, free_port, wait_ready  # noqa: E402  (same folder)
+from accept import gateway_env as accept_gateway_env  # noqa: E402
 
 HOST = "127.0.0.1"
 SENDER = "a@example.org"
@@ -213,10 +214,7 @@ BEFORE_ROOT: Path | None = None
 
 
 def gateway_env(root: Path = REPO) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
-    return env
+    return accept_gateway_env(root)
 
 
 def _raise_child_nofile() -> None:
