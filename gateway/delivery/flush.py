@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.address import Address, AddressError
+from gateway.delivery.router import domain_of
 from gateway.model import QueuedRecipient, RecipientState
 from gateway.queue.store import CorruptQueueFile
 
@@ -44,11 +44,8 @@ class FlushTarget:
 
     def covers(self, address: str) -> bool:
         """Whether the recipient ``address`` is in this target."""
-        if "@" not in address:
-            return False
-        try:
-            domain = Address.parse(address).domain_key
-        except AddressError:
+        domain = domain_of(address)
+        if domain is None:
             return False
         return domain == self.domain or (self.subdomains and domain.endswith("." + self.domain))
 

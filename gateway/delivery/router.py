@@ -14,7 +14,7 @@ from typing import Any
 from gateway.address import Address, AddressError
 from gateway.delivery.types import LocalRoute, MxRoute, Route, SmarthostRoute, SpecialRoute
 
-__all__ = ["is_held", "route_for", "split_user"]
+__all__ = ["domain_of", "is_held", "route_for", "split_user"]
 
 
 def split_user(local: str, users: tuple[str, ...] | frozenset[str], delimiter: str) -> tuple[str, str]:
@@ -87,6 +87,17 @@ def route_for(address: str, policy: Any) -> Route:
     return MxRoute(domain)
 
 
+def domain_of(address: str) -> str | None:
+    """The domain of a recipient (lower case, the form routes match), or None when the
+    address has none or no longer parses."""
+    if "@" not in address:
+        return None
+    try:
+        return Address.parse(address).domain_key
+    except AddressError:
+        return None
+
+
 def is_held(address: str, policy: Any) -> bool:
     """Whether the recipient's ``[[routes]]`` entry has ``hold = true`` (serialmail/ETRN:
     the scheduler keeps the mail until ``gateway queue flush`` or ``ETRN`` releases it).
@@ -94,13 +105,8 @@ def is_held(address: str, policy: Any) -> bool:
     Local and virtual domains are never held; an address that no longer parses is not
     held either (routing then fails it).
     """
-    if "@" not in address:
-        return False
-    try:
-        domain = Address.parse(address).domain_key
-    except AddressError:
-        return False
-    if domain in policy.local.domains or domain in policy.local.virtual:
+    domain = domain_of(address)
+    if domain is None or domain in policy.local.domains or domain in policy.local.virtual:
         return False
     best = _matching_route(domain, policy)
     return bool(best is not None and getattr(best, "hold", False))
