@@ -475,21 +475,32 @@ class QueueStore:
                 "attempts": old.get("attempts", 0) if attempts is None else attempts,
                 "held": old.get("held", False) if held is None else held,
             }
-            data = json.dumps(state, separators=(",", ":")).encode("utf-8")
-            tmp = self.root / "tmp" / f"{qid}.{os.getpid():x}.{next(_tmp_seq)}.state"
-            fd = os.open(tmp, NEW_FILE, 0o600)
-            try:
-                try:
-                    write_all(fd, [data])
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
-                os.rename(tmp, self.root / "state" / qid)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            self._syncs["state"].sync()
+            self.write_state(qid, state)
         log.debug("state updated qid=%s attempts=%s held=%s", qid, state["attempts"], state["held"])
+
+    def write_state(self, qid: str, state: dict[str, Any]) -> None:
+        """Replace ``state/<qid>`` with ``state`` (JSON types), durably: written to
+        ``tmp/``, fdatasynced, renamed into place, then the state directory fsynced.
+
+        The caller keeps others out: :meth:`update_state` holds the message's lock, and
+        ``gateway queue import`` writes a state before its message is published.
+
+        :raises OSError: when the state cannot be written; the old one still holds
+        """
+        data = json.dumps(state, separators=(",", ":")).encode("utf-8")
+        tmp = self.root / "tmp" / f"{qid}.{os.getpid():x}.{next(_tmp_seq)}.state"
+        fd = os.open(tmp, NEW_FILE, 0o600)
+        try:
+            try:
+                write_all(fd, [data])
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.root / "state" / qid)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._syncs["state"].sync()
 
     def remove(self, qid: str, area: str = "msg") -> None:
         """Delete a message for good, then its state.

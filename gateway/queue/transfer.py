@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator, Literal
 
 from gateway.model import Envelope, QueuedRecipient
-from gateway.queue.committer import NEW_FILE, fsync_dir, write_all
+from gateway.queue.committer import fsync_dir, write_all
 from gateway.queue.store import _QID_RE, AREAS, CorruptQueueFile, QueueStore, _check_fd
 
 __all__ = ["ExportResult", "ImportResult", "TransferError", "export_queue", "import_queue"]
@@ -310,7 +310,7 @@ def _import_one(
         if any((store.root / a / qid).exists() for a in (*AREAS, "state")):
             qid = store.new_id()
         if checked is not None:
-            _write_state(store, qid, checked)
+            store.write_state(qid, checked)
         os.rename(tmp, store.root / area / qid)
         fsync_dir(store.root / area)
         _append_journal(store, key, qid)
@@ -321,22 +321,6 @@ def _import_one(
         result.errors.append(f"{info.name}: {exc}")
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _write_state(store: QueueStore, qid: str, state: dict[str, Any]) -> None:
-    tmp = store.root / "tmp" / f"import.{os.getpid():x}.{qid}.state"
-    fd = os.open(tmp, NEW_FILE, 0o600)
-    try:
-        try:
-            write_all(fd, [json.dumps(state, separators=(",", ":")).encode()])
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, store.root / "state" / qid)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(store.root / "state")
 
 
 def _append_journal(store: QueueStore, key: str, qid: str) -> None:
