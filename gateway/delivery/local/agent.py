@@ -149,6 +149,20 @@ def _can_enter(info: os.stat_result, uid: int, gid: int) -> bool:
     return bool(info.st_mode & stat.S_IXOTH)
 
 
+async def _outcome_of(delivery: Awaitable[Outcome], what: str, recipient: str) -> Outcome:
+    """The delivery boundary: a delivery's outcome, its failures turned into outcomes;
+    whatever else went wrong is retried later rather than lose mail."""
+    try:
+        return await delivery
+    except TemporaryFailure as exc:
+        return Outcome("deferred", exc.reply)
+    except PermanentFailure as exc:
+        return Outcome("failed", exc.reply)
+    except Exception:
+        log.exception("%s to %s failed unexpectedly", what, recipient)
+        return Outcome("deferred", _INTERNAL)
+
+
 class LocalDeliveryAgent:
     """Delivers messages to local users: Maildir, mbox, programs, forwards, ``.qmail``.
 
@@ -186,16 +200,9 @@ class LocalDeliveryAgent:
         :returns: ``delivered`` (250), ``deferred`` (4xx: retry) or ``failed`` (5xx: bounce)
         """
         where: list[str] = []
-        try:
-            outcome = await self._deliver(envelope, recipient, route, message, where, delivery_id)
-        except TemporaryFailure as exc:
-            outcome = Outcome("deferred", exc.reply)
-        except PermanentFailure as exc:
-            outcome = Outcome("failed", exc.reply)
-        except Exception:
-            # The delivery boundary: whatever went wrong, retry later rather than lose mail.
-            log.exception("local delivery to %s failed unexpectedly", recipient)
-            outcome = Outcome("deferred", _INTERNAL)
+        outcome = await _outcome_of(
+            self._deliver(envelope, recipient, route, message, where, delivery_id), "local delivery", recipient
+        )
         log.info(
             "local delivery to=%s user=%s ext=%r status=%s where=%s reply=%r",
             recipient, route.user, route.extension[:64], outcome.status,
@@ -219,16 +226,10 @@ class LocalDeliveryAgent:
         :returns: as :meth:`deliver`
         """
         where: list[str] = []
-        try:
-            outcome = await self._deliver_target(envelope, recipient, route, message, where, delivery_id)
-        except TemporaryFailure as exc:
-            outcome = Outcome("deferred", exc.reply)
-        except PermanentFailure as exc:
-            outcome = Outcome("failed", exc.reply)
-        except Exception:
-            # The delivery boundary: whatever went wrong, retry later rather than lose mail.
-            log.exception("alias target delivery to %s failed unexpectedly", recipient)
-            outcome = Outcome("deferred", _INTERNAL)
+        outcome = await _outcome_of(
+            self._deliver_target(envelope, recipient, route, message, where, delivery_id),
+            "alias target delivery", recipient,
+        )
         log.info(
             "local delivery to=%s owner=%s target=%s status=%s reply=%r",
             recipient, route.owner or "(aliases)", route.kind, outcome.status, str(outcome.reply),
