@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from gateway.context import Gateway
@@ -155,7 +157,9 @@ def _check_version(words: list[str], what: str) -> None:
         raise DovecotError(f"Dovecot's {what} speaks {' '.join(words)[:60]!r}, not version 1")
 
 
-async def _client_handshake(reader: asyncio.StreamReader) -> _Handshake:
+async def _client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _Handshake:
+    """Greet an auth-client socket and read what it offers, which must include PLAIN."""
+    writer.write(f"VERSION\t1\t2\nCPID\t{os.getpid()}\n".encode())
     mechanisms: set[str] = set()
     for number in range(_MAX_HANDSHAKE_LINES):
         words = await _read_line(reader)
@@ -164,8 +168,29 @@ async def _client_handshake(reader: asyncio.StreamReader) -> _Handshake:
         elif words[0] == "MECH" and len(words) >= 2:
             mechanisms.add(words[1].upper())
         elif words[0] == "DONE":
+            if "PLAIN" not in mechanisms:
+                raise DovecotError("Dovecot does not offer the PLAIN mechanism (auth_mechanisms)")
             return _Handshake(frozenset(mechanisms))
     raise DovecotError("Dovecot's handshake does not end")
+
+
+@contextlib.asynccontextmanager
+async def _exchange(
+    address: str, connect_timeout: float, timeout: float, waiting_for: str = "answer",
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """One connection to Dovecot for one request: connected within ``connect_timeout``,
+    the whole exchange within ``timeout``, closed at the end; a timeout or a broken
+    connection is a :class:`DovecotError`."""
+    reader, writer = await _connect(address, connect_timeout)
+    try:
+        async with asyncio.timeout(timeout):
+            yield reader, writer
+    except TimeoutError:
+        raise DovecotError(f"Dovecot gave no {waiting_for} within {timeout:g}s") from None
+    except OSError as exc:
+        raise DovecotError(f"connection to Dovecot failed: {exc.strerror or exc}") from None
+    finally:
+        await _scanner.close_stream(writer)
 
 
 async def _answer_for(reader: asyncio.StreamReader, commands: tuple[str, ...]) -> list[str]:
@@ -218,35 +243,24 @@ async def authenticate(
     if "\0" in login or "\0" in password:
         # A NUL would split the PLAIN response differently (RFC 4616 §2).
         return AuthAnswer(False, login, "NUL in credentials")
-    reader, writer = await _connect(address, connect_timeout)
-    try:
-        async with asyncio.timeout(timeout):
-            writer.write(f"VERSION\t1\t2\nCPID\t{os.getpid()}\n".encode())
-            handshake = await _client_handshake(reader)
-            if "PLAIN" not in handshake.mechanisms:
-                raise DovecotError("Dovecot does not offer the PLAIN mechanism (auth_mechanisms)")
-            response = base64.b64encode(b"\0" + login.encode() + b"\0" + password.encode()).decode()
-            words = [f"AUTH\t{_REQUEST_ID}\tPLAIN\tservice={escape(service)}\tnologin"]
-            for key, value in (("lip", local_ip), ("rip", remote_ip), ("session", session_id)):
-                if value:
-                    words.append(f"{key}={escape(value)}")
-            for key, port in (("lport", local_port), ("rport", remote_port)):
-                if port:
-                    words.append(f"{key}={port}")
-            if secured:
-                words.append("secured")
-            if not penalty:
-                words.append("no-penalty")
-            words.append(f"resp={response}")
-            writer.write(("\t".join(words) + "\n").encode())
-            await writer.drain()
-            answer = await _answer_for(reader, ("OK", "FAIL", "CONT"))
-    except TimeoutError:
-        raise DovecotError(f"Dovecot gave no answer within {timeout:g}s") from None
-    except OSError as exc:
-        raise DovecotError(f"connection to Dovecot failed: {exc.strerror or exc}") from None
-    finally:
-        await _scanner.close_stream(writer)
+    response = base64.b64encode(b"\0" + login.encode() + b"\0" + password.encode()).decode()
+    words = [f"AUTH\t{_REQUEST_ID}\tPLAIN\tservice={escape(service)}\tnologin"]
+    for key, value in (("lip", local_ip), ("rip", remote_ip), ("session", session_id)):
+        if value:
+            words.append(f"{key}={escape(value)}")
+    for key, port in (("lport", local_port), ("rport", remote_port)):
+        if port:
+            words.append(f"{key}={port}")
+    if secured:
+        words.append("secured")
+    if not penalty:
+        words.append("no-penalty")
+    words.append(f"resp={response}")
+    async with _exchange(address, connect_timeout, timeout) as (reader, writer):
+        await _client_handshake(reader, writer)
+        writer.write(("\t".join(words) + "\n").encode())
+        await writer.drain()
+        answer = await _answer_for(reader, ("OK", "FAIL", "CONT"))
     fields = parse_fields(answer[2:])
     user = fields.get("user", login)
     if answer[0] == "OK":
@@ -278,19 +292,11 @@ async def lookup_user(
     :raises DovecotError: no answer, a ``FAIL`` (the userdb backend failed), or an
         answer that cannot be read
     """
-    reader, writer = await _connect(address, connect_timeout)
-    try:
-        async with asyncio.timeout(timeout):
-            writer.write(f"VERSION\t1\t0\nUSER\t{_REQUEST_ID}\t{escape(user)}\tservice={escape(service)}\n".encode())
-            await writer.drain()
-            _check_version(await _read_line(reader), "auth-userdb socket")
-            answer = await _answer_for(reader, ("USER", "NOTFOUND", "FAIL"))
-    except TimeoutError:
-        raise DovecotError(f"Dovecot gave no answer within {timeout:g}s") from None
-    except OSError as exc:
-        raise DovecotError(f"connection to Dovecot failed: {exc.strerror or exc}") from None
-    finally:
-        await _scanner.close_stream(writer)
+    async with _exchange(address, connect_timeout, timeout) as (reader, writer):
+        writer.write(f"VERSION\t1\t0\nUSER\t{_REQUEST_ID}\t{escape(user)}\tservice={escape(service)}\n".encode())
+        await writer.drain()
+        _check_version(await _read_line(reader), "auth-userdb socket")
+        answer = await _answer_for(reader, ("USER", "NOTFOUND", "FAIL"))
     if answer[0] == "NOTFOUND":
         return None
     if answer[0] == "FAIL":
@@ -309,24 +315,13 @@ async def probe(address: str, *, master: bool, connect_timeout: float, timeout: 
     :returns: what Dovecot offers (its mechanisms, or its master version), for the log
     :raises DovecotError: no greeting, or an auth-client socket without PLAIN
     """
-    reader, writer = await _connect(address, connect_timeout)
-    try:
-        async with asyncio.timeout(timeout):
-            if master:
-                writer.write(b"VERSION\t1\t0\n")
-                words = await _read_line(reader)
-                _check_version(words, "auth-userdb socket")
-                return f"master protocol {words[1]}.{words[2]}"
-            writer.write(f"VERSION\t1\t2\nCPID\t{os.getpid()}\n".encode())
-            handshake = await _client_handshake(reader)
-    except TimeoutError:
-        raise DovecotError(f"Dovecot gave no greeting within {timeout:g}s") from None
-    except OSError as exc:
-        raise DovecotError(f"connection to Dovecot failed: {exc.strerror or exc}") from None
-    finally:
-        await _scanner.close_stream(writer)
-    if "PLAIN" not in handshake.mechanisms:
-        raise DovecotError("Dovecot does not offer the PLAIN mechanism (auth_mechanisms)")
+    async with _exchange(address, connect_timeout, timeout, "greeting") as (reader, writer):
+        if master:
+            writer.write(b"VERSION\t1\t0\n")
+            words = await _read_line(reader)
+            _check_version(words, "auth-userdb socket")
+            return f"master protocol {words[1]}.{words[2]}"
+        handshake = await _client_handshake(reader, writer)
     return "mechanisms " + " ".join(sorted(handshake.mechanisms))
 
 
