@@ -34,9 +34,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.context import Gateway
 
@@ -53,6 +55,7 @@ __all__ = [
     "parse_address",
     "parse_fields",
     "probe",
+    "start_up",
     "unescape",
 ]
 
@@ -336,3 +339,27 @@ def check_entries(gateway: Gateway, name: str, settings_cls: type) -> None:
     :raises ValueError: naming the entry and the problem
     """
     _scanner.check_entries(gateway, name, settings_cls, None, answer_timeout="answer_timeout", what="Dovecot")
+
+
+async def start_up(
+    gateway: Gateway, name: str, settings: Any, log: logging.Logger, *, master: bool, request: str,
+) -> None:
+    """The start-up of a Dovecot plugin: refuse a policy whose entries cannot work
+    (:func:`check_entries`), then try Dovecot once and log what it offers; a Dovecot that
+    does not answer yet is only a warning, each ``request`` will try again.
+
+    :param settings: the entry's settings (``address``, ``connect_timeout``, ``answer_timeout``)
+    :param log: the plugin's logger
+    :param master: an auth-userdb socket, else an auth-client one (see :func:`probe`)
+    :raises ValueError: a policy that cannot work
+    """
+    check_entries(gateway, name, type(settings))
+    try:
+        offer = await probe(
+            settings.address, master=master,
+            connect_timeout=settings.connect_timeout, timeout=settings.answer_timeout,
+        )
+    except DovecotError as exc:
+        log.warning("%s: Dovecot does not answer at start-up (%s); each %s will try again", name, exc, request)
+    else:
+        log.info("%s: Dovecot at %s offers %s", name, settings.address, offer)

@@ -38,7 +38,7 @@ from gateway.logs import short
 from gateway.model import Session
 from gateway.policy import Duration, setting
 from gateway.verdicts import Reply, Verdict
-from plugins._dovecot import DovecotError, authenticate, check_entries, probe
+from plugins._dovecot import DovecotError, authenticate, start_up
 
 __all__ = ["Settings"]
 
@@ -69,16 +69,8 @@ class Settings:
 
 @hookimpl
 async def gateway_startup(gateway: Gateway, settings: Settings) -> None:
-    check_entries(gateway, NAME, Settings)  # a policy that cannot work stops start-up
-    try:
-        offer = await probe(
-            settings.address, master=False,
-            connect_timeout=settings.connect_timeout, timeout=settings.answer_timeout,
-        )
-    except DovecotError as exc:
-        log.warning("%s: Dovecot does not answer at start-up (%s); each AUTH will try again", NAME, exc)
-    else:
-        log.info("%s: Dovecot at %s offers %s", NAME, settings.address, offer)
+    # A policy that cannot work stops start-up; a Dovecot that does not answer yet does not.
+    await start_up(gateway, NAME, settings, log, master=False, request="AUTH")
 
 
 @hookimpl

@@ -42,7 +42,7 @@ from gateway.model import Recipient
 from gateway.policy import Duration, setting
 from gateway.verdicts import Reply, Verdict
 from plugins._dnslist import RecordCache
-from plugins._dovecot import DovecotError, check_entries, lookup_user, probe
+from plugins._dovecot import DovecotError, lookup_user, start_up
 
 __all__ = ["Plugin", "Settings", "candidates"]
 
@@ -106,17 +106,9 @@ class Plugin:
 
     @hookimpl
     async def gateway_startup(self, gateway: Gateway, settings: Settings) -> None:
-        check_entries(gateway, NAME, Settings)  # a policy that cannot work stops start-up
         self._cache = RecordCache(settings.cache_size)
-        try:
-            offer = await probe(
-                settings.address, master=True,
-                connect_timeout=settings.connect_timeout, timeout=settings.answer_timeout,
-            )
-        except DovecotError as exc:
-            log.warning("%s: Dovecot does not answer at start-up (%s); each RCPT will try again", NAME, exc)
-        else:
-            log.info("%s: Dovecot at %s speaks %s", NAME, settings.address, offer)
+        # A policy that cannot work stops start-up; a Dovecot that does not answer yet does not.
+        await start_up(gateway, NAME, settings, log, master=True, request="RCPT")
 
     async def _exists(self, name: str, settings: Settings) -> bool:
         key = (settings.address, name)
