@@ -40,7 +40,7 @@ from gateway.hooks import hookimpl
 from gateway.logs import short
 from gateway.model import Session
 from gateway.policy import Duration, IPNetwork, setting
-from gateway.state import PluginStores, StateStore, StateUnavailable, check_url
+from gateway.state import PluginStores, StateUnavailable, check_url
 from gateway.state.keys import digest, in_networks
 from gateway.verdicts import Reply, Verdict
 
@@ -105,19 +105,13 @@ class Plugin:
     async def gateway_shutdown(self, settings: Settings) -> None:
         await self._stores.close(settings.state)
 
-    def _store(self, settings: Settings) -> StateStore:
-        store = self._stores.get(settings.state)
-        if store is None:
-            raise StateUnavailable(f"state store {settings.state!r} is not open")
-        return store
-
     @hookimpl
     async def gateway_auth(self, session: Session, login: str, settings: Settings) -> Verdict | None:
         keys = failure_keys(session, login, settings)
         if not keys:
             return None
         try:
-            store = self._store(settings)
+            store = self._stores.require(settings.state)
             for _, lock_key, _ in keys:
                 if await store.get(lock_key) is not None:
                     log.warning(
@@ -140,7 +134,7 @@ class Plugin:
         keys = failure_keys(session, login, settings)
         counts = []
         try:
-            store = self._store(settings)
+            store = self._stores.require(settings.state)
             for count_key, lock_key, limit in keys:
                 count = await store.incr(count_key, 1, settings.window)
                 counts.append(f"{count_key.split(':', 2)[1]}={count}/{limit}")

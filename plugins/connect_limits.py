@@ -120,9 +120,7 @@ class Plugin:
             session.stash[COUNTED] = counted
         ttl = settings.connection_ttl
         try:
-            store = self._stores.get(settings.state)
-            if store is None:
-                raise StateUnavailable(f"state store {settings.state!r} is not open")
+            store = self._stores.require(settings.state)
             for key, limit in connection_keys(session.peer_ip, settings):
                 value = await store.incr(key, 1, ttl)
                 counted.append((store, key, ttl))

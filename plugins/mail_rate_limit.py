@@ -127,9 +127,7 @@ class Plugin:
             return None
         key, limit = found
         try:
-            store = self._stores.get(settings.state)
-            if store is None:
-                raise StateUnavailable(f"state store {settings.state!r} is not open")
+            store = self._stores.require(settings.state)
             # The key dies one window after its first event: by then its window is over.
             value = await store.incr(key, 1, settings.window)
         except StateUnavailable as exc:

@@ -143,9 +143,7 @@ class Plugin:
             return None
         key = triplet_key(session.peer_ip, txn.sender, rcpt.address, settings)
         try:
-            store = self._stores.get(settings.state)
-            if store is None:
-                raise StateUnavailable(f"state store {settings.state!r} is not open")
+            store = self._stores.require(settings.state)
             return await self._judge(store, key, settings)
         except StateUnavailable as exc:
             if settings.on_state_error == "tempfail":

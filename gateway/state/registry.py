@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.state.store import StateStore
+from gateway.state.store import StateStore, StateUnavailable
 
 __all__ = ["PluginStores", "acquire", "canonical_url", "check_url", "create_store", "release"]
 
@@ -163,6 +163,17 @@ class PluginStores:
         """The store held under ``url``, if any."""
         held = self._held.get(url)
         return held[-1] if held else None
+
+    def require(self, url: str) -> StateStore:
+        """The store held under ``url``, for a hook that needs it.
+
+        :raises StateUnavailable: none is held (after shutdown, or a URL only an
+            override names): the plugin's ``on_state_error`` answer applies
+        """
+        store = self.get(url)
+        if store is None:
+            raise StateUnavailable(f"state store {url!r} is not open")
+        return store
 
     async def close(self, url: str) -> None:
         """Release one :meth:`open` of ``url``; nothing if none is held."""
