@@ -59,17 +59,15 @@ class GatewayApp:
         policy_path: str | os.PathLike[str] | None = None,
         reuse_port: bool = False,
         role: str = "single",
-        notify_fd: int | None = None,
     ) -> None:
         self.policy = policy
         self.specs = dict(specs) if specs is not None else discover_plugins()
         self.policy_path = policy_path
         self.reuse_port = reuse_port
-        # "single": one process does everything. With workers, the "master" owns the
-        # queue's recovery and the scheduler; a "worker" only accepts mail and tells the
-        # master about each commit through a pipe (``notify_fd``, its write end).
+        # "single": one process does everything. With workers, every process accepts
+        # mail and delivers what it queued; the "master" also owns the queue's
+        # recovery, its scans, the trigger FIFO and every retry (gateway/workers.py).
         self.role = role
-        self.notify_fd = notify_fd
         self.queue = QueueStore(policy.server.queue_dir)
         workers = min(32, (os.cpu_count() or 2) * 4)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gateway-pool")
@@ -103,13 +101,6 @@ class GatewayApp:
     def _queued(self, qid: str) -> None:
         if self.scheduler is not None:
             self.scheduler.notify(qid)
-        elif self.notify_fd is not None:
-            try:
-                # One short line is written atomically (below PIPE_BUF); if the pipe is
-                # full the master's periodic rescan finds the message anyway.
-                os.write(self.notify_fd, qid.encode("ascii") + b"\n")
-            except (BlockingIOError, BrokenPipeError):
-                pass
 
     def _watch_trigger(self) -> None:
         """Listen on the queue's trigger FIFO (``gateway queue retry`` writes to it)."""
@@ -185,10 +176,13 @@ class GatewayApp:
             tls_context = await asyncio.to_thread(
                 server_context, self.policy.tls, Path(self.policy.server.var_dir), self.policy.server.hostname
             )
-        if self.policy.delivery.enabled and self.role != "worker":
-            self.scheduler = Scheduler(self)
+        if self.policy.delivery.enabled:
+            self.scheduler = Scheduler(
+                self, retries=self.role != "worker", share=self.policy.server.workers if self.role != "single" else 1
+            )
             await self.scheduler.start(found)
-            self._watch_trigger()
+            if self.role != "worker":
+                self._watch_trigger()
         for settings in self.policy.listeners:
             sock = sockets.get(settings.name) if sockets else None
             listener = Listener(settings, self.handler_for, tls_context, reuse_port=self.reuse_port, sock=sock)
@@ -287,7 +281,6 @@ class GatewayApp:
         self,
         sockets: Mapping[str, Any] | None = None,
         recovered: list[str] | None = None,
-        notify_read_fd: int | None = None,
     ) -> None:
         """Serve until SIGTERM or SIGINT; SIGHUP reloads the policy."""
         loop = asyncio.get_running_loop()
@@ -296,8 +289,6 @@ class GatewayApp:
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         await self.start(sockets, recovered)
-        if notify_read_fd is not None:
-            self._read_notifications(notify_read_fd)
         await stop.wait()
         log.info("shutting down")
         await self.stop()

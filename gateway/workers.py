@@ -3,9 +3,12 @@
 One process cannot use both cores of a machine for Python code. With ``workers = N``
 the gateway forks N-1 worker processes after the queue is recovered; each process
 binds its own listening socket to the same address with SO_REUSEPORT, so the kernel
-spreads new connections across them. Only the first process (the master) runs the
-delivery scheduler; workers tell it about each message they queue through a pipe.
-The master forwards SIGTERM and SIGHUP to the workers and waits for them.
+spreads new connections across them. Every process delivers the mail it accepted
+(so delivery uses both cores too), with its share of the concurrency limits; the
+queue's delivery lock keeps two processes off one message. The first process (the
+master) also recovers the queue at start, scans it for retries and for what others
+left, and reads the trigger FIFO. It forwards SIGTERM and SIGHUP to the workers and
+waits for them.
 """
 
 from __future__ import annotations
@@ -46,23 +49,21 @@ def bind_listeners(policy: Any, ports: dict[str, int] | None = None) -> dict[str
 def run_workers(policy: Any, make_app: Any) -> int:
     """Fork the workers and run the master; returns the exit status.
 
-    :param make_app: ``make_app(role, notify_fd)`` builds a :class:`GatewayApp`
+    :param make_app: ``make_app(role)`` builds a :class:`GatewayApp`
     """
     recovered = QueueStore(policy.server.queue_dir).open()
     master_sockets = bind_listeners(policy)
     ports = {name: s.getsockname()[1] for name, s in master_sockets.items()}
-    read_fd, write_fd = os.pipe()
     children: list[int] = []
     for _ in range(policy.server.workers - 1):
         pid = os.fork()
         if pid == 0:  # worker
             status = 1
             try:
-                os.close(read_fd)
                 for sock in master_sockets.values():
                     sock.close()
                 sockets = bind_listeners(policy, ports)
-                app = make_app("worker", write_fd)
+                app = make_app("worker")
                 asyncio.run(app.run_forever(sockets=sockets, recovered=[]))
                 status = 0
             except KeyboardInterrupt:
@@ -70,8 +71,7 @@ def run_workers(policy: Any, make_app: Any) -> int:
             finally:
                 os._exit(status)
         children.append(pid)
-    os.close(write_fd)
-    app = make_app("master", None)
+    app = make_app("master")
 
     def forward(signum: int, _frame: Any) -> None:
         for pid in children:
@@ -82,7 +82,7 @@ def run_workers(policy: Any, make_app: Any) -> int:
 
     previous_hup = signal.signal(signal.SIGHUP, forward)
     try:
-        asyncio.run(app.run_forever(sockets=master_sockets, recovered=recovered, notify_read_fd=read_fd))
+        asyncio.run(app.run_forever(sockets=master_sockets, recovered=recovered))
     except KeyboardInterrupt:
         pass
     finally:

@@ -34,8 +34,8 @@ def main(args: argparse.Namespace) -> int:
     if policy.server.workers > 1:
         from gateway.workers import run_workers
 
-        def make_app(role: str, notify_fd: int | None) -> GatewayApp:
-            return GatewayApp(policy, specs=specs, policy_path=args.policy, role=role, notify_fd=notify_fd)
+        def make_app(role: str) -> GatewayApp:
+            return GatewayApp(policy, specs=specs, policy_path=args.policy, role=role)
 
         try:
             return run_workers(policy, make_app)

@@ -32,6 +32,7 @@ from gateway.verdicts import Action, PermanentFailure, Reply, TemporaryFailure
 if TYPE_CHECKING:
     from gateway.context import Gateway
     from gateway.queue import QueueStore
+    from gateway.queue.store import QueuedMessage
 
 __all__ = ["Scheduler", "backoff"]
 
@@ -59,14 +60,26 @@ def _reply_line(reply: Reply) -> str:
 
 
 class Scheduler:
-    """Delivers what the queue holds, for one gateway process."""
+    """Delivers what the queue holds, for one gateway process.
 
-    def __init__(self, app: Any) -> None:
+    With ``[server] workers = N`` every process has one. A worker's scheduler
+    (``retries=False``) makes the first attempt at the messages that process queued
+    (and at the notices it generates) and leaves the rest to the master's, which scans
+    the queue for everything else: retries, other processes' leftovers, ``gateway
+    inject``. The queue's delivery lock keeps two attempts on one message apart. Each
+    process gets 1/N of the concurrency limits, so the totals stay what the policy says.
+    """
+
+    def __init__(self, app: Any, *, retries: bool = True, share: int = 1) -> None:
         self.app = app
         self.queue: QueueStore = app.queue
+        #: False in a worker: no queue scans, and no retries (the master's scan finds them)
+        self.retries = retries
+        #: how many processes split the concurrency limits
+        self.share = max(1, share)
         delivery = app.policy.delivery
-        self._local = asyncio.Semaphore(delivery.local_concurrency)
-        self._remote = asyncio.Semaphore(delivery.remote_concurrency)
+        self._local = asyncio.Semaphore(max(1, delivery.local_concurrency // self.share))
+        self._remote = asyncio.Semaphore(max(1, delivery.remote_concurrency // self.share))
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         self._active: set[str] = set()
@@ -131,7 +144,7 @@ class Scheduler:
                     continue
                 self._spawn(qid)
             interval = self.app.gateway.policy.delivery.poll_interval
-            if time.monotonic() - self._last_scan >= interval:
+            if self.retries and time.monotonic() - self._last_scan >= interval:
                 self._last_scan = time.monotonic()
                 await self._rescan()
             wait = interval
@@ -169,7 +182,7 @@ class Scheduler:
             raise
         except Exception:  # boundary: one bad message must not stop the scheduler
             log.exception("delivery attempt failed")
-            self.notify(qid, time.time() + 60)
+            self._later(qid, time.time() + 60)
         finally:
             self._active.discard(qid)
             QUEUE_ID.reset(token)
@@ -218,7 +231,9 @@ class Scheduler:
             local = LocalDeliveryAgent(
                 policy, hostname=gateway.hostname, forward=self._forward, run_in_thread=gateway.run_in_thread
             )
-            remote = RemoteDeliveryAgent(policy, make_resolver(policy.dns), hostname=gateway.hostname)
+            remote = RemoteDeliveryAgent(
+                policy, make_resolver(policy.dns), hostname=gateway.hostname, share=self.share
+            )
             agents = self._agents[id(gateway)] = (local, remote)
         return agents
 
@@ -245,24 +260,46 @@ class Scheduler:
 
     # -- one attempt -------------------------------------------------------
 
+    def _open_attempt(self, qid: str) -> tuple[int, QueuedMessage, bytes | None] | None:
+        """In a pool thread: lock ``qid``, load it and, when it is due and not held, read
+        its message, all in one hand-over from the event loop.
+
+        :returns: (the lock's descriptor, the message, its bytes or None), or None while
+            another process or an export holds the message
+        :raises FileNotFoundError: when the message is gone
+        """
+        fd = self.queue.lock_delivery(qid)
+        if fd is None:
+            return None
+        try:
+            item = self.queue.load(qid, fd=fd)
+            is_due = item.next_try <= time.time() + 1 or self._stopping
+            message = self.queue.read_body(fd, item) if is_due and not item.held else None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, item, message
+
     async def attempt(self, qid: str) -> None:
         """Try every pending recipient of ``qid`` once and record what happened.
 
-        The attempt holds the queue's delivery lock on the message, so an export with
-        ``--hold``/``--move`` waits for it and sees its outcome.
+        The attempt holds the queue's delivery lock on the message, so another process
+        of the gateway, or an export with ``--hold``/``--move``, waits for it and sees
+        its outcome.
         """
         gateway: Gateway = self.app.gateway
         try:
-            lock = await gateway.run_in_thread(self.queue.lock_delivery, qid)
+            opened = await gateway.run_in_thread(self._open_attempt, qid)
         except FileNotFoundError:
             self.forget(qid)
             self._released.pop(qid, None)
             return
-        if lock is None:  # being exported right now: look again shortly
-            self.notify(qid, time.time() + 2.0)
+        if opened is None:  # another process or an export has it: look again shortly
+            self._later(qid, time.time() + 2.0)
             return
+        lock, item, message = opened
         try:
-            await self._attempt_locked(gateway, qid)
+            await self._attempt_locked(gateway, item, message)
         finally:
             # Once the message is removed this is its file's last descriptor: closing it
             # frees the inode and its blocks, a filesystem write that must not run on the
@@ -273,14 +310,17 @@ class Scheduler:
             except RuntimeError:  # the thread pool is shut down: close it here
                 os.close(lock)
 
-    async def _attempt_locked(self, gateway: Gateway, qid: str) -> None:
-        policy = gateway.policy
-        released = self._released.pop(qid, [])
-        try:
-            item = await gateway.run_in_thread(self.queue.load, qid)
-        except FileNotFoundError:
+    def _later(self, qid: str, when: float) -> None:
+        """Come back to ``qid`` at ``when``; a worker leaves that to the master's scan."""
+        if self.retries:
+            self.notify(qid, when)
+        else:
             self.forget(qid)
-            return
+
+    async def _attempt_locked(self, gateway: Gateway, item: QueuedMessage, message: bytes | None) -> None:
+        policy = gateway.policy
+        qid = item.qid
+        released = self._released.pop(qid, [])
         if item.held:
             return
         envelope = item.envelope
@@ -294,13 +334,13 @@ class Scheduler:
             (flushed if any(t.covers(rcpt.address) for t in released) else waiting).append(rcpt)
         is_due = item.next_try <= now + 1 or self._stopping
         ready = [r for r in waiting if not is_held(r.address, policy)] if is_due else []
-        message: bytes | None = None
         attempts = item.attempts
         if pending and not (ready or flushed) and not is_due:
-            self.notify(qid, item.next_try)
+            self._later(qid, item.next_try)
             return
         if ready or flushed:
-            message = await gateway.run_in_thread(self.queue.read_message, qid)
+            if message is None:  # a flush of a message not yet due
+                message = await gateway.run_in_thread(self.queue.read_message, qid)
             if await self._deliver(gateway, qid, envelope, ready + flushed, message):
                 self.forget(qid)
                 log.info("done: removed from the queue")
@@ -338,7 +378,7 @@ class Scheduler:
         await gateway.run_in_thread(self.queue.update_state, qid, envelope, next_try=next_try, attempts=attempts)
         if await self._notifier.queue_owed(gateway, qid, envelope, message, now):
             await gateway.run_in_thread(self.queue.update_state, qid, envelope)
-        self.notify(qid, next_try)
+        self._later(qid, next_try)
 
     async def _record(self, gateway: Gateway, envelope: Envelope, rcpt: QueuedRecipient, outcome: Outcome) -> None:
         rcpt.last_reply = _reply_line(outcome.reply)

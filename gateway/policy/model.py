@@ -67,7 +67,7 @@ class ServerSettings:
     )
     log_level: Literal["debug", "info", "warning", "error"] = setting("info", "logging threshold")
     workers: int = setting(
-        1, "processes accepting SMTP on the same ports (SO_REUSEPORT); the first one also delivers", min=1
+        1, "processes accepting SMTP on the same ports (SO_REUSEPORT); each delivers what it accepted", min=1
     )
 
     def effective_hostname(self) -> str:

@@ -182,18 +182,22 @@ class QueueStore:
                 os.close(fd)
 
     def lock_delivery(self, qid: str) -> int | None:
-        """Take a shared lock on ``msg/<qid>`` for the length of one delivery attempt.
+        """Take an exclusive lock on ``msg/<qid>`` for the length of one delivery attempt.
 
-        :meth:`lock_exclusive` (``gateway queue export``) waits for these, so a message
+        Every process of the gateway delivers (``[server] workers``), so the lock is
+        what keeps two attempts on one message apart: whoever holds it reads the
+        recorded state and writes the outcome before anyone else may look.
+        :meth:`lock_exclusive` (``gateway queue export``) waits for it too, so a message
         exported with ``--hold`` or ``--move`` has no delivery still in flight whose
         outcome the export did not see. Close the returned descriptor to release it.
 
-        :returns: the locked descriptor, or None while an exclusive holder has it
+        :returns: the locked descriptor, or None while another holder has it
         :raises FileNotFoundError: when the message is gone
         """
-        fd = os.open(self._path("msg", qid), os.O_RDONLY | os.O_CLOEXEC)
+        # A write lock needs a descriptor open for writing; nothing is ever written.
+        fd = os.open(self._path("msg", qid), os.O_RDWR | os.O_CLOEXEC)
         try:
-            _ofd_lock(fd, fcntl.F_RDLCK, wait=False)
+            _ofd_lock(fd, fcntl.F_WRLCK, wait=False)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES):
@@ -387,21 +391,23 @@ class QueueStore:
         """
         return sorted(n for n in os.listdir(self._dir(area)) if _QID_RE.fullmatch(n))
 
-    def load(self, qid: str, area: str = "msg") -> QueuedMessage:
+    def load(self, qid: str, area: str = "msg", *, fd: int | None = None) -> QueuedMessage:
         """Read a message's envelope and apply its state file.
 
         :param qid: the queue id
         :param area: ``"msg"`` or ``"quarantine"``
+        :param fd: the message file, already open (the delivery lock's descriptor)
         :raises FileNotFoundError: when there is no such message
         :raises CorruptQueueFile: when the message or state file is damaged
         """
         path = self._path(area, qid)
-        with open(path, "rb") as f:
-            header_len, env_len, msg_len = _check_fd(f.fileno(), qid)
-            if env_len > _ENVELOPE_MAX:
-                raise CorruptQueueFile(f"qid={qid}: envelope of {env_len} octets")
-            f.seek(header_len)
-            raw = f.read(env_len)
+        if fd is None:
+            with open(path, "rb") as f:
+                return self.load(qid, area, fd=f.fileno())
+        header_len, env_len, msg_len = _check_fd(fd, qid)
+        if env_len > _ENVELOPE_MAX:
+            raise CorruptQueueFile(f"qid={qid}: envelope of {env_len} octets")
+        raw = os.pread(fd, env_len, header_len)
         try:
             envelope = Envelope.from_dict(json.loads(raw))
         except (ValueError, KeyError, TypeError) as exc:
@@ -429,6 +435,14 @@ class QueueStore:
             header_len, env_len, msg_len = _check_fd(f.fileno(), qid)
             f.seek(header_len + env_len + 1)
             return f.read(msg_len)
+
+    @staticmethod
+    def read_body(fd: int, item: QueuedMessage) -> bytes:
+        """The message bytes of ``item`` (from :meth:`load`) through its open file ``fd``."""
+        data = os.pread(fd, item.message_size, item.message_offset)
+        if len(data) != item.message_size:
+            raise CorruptQueueFile(f"qid={item.qid}: message shorter than its header says")
+        return data
 
     def _read_state(self, qid: str) -> dict[str, Any] | None:
         """The parsed ``state/<qid>`` (recipients as objects), or None if absent."""

@@ -306,6 +306,71 @@ def test_connection_reuse(dns_server: DnsTestServer, port: int) -> None:
         assert all(m.has_tls for m in mx1.messages)
 
 
+def test_a_pooled_connection_refusing_rset_is_replaced(dns_server: DnsTestServer, port: int) -> None:
+    """The RSET of a reused connection travels with the next transaction (PIPELINING);
+    when it fails, that transaction is sent again on a new connection, not deferred."""
+    agent = make_agent(dns_server, port, tls="none")
+    with SmtpPeer(host="127.0.0.1", port=port) as mx1:
+
+        async def main() -> list[str]:
+            got = []
+            for n in range(2):
+                if n == 1:
+                    mx1.script("rset", "421 4.4.2 idle too long, closing")
+                result = await agent.deliver(Envelope("a@src.example", []), rcpts(f"r{n}@one.test.example"),
+                                             MxRoute("one.test.example"), MESSAGE)
+                got.append(result[f"r{n}@one.test.example"].status)
+            await agent.close()
+            return got
+
+        assert asyncio.run(main()) == ["delivered", "delivered"]
+        assert [m.rcpt_tos for m in mx1.messages] == [["r0@one.test.example"], ["r1@one.test.example"]]
+        assert mx1.connections == 2
+
+
+def test_a_pooled_connection_the_server_dropped_is_replaced(dns_server: DnsTestServer, port: int) -> None:
+    """A server that hangs up on an idle connection: the next message still goes out at
+    once, on a new connection, and exactly once."""
+    delivered: list[bytes] = []
+    connections = 0
+
+    async def one_message_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.write(b"220 mx1.test.example ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-mx1.test.example\r\n250 PIPELINING\r\n")
+        for _ in range(3):  # MAIL, RCPT, DATA
+            line = await reader.readline()
+            writer.write(b"354 go\r\n" if line == b"DATA\r\n" else b"250 ok\r\n")
+        body = b""
+        while (line := await reader.readline()) != b".\r\n":
+            body += line
+        delivered.append(body)
+        writer.write(b"250 2.0.0 queued\r\n")
+        await writer.drain()
+        writer.close()  # and gone, without a word, while the client keeps the connection
+
+    async def main() -> list[str]:
+        server = await asyncio.start_server(one_message_per_connection, "127.0.0.1", port)
+        got = []
+        try:
+            for n in range(2):
+                result = await agent.deliver(Envelope("a@src.example", []), rcpts(f"r{n}@one.test.example"),
+                                             MxRoute("one.test.example"), MESSAGE)
+                got.append(result[f"r{n}@one.test.example"].status)
+                await asyncio.sleep(0.05)  # the close has reached the client
+            await agent.close()
+        finally:
+            server.close()
+            await server.wait_closed()
+        return got
+
+    agent = make_agent(dns_server, port, tls="none")
+    assert asyncio.run(main()) == ["delivered", "delivered"]
+    assert len(delivered) == 2 and connections == 2
+
+
 def test_destination_concurrency(dns_server: DnsTestServer, port: int) -> None:
     agent = make_agent(dns_server, port, destination_concurrency=2)
     with SmtpPeer(host="127.0.0.1", port=port, delay=0.2) as mx1:

@@ -284,18 +284,33 @@ def test_connection_refused_and_silent_server_time_out() -> None:
     asyncio.run(main())
 
 
-def test_pipelining_sends_mail_and_rcpts_together() -> None:
-    """A server that answers nothing until MAIL and both RCPTs are in: only pipelining works."""
+async def _against(handler, run):  # type: ignore[no-untyped-def]
+    """Run ``run(port)`` against a raw asyncio server calling ``handler`` per connection."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        return await run(port)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def _greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"220 strict.example ESMTP\r\n")
+    await reader.readline()
+    writer.write(b"250-strict.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+
+
+def test_pipelining_sends_mail_rcpts_and_data_together() -> None:
+    """A server that answers nothing until MAIL, both RCPTs and DATA are in: the whole
+    envelope is one write (RFC 2920 §3.1), so the message needs two round trips, not four."""
+    done = asyncio.Event()
 
     async def strict(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 strict.example ESMTP\r\n")
-        await reader.readline()
-        writer.write(b"250-strict.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
-        batch = [await asyncio.wait_for(reader.readline(), 1) for _ in range(3)]
-        assert [line.split(b":")[0] for line in batch] == [b"MAIL FROM", b"RCPT TO", b"RCPT TO"]
-        writer.write(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 nope\r\n")
-        assert await reader.readline() == b"DATA\r\n"
-        writer.write(b"354 go\r\n")
+        await _greet(reader, writer)
+        batch = [await asyncio.wait_for(reader.readline(), 1) for _ in range(4)]
+        assert [line.split(b":")[0] for line in batch] == [b"MAIL FROM", b"RCPT TO", b"RCPT TO", b"DATA\r\n"]
+        writer.write(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 nope\r\n354 go\r\n")
         while await reader.readline() != b".\r\n":
             pass
         writer.write(b"250 2.0.0 queued as X\r\n")
@@ -305,24 +320,67 @@ def test_pipelining_sends_mail_and_rcpts_together() -> None:
         await writer.wait_closed()
         done.set()
 
-    done = asyncio.Event()
+    async def run(port: int) -> dict[str, Outcome]:
+        conn = await session(port)
+        got = await conn.send(envelope(), rcpts("b@dst.example", "x@dst.example"), MESSAGE)
+        await conn.quit()
+        await asyncio.wait_for(done.wait(), 2)
+        return got
 
-    async def main() -> dict[str, Outcome]:
-        server = await asyncio.start_server(strict, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            conn = await session(port)
-            got = await conn.send(envelope(), rcpts("b@dst.example", "x@dst.example"), MESSAGE)
-            await conn.quit()
-            await asyncio.wait_for(done.wait(), 2)
-            return got
-        finally:
-            server.close()
-            await server.wait_closed()
-
-    got = asyncio.run(main())
+    got = asyncio.run(_against(strict, run))
     assert statuses(got) == {"b@dst.example": ("delivered", 250), "x@dst.example": ("failed", 550)}
     assert got["b@dst.example"].reply.text == "queued as X"
+
+
+def test_pipelined_data_taken_with_no_recipient_gets_an_empty_message() -> None:
+    """Every RCPT refused but the server says 354 to the pipelined DATA anyway: the
+    client ends the data at once (a lone dot), sends no message text, and the
+    recipients keep their refusals."""
+    seen: list[bytes] = []
+
+    async def lax(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _greet(reader, writer)
+        for _ in range(3):
+            seen.append(await asyncio.wait_for(reader.readline(), 1))
+        writer.write(b"250 2.1.0 ok\r\n550 5.1.1 nope\r\n354 go ahead anyway\r\n")
+        seen.append(await asyncio.wait_for(reader.readline(), 1))
+        writer.write(b"554 5.5.1 no valid recipients\r\n")
+        while line := await reader.readline():
+            seen.append(line)
+            writer.write(b"250 ok\r\n" if line.startswith(b"RSET") else b"221 bye\r\n")
+        writer.close()
+
+    async def run(port: int) -> dict[str, Outcome]:
+        conn = await session(port)
+        got = await conn.send(envelope(), rcpts("x@dst.example"), MESSAGE)
+        await conn.quit()
+        return got
+
+    got = asyncio.run(_against(lax, run))
+    assert statuses(got) == {"x@dst.example": ("failed", 550)}
+    assert seen[3] == b".\r\n" and b"Hello." not in b"".join(seen)
+
+
+def test_hang_up_at_pipelined_data_with_no_recipient_keeps_the_refusals() -> None:
+    """A server may close instead of answering a DATA that has no recipient: the
+    recipients are refused (550), not deferred as if the host had failed."""
+
+    async def closer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _greet(reader, writer)
+        for _ in range(4):
+            await asyncio.wait_for(reader.readline(), 1)
+        writer.write(b"250 2.1.0 ok\r\n550 5.1.1 nope\r\n550 5.1.1 nor this\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def run(port: int) -> dict[str, Outcome]:
+        conn = await session(port)
+        got = await conn.send(envelope(), rcpts("x@dst.example", "y@dst.example"), MESSAGE)
+        await conn.quit()
+        return got
+
+    got = asyncio.run(_against(closer, run))
+    assert statuses(got) == {"x@dst.example": ("failed", 550), "y@dst.example": ("failed", 550)}
 
 
 # -- Postfix smtp-sink ------------------------------------------------------------------------

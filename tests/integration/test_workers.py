@@ -1,7 +1,10 @@
-"""Several worker processes on one port: all accept mail, the master delivers it all."""
+"""Several worker processes on one port: all accept mail, each delivers what it accepted,
+the master retries what a worker could not deliver, and no message goes out twice."""
 
 from __future__ import annotations
 
+import collections
+import email
 import os
 import re
 import signal
@@ -10,21 +13,27 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.conftest import wait_for
+from tests.smtppeer import SmtpPeer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _up(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
 
 
-def test_two_workers_share_the_port_and_one_scheduler_delivers(tmp_path: Path) -> None:
-    port = free_port()
+@contextmanager
+def running(tmp_path: Path, port: int, extra: str) -> Iterator[Path]:
+    """The gateway with ``workers = 2`` on ``port``; yields its log file."""
     policy = tmp_path / "policy.toml"
     policy.write_text(f"""
 [server]
@@ -42,8 +51,7 @@ users = ["postmaster", "alice"]
 mail_root = "{tmp_path / 'mail'}"
 [limits]
 max_connections_per_ip = 200
-[delivery]
-poll_interval = "30s"
+{extra}
 [[plugins]]
 name = "rcpt_relay"
 [[plugins]]
@@ -57,47 +65,88 @@ name = "rcpt_local_users"
             env=env, stdout=subprocess.DEVNULL, stderr=log_file,
         )
     try:
-        def up() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return True
-            except OSError:
-                return False
-
-        assert wait_for(up, timeout=20)
-        errors: list[Exception] = []
-
-        def send(n: int) -> None:
-            try:
-                for i in range(10):
-                    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-                        client.sendmail("a@example.org", ["alice@localhost"], f"Subject: {n}-{i}\r\n\r\nx\r\n".encode())
-            except Exception as exc:  # reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=send, args=(n,)) for n in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors
-        new = tmp_path / "mail" / "alice" / "Maildir" / "new"
-        # poll_interval is long: only the workers' notifications can make this quick.
-        assert wait_for(lambda: new.exists() and len(list(new.iterdir())) == 80, timeout=20)
+        assert wait_for(lambda: _up(port), timeout=20)
+        yield log_path
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+    assert not _up(port)
+
+
+def send_in_parallel(port: int, recipient: str, sessions: int = 8, each: int = 10) -> None:
+    """``sessions`` clients at once, ``each`` messages apiece, one per connection (so the
+    kernel spreads them over both processes); Subjects ``<session>-<i>``, and
+    ``recipient`` formatted with ``n`` (session) and ``i``."""
+    errors: list[Exception] = []
+
+    def send(n: int) -> None:
+        try:
+            for i in range(each):
+                with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                    client.sendmail("a@example.org", [recipient.format(n=n, i=i)], f"Subject: {n}-{i}\r\n\r\nx\r\n".encode())
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+
+
+def pids(log: str, pattern: str) -> set[str]:
+    return set(re.findall(r"gateway\[(\d+)\] INFO gateway\.[\w.]+ .*" + pattern, log))
+
+
+def test_two_workers_share_the_port_and_each_delivers_what_it_accepted(tmp_path: Path) -> None:
+    port = free_port()
+    # poll_interval is long: only the processes' own schedulers can make this quick.
+    with running(tmp_path, port, '[delivery]\npoll_interval = "30s"') as log_path:
+        send_in_parallel(port, "alice@localhost")
+        new = tmp_path / "mail" / "alice" / "Maildir" / "new"
+        assert wait_for(lambda: new.exists() and len(list(new.iterdir())) == 80, timeout=20)
+    subjects = collections.Counter(
+        email.message_from_bytes(f.read_bytes())["Subject"] for f in new.iterdir()
+    )
+    assert len(subjects) == 80 and set(subjects.values()) == {1}, "every message exactly once"
     text = log_path.read_text()
-    accepting = set(re.findall(r"gateway\[(\d+)\] INFO gateway\.smtp\.handler .* queued from=", text))
-    delivering = set(re.findall(r"gateway\[(\d+)\] INFO gateway\.delivery\.scheduler .* status=delivered", text))
-    assert len(accepting) == 2, "both processes should have accepted mail"
-    assert len(delivering) == 1, "only the master delivers"
-    assert not up_after_stop(port)
+    assert len(pids(text, "queued from=")) == 2, "both processes should have accepted mail"
+    assert len(pids(text, "status=delivered")) == 2, "both processes should have delivered"
 
 
-def up_after_stop(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
+def test_what_a_worker_could_not_deliver_the_master_retries_once(tmp_path: Path) -> None:
+    port = free_port()
+    with SmtpPeer() as peer:
+        # Each message's first attempt is deferred (its recipient's first RCPT).
+        for n in range(4):
+            for i in range(10):
+                peer.script_rcpt(f"bob+{n}-{i}@remote.example", "451 4.2.0 try again later")
+        extra = f"""
+[relay]
+clients = ["127.0.0.0/8"]
+[delivery]
+poll_interval = "300ms"
+retry_base = "200ms"
+retry_max = "1s"
+[[routes]]
+domain = "*"
+host = "127.0.0.1"
+port = {peer.port}
+tls = "none"
+"""
+        with running(tmp_path, port, extra) as log_path:
+            send_in_parallel(port, "bob+{n}-{i}@remote.example", sessions=4)
+            assert wait_for(lambda: len(peer.messages) >= 40, timeout=30)
+            assert wait_for(lambda: not list((tmp_path / "queue" / "msg").iterdir()), timeout=30)
+        subjects = collections.Counter(
+            email.message_from_bytes(m.content)["Subject"] for m in peer.messages
+        )
+    assert len(subjects) == 40 and set(subjects.values()) == {1}, "every message accepted exactly once"
+    text = log_path.read_text()
+    master = re.search(r"gateway\[(\d+)\] INFO gateway\.app .*role=master", text)
+    assert master is not None
+    deferred_by = pids(text, "status=deferred")
+    delivered_by = pids(text, "status=delivered")
+    assert len(deferred_by) == 2, "both processes made first attempts"
+    assert delivered_by == {master.group(1)}, "every retry is the master's"

@@ -23,7 +23,7 @@ from typing import Literal
 
 import dns.asyncresolver
 
-from gateway.delivery.remote.client import HostFailure, SmtpConnection, TlsFailure
+from gateway.delivery.remote.client import HostFailure, SmtpConnection, StaleConnection, TlsFailure
 from gateway.delivery.remote.mx import Destination, parse_address_literal, resolve_destinations, resolve_host
 from gateway.delivery.types import MxRoute, Outcome, SmarthostRoute
 from gateway.logs import short
@@ -70,6 +70,8 @@ class RemoteDeliveryAgent:
         by default as many as ``delivery.destination_concurrency`` (so every delivery
         that may run at once to a destination can find a connection to reuse)
     :param max_transactions: transactions on one connection before it is closed
+    :param share: how many gateway processes deliver (``[server] workers``); each
+        takes that part of ``destination_concurrency``, so the total stays the limit
     """
 
     def __init__(
@@ -82,8 +84,11 @@ class RemoteDeliveryAgent:
         idle_timeout: float = 5.0,
         max_idle: int | None = None,
         max_transactions: int = 100,
+        share: int = 1,
     ) -> None:
         self.policy = policy
+        #: how many gateway processes split ``destination_concurrency`` (workers)
+        self.share = max(1, share)
         self.resolver = resolver
         self.hostname = hostname
         self.backoff = backoff
@@ -96,6 +101,11 @@ class RemoteDeliveryAgent:
         self._contexts: dict[str, ssl.SSLContext] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._is_closed = False
+
+    @property
+    def _destination_limit(self) -> int:
+        """This process's part of ``destination_concurrency``."""
+        return max(1, self.policy.delivery.destination_concurrency // self.share)
 
     @property
     def helo_name(self) -> str:
@@ -191,6 +201,14 @@ class RemoteDeliveryAgent:
                 continue
             try:
                 conn = await self._session(dest, mode, auth)
+                try:
+                    outcomes = await conn.send(envelope, recipients, message)
+                except StaleConnection as exc:
+                    # It died while idle; this transaction never reached the server.
+                    log.debug("remote: pooled connection to %s is stale (%s), opening a new one", dest, exc)
+                    await conn.close()
+                    conn = await self._connect(dest, mode, auth)
+                    outcomes = await conn.send(envelope, recipients, message)
             except HostFailure as exc:
                 last, last_host = exc.reply, dest.host
                 log.info(
@@ -203,7 +221,6 @@ class RemoteDeliveryAgent:
                     "remote to %s: %d recipient(s) failed: %s", dest, len(recipients), short(exc.reply, 300)
                 )
                 return {r.address: Outcome("failed", exc.reply, dest.host) for r in recipients}
-            outcomes = await conn.send(envelope, recipients, message)
             self._log_outcomes(dest, conn, outcomes)
             if conn.is_throttled:
                 self._back_off(dest, conn.last_reply or Reply(421, "4.3.2", "closing"))
@@ -240,6 +257,10 @@ class RemoteDeliveryAgent:
         if conn is not None:
             conn.remote_name = dest.host
             return conn
+        return await self._connect(dest, mode, auth)
+
+    async def _connect(self, dest: Destination, mode: str, auth: _Auth | None) -> SmtpConnection:
+        """A new connection to ``dest``, set up (EHLO, STARTTLS, AUTH) and ready."""
         try:
             return await self._open(dest, mode, auth, use_tls=mode != "none")
         except TlsFailure as exc:
@@ -302,21 +323,25 @@ class RemoteDeliveryAgent:
     # -- idle pool and limits -------------------------------------------------------------
 
     async def _take_idle(self, key: _PoolKey) -> SmtpConnection | None:
-        now = asyncio.get_running_loop().time()
-        idles = self._pool.get(key, [])
-        while idles:
+        loop = asyncio.get_running_loop()
+        while True:
+            # Looked up afresh after every wait: the reaper and other deliveries change
+            # the pool meanwhile, and a list held across an await could hand one
+            # connection to two deliveries at once.
+            idles = self._pool.get(key)
+            if not idles:
+                return None
             idle = idles.pop()
             if not idles:
-                self._pool.pop(key, None)
-            if now - idle.since > self.idle_timeout or not idle.conn.is_usable:
+                del self._pool[key]
+            if loop.time() - idle.since > self.idle_timeout or not idle.conn.is_usable:
                 await idle.conn.quit()
                 continue
-            # RFC 5321 §4.1.1.5: RSET starts clean and proves the connection still works.
-            reply = await idle.conn.rset()
-            if reply.code == 250 and idle.conn.is_usable:
+            # RFC 5321 §4.1.1.5: RSET starts clean and proves the connection still works
+            # (pipelined with the next transaction when the server allows).
+            if await idle.conn.reuse():
                 return idle.conn
             await idle.conn.close()
-        return None
 
     async def _release(self, key: _PoolKey, conn: SmtpConnection) -> None:
         idles = self._pool.setdefault(key, [])
@@ -324,7 +349,7 @@ class RemoteDeliveryAgent:
             not self._is_closed
             and conn.is_usable
             and conn.transactions < self.max_transactions
-            and len(idles) < (self.max_idle or self.policy.delivery.destination_concurrency)
+            and len(idles) < (self.max_idle or self._destination_limit)
             and self.idle_timeout > 0
         ):
             idles.append(_Idle(conn, asyncio.get_running_loop().time()))
@@ -357,7 +382,7 @@ class RemoteDeliveryAgent:
         """At most ``destination_concurrency`` deliveries at once per route key."""
         limit = self._limits.get(key)
         if limit is None:
-            limit = _Limit(asyncio.Semaphore(self.policy.delivery.destination_concurrency))
+            limit = _Limit(asyncio.Semaphore(self._destination_limit))
             self._limits[key] = limit
         limit.users += 1
         try:

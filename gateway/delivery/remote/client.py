@@ -27,7 +27,7 @@ from gateway.delivery.types import Outcome
 from gateway.model import Envelope, QueuedRecipient
 from gateway.verdicts import PermanentFailure, Reply, TemporaryFailure
 
-__all__ = ["HostFailure", "SmtpConnection", "TlsFailure", "as_temporary", "xtext"]
+__all__ = ["HostFailure", "SmtpConnection", "StaleConnection", "TlsFailure", "as_temporary", "xtext"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ class HostFailure(TemporaryFailure):
 
 class TlsFailure(HostFailure):
     """STARTTLS was refused or the TLS handshake (or certificate check) failed."""
+
+
+class StaleConnection(Exception):
+    """A pooled connection failed its RSET: it died while idle and nothing of this
+    transaction reached the server; deliver on a new connection instead."""
 
 
 def as_temporary(reply: Reply, remote: str = "") -> Reply:
@@ -127,6 +132,9 @@ class SmtpConnection:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._broken = False
+        # A pooled connection's RSET, sent at the head of the next pipelined group
+        # (:meth:`reuse`) instead of costing a round trip of its own.
+        self._rset_pending = False
 
     # -- state ---------------------------------------------------------------------
 
@@ -336,6 +344,21 @@ class SmtpConnection:
             text = f"AUTH at {self.remote_name} failed: {reply.code} {reply.text}"
             raise HostFailure(Reply(451, "4.7.0", text[:_MAX_TEXT]), reply)
 
+    async def reuse(self) -> bool:
+        """Make a pooled connection ready for a new transaction (RFC 5321 §4.1.1.5 RSET).
+
+        With PIPELINING the RSET travels with the next transaction's commands, and
+        :meth:`send` raises :class:`StaleConnection` if it fails; without, it is sent
+        now. :returns: whether the connection can be used
+        """
+        if not self.is_usable:
+            return False
+        if self.has_extension("PIPELINING"):
+            self._rset_pending = True
+            return True
+        reply = await self.rset()
+        return reply.code == 250 and self.is_usable
+
     async def rset(self) -> Reply:
         """RSET; a connection that does not answer 250 is marked unusable."""
         try:
@@ -380,9 +403,12 @@ class SmtpConnection:
     async def send(
         self, envelope: Envelope, recipients: Sequence[QueuedRecipient], message: bytes
     ) -> dict[str, Outcome]:
-        """One mail transaction; an outcome for every recipient, never an exception.
+        """One mail transaction; an outcome for every recipient.
 
         ``message`` is the whole message with CRLF line ends, not yet dot-stuffed.
+
+        :raises StaleConnection: a pooled connection (:meth:`reuse`) turned out dead
+            before the server saw any of this transaction; nothing else is raised
         """
         recipients = list({r.address: r for r in recipients}.values())
         outcomes: dict[str, Outcome] = {}
@@ -486,15 +512,43 @@ class SmtpConnection:
         rcpts = [self._rcpt_command(r) for r in recipients]
         timeout = self.command_timeout
         rcpt_replies: list[Reply] = []
+        data_reply: Reply | None = None
         if self.has_extension("PIPELINING"):
-            # RFC 2920 §3.1: MAIL and every RCPT in one write; DATA waits for their replies.
-            await self._write("".join(f"{c}\r\n" for c in [mail, *rcpts]).encode("utf-8"), timeout)
+            # RFC 2920 §3.1: MAIL, every RCPT and DATA in one write (DATA last), and
+            # every reply read and checked in order; a pooled connection's RSET leads.
+            group = [mail, *rcpts, "DATA"]
+            stale_check, self._rset_pending = self._rset_pending, False
+            if stale_check:
+                group.insert(0, "RSET")
+            try:
+                await self._write("".join(f"{c}\r\n" for c in group).encode("utf-8"), timeout)
+                if stale_check:
+                    rset_reply = await self._read_reply(timeout)
+            except HostFailure as exc:
+                if stale_check:
+                    raise StaleConnection(str(exc.reply)) from exc
+                raise
+            if stale_check and rset_reply.code != 250:
+                # The server may still act on the rest of the group: never use this
+                # connection again (a QUIT now would count as message text).
+                self._broken = True
+                raise StaleConnection(f"RSET answered {rset_reply.code} {rset_reply.text}")
             mail_reply = await self._read_reply(timeout)
-            if mail_reply.code != 421:
-                for _ in rcpts:
-                    rcpt_replies.append(await self._read_reply(timeout))
-                    if rcpt_replies[-1].code == 421:
+            replies = [mail_reply]
+            try:
+                while mail_reply.code != 421 and len(replies) < len(rcpts) + 2:
+                    replies.append(await self._read_reply(timeout))
+                    if replies[-1].code == 421:
                         break
+            except HostFailure:
+                # A server may hang up at a pipelined DATA that has no recipient left to
+                # take (RFC 2920 §3.1 lets clients expect that); otherwise it is a failure.
+                if len(replies) != len(rcpts) + 1 or any(r.is_positive for r in replies[1:]):
+                    raise
+                self._broken = True
+            rcpt_replies = replies[1:len(rcpts) + 1]
+            if len(replies) == len(rcpts) + 2:
+                data_reply = replies[-1]
         else:
             mail_reply = await self._command(mail)
             if mail_reply.is_positive:
@@ -502,24 +556,29 @@ class SmtpConnection:
                     rcpt_replies.append(await self._command(line))
                     if rcpt_replies[-1].code == 421:
                         break
-        for reply in (mail_reply, *rcpt_replies):
+        for reply in (mail_reply, *rcpt_replies, *([data_reply] if data_reply else [])):
             if reply.code == 421:  # RFC 5321 §3.8: everyone still open waits for another try
                 self._settle(outcomes, recipients, reply)
                 return
         if not mail_reply.is_positive:
             self._settle(outcomes, recipients, mail_reply)
-            await self.rset()
-            return
         accepted = []
         for rcpt, reply in zip(recipients, rcpt_replies):
-            if reply.is_positive:
+            if reply.is_positive and mail_reply.is_positive:
                 accepted.append(rcpt)
             else:
                 self._settle(outcomes, [rcpt], reply)
         if not accepted:
-            await self.rset()
+            if data_reply is not None and data_reply.code == 354:
+                # A server that takes a pipelined DATA with no recipient gets an empty
+                # message, ended at once; it delivers to nobody.
+                await self._write(b".\r\n", timeout)
+                await self._read_reply(self.data_timeout)
+            if self.is_usable:
+                await self.rset()
             return
-        data_reply = await self._command("DATA")
+        if data_reply is None:
+            data_reply = await self._command("DATA")
         if data_reply.code != 354:
             self._settle(outcomes, accepted, data_reply, final=False)
             if data_reply.code != 421:
