@@ -91,6 +91,8 @@ class Scheduler:
         self._last_scan = 0.0
         # qid -> flush targets released for its next attempt (one delivery run).
         self._released: dict[str, list[FlushTarget]] = {}
+        # qid -> the descriptor holding its delivery lock, while an attempt runs
+        self._locks: dict[str, int] = {}
         self._notifier = Notifier(self.queue, self.inject)
 
     # -- life cycle --------------------------------------------------------
@@ -298,16 +300,29 @@ class Scheduler:
             self._later(qid, time.time() + 2.0)
             return
         lock, item, message = opened
+        self._locks[qid] = lock
         try:
             await self._attempt_locked(gateway, item, message)
         finally:
-            # Once the message is removed this is its file's last descriptor: closing it
-            # frees the inode and its blocks, a filesystem write that must not run on the
-            # event loop (it was about a seventh of the loop's time when relaying). The
-            # shield lets the close finish even if this attempt is cancelled.
-            try:
-                await asyncio.shield(gateway.run_in_thread(os.close, lock))
-            except RuntimeError:  # the thread pool is shut down: close it here
+            # Usually :meth:`_remove` has closed it already. Closing the file's last
+            # descriptor may free its inode and blocks, a filesystem write that must not
+            # run on the event loop; the shield lets it finish if this attempt is cancelled.
+            lock = self._locks.pop(qid, None)
+            if lock is not None:
+                try:
+                    await asyncio.shield(gateway.run_in_thread(os.close, lock))
+                except RuntimeError:  # the thread pool is shut down: close it here
+                    os.close(lock)
+
+    def _remove(self, qid: str) -> None:
+        """In a pool thread: remove ``qid`` from the queue and release its delivery lock
+        in the same hand-over (the lock guards nothing once the file is gone, and the
+        close that frees the file's blocks belongs off the event loop)."""
+        try:
+            self.queue.remove(qid)
+        finally:
+            lock = self._locks.pop(qid, None)
+            if lock is not None:
                 os.close(lock)
 
     def _later(self, qid: str, when: float) -> None:
@@ -371,7 +386,7 @@ class Scheduler:
             # message goes: a crash in between must not send it twice.
             if await self._notifier.queue_owed(gateway, qid, envelope, message, now, final=True):
                 await gateway.run_in_thread(self.queue.update_state, qid, envelope)
-            await gateway.run_in_thread(self.queue.remove, qid)
+            await gateway.run_in_thread(self._remove, qid)
             self.forget(qid)
             log.info("done: removed from the queue")
             return
@@ -466,7 +481,7 @@ class Scheduler:
                 if not outcomes:
                     return
                 if removal is None and owes_nothing(envelope):
-                    removal = asyncio.ensure_future(gateway.run_in_thread(self.queue.remove, qid))
+                    removal = asyncio.ensure_future(gateway.run_in_thread(self._remove, qid))
                 if removal is not None:
                     await removal
                     return

@@ -90,6 +90,21 @@ def test_line_length_limit() -> None:
     assert rest == b"QUIT\r\n"
 
 
+@pytest.mark.parametrize("lines", [10, 2_000], ids=["small message", "message over 64 KiB"])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_long_line_is_found_anywhere_in_small_and_large_messages(lines: int, where: str) -> None:
+    body = [b"x" * 78] * lines
+    index = {"first": 0, "middle": lines // 2, "last": lines - 1}[where]
+    exact = body.copy()
+    exact[index] = b"y" * 998  # 1000 octets with its CRLF: the limit, accepted
+    ok, _ = feed([b"\r\n".join(exact) + b"\r\n.\r\n"], max_size=1_000_000)
+    assert ok.error is None
+    body[index] = b"y" * 999
+    long, rest = feed([b"\r\n".join(body) + b"\r\n.\r\nQUIT\r\n"], max_size=1_000_000)
+    assert long.error == REPLY_LINE_TOO_LONG
+    assert rest == b"QUIT\r\n"
+
+
 def test_eof_mid_message() -> None:
     with pytest.raises(ConnectionResetError):
         feed([b"Subject: x\r\n\r\nunfinished"])
