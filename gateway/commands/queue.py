@@ -126,6 +126,7 @@ def _row(store: Any, qid: str, area: str) -> dict[str, Any]:
         "next_try": datetime.datetime.fromtimestamp(item.next_try).isoformat(timespec="seconds"),
         "recipients": [r.to_dict() for r in env.recipients],
         "quarantine_reason": env.quarantine_reason,
+        "verp": env.verp,  # VERP delimiters (XVERP): each recipient gets its own sender
     }
 
 
@@ -140,7 +141,7 @@ def _list(store: Any, area: str, as_json: bool) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
-        flags = " held" if row["held"] else ""
+        flags = (" held" if row["held"] else "") + (f" verp={row['verp']}" if row["verp"] else "")
         print(f"{row['id']}  {row['arrived']}  {row['size']:>9}  <{row['sender']}>{flags}")
         for r in row["recipients"]:
             last = f"  {r['last_reply']}" if r.get("last_reply") else ""

@@ -26,6 +26,8 @@ tls = "none"
 domains = ["localhost"]
 users = ["postmaster", "alice", "bob"]
 mail_root = "{tmp / 'mail'}"
+[relay]
+clients = ["127.0.0.0/8"]
 [delivery]
 # Long waits: only the commands can make things happen quickly.
 retry_base = "1h"
@@ -90,7 +92,13 @@ def test_delete_and_show(gateway_factory, tmp_path: Path) -> None:
     gw = gateway_factory(policy.read_text())
     with smtp(gw.port) as client:
         client.sendmail("a@example.org", ["bob@localhost"], b"Subject: keep\r\n\r\nx\r\n")
-    (qid,) = gw.queue_ids()
+        client.sendmail("list@localhost", ["bob@localhost"], b"Subject: list\r\n\r\nx\r\n", mail_options=["XVERP"])
+    listed = cli(policy, "list").stdout
+    assert listed.count(" verp=+=") == 1 and "<list@localhost> verp=+=" in listed
+    rows = {r["sender"]: r for r in json.loads(cli(policy, "list", "--json").stdout)}
+    assert rows["list@localhost"]["verp"] == "+=" and rows["a@example.org"]["verp"] is None
+    qid = rows["a@example.org"]["id"]
+    assert cli(policy, "delete", rows["list@localhost"]["id"]).returncode == 0
     shown = cli(policy, "show", qid)
     assert "Subject: keep" in shown.stdout
     assert cli(policy, "delete", qid).returncode == 0
