@@ -10,8 +10,9 @@ Hooks: ``gateway_startup``, ``gateway_auth``, ``gateway_auth_result``,
   ``max_failures_per_ip`` or the login ``max_failures_per_login`` failures, it is locked
   out for ``lockout``.
 - ``gateway_auth``, while the address or the login is locked out, answers
-  ``454 4.7.0`` (temporary) without asking the backends, even for a correct password:
-  the attacker learns nothing, and the user gets in again once the lock-out ends.
+  ``421 4.7.0`` (temporary) and closes the connection, without asking the backends, even
+  for a correct password: the attacker learns nothing and cannot go on trying in the same
+  session, and the user gets in again once the lock-out ends.
 
 Successful logins do not reset the counters (a password guesser who also owns one
 account must not be able to clear its record). A limit of 0 turns that counter off.
@@ -44,11 +45,13 @@ from gateway.state import PluginStores, StateUnavailable, check_url
 from gateway.state.keys import digest, in_networks
 from gateway.verdicts import Reply, Verdict
 
-__all__ = ["REPLY_LOCKED", "Plugin", "Settings", "failure_keys"]
+__all__ = ["REPLY_LOCKED", "REPLY_UNAVAILABLE", "Plugin", "Settings", "failure_keys"]
 
 log = logging.getLogger("plugins.auth_lockout")
 
-REPLY_LOCKED = Reply(454, "4.7.0", "Too many authentication failures, try again later")
+# A locked-out client is answered and dropped: staying connected, it could go on asking.
+REPLY_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
+REPLY_LOCKED = Reply(421, "4.7.0", "Too many authentication failures, try again later; closing connection")
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class Settings:
     window: Duration = setting(600.0, "failures are counted over this long from the first one", min=1)
     max_failures_per_ip: int = setting(10, "failures from one client address before its lock-out (0: off)", min=0)
     max_failures_per_login: int = setting(5, "failures for one login before its lock-out (0: off)", min=0)
-    lockout: Duration = setting(900.0, "how long AUTH answers 454 once a limit is reached", min=1)
+    lockout: Duration = setting(900.0, "how long AUTH answers 421 (and the connection is closed) once a limit is reached", min=1)
     exempt_networks: tuple[IPNetwork, ...] = setting((), "client networks never counted nor locked")
     on_state_error: Literal["continue", "tempfail"] = setting(
         "continue", "state store down: AUTH unprotected, or answer 454 4.7.0"
@@ -118,10 +121,10 @@ class Plugin:
                         "auth refused, locked out client=%s login=%s (%s)",
                         session.peer_ip, short(login, 64), lock_key.split(":", 2)[1],
                     )
-                    return Verdict.tempfail(REPLY_LOCKED, reason=f"{lock_key.split(':', 2)[1]} locked out")
+                    return Verdict.disconnect(REPLY_LOCKED, reason=f"{lock_key.split(':', 2)[1]} locked out")
         except StateUnavailable as exc:
             if settings.on_state_error == "tempfail":
-                return Verdict.tempfail(REPLY_LOCKED, reason=f"lock-out state unavailable: {exc}")
+                return Verdict.tempfail(REPLY_UNAVAILABLE, reason=f"lock-out state unavailable: {exc}")
             log.warning("auth lock-outs not checked, state unavailable: %s", exc)
         return None
 

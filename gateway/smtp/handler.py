@@ -29,6 +29,7 @@ REPLY_RCPT_DENIED = Reply(550, "5.7.1", "Recipient not accepted")
 REPLY_AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 REPLY_AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 REPLY_AUTH_TEMP = Reply(454, "4.7.0", "Temporary authentication failure")
+REPLY_AUTH_CLOSING = Reply(421, "4.7.0", "Temporary authentication failure, closing connection")
 REPLY_QUEUE_FAILED = Reply(451, "4.3.0", "Temporary local problem, please try again later")
 
 QUARANTINE_REASON = StashKey[str]("core.quarantine_reason")
@@ -135,7 +136,10 @@ class SmtpHandler:
                 "auth tempfail mechanism=%s login=%s client=%s by=%s",
                 mechanism, short(login, 64), session.peer_ip, verdict.plugin,
             )
-            answer = Answer(REPLY_AUTH_TEMP, close=verdict.action is Action.DISCONNECT)
+            if verdict.action is Action.DISCONNECT:  # RFC 5321 §3.8: 421, then close
+                answer = Answer(verdict.reply if verdict.reply.code == 421 else REPLY_AUTH_CLOSING, close=True)
+            else:
+                answer = Answer(REPLY_AUTH_TEMP)
             outcome = "tempfail"
         else:
             log.info(

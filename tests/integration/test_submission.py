@@ -315,11 +315,13 @@ def test_lockout_per_login_after_failures_even_with_the_right_password(submissio
         assert bad.returncode == SWAKS_AUTH_FAILED and "535 5.7.8" in bad.stdout, bad.stdout
     locked = submit(submission, "carol", *source, "--from", "carol@example.com", "--to", "bob@example.com")
     assert locked.returncode == SWAKS_AUTH_FAILED, locked.stdout
-    assert "454 4.7.0" in locked.stdout
+    # Answered 421 and dropped: no QUIT exchange follows (swaks' QUIT meets a closed connection).
+    assert "421 4.7.0 Too many authentication failures" in locked.stdout, locked.stdout
+    assert "221 " not in locked.stdout.split("421 4.7.0", 1)[1], locked.stdout
     # Locked by login: another client address does not help.
     elsewhere = submit(submission, "carol", "--local-interface", "127.0.0.7", "--from", "carol@example.com",
                        "--to", "bob@example.com", implicit=True)
-    assert "454 4.7.0" in elsewhere.stdout, elsewhere.stdout
+    assert "421 4.7.0" in elsewhere.stdout, elsewhere.stdout
     # Other users are not affected.
     other = submit(submission, "bob", "--from", "bob@example.com", "--to", "alice@example.com")
     assert other.returncode == SWAKS_OK, other.stdout
@@ -332,7 +334,7 @@ def test_lockout_per_client_address(submission) -> None:
                      password="guess")
         assert "535 5.7.8" in bad.stdout, bad.stdout
     locked = submit(submission, "alice", *source, "--from", "alice@example.com", "--to", "bob@example.com")
-    assert "454 4.7.0" in locked.stdout, locked.stdout
+    assert "421 4.7.0" in locked.stdout, locked.stdout
     fine = submit(submission, "alice", "--from", "alice@example.com", "--to", "bob@example.com")
     assert fine.returncode == SWAKS_OK, fine.stdout
 

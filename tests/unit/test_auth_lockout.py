@@ -49,4 +49,4 @@ def test_locks_after_the_limit_then_refuses_even_before_the_backend(tmp_path: Pa
 
     before, after_one, locked, other = asyncio.run(scenario())
     assert before is None and after_one is None and other is None
-    assert locked.action is Action.TEMPFAIL and locked.reply == REPLY_LOCKED
+    assert locked.action is Action.DISCONNECT and locked.reply == REPLY_LOCKED
