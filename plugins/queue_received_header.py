@@ -23,8 +23,10 @@ mail (RFC 5322 §3.6.7 allows it): ``Received: by <our hostname> with ESMTPSA id
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import re
+import time
 from dataclasses import dataclass, field
 
 from gateway.context import Gateway
@@ -61,6 +63,18 @@ def _clean(text: str, limit: int = 64) -> str:
     return _UNSAFE.sub("_", text)[:limit] or "unknown"
 
 
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def _date_now() -> str:
+    """RFC 5322 date-time of now, in local time; formatted once per second."""
+    global _date_cache
+    second = int(time.time())
+    if _date_cache[0] != second:
+        _date_cache = (second, email.utils.format_datetime(datetime.datetime.fromtimestamp(second).astimezone()))
+    return _date_cache[1]
+
+
 def received_header(session: Session, txn: Transaction, hostname: str, settings: Settings) -> str:
     """The header value, folded with ``\\n\\t`` between clauses."""
     parts = []
@@ -71,7 +85,7 @@ def received_header(session: Session, txn: Transaction, hostname: str, settings:
         parts.append(f"(using {_clean(session.tls_version or '')} with cipher {_clean(session.tls_cipher or '')})")
     if settings.show_auth_login and session.auth_login:
         parts.append(f"(authenticated as {_clean(session.auth_login)})")
-    when = email.utils.format_datetime(email.utils.localtime())
+    when = _date_now()
     rcpt = str(txn.recipients[0].address) if len(txn.recipients) == 1 else ""
     if rcpt and _PLAIN_ADDRESS.match(rcpt):
         parts.append(f"for <{rcpt}>; {when}")

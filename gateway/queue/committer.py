@@ -89,13 +89,14 @@ class _Job:
     error: TemporaryFailure | None = None
 
 
-def _settle(job: _Job) -> None:
-    """On the job's event loop: report the outcome unless the waiter was cancelled."""
-    if not job.future.done():
-        if job.error is None:
-            job.future.set_result(None)
-        else:
-            job.future.set_exception(job.error)
+def _settle(jobs: list[_Job]) -> None:
+    """On the jobs' event loop: report each outcome unless its waiter was cancelled."""
+    for job in jobs:
+        if not job.future.done():
+            if job.error is None:
+                job.future.set_result(None)
+            else:
+                job.future.set_exception(job.error)
 
 
 class Committer:
@@ -185,8 +186,7 @@ class Committer:
                 for job in batch:
                     if job.error is None:
                         self._fail(job, exc)
-            for job in batch:
-                self._resolve(job)
+            self._resolve(batch)
         pool, self._sync_pool = self._sync_pool, None
         if pool is not None:
             pool.shutdown()
@@ -263,8 +263,15 @@ class Committer:
             log.error("cannot remove failed commit qid=%s: %s", job.qid, cleanup)
 
     @staticmethod
-    def _resolve(job: _Job) -> None:
-        try:
-            job.loop.call_soon_threadsafe(_settle, job)
-        except RuntimeError:
-            log.warning("event loop closed before commit of qid=%s was reported", job.qid)
+    def _resolve(batch: list[_Job]) -> None:
+        """Hand the outcomes back: one wake-up of each event loop per batch, not per job."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+        for job in batch:
+            by_loop.setdefault(job.loop, []).append(job)
+        for loop, jobs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, jobs)
+            except RuntimeError:
+                log.warning(
+                    "event loop closed before commits were reported: %s", ",".join(j.qid for j in jobs)
+                )
