@@ -18,6 +18,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -40,13 +41,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def policy(tmp: Path, port: int, peer_port: int, delivering: bool) -> str:
+def policy(tmp: Path, port: int, peer_port: int, delivering: bool, workers: int = 1) -> str:
     return f"""
 [server]
 hostname = "crash.test.example"
 queue_dir = "{tmp / 'queue'}"
 var_dir = "{tmp / 'var'}"
 log_level = "warning"
+workers = {workers}
 [[listeners]]
 name = "smtp"
 port = {port}
@@ -83,6 +85,7 @@ def start(policy_file: Path, port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "run", "--policy", str(policy_file)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: one SIGKILL takes every worker
     )
 
     def up() -> bool:
@@ -129,7 +132,7 @@ def test_sigkill_during_deliveries(tmp_path: Path) -> None:
         try:
             for _ in range(KILLS):
                 time.sleep(rng.uniform(0.1, 0.4))
-                proc.send_signal(signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
                 proc = start(delivering, port)
             store = QueueStore(tmp_path / "queue")
@@ -147,4 +150,69 @@ def test_sigkill_during_deliveries(tmp_path: Path) -> None:
         assert max(counts.values()) == 1, f"{user}: delivered twice: {[m for m, c in counts.items() if c > 1][:3]}"
     assert set(remote) == set(sent), f"remote: lost {len(set(sent) - set(remote))}"
     assert sum(remote.values()) - len(sent) <= KILLS * REMOTE_CONCURRENCY
+    assert not any((tmp_path / "queue" / "corrupt").glob("*"))
+
+
+@pytest.mark.slow
+def test_sigkill_while_two_workers_accept_and_deliver(tmp_path: Path) -> None:
+    """With ``workers = 2`` each process delivers what it accepts: the whole process
+    group is killed again and again while clients send, and every message that got its
+    250 arrives (in each Maildir exactly once), whichever process had it."""
+    port = free_port()
+    with SmtpPeer(delay=0.005) as peer:
+        config = tmp_path / "policy.toml"
+        config.write_text(policy(tmp_path, port, peer.port, delivering=True, workers=2))
+        proc = start(config, port)
+        acked: list[str] = []
+        tried: list[str] = []
+        stop = threading.Event()
+
+        def client(k: int) -> None:
+            n = 0
+            while not stop.is_set():
+                mid = f"<w{k}-{n}@crash.test>"
+                n += 1
+                body = f"Message-ID: {mid}\r\nSubject: {k}-{n}\r\n\r\n".encode() + b"body\r\n" * 20
+                tried.append(mid)
+                try:  # one message per connection, so both processes take some
+                    with smtplib.SMTP("127.0.0.1", port, timeout=5) as smtp:
+                        smtp.sendmail("sender@example.org",
+                                      ["alice@localhost", "bob@localhost", "carol@peer.test.example"], body)
+                except (OSError, smtplib.SMTPException):
+                    time.sleep(0.02)  # killed meanwhile: not acknowledged, may or may not arrive
+                    continue
+                acked.append(mid)
+
+        clients = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in clients:
+            t.start()
+        rng = random.Random(os.getpid())
+        try:
+            for _ in range(KILLS):
+                time.sleep(rng.uniform(0.3, 0.6))
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+                proc = start(config, port)
+            time.sleep(0.3)
+            stop.set()
+            for t in clients:
+                t.join(30)
+            store = QueueStore(tmp_path / "queue")
+            assert wait_for(lambda: store.ids() == [], timeout=60), "the queue did not drain"
+        finally:
+            stop.set()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        remote = Counter(
+            m.content.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0].decode() for m in peer.messages
+        )
+
+    assert len(acked) > 50, "the clients should have got most messages in"
+    for user in ("alice", "bob"):
+        counts = message_ids(tmp_path / "mail" / user / "Maildir")
+        assert set(acked) <= set(counts), f"{user}: lost {sorted(set(acked) - set(counts))[:3]}"
+        assert set(counts) <= set(tried)
+        assert max(counts.values()) == 1, f"{user}: delivered twice: {[m for m, c in counts.items() if c > 1][:3]}"
+    assert set(acked) <= set(remote), f"remote: lost {sorted(set(acked) - set(remote))[:3]}"
+    assert sum(remote.values()) - len(set(remote)) <= KILLS * REMOTE_CONCURRENCY
     assert not any((tmp_path / "queue" / "corrupt").glob("*"))
