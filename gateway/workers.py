@@ -8,12 +8,14 @@ spreads new connections across them. Every process delivers the mail it accepted
 queue's delivery lock keeps two processes off one message. The first process (the
 master) also recovers the queue at start, scans it for retries and for what others
 left, and reads the trigger FIFO. It forwards SIGTERM and SIGHUP to the workers and
-waits for them.
+waits for them; a worker whose master died (even by SIGKILL) gets SIGTERM from the
+kernel and stops too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -25,6 +27,21 @@ from gateway.queue import QueueStore
 __all__ = ["bind_listeners", "run_workers"]
 
 log = logging.getLogger(__name__)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _exit_with_master(master: int) -> None:
+    """Have the kernel send this worker SIGTERM when the master dies, even by SIGKILL
+    (Linux ``PR_SET_PDEATHSIG``), so that no orphan goes on serving the port."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the master's SIGTERM still stops us
+        return
+    if os.getppid() != master:  # the master died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _bind(address: str, port: int) -> socket.socket:
@@ -55,11 +72,13 @@ def run_workers(policy: Any, make_app: Any) -> int:
     master_sockets = bind_listeners(policy)
     ports = {name: s.getsockname()[1] for name, s in master_sockets.items()}
     children: list[int] = []
+    master = os.getpid()
     for _ in range(policy.server.workers - 1):
         pid = os.fork()
         if pid == 0:  # worker
             status = 1
             try:
+                _exit_with_master(master)
                 for sock in master_sockets.values():
                     sock.close()
                 sockets = bind_listeners(policy, ports)

@@ -150,3 +150,50 @@ tls = "none"
     delivered_by = pids(text, "status=delivered")
     assert len(deferred_by) == 2, "both processes made first attempts"
     assert delivered_by == {master.group(1)}, "every retry is the master's"
+
+
+def test_workers_stop_when_the_master_is_killed(tmp_path: Path) -> None:
+    """SIGKILL leaves the master no chance to stop its workers; the kernel does, so no
+    orphan keeps the port (a restarted gateway would otherwise share it with them)."""
+    port = free_port()
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f"""
+[server]
+queue_dir = "{tmp_path / 'queue'}"
+var_dir = "{tmp_path / 'var'}"
+workers = 2
+[[listeners]]
+name = "smtp"
+port = {port}
+tls = "none"
+[[plugins]]
+name = "rcpt_local_users"
+""")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "run", "--policy", str(policy)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    children: list[int] = []
+    try:
+        assert wait_for(lambda: _up(port), timeout=20)
+        children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert len(children) == 1
+        proc.kill()
+        proc.wait(10)
+        assert wait_for(lambda: not Path(f"/proc/{children[0]}").exists() or _zombie(children[0]), timeout=15)
+        assert not _up(port)
+    finally:
+        for pid in [proc.pid, *children]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(10)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
