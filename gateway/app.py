@@ -14,7 +14,7 @@ from gateway.context import Gateway
 from gateway.delivery.scheduler import Scheduler
 from gateway.dns import make_resolver
 from gateway.hooks import HookRunner, HookStats, PluginSpec, discover_plugins
-from gateway.metrics import Counters, start_metrics_server
+from gateway.metrics import Counters, report_forever, start_metrics_server
 from gateway.policy import Policy, PolicyError, load_policy
 from gateway.queue import QueueStore
 from gateway.smtp.handler import SmtpHandler
@@ -78,6 +78,7 @@ class GatewayApp:
         self.counters = Counters()
         self.hook_stats = HookStats()
         self.metrics_server: Any = None
+        self._reporter: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
 
     # -- life cycle --------------------------------------------------------
@@ -193,6 +194,8 @@ class GatewayApp:
         metrics = self.policy.metrics
         if metrics.enabled and self.role != "worker":
             self.metrics_server = await asyncio.to_thread(start_metrics_server, self, metrics.address, metrics.port)
+        elif metrics.enabled:  # the master's endpoint adds this worker's counts
+            self._reporter = asyncio.create_task(report_forever(self), name="metrics-report")
         log.info("gateway started hostname=%s pid=%d", self.policy.server.hostname, os.getpid())
 
     @property
@@ -264,6 +267,9 @@ class GatewayApp:
             )
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.shutdown)
+        if self._reporter is not None:
+            self._reporter.cancel()
+            await asyncio.gather(self._reporter, return_exceptions=True)
         await self.queue.close()
         for fd in getattr(self, "_trigger_fds", ()):
             asyncio.get_running_loop().remove_reader(fd)

@@ -5,19 +5,30 @@ The SMTP front end, the hook runner and the scheduler bump integers in
 turns them, and a look at the queue directory, into Prometheus metric families when
 the endpoint is scraped. The endpoint is prometheus-client's own HTTP server, in its
 own thread, on the loopback address the policy's ``[metrics]`` section names.
+
+With ``[server] workers = N`` only the master serves the endpoint. Every worker writes
+a snapshot of its counts to ``<var_dir>/metrics/worker-<pid>.json`` every
+:data:`REPORT_INTERVAL` seconds (:func:`report_forever`), and the master adds the
+snapshots of its living workers to its own: the totals lag by at most that interval.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["Counters", "GatewayCollector", "start_metrics_server"]
+__all__ = ["Counters", "GatewayCollector", "REPORT_INTERVAL", "clear_snapshots", "merge", "read_snapshots", "report_forever", "snapshot", "start_metrics_server"]
 
 log = logging.getLogger(__name__)
+
+#: seconds between two snapshots of a worker's counts
+REPORT_INTERVAL = 2.0
 
 
 @dataclass
@@ -47,15 +58,14 @@ class GatewayCollector:
 
         from gateway.hooks import LATENCY_BUCKETS
 
-        counters: Counters = self.app.counters
-        stats = self.app.hook_stats
+        counters, stats, open_now = self._totals()
         sessions = CounterMetricFamily("gateway_sessions", "SMTP sessions accepted", labels=["listener"])
         for listener, count in sorted(counters.sessions.items()):
             sessions.add_metric([listener], count)
         yield sessions
         active = GaugeMetricFamily("gateway_sessions_active", "SMTP sessions open now", labels=["listener"])
-        for name, listener in sorted(self.app.listeners.items()):
-            active.add_metric([name], listener.tracker.total)
+        for name, count in sorted(open_now.items()):
+            active.add_metric([name], count)
         yield active
         yield CounterMetricFamily("gateway_messages_queued", "messages accepted into the queue", value=counters.queued)
         yield CounterMetricFamily(
@@ -99,6 +109,14 @@ class GatewayCollector:
         yield GaugeMetricFamily("gateway_queue_messages", "messages in the queue", value=size)
         yield GaugeMetricFamily("gateway_queue_oldest_seconds", "age of the oldest queued message", value=oldest)
 
+    def _totals(self) -> tuple[Counters, Any, dict[str, int]]:
+        """This process's counts plus the latest snapshot of each living worker."""
+        counters, stats = _copied(self.app.counters, self.app.hook_stats)
+        open_now = {name: listener.tracker.total for name, listener in self.app.listeners.items()}
+        for snap in read_snapshots(Path(self.app.policy.server.var_dir)):
+            merge(counters, stats, open_now, snap)
+        return counters, stats, open_now
+
     def _queue_shape(self) -> tuple[int, float]:
         """Count the queue's message files and the oldest one's age (file times: cheap)."""
         directory = os.path.join(str(self.app.policy.server.queue_dir), "msg")
@@ -125,3 +143,140 @@ def start_metrics_server(app: Any, address: str, port: int) -> Any:
     server, _thread = start_http_server(port, addr=address, registry=registry)
     log.info("metrics on http://%s:%d/metrics", address, server.server_address[1])
     return server
+
+
+def _copied(counters: Counters, stats: Any) -> tuple[Counters, Any]:
+    """Copies to add to. This runs on the HTTP server's thread while the event loop
+    keeps bumping the originals: ``dict(d)`` copies in one step under the GIL, where a
+    deep copy would iterate in Python and could meet a dict changing size."""
+    from gateway.hooks import HookStats
+
+    return (
+        Counters(
+            sessions=dict(counters.sessions), queued=counters.queued, queued_bytes=counters.queued_bytes,
+            quarantined=counters.quarantined, refused=dict(counters.refused), deliveries=dict(counters.deliveries),
+        ),
+        HookStats(
+            calls=dict(stats.calls), seconds=dict(stats.seconds),
+            buckets={key: list(counts) for key, counts in list(stats.buckets.items())},
+            verdicts=dict(stats.verdicts), errors=dict(stats.errors),
+        ),
+    )
+
+
+# -- worker snapshots ---------------------------------------------------------------------
+
+
+def _directory(var_dir: Path) -> Path:
+    return var_dir / "metrics"
+
+
+def snapshot(app: Any) -> dict[str, Any]:
+    """A worker's counts as JSON types (tuple keys become lists)."""
+    counters: Counters = app.counters
+    stats = app.hook_stats
+    return {
+        "sessions": counters.sessions,
+        "active": {name: listener.tracker.total for name, listener in app.listeners.items()},
+        "queued": counters.queued,
+        "queued_bytes": counters.queued_bytes,
+        "quarantined": counters.quarantined,
+        "refused": [[*k, v] for k, v in counters.refused.items()],
+        "deliveries": [[*k, v] for k, v in counters.deliveries.items()],
+        "calls": [[*k, v] for k, v in stats.calls.items()],
+        "seconds": [[*k, v] for k, v in stats.seconds.items()],
+        "buckets": [[*k, v] for k, v in stats.buckets.items()],
+        "verdicts": [[*k, v] for k, v in stats.verdicts.items()],
+        "errors": [[*k, v] for k, v in stats.errors.items()],
+    }
+
+
+def merge(counters: Counters, stats: Any, open_now: dict[str, int], snap: dict[str, Any]) -> None:
+    """Add one worker's snapshot to the totals."""
+    for name, count in snap["sessions"].items():
+        Counters.bump(counters.sessions, name, count)
+    for name, count in snap["active"].items():
+        open_now[name] = open_now.get(name, 0) + count
+    counters.queued += snap["queued"]
+    counters.queued_bytes += snap["queued_bytes"]
+    counters.quarantined += snap["quarantined"]
+    for table, rows in ((counters.refused, snap["refused"]), (counters.deliveries, snap["deliveries"]),
+                        (stats.calls, snap["calls"]), (stats.seconds, snap["seconds"]),
+                        (stats.verdicts, snap["verdicts"]), (stats.errors, snap["errors"])):
+        for *key, value in rows:
+            table[tuple(key)] = table.get(tuple(key), 0) + value
+    for *key, counts in snap["buckets"]:
+        mine = stats.buckets.setdefault(tuple(key), [0] * len(counts))
+        for i, count in enumerate(counts[: len(mine)]):
+            mine[i] += count
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clear_snapshots(var_dir: Path) -> None:
+    """Forget every worker's snapshot (the master, before it starts its workers)."""
+    try:
+        names = os.listdir(_directory(var_dir))
+    except FileNotFoundError:
+        return
+    for name in names:
+        (_directory(var_dir) / name).unlink(missing_ok=True)
+
+
+def read_snapshots(var_dir: Path) -> list[dict[str, Any]]:
+    """The snapshots of the workers that still run (a dead worker's file is removed)."""
+    found = []
+    try:
+        names = os.listdir(_directory(var_dir))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if not (name.startswith("worker-") and name.endswith(".json")):
+            continue
+        path = _directory(var_dir) / name
+        pid = name[len("worker-"):-len(".json")]
+        if not pid.isdigit() or not _is_running(int(pid)):
+            path.unlink(missing_ok=True)
+            continue
+        try:
+            found.append(json.loads(path.read_bytes()))
+        except (OSError, ValueError):
+            continue  # replaced or removed meanwhile: the next scrape has it
+    return found
+
+
+def _write_snapshot(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # readers see the old snapshot or the new one, never half
+
+
+async def report_forever(app: Any, interval: float = REPORT_INTERVAL) -> None:
+    """In a worker: write this process's snapshot every ``interval`` seconds until
+    cancelled; the file is removed then (a worker that is killed leaves it behind, and
+    the master's :func:`read_snapshots` removes it once no process has that pid)."""
+    directory = _directory(Path(app.policy.server.var_dir))
+    path = directory / f"worker-{os.getpid()}.json"
+    try:
+        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("worker metrics not reported: %s", exc)
+        return
+    try:
+        while True:
+            data = json.dumps(snapshot(app)).encode()
+            try:
+                await asyncio.to_thread(_write_snapshot, path, data)
+            except OSError as exc:
+                log.warning("worker metrics not reported: %s", exc)
+            await asyncio.sleep(interval)
+    finally:
+        path.unlink(missing_ok=True)

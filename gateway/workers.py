@@ -20,8 +20,10 @@ import logging
 import os
 import signal
 import socket
+from pathlib import Path
 from typing import Any
 
+from gateway.metrics import clear_snapshots
 from gateway.queue import QueueStore
 
 __all__ = ["bind_listeners", "run_workers"]
@@ -69,6 +71,7 @@ def run_workers(policy: Any, make_app: Any) -> int:
     :param make_app: ``make_app(role)`` builds a :class:`GatewayApp`
     """
     recovered = QueueStore(policy.server.queue_dir).open()
+    clear_snapshots(Path(policy.server.var_dir))  # counts of workers of an earlier run
     master_sockets = bind_listeners(policy)
     ports = {name: s.getsockname()[1] for name, s in master_sockets.items()}
     children: list[int] = []

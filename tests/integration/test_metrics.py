@@ -41,3 +41,69 @@ def test_metrics_count_sessions_messages_verdicts_and_queue(gateway_factory) -> 
     histogram = metrics["gateway_hook_duration_seconds"]
     assert value(histogram, "gateway_hook_duration_seconds_count", plugin="rcpt_local_users", hook="gateway_rcpt") == 1
     assert value(metrics["gateway_queue_messages"], "gateway_queue_messages") == 1
+
+
+def test_with_workers_the_endpoint_counts_every_process(tmp_path) -> None:
+    """``workers = 2``: the master serves /metrics and adds the worker's counts, so the
+    totals cover every session and delivery, whichever process had them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import wait_for
+    from tests.smtppeer import free_port
+
+    port, metrics_port = free_port(), free_port()
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f"""
+[server]
+queue_dir = "{tmp_path / 'queue'}"
+var_dir = "{tmp_path / 'var'}"
+workers = 2
+[[listeners]]
+name = "smtp"
+port = {port}
+tls = "none"
+[local]
+domains = ["localhost"]
+users = ["postmaster", "alice"]
+mail_root = "{tmp_path / 'mail'}"
+[metrics]
+enabled = true
+port = {metrics_port}
+[[plugins]]
+name = "rcpt_local_users"
+""")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--policy", str(policy)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def serving() -> bool:
+            try:
+                scrape(metrics_port)
+                return True
+            except OSError:
+                return False
+
+        assert wait_for(serving, timeout=20)
+        for _ in range(30):  # one message per connection: the kernel spreads them
+            with smtp(port) as client:
+                client.sendmail("a@example.org", ["alice@localhost"], MESSAGE)
+
+        def totals() -> tuple[float, float, float]:
+            m = scrape(metrics_port)
+            return (value(m["gateway_sessions"], "gateway_sessions_total"),
+                    value(m["gateway_messages_queued"], "gateway_messages_queued_total"),
+                    value(m["gateway_deliveries"], "gateway_deliveries_total", status="delivered"))
+
+        assert wait_for(lambda: totals() == (30, 30, 30), timeout=15), totals()
+        new = tmp_path / "mail" / "alice" / "Maildir" / "new"
+        assert len(list(new.iterdir())) == 30
+        snapshots = list((tmp_path / "var" / "metrics").glob("worker-*.json"))
+        assert len(snapshots) == 1, "the worker reports its counts"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert not list((tmp_path / "var" / "metrics").glob("worker-*.json")), "a stopped worker withdraws its counts"
