@@ -67,7 +67,8 @@ def test_failures_on_one_gateway_lock_the_login_on_another(gateway_factory, redi
     assert auth(first.port, "alice", "wrong")[0] == 535
     assert auth(second.port, "alice", "wrong")[0] == 535
     for gw in (first, second):
-        assert auth(gw.port, "alice", "alice-pw") == (454, "4.7.0 Temporary authentication failure")
+        code, text = auth(gw.port, "alice", "alice-pw")
+        assert (code, text.split(",")[0]) == (421, "4.7.0 Too many authentication failures")
 
 
 def test_redis_down_fail_open_and_fail_closed(gateway_factory, redis_factory, tmp_path: Path) -> None:
