@@ -118,15 +118,30 @@ class SqliteStore(StateStore):
             # another process's (no lost counter updates).
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                for statement in _SCHEMA:
-                    conn.execute(statement)
+                self._set_up(conn)
             except BaseException:
                 conn.close()
                 raise
             self._conn = conn
         return self._conn
+
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        """WAL mode and the schema. Processes starting together (workers, several
+        gateways on one file) can make SQLite refuse the journal-mode switch at once with
+        "database is locked", without waiting (it would deadlock otherwise); the set-up
+        is idempotent, so it is tried again until ``timeout``."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     @staticmethod
     def _transaction(conn: sqlite3.Connection, fn: Callable[[], T]) -> T:

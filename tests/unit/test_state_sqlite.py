@@ -148,6 +148,33 @@ def test_concurrent_increments_lose_nothing(tmp_path: Path) -> None:
     assert asyncio.run(main()) == 60
 
 
+def test_stores_opening_a_new_file_together_all_start(tmp_path: Path) -> None:
+    """Workers start together and open the same state file: SQLite may refuse the
+    switch to WAL at once ("database is locked", about one start in forty with six
+    at once here) to one of them; it must try again, not fail the plugin's start-up."""
+    import threading
+
+    errors: list[BaseException] = []
+    for n in range(100):
+        path = tmp_path / f"r{n}.db"
+        stores = [SqliteStore(path) for _ in range(6)]
+        barrier = threading.Barrier(len(stores))
+
+        def start(store: SqliteStore) -> None:
+            barrier.wait()
+            try:
+                store._connect_in_thread().close()
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start, args=(s,)) for s in stores]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors[:3]
+
+
 def test_calls_do_not_run_on_the_event_loop_thread(tmp_path: Path) -> None:
     seen: list[str] = []
 
