@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import ssl
 import tempfile
 import threading
@@ -36,28 +35,13 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from tests.processes import free_port
+
 __all__ = ["Received", "SmtpPeer", "free_port"]
 
 _DSN_MAIL = {"RET", "ENVID"}
 _DSN_RCPT = {"NOTIFY", "ORCPT"}
 _PATH_RE = re.compile(r"^((?:FROM|TO):\s*<[^>]*>)\s*(.*)$", re.IGNORECASE | re.DOTALL)
-
-
-def free_port(*addresses: str) -> int:
-    """A TCP port free on every one of ``addresses`` (default 127.0.0.1)."""
-    addresses = addresses or ("127.0.0.1",)
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind((addresses[0], 0))
-            port = int(probe.getsockname()[1])
-        try:
-            for address in addresses:
-                with socket.socket() as other:
-                    other.bind((address, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port")
 
 
 @dataclass

@@ -21,7 +21,7 @@ import pytest
 from gateway.policy import PolicyError
 from gateway.queue import QueueStore
 from tests.conftest import MESSAGE, smtp, wait_for
-from tests.integration.test_reload import free_port
+from tests.processes import free_port, start_gateway
 
 POLICY = """
 [server]
@@ -384,8 +384,6 @@ def test_gateway_run_refuses_to_start_on_a_broken_aliases_file(tmp_path: Path) -
 
 def test_sigkill_after_expansion_delivers_each_target_once(tmp_path: Path, shared: Path) -> None:
     """A crash while one target is being delivered: after the restart the others get no second copy."""
-    from tests.integration.test_crash_delivery import start as start_process
-
     started, release, out = shared / "started", shared / "release", shared / "out"
     program = script(
         shared, "slow.sh",
@@ -406,7 +404,7 @@ def test_sigkill_after_expansion_delivers_each_target_once(tmp_path: Path, share
         new = tmp_path / "mail" / user / "Maildir" / "new"
         return len(list(new.iterdir())) if new.exists() else 0
 
-    proc = start_process(policy_file, port)
+    proc = start_gateway(policy_file, port)
     try:
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             assert client.sendmail("sender@example.org", ["staff@localhost"], MESSAGE) == {}
@@ -425,7 +423,7 @@ def test_sigkill_after_expansion_delivers_each_target_once(tmp_path: Path, share
         proc.wait(30)
     os.kill(int(started.read_text()), signal.SIGKILL)  # the program outlives the gateway
     release.touch()
-    proc = start_process(policy_file, port)
+    proc = start_gateway(policy_file, port)
     try:
         assert wait_for(lambda: out.exists() and QueueStore(tmp_path / "queue").ids() == [], timeout=30)
     finally:

@@ -15,9 +15,6 @@ import os
 import random
 import signal
 import smtplib
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -27,18 +24,12 @@ import pytest
 
 from gateway.queue import QueueStore
 from tests.conftest import wait_for
+from tests.processes import free_port, start_gateway
 from tests.smtppeer import SmtpPeer
 
-ROOT = Path(__file__).resolve().parents[2]
 MESSAGES = 120
 KILLS = 4
 REMOTE_CONCURRENCY = 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def policy(tmp: Path, port: int, peer_port: int, delivering: bool, workers: int = 1) -> str:
@@ -80,25 +71,6 @@ max_transactions = 1000
 """
 
 
-def start(policy_file: Path, port: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "run", "--policy", str(policy_file)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: one SIGKILL takes every worker
-    )
-
-    def up() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
-
-    assert wait_for(up, timeout=20), "gateway did not start"
-    return proc
-
-
 def message_ids(maildir: Path) -> Counter[str]:
     counts: Counter[str] = Counter()
     for sub in ("new", "cur"):
@@ -114,7 +86,7 @@ def test_sigkill_during_deliveries(tmp_path: Path) -> None:
     with SmtpPeer(delay=0.005) as peer:
         filling = tmp_path / "fill.toml"
         filling.write_text(policy(tmp_path, port, peer.port, delivering=False))
-        proc = start(filling, port)
+        proc = start_gateway(filling, port, new_session=True)
         sent = []
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
             for n in range(MESSAGES):
@@ -128,13 +100,13 @@ def test_sigkill_during_deliveries(tmp_path: Path) -> None:
         delivering = tmp_path / "deliver.toml"
         delivering.write_text(policy(tmp_path, port, peer.port, delivering=True))
         rng = random.Random(os.getpid())
-        proc = start(delivering, port)
+        proc = start_gateway(delivering, port, new_session=True)
         try:
             for _ in range(KILLS):
                 time.sleep(rng.uniform(0.1, 0.4))
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
-                proc = start(delivering, port)
+                proc = start_gateway(delivering, port, new_session=True)
             store = QueueStore(tmp_path / "queue")
             assert wait_for(lambda: store.ids() == [], timeout=60), "the queue did not drain"
         finally:
@@ -162,7 +134,7 @@ def test_sigkill_while_two_workers_accept_and_deliver(tmp_path: Path) -> None:
     with SmtpPeer(delay=0.005) as peer:
         config = tmp_path / "policy.toml"
         config.write_text(policy(tmp_path, port, peer.port, delivering=True, workers=2))
-        proc = start(config, port)
+        proc = start_gateway(config, port, new_session=True)
         acked: list[str] = []
         tried: list[str] = []
         stop = threading.Event()
@@ -192,7 +164,7 @@ def test_sigkill_while_two_workers_accept_and_deliver(tmp_path: Path) -> None:
                 time.sleep(rng.uniform(0.3, 0.6))
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
-                proc = start(config, port)
+                proc = start_gateway(config, port, new_session=True)
             time.sleep(0.3)
             stop.set()
             for t in clients:

@@ -11,9 +11,6 @@ import os
 import random
 import signal
 import smtplib
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,15 +18,8 @@ from pathlib import Path
 import pytest
 
 from gateway.queue import QueueStore
-from tests.conftest import wait_for
+from tests.processes import free_port, start_gateway
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def policy_text(tmp: Path, port: int) -> str:
@@ -56,24 +46,6 @@ name = "rcpt_local_users"
 [[plugins]]
 name = "queue_received_header"
 """
-
-
-def start(policy: Path, port: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "run", "--policy", str(policy)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-
-    def up() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
-
-    assert wait_for(up, timeout=20), "gateway did not start"
-    return proc
 
 
 class Sender(threading.Thread):
@@ -108,7 +80,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text(policy_text(tmp_path, port))
     senders = [Sender(port, f"s{i}") for i in range(4)]
-    proc = start(policy, port)
+    proc = start_gateway(policy, port)
     for s in senders:
         s.start()
     rng = random.Random(os.getpid())
@@ -116,7 +88,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
         time.sleep(rng.uniform(0.3, 1.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        proc = start(policy, port)
+        proc = start_gateway(policy, port)
     time.sleep(0.5)
     for s in senders:
         s.stop.set()

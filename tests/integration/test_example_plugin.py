@@ -3,24 +3,14 @@ refusing a message in a real session."""
 
 from __future__ import annotations
 
-import os
-import signal
 import smtplib
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import wait_for
+from tests.processes import ROOT, free_port, gateway_env, start_gateway, stop_gateway
 
-ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "gateway-subject-filter"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_example_plugin_installs_and_refuses(tmp_path: Path) -> None:
@@ -51,7 +41,7 @@ name = "rcpt_local_users"
 name = "data_subject_filter"
 blocked = ["lottery"]
 """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]))
+    env = gateway_env(site)
     check = subprocess.run([sys.executable, "-m", "gateway.cli", "check", str(policy)],
                            capture_output=True, text=True, env=env, timeout=60)
     assert check.returncode == 0, check.stderr
@@ -62,17 +52,8 @@ blocked = ["lottery"]
                           capture_output=True, text=True, env=env, timeout=60)
     assert typo.returncode == 2 and "plugins[2].blockd" in typo.stderr
 
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--policy", str(policy)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_gateway(policy, port, env=env)
     try:
-        def up() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return True
-            except OSError:
-                return False
-
-        assert wait_for(up, timeout=20)
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
             client.ehlo()
             client.mail("a@example.org")
@@ -82,5 +63,4 @@ blocked = ["lottery"]
             client.rcpt("postmaster@localhost")
             assert client.data(b"Subject: minutes\r\n\r\nx\r\n")[0] == 250
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        stop_gateway(proc)

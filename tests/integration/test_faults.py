@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,23 +17,7 @@ import pytest
 from gateway.model import Envelope, Message, QueuedRecipient
 from gateway.queue import QueueStore
 from tests.conftest import wait_for
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def up(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
-
+from tests.processes import ROOT, free_port, port_open, start_gateway
 
 def policy_text(tmp: Path, port: int, delivering: bool) -> str:
     return f"""
@@ -80,7 +63,7 @@ def test_disk_full_mid_message_gives_452_and_leaves_nothing_half_written(tmp_pat
     proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert wait_for(lambda: up(port), timeout=20)
+        assert wait_for(lambda: port_open(port), timeout=20)
         big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 400  # 400 KB > the disk
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.ehlo()
@@ -123,12 +106,9 @@ def test_corrupt_queue_file_is_moved_aside_and_the_rest_delivered(tmp_path: Path
     port = free_port()
     policy = tmp_path / "policy.toml"
     policy.write_text(policy_text(tmp_path, port, delivering=True))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--policy", str(policy)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_gateway(policy, port, stderr=subprocess.PIPE, text=True)
     new = tmp_path / "mail" / "alice" / "Maildir" / "new"
     try:
-        assert wait_for(lambda: up(port), timeout=20)
         assert wait_for(lambda: new.exists() and len(list(new.iterdir())) == 2, timeout=15)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -46,14 +46,8 @@ def test_metrics_count_sessions_messages_verdicts_and_queue(gateway_factory) -> 
 def test_with_workers_the_endpoint_counts_every_process(tmp_path) -> None:
     """``workers = 2``: the master serves /metrics and adds the worker's counts, so the
     totals cover every session and delivery, whichever process had them."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from tests.conftest import wait_for
-    from tests.smtppeer import free_port
+    from tests.processes import free_port, start_gateway, stop_gateway
 
     port, metrics_port = free_port(), free_port()
     policy = tmp_path / "policy.toml"
@@ -76,9 +70,7 @@ port = {metrics_port}
 [[plugins]]
 name = "rcpt_local_users"
 """)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--policy", str(policy)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_gateway(policy, port)
     try:
         def serving() -> bool:
             try:
@@ -98,12 +90,12 @@ name = "rcpt_local_users"
                     value(m["gateway_messages_queued"], "gateway_messages_queued_total"),
                     value(m["gateway_deliveries"], "gateway_deliveries_total", status="delivered"))
 
-        assert wait_for(lambda: totals() == (30, 30, 30), timeout=15), totals()
+        # 31 sessions: the 30 messages and start_gateway's probe of the port.
+        assert wait_for(lambda: totals() == (31, 30, 30), timeout=15), totals()
         new = tmp_path / "mail" / "alice" / "Maildir" / "new"
         assert len(list(new.iterdir())) == 30
         snapshots = list((tmp_path / "var" / "metrics").glob("worker-*.json"))
         assert len(snapshots) == 1, "the worker reports its counts"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert stop_gateway(proc) == 0
     assert not list((tmp_path / "var" / "metrics").glob("worker-*.json")), "a stopped worker withdraws its counts"

@@ -8,19 +8,12 @@ import smtplib
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from tests.conftest import RawClient, wait_for
+from tests.processes import free_port, gateway_env, start_gateway
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def policy_text(tmp: Path, port: int, users: str) -> str:
@@ -46,26 +39,12 @@ name = "rcpt_local_users"
 
 
 def gateway(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, timeout=60, env=env)
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, timeout=60,
+                          env=gateway_env())
 
 
 def start(policy: Path, port: int) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "run", "--policy", str(policy)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-
-    def up() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
-
-    assert wait_for(up, timeout=20)
-    return proc
+    return start_gateway(policy, port, stderr=subprocess.PIPE, text=True)
 
 
 def rcpt_code(port: int, rcpt: str) -> int:

@@ -7,20 +7,14 @@ import json
 import os
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from tests.conftest import wait_for
+from tests.processes import free_port, port_open
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def policy(tmp: Path, name: str, port: int, delivering: bool) -> Path:
@@ -60,7 +54,7 @@ def test_two_instances_side_by_side(tmp_path: Path) -> None:
     }
     try:
         for port in ports.values():
-            assert wait_for(lambda: _up(port), timeout=20)
+            assert wait_for(lambda: port_open(port), timeout=20)
         with smtplib.SMTP("127.0.0.1", ports["one"], timeout=10) as client:
             client.sendmail("a@example.org", ["user@one.test.example"], b"Subject: one\r\n\r\nx\r\n")
         with smtplib.SMTP("127.0.0.1", ports["two"], timeout=10) as client:
@@ -83,10 +77,3 @@ def test_two_instances_side_by_side(tmp_path: Path) -> None:
         for proc in procs.values():
             assert proc.wait(30) == 0
 
-
-def _up(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False

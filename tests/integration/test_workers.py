@@ -9,26 +9,14 @@ import os
 import re
 import signal
 import smtplib
-import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from tests.conftest import wait_for
-from tests.smtppeer import SmtpPeer, free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _up(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
+from tests.processes import free_port, port_open, start_gateway, stop_gateway
+from tests.smtppeer import SmtpPeer
 
 
 @contextmanager
@@ -58,19 +46,13 @@ name = "rcpt_relay"
 name = "rcpt_local_users"
 """)
     log_path = tmp_path / "gateway.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "run", "--policy", str(policy)],
-            env=env, stdout=subprocess.DEVNULL, stderr=log_file,
-        )
+        proc = start_gateway(policy, port, stderr=log_file)
     try:
-        assert wait_for(lambda: _up(port), timeout=20)
         yield log_path
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    assert not _up(port)
+        assert stop_gateway(proc) == 0
+    assert not port_open(port)
 
 
 def send_in_parallel(port: int, recipient: str, sessions: int = 8, each: int = 10) -> None:
@@ -169,20 +151,15 @@ tls = "none"
 [[plugins]]
 name = "rcpt_local_users"
 """)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "run", "--policy", str(policy)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    proc = start_gateway(policy, port)
     children: list[int] = []
     try:
-        assert wait_for(lambda: _up(port), timeout=20)
         children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
         assert len(children) == 1
         proc.kill()
         proc.wait(10)
         assert wait_for(lambda: not Path(f"/proc/{children[0]}").exists() or _zombie(children[0]), timeout=15)
-        assert not _up(port)
+        assert not port_open(port)
     finally:
         for pid in [proc.pid, *children]:
             try:
