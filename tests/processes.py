@@ -19,7 +19,7 @@ from typing import Any
 
 from tests.conftest import wait_for
 
-__all__ = ["ROOT", "free_port", "gateway_env", "port_open", "start_gateway", "stop_gateway"]
+__all__ = ["ROOT", "free_port", "gateway_env", "port_open", "start_gateway", "stop_gateway", "write_policy"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +53,36 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 def gateway_env(*paths: str | os.PathLike[str]) -> dict[str, str]:
     """This environment, with the source tree (after ``paths``) on ``PYTHONPATH``."""
     return dict(os.environ, PYTHONPATH=os.pathsep.join([*(str(p) for p in paths), str(ROOT)]))
+
+
+def write_policy(
+    tmp: Path, port: int, *, workers: int = 1, extra: str = "",
+    plugins: tuple[str, ...] = ("rcpt_relay", "rcpt_local_users"),
+) -> Path:
+    """``tmp/policy.toml``: queue, state and mailboxes under ``tmp``, one listener without
+    TLS on ``port``, local users postmaster and alice at ``localhost``, then ``extra``
+    (TOML sections) and ``plugins`` in that order."""
+    chain = "".join(f'[[plugins]]\nname = "{name}"\n' for name in plugins)
+    path = tmp / "policy.toml"
+    path.write_text(f"""
+[server]
+hostname = "gw.test.example"
+queue_dir = "{tmp / 'queue'}"
+var_dir = "{tmp / 'var'}"
+workers = {workers}
+[[listeners]]
+name = "smtp"
+port = {port}
+tls = "none"
+[local]
+domains = ["localhost"]
+users = ["postmaster", "alice"]
+mail_root = "{tmp / 'mail'}"
+[limits]
+max_connections_per_ip = 200
+{extra}
+{chain}""")
+    return path
 
 
 def start_gateway(

@@ -47,29 +47,11 @@ def test_with_workers_the_endpoint_counts_every_process(tmp_path) -> None:
     """``workers = 2``: the master serves /metrics and adds the worker's counts, so the
     totals cover every session and delivery, whichever process had them."""
     from tests.conftest import wait_for
-    from tests.processes import free_port, start_gateway, stop_gateway
+    from tests.processes import free_port, start_gateway, stop_gateway, write_policy
 
     port, metrics_port = free_port(), free_port()
-    policy = tmp_path / "policy.toml"
-    policy.write_text(f"""
-[server]
-queue_dir = "{tmp_path / 'queue'}"
-var_dir = "{tmp_path / 'var'}"
-workers = 2
-[[listeners]]
-name = "smtp"
-port = {port}
-tls = "none"
-[local]
-domains = ["localhost"]
-users = ["postmaster", "alice"]
-mail_root = "{tmp_path / 'mail'}"
-[metrics]
-enabled = true
-port = {metrics_port}
-[[plugins]]
-name = "rcpt_local_users"
-""")
+    extra = f"[metrics]\nenabled = true\nport = {metrics_port}"
+    policy = write_policy(tmp_path, port, workers=2, extra=extra, plugins=("rcpt_local_users",))
     proc = start_gateway(policy, port)
     try:
         def serving() -> bool:

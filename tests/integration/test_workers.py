@@ -15,36 +15,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tests.conftest import wait_for
-from tests.processes import free_port, port_open, start_gateway, stop_gateway
+from tests.processes import free_port, port_open, start_gateway, stop_gateway, write_policy
 from tests.smtppeer import SmtpPeer
 
 
 @contextmanager
 def running(tmp_path: Path, port: int, extra: str) -> Iterator[Path]:
     """The gateway with ``workers = 2`` on ``port``; yields its log file."""
-    policy = tmp_path / "policy.toml"
-    policy.write_text(f"""
-[server]
-hostname = "workers.test.example"
-queue_dir = "{tmp_path / 'queue'}"
-var_dir = "{tmp_path / 'var'}"
-workers = 2
-[[listeners]]
-name = "smtp"
-port = {port}
-tls = "none"
-[local]
-domains = ["localhost"]
-users = ["postmaster", "alice"]
-mail_root = "{tmp_path / 'mail'}"
-[limits]
-max_connections_per_ip = 200
-{extra}
-[[plugins]]
-name = "rcpt_relay"
-[[plugins]]
-name = "rcpt_local_users"
-""")
+    policy = write_policy(tmp_path, port, workers=2, extra=extra)
     log_path = tmp_path / "gateway.log"
     with open(log_path, "w") as log_file:
         proc = start_gateway(policy, port, stderr=log_file)
@@ -138,19 +116,7 @@ def test_workers_stop_when_the_master_is_killed(tmp_path: Path) -> None:
     """SIGKILL leaves the master no chance to stop its workers; the kernel does, so no
     orphan keeps the port (a restarted gateway would otherwise share it with them)."""
     port = free_port()
-    policy = tmp_path / "policy.toml"
-    policy.write_text(f"""
-[server]
-queue_dir = "{tmp_path / 'queue'}"
-var_dir = "{tmp_path / 'var'}"
-workers = 2
-[[listeners]]
-name = "smtp"
-port = {port}
-tls = "none"
-[[plugins]]
-name = "rcpt_local_users"
-""")
+    policy = write_policy(tmp_path, port, workers=2, plugins=("rcpt_local_users",))
     proc = start_gateway(policy, port)
     children: list[int] = []
     try:
