@@ -120,8 +120,10 @@ def gateway_auth(
     :param password: the password; never log it
     :param gateway: the gateway's services and the policy in force for this session
     :param settings: this plugin entry's settings
-    :returns: ``accept`` (authenticated as ``login``), ``reject`` (535) or
-        ``tempfail`` (454 4.7.0, e.g. the backend is down); ``None`` asks the next
+    :returns: ``accept`` (authenticated as ``login``, or as the verdict's ``login``
+        when the backend names the user differently, e.g. Dovecot's canonical name),
+        ``reject`` (535), ``tempfail`` (454 4.7.0, e.g. the backend is down) or
+        ``disconnect`` (its 421, then the connection is closed); ``None`` asks the next
     """
 
 
@@ -140,7 +142,7 @@ def gateway_auth_result(
     :param mechanism: ``PLAIN`` or ``LOGIN``
     :param login: the authentication identity the client gave (the password is not passed)
     :param outcome: ``"success"`` (235), ``"failure"`` (535: wrong or unknown
-        credentials) or ``"tempfail"`` (454: a backend down, or a lock-out)
+        credentials) or ``"tempfail"`` (454: a backend down; 421: a lock-out)
     :param gateway: the gateway's services and the policy in force for this session
     :param settings: this plugin entry's settings
     :returns: nothing; verdicts are ignored

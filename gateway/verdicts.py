@@ -102,10 +102,13 @@ class Verdict:
     reply: Reply
     plugin: str = ""
     reason: str = field(default="", compare=False)
+    #: at ``gateway_auth`` only: the name the backend knows the user by (Dovecot's
+    #: ``user=``), which the session then carries instead of the login as typed
+    login: str = field(default="", compare=False)
 
     @classmethod
-    def accept(cls, reply: Reply | None = None, reason: str = "") -> Verdict:
-        return cls(Action.ACCEPT, reply or Reply(250, "2.0.0", "OK"), reason=reason)
+    def accept(cls, reply: Reply | None = None, reason: str = "", login: str = "") -> Verdict:
+        return cls(Action.ACCEPT, reply or Reply(250, "2.0.0", "OK"), reason=reason, login=login)
 
     @classmethod
     def reject(cls, reply: Reply, reason: str = "") -> Verdict:
@@ -135,7 +138,7 @@ class Verdict:
         """The same verdict, attributed to ``plugin`` unless it already names one."""
         if self.plugin:
             return self
-        return Verdict(self.action, self.reply, plugin, self.reason)
+        return Verdict(self.action, self.reply, plugin, self.reason, self.login)
 
     @property
     def is_refusal(self) -> bool:

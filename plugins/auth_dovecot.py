@@ -100,6 +100,8 @@ async def gateway_auth(
         log.warning("%s: no answer for login=%s, temporary failure: %s", NAME, short(login, 64), exc)
         return Verdict.tempfail(REPLY_UNAVAILABLE, reason=f"Dovecot unavailable: {exc}")
     if answer.ok:
-        return Verdict.accept(reason=f"Dovecot user {short(answer.user, 64)}")
+        # Dovecot's name for the user (after auth_username_format, e.g. lower case):
+        # the session is known by it, as Dovecot's own services know the user.
+        return Verdict.accept(reason=f"Dovecot user {short(answer.user, 64)}", login=answer.user)
     reason = f"Dovecot: {short(answer.reason, 100)}" if answer.reason else "Dovecot refused"
     return Verdict.reject(REPLY_INVALID, reason=reason)

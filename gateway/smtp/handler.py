@@ -128,8 +128,13 @@ class SmtpHandler:
             gateway=self.gateway,
         )
         if verdict is not None and verdict.action is Action.ACCEPT:
-            session.auth_login = login
-            log.info("auth ok mechanism=%s login=%s by=%s", mechanism, short(login, 64), verdict.plugin)
+            # The backend's own name for the user when it gave one (Dovecot's user=):
+            # what sender checks, Received and Authentication-Results then use.
+            session.auth_login = verdict.login or login
+            log.info(
+                "auth ok mechanism=%s login=%s%s by=%s", mechanism, short(login, 64),
+                f" as={short(session.auth_login, 64)}" if session.auth_login != login else "", verdict.plugin,
+            )
             answer, outcome = Answer(REPLY_AUTH_OK), "success"
         elif verdict is not None and verdict.action in (Action.TEMPFAIL, Action.DISCONNECT):
             log.warning(

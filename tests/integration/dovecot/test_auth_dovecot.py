@@ -56,6 +56,26 @@ def test_right_password_authenticates_and_may_relay(gateway_factory, dovecot) ->
     assert b"with ESMTPSA id" in stored
 
 
+def test_the_session_carries_dovecots_name_for_the_user(gateway_factory, dovecot, caplog) -> None:
+    """Dovecot lower-cases logins (its default auth_username_format %Lu) and answers
+    with its own name for the user: that name, not the login as typed, is what the
+    Received header (and sender checks) then see."""
+    policy = dovecot_policy(dovecot.auth_socket, dovecot.userdb_socket).replace(
+        'name = "queue_received_header"', 'name = "queue_received_header"\nshow_auth_login = true'
+    )
+    gw = gateway_factory(policy)
+    caplog.set_level(logging.INFO, logger="gateway.smtp.handler")
+    with smtp(gw.port) as client:
+        client.starttls(context=no_verify_context())
+        client.ehlo()
+        assert client.login("ALICE@Local.Example", USERS["alice@local.example"])[0] == AUTH_OK
+        assert client.sendmail("alice@local.example", ["someone@example.net"], MESSAGE) == {}
+    stored = gw.queue.read_message(gw.queue_ids()[0])
+    # (The header writes the login with "_" for "@", so it reads as no address.)
+    assert b"(authenticated as alice_local.example)" in stored, stored.split(b"\r\n\r\n")[0]
+    assert "login=ALICE@Local.Example as=alice@local.example by=auth_dovecot" in caplog.text
+
+
 def test_sha512_crypt_password_with_spaces(gateway_factory, dovecot) -> None:
     gw = gateway_factory(dovecot_policy(dovecot.auth_socket, dovecot.userdb_socket))
     c = tls_client(gw.port)
