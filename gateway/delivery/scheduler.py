@@ -24,6 +24,7 @@ from gateway.delivery.flush import FlushTarget, matching_messages, parse_target
 from gateway.delivery.router import is_held, route_for
 from gateway.delivery.types import LocalRoute, Outcome, Route, SpecialRoute, TargetRoute
 from gateway.delivery.notices import Notifier, owes_nothing
+from gateway.delivery.remote.agent import portion
 from gateway.delivery.verp import for_recipient
 from gateway.logs import QUEUE_ID, short
 from gateway.model import Envelope, Message, QueuedRecipient, RecipientState
@@ -67,7 +68,8 @@ class Scheduler:
     (and at the notices it generates) and leaves the rest to the master's, which scans
     the queue for everything else: retries, other processes' leftovers, ``gateway
     inject``. The queue's delivery lock keeps two attempts on one message apart. Each
-    process gets 1/N of the concurrency limits, so the totals stay what the policy says.
+    process gets 1/N of the concurrency limits (the master also the remainder, each at
+    least one), so the totals stay what the policy says.
     """
 
     def __init__(self, app: Any, *, retries: bool = True, share: int = 1) -> None:
@@ -78,8 +80,8 @@ class Scheduler:
         #: how many processes split the concurrency limits
         self.share = max(1, share)
         delivery = app.policy.delivery
-        self._local = asyncio.Semaphore(max(1, delivery.local_concurrency // self.share))
-        self._remote = asyncio.Semaphore(max(1, delivery.remote_concurrency // self.share))
+        self._local = asyncio.Semaphore(portion(delivery.local_concurrency, self.share, retries))
+        self._remote = asyncio.Semaphore(portion(delivery.remote_concurrency, self.share, retries))
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         self._active: set[str] = set()
@@ -234,7 +236,8 @@ class Scheduler:
                 policy, hostname=gateway.hostname, forward=self._forward, run_in_thread=gateway.run_in_thread
             )
             remote = RemoteDeliveryAgent(
-                policy, make_resolver(policy.dns), hostname=gateway.hostname, share=self.share
+                policy, make_resolver(policy.dns), hostname=gateway.hostname, share=self.share,
+                primary=self.retries,
             )
             agents = self._agents[id(gateway)] = (local, remote)
         return agents

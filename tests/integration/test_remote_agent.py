@@ -392,6 +392,28 @@ def test_destination_concurrency(dns_server: DnsTestServer, port: int) -> None:
         assert len(mx1.messages) == 6 and time.monotonic() - started >= 0.55
 
 
+@pytest.mark.parametrize(("primary", "expected"), [(True, 3), (False, 2)], ids=["master", "worker"])
+def test_workers_split_the_destination_limit(dns_server: DnsTestServer, port: int, primary: bool,
+                                             expected: int) -> None:
+    """With ``workers = 2`` a limit of 5 becomes 3 for the master and 2 for the worker:
+    together never more than the policy's limit, and no slot lost to rounding."""
+    backoff_free = make_agent(dns_server, port, destination_concurrency=5)
+    agent = RemoteDeliveryAgent(backoff_free.policy, backoff_free.resolver, hostname=HOSTNAME,
+                                share=2, primary=primary)
+    with SmtpPeer(host="127.0.0.1", port=port, delay=0.2) as mx1:
+
+        async def main() -> None:
+            await asyncio.gather(*(
+                agent.deliver(Envelope("a@src.example", []), rcpts(f"r{n}@one.test.example"),
+                              MxRoute("one.test.example"), MESSAGE)
+                for n in range(8)
+            ))
+            await agent.close()
+
+        asyncio.run(main())
+        assert len(mx1.messages) == 8 and mx1.max_active == expected
+
+
 # -- Postfix smtp-sink ------------------------------------------------------------------------
 
 

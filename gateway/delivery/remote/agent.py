@@ -72,6 +72,7 @@ class RemoteDeliveryAgent:
     :param max_transactions: transactions on one connection before it is closed
     :param share: how many gateway processes deliver (``[server] workers``); each
         takes that part of ``destination_concurrency``, so the total stays the limit
+    :param primary: this is the master, which takes the remainder of that split
     """
 
     def __init__(
@@ -85,10 +86,13 @@ class RemoteDeliveryAgent:
         max_idle: int | None = None,
         max_transactions: int = 100,
         share: int = 1,
+        primary: bool = True,
     ) -> None:
         self.policy = policy
         #: how many gateway processes split ``destination_concurrency`` (workers)
         self.share = max(1, share)
+        #: the master, which also takes what the split leaves over
+        self.primary = primary
         self.resolver = resolver
         self.hostname = hostname
         self.backoff = backoff
@@ -105,7 +109,7 @@ class RemoteDeliveryAgent:
     @property
     def _destination_limit(self) -> int:
         """This process's part of ``destination_concurrency``."""
-        return max(1, self.policy.delivery.destination_concurrency // self.share)
+        return portion(self.policy.delivery.destination_concurrency, self.share, self.primary)
 
     @property
     def helo_name(self) -> str:
@@ -392,6 +396,14 @@ class RemoteDeliveryAgent:
             limit.users -= 1
             if limit.users == 0:
                 del self._limits[key]
+
+
+def portion(limit: int, share: int, primary: bool) -> int:
+    """One process's part of a concurrency ``limit`` split over ``share`` processes: an
+    equal part each, the remainder to the primary (the master), and at least one, so
+    the parts add up to the limit whenever it is at least ``share``."""
+    part = limit // share + (limit % share if primary else 0)
+    return max(1, part)
 
 
 def _key(dest: Destination, mode: str, auth: _Auth | None) -> _PoolKey:
