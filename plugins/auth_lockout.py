@@ -33,17 +33,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-from gateway.context import Gateway
 from gateway.hooks import hookimpl
 from gateway.logs import short
 from gateway.model import Session
 from gateway.policy import Duration, IPNetwork, setting
-from gateway.state import PluginStores, StateUnavailable, check_url
+from gateway.state import StateUnavailable, check_url
 from gateway.state.keys import digest, in_networks
 from gateway.verdicts import Reply, Verdict
+from plugins._state import StatePlugin
 
 __all__ = ["REPLY_LOCKED", "REPLY_UNAVAILABLE", "Plugin", "Settings", "failure_keys"]
 
@@ -94,19 +93,8 @@ def failure_keys(session: Session, login: str, settings: Settings) -> list[tuple
     return keys
 
 
-class Plugin:
+class Plugin(StatePlugin):
     """Holds the state store."""
-
-    def __init__(self) -> None:
-        self._stores = PluginStores()
-
-    @hookimpl
-    async def gateway_startup(self, gateway: Gateway, settings: Settings) -> None:
-        await self._stores.open(settings.state, Path(gateway.policy.server.var_dir))
-
-    @hookimpl
-    async def gateway_shutdown(self, settings: Settings) -> None:
-        await self._stores.close(settings.state)
 
     @hookimpl
     async def gateway_auth(self, session: Session, login: str, settings: Settings) -> Verdict | None:

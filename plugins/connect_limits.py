@@ -29,16 +29,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from gateway.context import Gateway
 from gateway.hooks import hookimpl
 from gateway.model import Session, StashKey
 from gateway.policy import Duration, IPNetwork, setting
-from gateway.state import PluginStores, StateStore, StateUnavailable, check_url
+from gateway.state import StateStore, StateUnavailable, check_url
 from gateway.state.keys import client_network, in_networks
 from gateway.verdicts import Reply, Verdict
+from plugins._state import StatePlugin
 
 __all__ = ["COUNTED", "REPLY_TOO_MANY", "Plugin", "Settings", "connection_keys"]
 
@@ -94,21 +94,14 @@ async def _take_back(store: StateStore, key: str, ttl: float) -> None:
         await store.incr(key, -value, ttl)
 
 
-class Plugin:
+class Plugin(StatePlugin):
     """Holds the state store."""
-
-    def __init__(self) -> None:
-        self._stores = PluginStores()
 
     @hookimpl
     async def gateway_startup(self, gateway: Gateway, settings: Settings) -> None:
-        await self._stores.open(settings.state, Path(gateway.policy.server.var_dir))
+        await super().gateway_startup(gateway, settings)
         if not (settings.connections_per_ip or settings.connections_per_network):
             log.warning("connect_limits: both limits are 0, nothing is limited")
-
-    @hookimpl
-    async def gateway_shutdown(self, settings: Settings) -> None:
-        await self._stores.close(settings.state)
 
     @hookimpl
     async def gateway_connect(self, session: Session, settings: Settings) -> Verdict | None:

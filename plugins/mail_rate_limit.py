@@ -35,16 +35,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Literal
 
-from gateway.context import Gateway
 from gateway.hooks import hookimpl
 from gateway.model import Session
 from gateway.policy import Duration, IPNetwork, setting
-from gateway.state import REPLY_STATE_UNAVAILABLE, PluginStores, StateUnavailable, check_url
+from gateway.state import REPLY_STATE_UNAVAILABLE, StateUnavailable, check_url
 from gateway.state.keys import digest, in_networks, window_bucket
 from gateway.verdicts import Reply, Verdict
+from plugins._state import StatePlugin
 
 __all__ = ["REPLY_MESSAGES", "REPLY_RECIPIENTS", "Plugin", "Settings", "rate_key"]
 
@@ -98,20 +97,12 @@ def rate_key(kind: str, session: Session, settings: Settings, now: float) -> tup
     return f"rate:{kind}:{settings.window:g}:{bucket}:{who}", limit
 
 
-class Plugin:
+class Plugin(StatePlugin):
     """Holds the state store; ``clock`` is replaceable for tests."""
 
     def __init__(self) -> None:
-        self._stores = PluginStores()
+        super().__init__()
         self.clock: Callable[[], float] = time.time
-
-    @hookimpl
-    async def gateway_startup(self, gateway: Gateway, settings: Settings) -> None:
-        await self._stores.open(settings.state, Path(gateway.policy.server.var_dir))
-
-    @hookimpl
-    async def gateway_shutdown(self, settings: Settings) -> None:
-        await self._stores.close(settings.state)
 
     @hookimpl
     async def gateway_mail(self, session: Session, settings: Settings) -> Verdict | None:

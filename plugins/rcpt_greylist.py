@@ -32,17 +32,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Literal
 
 from gateway.address import Address
-from gateway.context import Gateway
 from gateway.hooks import hookimpl
 from gateway.model import Recipient, Session, Transaction
 from gateway.policy import Duration, IPNetwork, setting
-from gateway.state import REPLY_STATE_UNAVAILABLE, PluginStores, StateStore, StateUnavailable, check_url
+from gateway.state import REPLY_STATE_UNAVAILABLE, StateStore, StateUnavailable, check_url
 from gateway.state.keys import client_network, digest, in_networks
 from gateway.verdicts import Reply, Verdict
+from plugins._state import StatePlugin
 from plugins.rcpt_relay import domain_matches
 
 __all__ = ["REPLY_GREYLISTED", "Plugin", "Settings", "triplet_key"]
@@ -118,20 +117,12 @@ def _is_allowed(session: Session, sender: Address, rcpt: Address, settings: Sett
     return None
 
 
-class Plugin:
+class Plugin(StatePlugin):
     """Holds the state store; ``clock`` is replaceable for tests."""
 
     def __init__(self) -> None:
-        self._stores = PluginStores()
+        super().__init__()
         self.clock: Callable[[], float] = time.time
-
-    @hookimpl
-    async def gateway_startup(self, gateway: Gateway, settings: Settings) -> None:
-        await self._stores.open(settings.state, Path(gateway.policy.server.var_dir))
-
-    @hookimpl
-    async def gateway_shutdown(self, settings: Settings) -> None:
-        await self._stores.close(settings.state)
 
     @hookimpl
     async def gateway_rcpt(
