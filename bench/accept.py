@@ -77,9 +77,11 @@ QUICK = {"concurrency": [1, 20, 100], "counts": {1: 150, 20: 500, 100: 500}, "ro
 
 
 def find_tool(name: str) -> str:
+    """The path of Postfix's ``smtp-source`` or ``smtp-sink``; exits when it is missing."""
     path = shutil.which(name) or (f"/usr/sbin/{name}" if os.access(f"/usr/sbin/{name}", os.X_OK) else None)
     if path is None:
-        sys.exit(f"accept.py: {name} not found; install the Debian package postfix (scripts/install-system-deps.sh)")
+        prog = os.path.basename(sys.argv[0]) or "bench"
+        sys.exit(f"{prog}: {name} not found; install the Debian package postfix (scripts/install-system-deps.sh)")
     return path
 
 
@@ -125,20 +127,28 @@ def dump_toml(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def bench_policy(path: Path, port: int, workdir: Path, *, log_level: str | None = "warning") -> dict[str, Any]:
+    """The policy file ``path`` as data, its queue and state under ``workdir``, every
+    listener on ``HOST``:``port``, and the ``log_level`` given (None: the file's)."""
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    data["server"]["queue_dir"] = str(workdir / "queue")
+    data["server"]["var_dir"] = str(workdir / "var")
+    if log_level is not None:
+        data["server"]["log_level"] = log_level
+    for listener in data["listeners"]:
+        listener["address"] = HOST
+        listener["port"] = port
+    return data
+
+
 def policy_text(kind: str, port: int, workdir: Path) -> str:
     """The bench policy for ``kind`` ("empty"/"default") on ``port``, queue under ``workdir``."""
-    with open(EMPTY_POLICY, "rb") as f:
-        data = tomllib.load(f)
+    data = bench_policy(EMPTY_POLICY, port, workdir)
     if FEATURES["delivery_section"]:
         # Measure accepting only: a gateway that also delivers from the queue would
         # compete for the CPU and empty msg/ under the count check.
         data.setdefault("delivery", {})["enabled"] = False
-    data["server"]["queue_dir"] = str(workdir / "queue")
-    data["server"]["var_dir"] = str(workdir / "var")
-    data["server"]["log_level"] = "warning"
-    for listener in data["listeners"]:
-        listener["address"] = HOST
-        listener["port"] = port
     if kind == "default-2w":
         data["server"]["workers"] = 2
     if kind in ("default", "default-2w"):

@@ -57,7 +57,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
@@ -67,6 +66,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 # Shared with the accept bench: ports, TOML writing, /proc readings, process stopping.
 from accept import (  # noqa: E402
+    bench_policy,
     cpu_seconds,
     describe_source,
     dump_toml,
@@ -413,13 +413,7 @@ def user_names(users: int) -> list[str]:
 
 def policy_text(path: str, port: int, workdir: Path, users: int, sink_port: int | None = None) -> str:
     """The bench policy for ``path`` on ``port``, state under ``workdir``."""
-    with open(POLICIES[path], "rb") as f:
-        data = tomllib.load(f)
-    data["server"]["queue_dir"] = str(workdir / "queue")
-    data["server"]["var_dir"] = str(workdir / "var")
-    for listener in data["listeners"]:
-        listener["address"] = HOST
-        listener["port"] = port
+    data = bench_policy(POLICIES[path], port, workdir, log_level=None)
     data["local"]["mail_root"] = str(workdir / "mail")
     if path == "local":
         data["local"]["users"] = ["postmaster", *user_names(users)]

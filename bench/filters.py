@@ -78,6 +78,7 @@ sys.path.insert(0, str(BENCH))
 from _daemons import Daemon, start_clamd, start_dns, start_spamd  # noqa: E402
 from accept import (  # noqa: E402
     Load,
+    bench_policy,
     cpu_seconds,
     describe_source,
     dump_toml,
@@ -245,14 +246,7 @@ def check_same_sections() -> None:
 
 
 def policy_text(variant: str, port: int, workdir: Path, daemons: dict[str, Daemon]) -> str:
-    with open(EMPTY_POLICY, "rb") as f:
-        data = tomllib.load(f)
-    data["server"]["queue_dir"] = str(workdir / "queue")
-    data["server"]["var_dir"] = str(workdir / "var")
-    data["server"]["log_level"] = "warning"
-    for listener in data["listeners"]:
-        listener["address"] = HOST
-        listener["port"] = port
+    data = bench_policy(EMPTY_POLICY, port, workdir)
     data["local"]["users"] = ["postmaster", RECIPIENT.partition("@")[0]]
     data.setdefault("delivery", {})["enabled"] = False  # measure accepting only
     needs_dns, plugins = chain_for(variant)

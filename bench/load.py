@@ -52,7 +52,7 @@ from typing import Any, Iterator
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from accept import dump_toml, export_rev, free_port, wait_ready  # noqa: E402  (same folder)
+from accept import bench_policy, dump_toml, export_rev, find_tool, free_port, wait_ready  # noqa: E402  (same folder)
 from accept import gateway_env as accept_gateway_env  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -91,13 +91,6 @@ QUICK = {
     "rounds": 1,
     "idle": 5000,
 }
-
-
-def find_tool(name: str) -> str:
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.access(f"/usr/sbin/{name}", os.X_OK) else None)
-    if path is None:
-        sys.exit(f"load.py: {name} not found; install the Debian package postfix (scripts/install-system-deps.sh)")
-    return path
 
 
 def raise_nofile() -> int:
@@ -190,11 +183,8 @@ class Server:
 
 
 def gateway_policy(kind: str, port: int, workdir: Path, workers: int, sink_port: int | None) -> str:
-    with open(BENCH / "policies" / "empty-chain.toml", "rb") as f:
-        data = tomllib.load(f)
-    data["server"].update(queue_dir=str(workdir / "queue"), var_dir=str(workdir / "var"),
-                          log_level="warning", workers=workers)
-    data["listeners"][0].update(address=HOST, port=port)
+    data = bench_policy(BENCH / "policies" / "empty-chain.toml", port, workdir)
+    data["server"]["workers"] = workers
     data["limits"].update(max_connections=20000, max_connections_per_ip=20000)
     if kind in ("default", "gw-relay"):
         with open(REPO / "policies" / "default.toml", "rb") as f:
