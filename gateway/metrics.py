@@ -15,6 +15,7 @@ snapshots of its living workers to its own: the totals lag by at most that inter
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -111,7 +112,7 @@ class GatewayCollector:
 
     def _totals(self) -> tuple[Counters, Any, dict[str, int]]:
         """This process's counts plus the latest snapshot of each living worker."""
-        counters, stats = _copied(self.app.counters, self.app.hook_stats)
+        counters, stats = _copied(self.app.counters), _copied(self.app.hook_stats)
         open_now = {name: listener.tracker.total for name, listener in self.app.listeners.items()}
         for snap in read_snapshots(Path(self.app.policy.server.var_dir)):
             merge(counters, stats, open_now, snap)
@@ -145,23 +146,20 @@ def start_metrics_server(app: Any, address: str, port: int) -> Any:
     return server
 
 
-def _copied(counters: Counters, stats: Any) -> tuple[Counters, Any]:
-    """Copies to add to. This runs on the HTTP server's thread while the event loop
-    keeps bumping the originals: ``dict(d)`` copies in one step under the GIL, where a
-    deep copy would iterate in Python and could meet a dict changing size."""
-    from gateway.hooks import HookStats
+def _tables(counts: Any) -> dict[str, Any]:
+    """The counters and tables of a :class:`Counters` or ``HookStats``, by field name."""
+    return {f.name: getattr(counts, f.name) for f in dataclasses.fields(counts)}
 
-    return (
-        Counters(
-            sessions=dict(counters.sessions), queued=counters.queued, queued_bytes=counters.queued_bytes,
-            quarantined=counters.quarantined, refused=dict(counters.refused), deliveries=dict(counters.deliveries),
-        ),
-        HookStats(
-            calls=dict(stats.calls), seconds=dict(stats.seconds),
-            buckets={key: list(counts) for key, counts in list(stats.buckets.items())},
-            verdicts=dict(stats.verdicts), errors=dict(stats.errors),
-        ),
-    )
+
+def _copied(counts: Any) -> Any:
+    """A copy to add to. This runs on the HTTP server's thread while the event loop
+    keeps bumping the original: ``list(d.items())`` takes each table in one step under
+    the GIL, where iterating the live dict could meet it changing size."""
+    return type(counts)(**{
+        name: {k: list(v) if isinstance(v, list) else v for k, v in list(value.items())}
+        if isinstance(value, dict) else value
+        for name, value in _tables(counts).items()
+    })
 
 
 # -- worker snapshots ---------------------------------------------------------------------
@@ -171,44 +169,47 @@ def _directory(var_dir: Path) -> Path:
     return var_dir / "metrics"
 
 
+def _as_json(value: Any) -> Any:
+    """A count as is; a table as [key, value] rows, a tuple key as a list."""
+    if isinstance(value, dict):
+        return [[list(k) if isinstance(k, tuple) else k, v] for k, v in value.items()]
+    return value
+
+
 def snapshot(app: Any) -> dict[str, Any]:
-    """A worker's counts as JSON types (tuple keys become lists)."""
-    counters: Counters = app.counters
-    stats = app.hook_stats
+    """A worker's counts as JSON types: every field of its :class:`Counters` and
+    ``HookStats``, and the sessions open now per listener."""
     return {
-        "sessions": counters.sessions,
+        "counters": {name: _as_json(v) for name, v in _tables(app.counters).items()},
+        "stats": {name: _as_json(v) for name, v in _tables(app.hook_stats).items()},
         "active": {name: listener.tracker.total for name, listener in app.listeners.items()},
-        "queued": counters.queued,
-        "queued_bytes": counters.queued_bytes,
-        "quarantined": counters.quarantined,
-        "refused": [[*k, v] for k, v in counters.refused.items()],
-        "deliveries": [[*k, v] for k, v in counters.deliveries.items()],
-        "calls": [[*k, v] for k, v in stats.calls.items()],
-        "seconds": [[*k, v] for k, v in stats.seconds.items()],
-        "buckets": [[*k, v] for k, v in stats.buckets.items()],
-        "verdicts": [[*k, v] for k, v in stats.verdicts.items()],
-        "errors": [[*k, v] for k, v in stats.errors.items()],
     }
+
+
+def _add_into(counts: Any, fields: dict[str, Any]) -> None:
+    """Add a snapshot's fields (:func:`snapshot`) to ``counts``, field by field; a
+    histogram's bucket counts add up bucket by bucket."""
+    for name, value in fields.items():
+        mine = getattr(counts, name)
+        if not isinstance(mine, dict):
+            setattr(counts, name, mine + value)
+            continue
+        for key, count in value:
+            key = tuple(key) if isinstance(key, list) else key
+            if key not in mine:
+                mine[key] = count
+            elif isinstance(count, list):
+                mine[key] = [a + b for a, b in zip(mine[key], count)]
+            else:
+                mine[key] += count
 
 
 def merge(counters: Counters, stats: Any, open_now: dict[str, int], snap: dict[str, Any]) -> None:
     """Add one worker's snapshot to the totals."""
-    for name, count in snap["sessions"].items():
-        Counters.bump(counters.sessions, name, count)
+    _add_into(counters, snap["counters"])
+    _add_into(stats, snap["stats"])
     for name, count in snap["active"].items():
         open_now[name] = open_now.get(name, 0) + count
-    counters.queued += snap["queued"]
-    counters.queued_bytes += snap["queued_bytes"]
-    counters.quarantined += snap["quarantined"]
-    for table, rows in ((counters.refused, snap["refused"]), (counters.deliveries, snap["deliveries"]),
-                        (stats.calls, snap["calls"]), (stats.seconds, snap["seconds"]),
-                        (stats.verdicts, snap["verdicts"]), (stats.errors, snap["errors"])):
-        for *key, value in rows:
-            table[tuple(key)] = table.get(tuple(key), 0) + value
-    for *key, counts in snap["buckets"]:
-        mine = stats.buckets.setdefault(tuple(key), [0] * len(counts))
-        for i, count in enumerate(counts[: len(mine)]):
-            mine[i] += count
 
 
 def _is_running(pid: int) -> bool:

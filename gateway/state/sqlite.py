@@ -129,7 +129,8 @@ class SqliteStore(StateStore):
         """WAL mode and the schema. Processes starting together (workers, several
         gateways on one file) can make SQLite refuse the journal-mode switch at once with
         "database is locked", without waiting (it would deadlock otherwise); the set-up
-        is idempotent, so it is tried again until ``timeout``."""
+        is idempotent, so it is tried again until ``timeout``. Runs in the store's own
+        thread, like every call on the connection: the pauses never hold the event loop."""
         deadline = time.monotonic() + self.timeout
         while True:
             try:
