@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from tests.processes import free_port
 
 USERS = {
     "alice@local.example": "s3cret",
@@ -54,13 +55,6 @@ echo "user=$user service=$AUTH_SERVICE rip=$REMOTE_IP lip=$AUTH_LOCAL_IP secured
 [ -n "$AUTHORIZED" ] && exit 3
 exit 1
 """
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _binary(name: str) -> str:

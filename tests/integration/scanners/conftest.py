@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 import pytest
 
 from tests.dnsserver import DnsTestServer
+from tests.processes import free_port
 
 # The EICAR test file (https://www.eicar.org), assembled at run time so that this source
 # file does not itself trip a virus scanner on a developer's machine.
@@ -52,13 +53,6 @@ ns1     IN A   127.0.0.1
 mail    IN A   127.0.0.1
 @       IN TXT "v=spf1 ip4:127.0.0.0/8 -all"
 """
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _need(binary: str) -> str:

@@ -19,7 +19,8 @@ from tests.integration.scanners._mail import (
     send,
     start,
 )
-from tests.integration.scanners.conftest import Clamd, free_port
+from tests.integration.scanners.conftest import Clamd
+from tests.processes import free_port
 
 VIRUS = "5.7.1 Virus found: "
 UNAVAILABLE = "4.7.1 Virus scanner unavailable"

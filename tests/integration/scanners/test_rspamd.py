@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from plugins import data_rspamd
 from tests.integration.scanners._mail import clean, gtube, queued, send, start
-from tests.integration.scanners.conftest import Rspamd, free_port
+from tests.integration.scanners.conftest import Rspamd
+from tests.processes import free_port
 
 UNAVAILABLE = "4.7.1 Spam scanner unavailable"
 

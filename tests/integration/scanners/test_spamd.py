@@ -7,7 +7,8 @@ from pathlib import Path
 
 from plugins import data_spamd
 from tests.integration.scanners._mail import cli, clean, gtube, policy_file, queued, send, start
-from tests.integration.scanners.conftest import Spamd, free_port
+from tests.integration.scanners.conftest import Spamd
+from tests.processes import free_port
 
 UNAVAILABLE = "4.7.1 Spam scanner unavailable"
 
