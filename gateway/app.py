@@ -16,7 +16,7 @@ from gateway.dns import make_resolver
 from gateway.hooks import HookRunner, HookStats, PluginSpec, discover_plugins
 from gateway.metrics import Counters, report_forever, start_metrics_server
 from gateway.policy import Policy, PolicyError, load_policy
-from gateway.queue import QueueStore
+from gateway.queue import Claim, QueueStore
 from gateway.smtp.handler import SmtpHandler
 from gateway.smtp.listener import Listener
 from gateway.smtp.tls import server_context
@@ -94,6 +94,7 @@ class GatewayApp:
             hostname=policy.server.hostname,
             resolver=make_resolver(policy.dns),
             notify_queued=self._queued,
+            take_claim=self._claimed if policy.delivery.enabled else None,
             counters=self.counters,
         )
         await runner.startup(policy.plugins, gateway=gateway)
@@ -102,6 +103,12 @@ class GatewayApp:
     def _queued(self, qid: str) -> None:
         if self.scheduler is not None:
             self.scheduler.notify(qid)
+
+    def _claimed(self, claim: Claim) -> None:
+        if self.scheduler is not None:
+            self.scheduler.take(claim)
+        else:  # a reload turned delivery on: nothing here delivers (the file stays queued)
+            os.close(claim.fd)
 
     def _watch_trigger(self) -> None:
         """Listen on the queue's trigger FIFO (``gateway queue retry`` writes to it)."""

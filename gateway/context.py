@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 if TYPE_CHECKING:
     from gateway.hooks import HookRunner
     from gateway.policy import Policy
-    from gateway.queue import QueueStore
+    from gateway.queue import Claim, QueueStore
 
 __all__ = ["Gateway"]
 
@@ -37,9 +37,13 @@ class Gateway:
     resolver: Any = field(default=None, repr=False)
     """The shared asynchronous DNS resolver (``dns.asyncresolver.Resolver``, see :mod:`gateway.dns`)."""
     notify_queued: Callable[[str], None] = field(default=lambda qid: None, repr=False)
+    """Called with the queue id of each message committed to the queue (wakes the scheduler)."""
+    take_claim: Callable[[Claim], None] | None = field(default=None, repr=False)
+    """When set, a message the SMTP front end commits to ``msg/`` is claimed
+    (:meth:`QueueStore.commit` with ``claim=True``) and handed here instead of to
+    :attr:`notify_queued`: this process's scheduler delivers it from memory."""
     counters: Any = field(default=None, repr=False)
     """Event counters for the metrics endpoint (:class:`gateway.metrics.Counters`)."""
-    """Called with the queue id of each message committed to the queue (wakes the scheduler)."""
 
     async def run_in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking call (pyspf, dkimpy, clamd, password hashing) in the bounded pool.

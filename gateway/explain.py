@@ -120,7 +120,9 @@ class _DryRunQueue:
         # counter), so headers that quote it look as they will.
         return f"{time.time_ns() // 1000:013X}{os.getpid() & 0xFFFFFF:06X}0000"
 
-    async def commit(self, qid: str, envelope: Envelope, message: Message, *, area: str = "msg") -> None:
+    async def commit(
+        self, qid: str, envelope: Envelope, message: Message, *, area: str = "msg", take_claim: None = None
+    ) -> None:
         if self.committed is None:  # the message; copies (queue_archive) are committed after it
             self.committed = (qid, envelope, message, area)
 

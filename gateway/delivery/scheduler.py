@@ -32,7 +32,7 @@ from gateway.verdicts import Action, PermanentFailure, Reply, TemporaryFailure
 
 if TYPE_CHECKING:
     from gateway.context import Gateway
-    from gateway.queue import QueueStore
+    from gateway.queue import Claim, QueueStore
     from gateway.queue.store import QueuedMessage
 
 __all__ = ["Scheduler", "backoff"]
@@ -95,6 +95,8 @@ class Scheduler:
         self._released: dict[str, list[FlushTarget]] = {}
         # qid -> the descriptor holding its delivery lock, while an attempt runs
         self._locks: dict[str, int] = {}
+        # qid -> a message this process just queued, lock held, for its first attempt
+        self._claims: dict[str, Claim] = {}
         self._notifier = Notifier(self.queue, self.inject)
 
     # -- life cycle --------------------------------------------------------
@@ -122,6 +124,9 @@ class Scheduler:
             await asyncio.gather(*pending, return_exceptions=True)
         for local, remote in self._agents.values():
             await remote.close()
+        claims, self._claims = self._claims, {}
+        for claim in claims.values():  # never started: unlocked, the file stays queued
+            os.close(claim.fd)
 
     def notify(self, qid: str, when: float | None = None) -> None:
         """Schedule ``qid`` at ``when`` (epoch seconds; now by default)."""
@@ -131,6 +136,19 @@ class Scheduler:
         self._due[qid] = when
         heapq.heappush(self._heap, (when, qid))
         self._wake.set()
+
+    def take(self, claim: Claim) -> None:
+        """Schedule a message this process just queued (:meth:`QueueStore.commit` with
+        ``take_claim``) now; its first attempt starts from the claim, not the disk."""
+        qid = claim.item.qid
+        if self._stopping:
+            os.close(claim.fd)  # the file stays queued for the next start
+            return
+        old = self._claims.pop(qid, None)
+        if old is not None:  # cannot happen (queue ids are unique), but never leak a lock
+            os.close(old.fd)
+        self._claims[qid] = claim
+        self.notify(qid)
 
     def forget(self, qid: str) -> None:
         self._due.pop(qid, None)
@@ -293,8 +311,12 @@ class Scheduler:
         its outcome.
         """
         gateway: Gateway = self.app.gateway
+        claim = self._claims.pop(qid, None)
         try:
-            opened = await gateway.run_in_thread(self._open_attempt, qid)
+            if claim is not None:
+                opened: tuple[int, QueuedMessage, bytes | None] | None = claim.fd, claim.item, claim.message
+            else:
+                opened = await gateway.run_in_thread(self._open_attempt, qid)
         except FileNotFoundError:
             self.forget(qid)
             self._released.pop(qid, None)
@@ -317,16 +339,11 @@ class Scheduler:
                 except RuntimeError:  # the thread pool is shut down: close it here
                     os.close(lock)
 
-    def _remove(self, qid: str) -> None:
-        """In a pool thread: remove ``qid`` from the queue and release its delivery lock
-        in the same hand-over (the lock guards nothing once the file is gone, and the
-        close that frees the file's blocks belongs off the event loop)."""
-        try:
-            self.queue.remove(qid)
-        finally:
-            lock = self._locks.pop(qid, None)
-            if lock is not None:
-                os.close(lock)
+    async def _remove(self, qid: str) -> None:
+        """Remove ``qid`` from the queue and release its delivery lock with it (the lock
+        guards nothing once the file is gone; the committer thread closes it, so freeing
+        the file's blocks does not hold up the event loop)."""
+        await self.queue.delete(qid, lock=self._locks.pop(qid, -1))
 
     def _later(self, qid: str, when: float) -> None:
         """Come back to ``qid`` at ``when``; a worker leaves that to the master's scan."""
@@ -389,7 +406,7 @@ class Scheduler:
             # message goes: a crash in between must not send it twice.
             if await self._notifier.queue_owed(gateway, qid, envelope, message, now, final=True):
                 await gateway.run_in_thread(self.queue.update_state, qid, envelope)
-            await gateway.run_in_thread(self._remove, qid)
+            await self._remove(qid)
             self.forget(qid)
             log.info("done: removed from the queue")
             return
@@ -484,7 +501,7 @@ class Scheduler:
                 if not outcomes:
                     return
                 if removal is None and owes_nothing(envelope):
-                    removal = asyncio.ensure_future(gateway.run_in_thread(self._remove, qid))
+                    removal = asyncio.ensure_future(self._remove(qid))
                 if removal is not None:
                     await removal
                     return

@@ -5,6 +5,7 @@ from gateway.queue.store import (
     REPLY_DISK_FULL,
     REPLY_QUEUE_CLOSED,
     REPLY_QUEUE_ERROR,
+    Claim,
     CorruptQueueFile,
     QueuedMessage,
     QueueStore,
@@ -12,6 +13,7 @@ from gateway.queue.store import (
 
 __all__ = [
     "AREAS",
+    "Claim",
     "CorruptQueueFile",
     "QueueStore",
     "QueuedMessage",

@@ -7,6 +7,15 @@ fdatasyncs them, renames them into their areas and fsyncs each area directory on
 and only then resolves the callers' futures, so the 250 follows stable storage. See
 ``docs/queue.md`` for why that order leaves nothing or a whole message after a crash.
 
+The same thread removes delivered messages (:meth:`Committer.remove`): their unlinks
+join the batch, and one fsync of an area directory covers that batch's renames and
+unlinks alike.
+
+A caller may ask to *keep* its file: the committer then locks the new file with the
+function it was given before publishing it, and hands back the open, locked
+descriptor, so the process that accepted a message can deliver it without opening or
+reading it again (and no other process can start on it in between).
+
 It also holds the two durable-write primitives the store's own writers share:
 :func:`write_all` and :func:`fsync_dir`.
 """
@@ -41,6 +50,8 @@ REPLY_QUEUE_CLOSED = Reply(451, "4.3.0", "queue is shutting down, try again late
 
 #: Flags for a file the caller must be the one to create.
 NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+#: The same, for a file whose descriptor is kept (a write lock needs it open for writing).
+_KEPT_FILE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 _IOV_MAX = 1024  # Linux UIO_MAXIOV: writev refuses more buffers than this
 
@@ -83,20 +94,36 @@ class _Job:
     area: str
     data: list[Buffer]
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[None]
+    future: asyncio.Future[int | None]
+    is_kept: bool = False  # hand the open, locked descriptor to the caller
     fd: int = -1
     owned: Path | None = None  # the file this job created: in tmp/, then in its area
     error: TemporaryFailure | None = None
 
 
-def _settle(jobs: list[_Job]) -> None:
+@dataclass(slots=True)
+class _Removal:
+    """One removal handed to the committer thread."""
+
+    qid: str
+    area: str
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[int | None]
+    fd: int = -1  # closed once the file is gone (the delivery lock)
+    error: BaseException | None = None
+
+
+def _settle(jobs: list[_Job | _Removal]) -> None:
     """On the jobs' event loop: report each outcome unless its waiter was cancelled."""
     for job in jobs:
-        if not job.future.done():
-            if job.error is None:
-                job.future.set_result(None)
-            else:
-                job.future.set_exception(job.error)
+        fd, job.fd = job.fd, -1
+        if job.future.done():
+            if fd >= 0:  # nobody takes it: the file stays queued, unlocked
+                os.close(fd)
+        elif job.error is None:
+            job.future.set_result(fd if fd >= 0 else None)
+        else:
+            job.future.set_exception(job.error)
 
 
 class Committer:
@@ -108,10 +135,17 @@ class Committer:
     :param area_dir: maps an area name (already validated) to its directory
     :param max_batch: the most messages one group commit (one directory fsync) covers
     :param sync_threads: how many files of a batch are written and fdatasynced at once
+    :param lock: locks a kept file's descriptor (see :meth:`commit`); it must not wait
+    :param unlink: for :meth:`remove`: deletes ``<area>/<qid>`` (its name), given
+        ``(qid, area)``
+    :param forget: for :meth:`remove`: called with the queue id once the file's
+        removal is durable, for what goes after it (the state file)
     """
 
     def __init__(self, tmp_dir: Path, area_dir: Callable[[str], Path], *, max_batch: int,
-                 sync_threads: int = SYNC_THREADS) -> None:
+                 sync_threads: int = SYNC_THREADS, lock: Callable[[int], None] | None = None,
+                 unlink: Callable[[str, str], None] | None = None,
+                 forget: Callable[[str], None] | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._sync_threads = max(1, min(sync_threads, max_batch))
@@ -119,32 +153,76 @@ class Committer:
         self._tmp_dir = tmp_dir
         self._area_dir = area_dir
         self._max_batch = max_batch
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._lock_kept = lock
+        self._unlink = unlink
+        self._forget = forget
+        self._jobs: queue.SimpleQueue[_Job | _Removal | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards _thread and _is_closing
         self._is_closing = False
 
-    async def commit(self, qid: str, area: str, data: list[Buffer]) -> None:
+    async def commit(self, qid: str, area: str, data: list[Buffer], *, keep: bool = False) -> int | None:
         """Write ``data`` to ``<area>/<qid>`` durably; return once it is on stable storage.
 
         :param qid: the queue id, already validated; also the temporary file's name
         :param area: the area, already validated
         :param data: the file's whole content, written without copying
+        :param keep: lock the file (with the ``lock`` function given to the committer)
+            before it is published and return its descriptor, open for reading and
+            writing; the caller closes it
+        :returns: the kept descriptor, or None when ``keep`` is false
         :raises TemporaryFailure: 452 4.3.1 when the disk is full, 451 4.3.0 on any
             other failure or after :meth:`close`; no file is left behind
         """
+        if keep and self._lock_kept is None:
+            raise ValueError("this committer was given no lock for kept files")
         loop = asyncio.get_running_loop()
-        job = _Job(qid, area, data, loop, loop.create_future())
+        job = _Job(qid, area, data, loop, loop.create_future(), keep)
+        self._hand_over(job)
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            # The waiter was cancelled after the thread reported (or _settle closed it):
+            # a kept descriptor nobody takes is closed, and the file stays queued.
+            if job.future.done() and not job.future.cancelled() and job.future.exception() is None:
+                fd = job.future.result()
+                if fd is not None:
+                    os.close(fd)
+            raise
+
+    async def remove(self, qid: str, area: str, *, close: int = -1) -> None:
+        """Delete ``<area>/<qid>`` with the next batch; return once that is durable and
+        the ``forget`` function has run for it.
+
+        :param close: a descriptor of the file to close once its name is gone (the
+            delivery lock); it is closed whatever happens, on the committer thread, where
+            freeing the file's blocks does not hold up an event loop
+        :raises FileNotFoundError: when there is no such file
+        :raises OSError: when the unlink or the fsync after it failed
+        :raises TemporaryFailure: after :meth:`close`
+        """
+        if self._unlink is None or self._forget is None:
+            raise ValueError("this committer was given no unlink and forget functions")
+        loop = asyncio.get_running_loop()
+        removal = _Removal(qid, area, loop, loop.create_future(), close)
+        try:
+            self._hand_over(removal)
+        except BaseException:
+            if close >= 0:
+                os.close(close)
+            raise
+        await removal.future
+
+    def _hand_over(self, job: _Job | _Removal) -> None:
         with self._lock:
             if self._is_closing:
-                raise TemporaryFailure(REPLY_QUEUE_CLOSED, f"qid={qid}: store closed")
+                raise TemporaryFailure(REPLY_QUEUE_CLOSED, f"qid={job.qid}: store closed")
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="queue-committer", daemon=True
                 )
                 self._thread.start()
             self._jobs.put(job)
-        await job.future
 
     def reopen(self) -> None:
         """Accept commits again after :meth:`close`."""
@@ -169,7 +247,7 @@ class Committer:
             first = self._jobs.get()
             if first is None:
                 break
-            batch = [first]
+            batch: list[_Job | _Removal] = [first]
             while len(batch) < self._max_batch:
                 try:
                     job = self._jobs.get_nowait()
@@ -186,48 +264,82 @@ class Committer:
                 for job in batch:
                     if job.error is None:
                         self._fail(job, exc)
+            for job in batch:
+                if isinstance(job, _Removal) and job.fd >= 0:
+                    fd, job.fd = job.fd, -1
+                    os.close(fd)
             self._resolve(batch)
         pool, self._sync_pool = self._sync_pool, None
         if pool is not None:
             pool.shutdown()
 
-    def _commit_batch(self, batch: list[_Job]) -> None:
+    def _commit_batch(self, batch: list[_Job | _Removal]) -> None:
+        jobs = [job for job in batch if isinstance(job, _Job)]
+        removals = [job for job in batch if isinstance(job, _Removal)]
         # 1-2. Each message into its own new temporary file, written and fdatasynced, so
         # its data is on disk before any name in an area points at it. The files of a
         # batch are written and synced side by side on the sync threads: the filesystem
         # then folds their flushes into a few journal commits instead of one per file.
-        if len(batch) == 1 or self._sync_threads <= 1:
-            for job in batch:
+        if len(jobs) <= 1 or self._sync_threads <= 1:
+            for job in jobs:
                 self._write_and_sync(job)
         else:
             pool = self._pool()
-            for _ in pool.map(self._write_and_sync, batch):
+            for _ in pool.map(self._write_and_sync, jobs):
                 pass
-        written = [job for job in batch if job.error is None]
+        written = [job for job in jobs if job.error is None]
         for job in written:  # 3. publish: an atomic rename into the area
             try:
                 os.rename(self._tmp_dir / job.qid, self._area_dir(job.area) / job.qid)
                 job.owned = self._area_dir(job.area) / job.qid
             except Exception as exc:
                 self._fail(job, exc)
-        # 4. One directory fsync per area makes all of the batch's renames durable.
-        for area in {job.area for job in written if job.error is None}:
+        for removal in removals:  # the removals' unlinks join the same directory fsync
+            try:
+                assert self._unlink is not None
+                self._unlink(removal.qid, removal.area)
+            except Exception as exc:
+                removal.error = exc
+            finally:
+                fd, removal.fd = removal.fd, -1
+                if fd >= 0:
+                    os.close(fd)
+        unlinked = [r for r in removals if r.error is None]
+        # 4. One directory fsync per area makes all of the batch's renames and unlinks
+        # durable.
+        for area in {job.area for job in written if job.error is None} | {r.area for r in unlinked}:
             try:
                 fsync_dir(self._area_dir(area))
             except Exception as exc:
                 for job in written:
                     if job.area == area and job.error is None:
                         self._fail(job, exc)
-        for job in batch:
+                for removal in unlinked:
+                    if removal.area == area:
+                        removal.error = exc
+        for job in jobs:
             if job.error is None:
                 log.info("queued qid=%s area=%s batch=%d", job.qid, job.area, len(batch))
+        # 5. What must wait for a removal to be durable (the state file goes after it).
+        for removal in unlinked:
+            if removal.error is None:
+                try:
+                    assert self._forget is not None
+                    self._forget(removal.qid)
+                except Exception as exc:
+                    removal.error = exc
 
     def _write_and_sync(self, job: _Job) -> None:
         """Create ``tmp/<qid>``, write the job's data and fdatasync it (any thread)."""
         try:
-            job.fd = os.open(self._tmp_dir / job.qid, NEW_FILE, 0o600)
+            job.fd = os.open(self._tmp_dir / job.qid, _KEPT_FILE if job.is_kept else NEW_FILE, 0o600)
             job.owned = self._tmp_dir / job.qid
             write_all(job.fd, job.data)
+            if job.is_kept:
+                assert self._lock_kept is not None
+                os.fdatasync(job.fd)
+                self._lock_kept(job.fd)  # before the rename: nobody else sees it unlocked
+                return
             fd, job.fd = job.fd, -1
             try:
                 os.fdatasync(fd)
@@ -241,8 +353,11 @@ class Committer:
             self._sync_pool = ThreadPoolExecutor(self._sync_threads, thread_name_prefix="queue-sync")
         return self._sync_pool
 
-    def _fail(self, job: _Job, exc: BaseException) -> None:
+    def _fail(self, job: _Job | _Removal, exc: BaseException) -> None:
         """Mark one job failed (disk full: 452 4.3.1, else 451 4.3.0) and clean up."""
+        if isinstance(job, _Removal):
+            job.error = exc
+            return
         log.error("queue commit failed qid=%s: %s", job.qid, exc)
         is_full = isinstance(exc, OSError) and exc.errno in _NO_SPACE
         reply = REPLY_DISK_FULL if is_full else REPLY_QUEUE_ERROR
@@ -263,9 +378,9 @@ class Committer:
             log.error("cannot remove failed commit qid=%s: %s", job.qid, cleanup)
 
     @staticmethod
-    def _resolve(batch: list[_Job]) -> None:
+    def _resolve(batch: list[_Job | _Removal]) -> None:
         """Hand the outcomes back: one wake-up of each event loop per batch, not per job."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Job | _Removal]] = {}
         for job in batch:
             by_loop.setdefault(job.loop, []).append(job)
         for loop, jobs in by_loop.items():
@@ -275,3 +390,7 @@ class Committer:
                 log.warning(
                     "event loop closed before commits were reported: %s", ",".join(j.qid for j in jobs)
                 )
+                for job in jobs:
+                    if job.fd >= 0:
+                        fd, job.fd = job.fd, -1
+                        os.close(fd)

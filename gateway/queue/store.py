@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from gateway.model import Envelope, Message, QueuedRecipient
 from gateway.queue.committer import (
@@ -38,7 +38,7 @@ from gateway.queue.committer import (
 from gateway.queue.dirsync import DirSync
 
 __all__ = [
-    "AREAS", "CorruptQueueFile", "QueueStore", "QueuedMessage",
+    "AREAS", "Claim", "CorruptQueueFile", "QueueStore", "QueuedMessage",
     "REPLY_DISK_FULL", "REPLY_QUEUE_CLOSED", "REPLY_QUEUE_ERROR",
 ]
 
@@ -84,6 +84,18 @@ class QueuedMessage:
     held: bool
     next_try: float
     attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A message this process just committed, still in hand: its file's descriptor,
+    holding the delivery lock (:meth:`QueueStore.lock_delivery`) since before the file
+    was published, the message as :meth:`QueueStore.load` would give it, and its bytes.
+    The first delivery attempt starts from it without going back to the disk."""
+
+    fd: int
+    item: QueuedMessage
+    message: bytes
 
 
 # Queue ids are process-wide (two stores on one directory in one process never collide).
@@ -136,7 +148,11 @@ class QueueStore:
 
     def __init__(self, root: str | os.PathLike[str], *, max_batch: int = 64) -> None:
         self.root = Path(root)
-        self._committer = Committer(self.root / "tmp", self._dir, max_batch=max_batch)
+        self._committer = Committer(
+            self.root / "tmp", self._dir, max_batch=max_batch,
+            lock=lambda fd: _ofd_lock(fd, fcntl.F_WRLCK, wait=False),
+            unlink=self._unlink_message, forget=self._drop_state,
+        )
         self._state_locks = [threading.Lock() for _ in range(64)]  # striped by qid
         # Concurrent state updates and removals share their directory fsyncs.
         self._syncs = {
@@ -357,25 +373,41 @@ class QueueStore:
         return _next_id()
 
     async def commit(
-        self, qid: str, envelope: Envelope, message: Message, *, area: str = "msg"
+        self, qid: str, envelope: Envelope, message: Message, *, area: str = "msg",
+        take_claim: Callable[[Claim], None] | None = None,
     ) -> None:
         """Store a message durably: when this returns it survives a crash or power loss.
 
         :param qid: a queue id from :meth:`new_id`
-        :param envelope: the envelope; in quarantine its ``quarantine_reason`` is set
+        :param envelope: the envelope; in quarantine its ``quarantine_reason`` is set.
+            With ``take_claim`` it becomes the claim's and the caller must not change it
         :param message: the message, written as :meth:`Message.chunks` gives it
         :param area: ``"msg"`` or ``"quarantine"``
+        :param take_claim: hold the delivery lock from before the file is published and
+            hand this function a :class:`Claim` for this process's first attempt
+            (``"msg"`` only), before returning; it closes the claim's descriptor
         :raises TemporaryFailure: 452 4.3.1 when the disk is full, 451 4.3.0 on any
             other failure or after :meth:`close`; no file is left behind
         """
-        self._path(area, qid)  # validates both
+        path = self._path(area, qid)  # validates both
         if area == "quarantine" and not envelope.quarantine_reason:
             raise ValueError("a quarantined envelope needs a quarantine_reason")
+        if take_claim is not None and area != "msg":
+            raise ValueError("only a message in msg/ can be claimed for delivery")
         env = json.dumps(envelope.to_dict(), separators=(",", ":")).encode("utf-8")
         chunks = message.chunks()
         size = sum(memoryview(c).nbytes for c in chunks)
         head = b"%s %d %d\n" % (_MAGIC, len(env), size) + env + b"\n"
-        await self._committer.commit(qid, area, [head, *chunks])
+        fd = await self._committer.commit(qid, area, [head, *chunks], keep=take_claim is not None)
+        if fd is None or take_claim is None:
+            return
+        # Handed over with no await in between: a cancelled caller cannot drop the lock.
+        item = QueuedMessage(
+            qid=qid, area=area, envelope=envelope, path=path,
+            message_offset=len(head), message_size=size,
+            held=False, next_try=envelope.arrived, attempts=0,
+        )
+        take_claim(Claim(fd, item, b"".join(chunks)))
 
     async def close(self) -> None:
         """Let the commits already handed over finish, then stop the committer thread.
@@ -529,17 +561,40 @@ class QueueStore:
         :param area: ``"msg"`` or ``"quarantine"``
         :raises FileNotFoundError: when there is no such message
         """
-        path = self._path(area, qid)
+        self._unlink_message(qid, area)
+        self._syncs[area].sync()
+        self._drop_state(qid)
+
+    async def delete(self, qid: str, area: str = "msg", *, lock: int = -1) -> None:
+        """:meth:`remove` for the event loop: the unlink goes with the committer's next
+        batch and shares its directory fsync; returns once the removal is durable.
+
+        :param lock: the message's delivery lock (:meth:`lock_delivery`, or a
+            :class:`Claim`'s descriptor), closed once the file is gone, whatever happens
+        :raises FileNotFoundError: when there is no such message
+        """
+        try:
+            self._path(area, qid)
+        except ValueError:
+            if lock >= 0:
+                os.close(lock)
+            raise
+        await self._committer.remove(qid, area, close=lock)
+
+    def _unlink_message(self, qid: str, area: str) -> None:
         with self._state_lock(qid):
-            os.unlink(path)
-            self._syncs[area].sync()
+            os.unlink(self._path(area, qid))
+
+    def _drop_state(self, qid: str) -> None:
+        """Once the message's removal is durable: its state file goes too."""
+        with self._state_lock(qid):
             try:
                 os.unlink(self.root / "state" / qid)
             except FileNotFoundError:
                 pass
             else:
                 self._syncs["state"].sync()
-        log.info("removed qid=%s area=%s", qid, area)
+        log.info("removed qid=%s", qid)
 
     def move(self, qid: str, src: str, dst: str) -> None:
         """Move a message between areas with one atomic rename, the destination made

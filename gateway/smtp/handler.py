@@ -242,9 +242,10 @@ class SmtpHandler:
         assert txn.queue_id is not None
         copies = self._copies(txn, envelope) if area == "msg" else []
         queue = self.gateway.queue
+        take_claim = self.gateway.take_claim if area == "msg" else None
         # The copies share the message's group commit; the 250 depends on the message alone.
         results = await asyncio.gather(
-            queue.commit(txn.queue_id, envelope, message, area=area),
+            queue.commit(txn.queue_id, envelope, message, area=area, take_claim=take_claim),
             *(queue.commit(qid, copy, message) for qid, copy in copies),
             return_exceptions=True,
         )
@@ -258,7 +259,7 @@ class SmtpHandler:
             log.error("queue commit failed", exc_info=failure)
             return Answer(REPLY_QUEUE_FAILED)
         self._note_copies(copies, results[1:])
-        if area == "msg":
+        if area == "msg" and take_claim is None:
             self.gateway.notify_queued(txn.queue_id)
         counters = self.gateway.counters
         if counters is not None:

@@ -142,10 +142,10 @@ def _failing_commits(gw, fails) -> None:
     store = gw.app.queue
     real = store.commit
 
-    async def commit(qid, envelope, message, *, area="msg"):
+    async def commit(qid, envelope, message, **kwargs):
         if fails(envelope):
             raise TemporaryFailure(Reply(452, "4.3.1", "Insufficient system storage"))
-        return await real(qid, envelope, message, area=area)
+        return await real(qid, envelope, message, **kwargs)
 
     store.commit = commit
 

@@ -78,7 +78,7 @@ def _record_bookkeeping(gw) -> tuple[list[tuple[str, list[str], list[bool]]], li
     """Spy on the store: (qid, recipient states, notified flags) per state write, and
     the qids removed (the real methods still run)."""
     store = gw.app.queue
-    update_state, remove = store.update_state, store.remove
+    update_state, delete = store.update_state, store.delete
     writes: list[tuple[str, list[str], list[bool]]] = []
     removals: list[str] = []
 
@@ -86,11 +86,11 @@ def _record_bookkeeping(gw) -> tuple[list[tuple[str, list[str], list[bool]]], li
         writes.append((qid, [r.state.value for r in envelope.recipients], [r.notified for r in envelope.recipients]))
         return update_state(qid, envelope, **fields)
 
-    def recording_remove(qid, area="msg"):
+    async def recording_delete(qid, area="msg", **kwargs):
         removals.append(qid)
-        return remove(qid, area)
+        return await delete(qid, area, **kwargs)
 
-    store.update_state, store.remove = recording_update, recording_remove
+    store.update_state, store.delete = recording_update, recording_delete
     return writes, removals
 
 

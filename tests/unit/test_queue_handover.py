@@ -1,0 +1,190 @@
+"""Unit tests for the queue's hand-over to delivery within one process: a commit that
+claims its message for the first attempt (``QueueStore.commit`` with ``take_claim``) and
+a removal that goes through the committer thread (``QueueStore.delete``)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.model import Envelope, Message, QueuedRecipient
+from gateway.queue import Claim, QueueStore
+from gateway.queue import committer as committer_mod
+from gateway.queue import store as store_mod
+from tests.unit.test_queue_dirsync import _GatedFsync
+
+STORE = "gateway.queue.store"
+COMMITTER = "gateway.queue.committer"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> QueueStore:
+    s = QueueStore(tmp_path / "queue")
+    s.open()
+    return s
+
+
+def _envelope() -> Envelope:
+    return Envelope(
+        sender="alice@example.org",
+        recipients=[QueuedRecipient("bob@example.net"), QueuedRecipient("carol@example.net")],
+    )
+
+
+def _message() -> Message:
+    message = Message(b"Subject: hi\r\n\r\nHello.\r\n")
+    message.prepend_header("Received", "from client by gateway")  # written in its own chunk
+    return message
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        assert exc.errno == errno.EBADF
+        return False
+    return True
+
+
+def test_a_claim_is_the_message_as_loaded_and_holds_its_delivery_lock(store: QueueStore) -> None:
+    claims: list[Claim] = []
+    qid = store.new_id()
+
+    async def run() -> None:
+        await store.commit(qid, _envelope(), _message(), take_claim=claims.append)
+        await store.close()
+
+    asyncio.run(run())
+    (claim,) = claims
+    assert claim.item == store.load(qid)  # what an attempt would have read from disk
+    assert claim.message == store.read_message(qid)
+    assert claim.message.startswith(b"Received: from client by gateway\r\n")
+    assert store.lock_delivery(qid) is None  # nobody else may start on it
+    os.close(claim.fd)
+    fd = store.lock_delivery(qid)
+    assert fd is not None
+    os.close(fd)
+
+
+def test_an_unclaimed_commit_leaves_no_lock(store: QueueStore) -> None:
+    qid = store.new_id()
+
+    async def run() -> None:
+        await store.commit(qid, _envelope(), _message())
+        await store.close()
+
+    asyncio.run(run())
+    fd = store.lock_delivery(qid)
+    assert fd is not None
+    os.close(fd)
+
+
+def test_a_claim_whose_waiter_is_cancelled_leaves_the_message_queued_and_unlocked(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = _GatedFsync("msg", committer_mod.fsync_dir)
+    monkeypatch.setattr(f"{COMMITTER}.fsync_dir", gate)
+    claims: list[Claim] = []
+    qid = store.new_id()
+
+    async def run() -> int | None:
+        task = asyncio.create_task(store.commit(qid, _envelope(), _message(), take_claim=claims.append))
+        assert await asyncio.to_thread(gate.entered["msg"].wait, 10)
+        task.cancel()  # the session went away while the batch was being made durable
+        gate.release()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(500):
+            fd = await asyncio.to_thread(store.lock_delivery, qid)
+            if fd is not None:
+                return fd
+            await asyncio.sleep(0.01)
+        return None
+
+    fd = asyncio.run(run())
+    assert claims == []
+    assert fd is not None, "the cancelled claim's lock was never released"
+    os.close(fd)
+    assert store.ids() == [qid]  # committed all the same: the next queue scan delivers it
+
+
+def test_delete_makes_the_unlink_durable_before_the_state_goes_and_closes_the_lock(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qid = store.new_id()
+    asyncio.run(store.commit(qid, _envelope(), _message()))
+    store.update_state(qid, _envelope(), attempts=1)  # a state file to drop after it
+    lock = store.lock_delivery(qid)
+    assert lock is not None
+    events: list[str] = []
+    real_unlink, real_fsync = os.unlink, store_mod.fsync_dir
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        events.append(f"unlink {Path(path).parent.name}")
+        real_unlink(path, *args, **kwargs)
+
+    def fsync_dir(path: Path) -> None:
+        real_fsync(path)
+        events.append(f"fsync {path.name}")
+
+    monkeypatch.setattr(f"{STORE}.os.unlink", unlink)
+    monkeypatch.setattr(f"{STORE}.fsync_dir", fsync_dir)
+    monkeypatch.setattr(f"{COMMITTER}.fsync_dir", fsync_dir)
+
+    async def run() -> None:
+        await store.delete(qid, lock=lock)
+        await store.close()
+
+    asyncio.run(run())
+    assert events == ["unlink msg", "fsync msg", "unlink state", "fsync state"]
+    assert not _is_open(lock)
+    assert store.ids() == [] and not (store.root / "state" / qid).exists()
+
+
+def test_a_commit_and_a_removal_in_one_batch_share_the_fsync_of_msg(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = store.new_id()
+    asyncio.run(store.commit(old, _envelope(), _message()))
+    gate = _GatedFsync("msg", committer_mod.fsync_dir)
+    monkeypatch.setattr(f"{COMMITTER}.fsync_dir", gate)
+    blocker, new = store.new_id(), store.new_id()
+
+    async def run() -> None:
+        first = asyncio.create_task(store.commit(blocker, _envelope(), _message()))
+        assert await asyncio.to_thread(gate.entered["msg"].wait, 10)
+        # The committer thread is inside the first batch's fsync: these two wait for
+        # it and then go together as the next batch.
+        second = asyncio.gather(store.commit(new, _envelope(), _message()), store.delete(old))
+        await asyncio.sleep(0.05)
+        gate.release()
+        await first
+        await second
+        await store.close()
+
+    asyncio.run(run())
+    assert store.ids() == sorted([blocker, new])
+    assert gate.synced == ["msg", "msg"]  # one per batch, not one per change
+
+
+def test_delete_of_a_message_already_gone_raises_and_still_closes_the_lock(store: QueueStore) -> None:
+    qid = store.new_id()
+    asyncio.run(store.commit(qid, _envelope(), _message()))
+    lock = store.lock_delivery(qid)
+    assert lock is not None
+    store.remove(qid)
+
+    async def run() -> None:
+        try:
+            await store.delete(qid, lock=lock)
+        finally:
+            await store.close()
+
+    with pytest.raises(FileNotFoundError):
+        asyncio.run(run())
+    assert not _is_open(lock)
