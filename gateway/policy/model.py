@@ -432,6 +432,8 @@ class Scope:
         :param domain: the recipient's domain (any case, trailing dot allowed).
         :returns: this scope itself when no override matches, else a (cached) derived scope.
         """
+        if not self.domain_overrides:
+            return self
         name = _normalize_domain(domain)
         matched = tuple(
             i for i, o in enumerate(self.domain_overrides) if o.match.matches_domain(name)

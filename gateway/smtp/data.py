@@ -17,6 +17,7 @@ import functools
 import re
 from dataclasses import dataclass
 
+from gateway.watchdog import Watchdog
 from gateway.verdicts import Reply
 
 __all__ = ["DataResult", "read_data"]
@@ -48,7 +49,7 @@ def _push_back(reader: asyncio.StreamReader, data: bytes | bytearray) -> None:
 
 
 async def _read_until_end(
-    reader: asyncio.StreamReader, max_size: int, timeout: float
+    reader: asyncio.StreamReader, max_size: int, timeout: float, watchdog: Watchdog
 ) -> tuple[bytearray | None, int]:
     """Read up to the end-of-data marker; returns the dot-stuffed body (ending in CRLF,
     or empty) or ``None`` if it grew past ``max_size``, plus the octets received."""
@@ -57,8 +58,7 @@ async def _read_until_end(
     overflow = False
     scan_from = 0
     while True:
-        async with asyncio.timeout(timeout):
-            chunk = await reader.read(_CHUNK)
+        chunk = await watchdog.wait(reader.read(_CHUNK), timeout)
         if not chunk:
             raise ConnectionResetError("connection closed during DATA")
         received += len(chunk)
@@ -84,7 +84,8 @@ async def _read_until_end(
 
 
 async def read_data(
-    reader: asyncio.StreamReader, *, max_size: int, max_line_length: int, timeout: float
+    reader: asyncio.StreamReader, *, max_size: int, max_line_length: int, timeout: float,
+    watchdog: Watchdog | None = None,
 ) -> DataResult:
     """Read one message after the 354 reply.
 
@@ -92,12 +93,20 @@ async def read_data(
     :param max_size: largest message accepted, in octets after dot-unstuffing
     :param max_line_length: longest line accepted including CRLF (0: no limit)
     :param timeout: longest wait for the next chunk (RFC 5321 §4.5.3.2.5: 3 min)
+    :param watchdog: the session's (one is made for this call otherwise)
     :returns: the dot-unstuffed message, or the reply that refuses it; the whole
         message is always consumed first, so the session can go on
     :raises TimeoutError: the client went quiet
     :raises ConnectionResetError: the client hung up mid-message
     """
-    body, received = await _read_until_end(reader, max_size, timeout)
+    if watchdog is None:
+        watchdog = Watchdog()
+        try:
+            body, received = await _read_until_end(reader, max_size, timeout, watchdog)
+        finally:
+            watchdog.close()
+    else:
+        body, received = await _read_until_end(reader, max_size, timeout, watchdog)
     if body is None:
         return DataResult(None, REPLY_TOO_BIG, received)
     crlf = body.count(b"\r\n")

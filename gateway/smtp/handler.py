@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import ipaddress
 import itertools
 import logging
@@ -51,6 +52,7 @@ def _answer(verdict: Verdict, default: Reply) -> Answer:
     return Answer(default)
 
 
+@functools.lru_cache(maxsize=4096)  # clients come back; parsing is a tenth of open_session
 def _client_ip(peer_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

@@ -27,6 +27,7 @@ from gateway.address import AddressError, parse_params, parse_path
 from gateway.logs import SESSION_ID, short
 from gateway.model import Recipient, Transaction
 from gateway.smtp.data import read_data
+from gateway.watchdog import Watchdog
 from gateway.smtp.etrn import etrn, is_offered
 from gateway.smtp.handler import Answer, SmtpHandler
 from gateway.smtp.params import Refusal
@@ -94,6 +95,21 @@ class _NoHooks:
 
     def __dir__(self) -> list[str]:  # no handle_*/auth_* hooks: nothing to introspect
         return []
+
+
+_WIRE: dict[Reply, bytes] = {}
+_WIRE_MAX = 1024
+
+
+def _wire(reply: Reply) -> bytes:
+    """The reply as sent: most are the same few constants, encoded once."""
+    data = _WIRE.get(reply)
+    if data is None:
+        data = ("\r\n".join(reply.lines()) + "\r\n").encode("ascii", "replace")
+        if len(_WIRE) >= _WIRE_MAX:  # one-off texts (queue ids) must not grow it for ever
+            _WIRE.clear()
+        _WIRE[reply] = data
+    return data
 
 
 class _Close(Exception):
@@ -193,7 +209,7 @@ class GatewaySMTP(SMTP):
 
     async def reply(self, reply: Reply, *, bad: bool = False) -> None:
         """Send a reply; a protocol error spends one unit of the error budget."""
-        self._writer.write(("\r\n".join(reply.lines()) + "\r\n").encode("ascii", "replace"))
+        self._writer.write(_wire(reply))
         await self._writer.drain()
         if bad:
             self.errors += 1
@@ -239,6 +255,7 @@ class GatewaySMTP(SMTP):
                 if self.sessions is not None and task is not None:
                     self.sessions.discard(task)
             return
+        self._watchdog = Watchdog()
         try:
             async with asyncio.timeout(limits.session_timeout):
                 refusal = await self.handler.connect(session, scope)
@@ -259,6 +276,7 @@ class GatewaySMTP(SMTP):
         except asyncio.CancelledError:
             pass
         finally:
+            self._watchdog.close()
             self._close()
             self.tracker.release(session.peer_ip)
             try:
@@ -276,15 +294,14 @@ class GatewaySMTP(SMTP):
 
     async def _read_line(self, timeout: float) -> bytes | None:
         """One command line; ``None`` when it was too long (already drained)."""
+        wait = self._watchdog.wait
         try:
-            async with asyncio.timeout(timeout):
-                return await self._reader.readuntil(b"\n")
+            return await wait(self._reader.readuntil(b"\n"), timeout)
         except asyncio.LimitOverrunError as exc:
             await self._reader.read(exc.consumed)
             while True:
                 try:
-                    async with asyncio.timeout(timeout):
-                        await self._reader.readuntil(b"\n")
+                    await wait(self._reader.readuntil(b"\n"), timeout)
                     return None
                 except asyncio.LimitOverrunError as more:
                     await self._reader.read(more.consumed)
@@ -452,6 +469,7 @@ class GatewaySMTP(SMTP):
                 max_size=limits.max_message_size,
                 max_line_length=limits.max_line_length,
                 timeout=limits.data_timeout,
+                watchdog=self._watchdog,
             )
         except TimeoutError:
             log.info("timeout during DATA client=%s", self.gsession.peer_ip)

@@ -183,6 +183,35 @@ def test_idle_timeout_gets_421(gateway_factory) -> None:
     c.close()
 
 
+def test_idle_timeout_comes_after_busy_commands_and_in_the_middle_of_data(gateway_factory) -> None:
+    # The per-session timer is set once and moved on by each read: commands sent well
+    # inside the limit never trip it, and a client that goes quiet in the middle of the
+    # message (data_timeout) still gets its 421 and loses the message.
+    gw = gateway_factory(BASE_POLICY + '\n[limits]\nidle_timeout = "400ms"\ndata_timeout = "400ms"\n')
+    c = RawClient(gw.port)
+    c.reply()
+    for _ in range(6):
+        time.sleep(0.15)
+        c.send(b"NOOP\r\n")
+        assert c.reply()[0] == 250
+    c.send(b"EHLO client.example\r\n")
+    assert c.reply()[0] == 250
+    c.send(b"MAIL FROM:<a@example.org>\r\n")
+    assert c.reply()[0] == 250
+    c.send(b"RCPT TO:<postmaster@localhost>\r\n")
+    assert c.reply()[0] == 250
+    c.send(b"DATA\r\n")
+    assert c.reply()[0] == 354
+    c.send(b"Subject: half\r\n\r\nand then silence")
+    started = time.monotonic()
+    code, text = c.reply()
+    assert code == 421 and text[0].startswith("4.4.2")
+    assert 0.3 <= time.monotonic() - started < 3
+    assert c.is_closed()
+    c.close()
+    assert gw.queue_ids() == []
+
+
 def test_session_deadline_stops_a_dribbling_client(gateway_factory) -> None:
     gw = gateway_factory(BASE_POLICY + '\n[limits]\nsession_timeout = "1s"\nidle_timeout = "10s"\n')
     c = RawClient(gw.port)

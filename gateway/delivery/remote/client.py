@@ -20,16 +20,19 @@ import contextlib
 import logging
 import re
 import ssl
-from collections.abc import Collection, Sequence
-from typing import Literal
+from collections.abc import Awaitable, Collection, Sequence
+from typing import Literal, TypeVar
 
 from gateway.delivery.types import Outcome
 from gateway.model import Envelope, QueuedRecipient
 from gateway.verdicts import PermanentFailure, Reply, TemporaryFailure
+from gateway.watchdog import Watchdog
 
 __all__ = ["HostFailure", "SmtpConnection", "StaleConnection", "TlsFailure", "as_temporary", "xtext"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # RFC 5321 §4.5.3.1.5 allows 512 octets per reply line; leave room for sloppy servers.
 _MAX_LINE = 4096
@@ -132,6 +135,7 @@ class SmtpConnection:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._broken = False
+        self._watchdog: Watchdog | None = None  # made on the event loop, at the first wait
         # A pooled connection's RSET, sent at the head of the next pipelined group
         # (:meth:`reuse`) instead of costing a round trip of its own.
         self._rset_pending = False
@@ -172,9 +176,9 @@ class SmtpConnection:
         if self._writer is None or self._writer.is_closing():
             raise self._lost("connection closed")
         try:
-            async with asyncio.timeout(timeout):
-                self._writer.write(data)
-                await self._writer.drain()
+            self._writer.write(data)
+            if self._writer.transport.get_write_buffer_size():  # else nothing to wait for
+                await self._wait(self._writer.drain(), timeout)
         except TimeoutError:
             raise self._lost("timeout sending to remote") from None
         except (OSError, ssl.SSLError) as exc:
@@ -186,21 +190,22 @@ class SmtpConnection:
             raise self._lost("not connected")
         code = 0
         lines: list[str] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout  # for the whole reply, however many lines
         try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    raw = await self._reader.readuntil(b"\n")
-                    line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
-                    if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
-                        raise self._lost(f"malformed reply {line[:64]!r}")
-                    if code and int(line[:3]) != code or not 200 <= int(line[:3]) <= 599:
-                        raise self._lost(f"malformed reply {line[:64]!r}")
-                    code = int(line[:3])
-                    lines.append(line[4:])
-                    if line[3:4] != "-":
-                        break
-                    if len(lines) >= _MAX_REPLY_LINES:
-                        raise self._lost("reply too long")
+            while True:
+                raw = await self._wait(self._reader.readuntil(b"\n"), deadline - loop.time())
+                line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+                if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
+                    raise self._lost(f"malformed reply {line[:64]!r}")
+                if code and int(line[:3]) != code or not 200 <= int(line[:3]) <= 599:
+                    raise self._lost(f"malformed reply {line[:64]!r}")
+                code = int(line[:3])
+                lines.append(line[4:])
+                if line[3:4] != "-":
+                    break
+                if len(lines) >= _MAX_REPLY_LINES:
+                    raise self._lost("reply too long")
         except TimeoutError:
             raise self._lost("timeout waiting for reply") from None
         except asyncio.IncompleteReadError:
@@ -210,6 +215,12 @@ class SmtpConnection:
         except (OSError, ssl.SSLError) as exc:
             raise self._lost(f"connection lost: {exc}") from None
         return code, lines
+
+    def _wait(self, awaitable: Awaitable[T], seconds: float) -> Awaitable[T]:
+        """``awaitable`` within ``seconds`` (TimeoutError after), on the connection's one timer."""
+        if self._watchdog is None:
+            self._watchdog = Watchdog()
+        return self._watchdog.wait(awaitable, seconds)
 
     async def _read_reply(self, timeout: float) -> Reply:
         code, lines = await self._read_lines(timeout)
@@ -384,6 +395,8 @@ class SmtpConnection:
         """Close without QUIT; never raises."""
         writer, self._writer = self._writer, None
         self._broken = True
+        if self._watchdog is not None:
+            self._watchdog.close()
         if writer is None:
             return
         if writer.transport.is_closing():

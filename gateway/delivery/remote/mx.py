@@ -10,6 +10,7 @@ Failures are classified: a domain that cannot receive mail is a
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import random
 from collections.abc import Collection
@@ -41,6 +42,7 @@ def _normal(name: str) -> str:
     return name.rstrip(".").lower()
 
 
+@functools.lru_cache(maxsize=1024)  # smarthosts and literal domains repeat with every message
 def parse_address_literal(text: str) -> str | None:
     """The IP address in an RFC 5321 §4.1.3 address literal, or ``None`` if it is not one.
 
