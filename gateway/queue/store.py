@@ -214,6 +214,11 @@ class QueueStore:
         fd = os.open(self._path("msg", qid), os.O_RDWR | os.O_CLOEXEC)
         try:
             _ofd_lock(fd, fcntl.F_WRLCK, wait=False)
+            # The holder we waited out may have removed the message between our open and
+            # our lock (delivered, nothing recorded in a state file any more): its file
+            # would read as all recipients pending, and be delivered a second time.
+            if os.fstat(fd).st_nlink == 0:
+                raise FileNotFoundError(errno.ENOENT, f"qid={qid} was removed")
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES):
@@ -232,6 +237,8 @@ class QueueStore:
         fd = os.open(self._path(area, qid), os.O_RDWR | os.O_CLOEXEC)
         try:
             _ofd_lock(fd, fcntl.F_WRLCK, wait=True)
+            if os.fstat(fd).st_nlink == 0:  # delivered and removed while we waited
+                raise FileNotFoundError(errno.ENOENT, f"qid={qid} was removed")
             yield fd
         finally:
             os.close(fd)

@@ -188,3 +188,24 @@ def test_delete_of_a_message_already_gone_raises_and_still_closes_the_lock(store
     with pytest.raises(FileNotFoundError):
         asyncio.run(run())
     assert not _is_open(lock)
+
+
+def test_a_lock_taken_just_after_the_holder_removed_the_message_finds_it_gone(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another process opened msg/<qid> while this one was delivering it; this one then
+    # removed the message (no state file: the removal is the record) and let go of the
+    # lock, and only then did the other take the lock. Its descriptor still reads the
+    # whole message with every recipient pending: it must see the message as gone,
+    # not deliver it again.
+    qid = store.new_id()
+    asyncio.run(store.commit(qid, _envelope(), _message()))
+    real_lock = store_mod._ofd_lock
+
+    def lock_after_the_removal(fd: int, kind: int, *, wait: bool) -> None:
+        os.unlink(store.root / "msg" / qid)  # the holder's removal, between open and lock
+        real_lock(fd, kind, wait=wait)
+
+    monkeypatch.setattr(f"{STORE}._ofd_lock", lock_after_the_removal)
+    with pytest.raises(FileNotFoundError):
+        store.lock_delivery(qid)
