@@ -148,7 +148,10 @@ class Scheduler:
         if old is not None:  # cannot happen (queue ids are unique), but never leak a lock
             os.close(old.fd)
         self._claims[qid] = claim
-        self.notify(qid)
+        if qid in self._active or qid in self._due:  # cannot happen for a new id; be safe
+            self.notify(qid)
+        else:  # due now: start it here rather than wake the scheduling loop for it
+            self._spawn(qid)
 
     def forget(self, qid: str) -> None:
         self._due.pop(qid, None)
@@ -485,12 +488,14 @@ class Scheduler:
             groups.setdefault((route, rcpt.address if is_verp else ""), []).append(rcpt)
 
         removal: asyncio.Future[None] | None = None  # shared by the groups that see it done
+        is_shared = len(groups) > 1
+        is_removed = False
 
         async def run(route: Route, rcpts: list[QueuedRecipient]) -> None:
             # The concurrency slot is held until the results are on disk (state written
             # or message removed), so at most local + remote concurrency deliveries can
             # ever be done-but-unrecorded.
-            nonlocal removal
+            nonlocal removal, is_removed
             sent_as = for_recipient(envelope, rcpts[0]) if is_verp else envelope
             async with self._local if isinstance(route, (LocalRoute, SpecialRoute, TargetRoute)) else self._remote:
                 outcomes = await self._deliver_group(gateway, qid, sent_as, route, rcpts, message)
@@ -501,6 +506,10 @@ class Scheduler:
                 if not outcomes:
                     return
                 if removal is None and owes_nothing(envelope):
+                    if not is_shared:  # the only group: no task of its own for the removal
+                        await self._remove(qid)
+                        is_removed = True
+                        return
                     removal = asyncio.ensure_future(self._remove(qid))
                 if removal is not None:
                     await removal
@@ -512,8 +521,12 @@ class Scheduler:
                         raise
                     await removal  # a sibling group's removal records these results too
 
-        await asyncio.gather(*(run(route, rcpts) for (route, _), rcpts in groups.items()))
-        return removal is not None
+        if is_shared:
+            await asyncio.gather(*(run(route, rcpts) for (route, _), rcpts in groups.items()))
+        else:  # the common case, one route: no gathering task
+            for (route, _), rcpts in groups.items():
+                await run(route, rcpts)
+        return is_removed or removal is not None
 
     async def _deliver_group(
         self, gateway: Gateway, qid: str, envelope: Envelope, route: Route,

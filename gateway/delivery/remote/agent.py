@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -154,8 +154,17 @@ class RemoteDeliveryAgent:
                 "remote to %s: %d recipient(s) %s: %s", name, len(recipients), status, short(exc.reply, 300)
             )
             return {r.address: Outcome(status, exc.reply) for r in recipients}
-        async with self._limit(route.key):
-            return await self._try_hosts(destinations, mode, auth, envelope, recipients, message)
+        limit = self._limit(route.key)
+        try:
+            await limit.semaphore.acquire()
+            try:
+                return await self._try_hosts(destinations, mode, auth, envelope, recipients, message)
+            finally:
+                limit.semaphore.release()
+        finally:
+            limit.users -= 1
+            if limit.users == 0:
+                del self._limits[route.key]
 
     async def close(self) -> None:
         """Close every pooled connection (QUIT) and stop the idle reaper."""
@@ -381,21 +390,16 @@ class RemoteDeliveryAgent:
             await asyncio.gather(*(conn.quit() for conn in expired))
             self._backed_off = {k: v for k, v in self._backed_off.items() if v[0] > now}
 
-    @contextlib.asynccontextmanager
-    async def _limit(self, key: str) -> AsyncIterator[None]:
-        """At most ``destination_concurrency`` deliveries at once per route key."""
+    def _limit(self, key: str) -> _Limit:
+        """The semaphore keeping deliveries to ``key`` at ``destination_concurrency``,
+        counted as used: the caller waits on it and gives it back (``users`` down, the
+        entry dropped when nobody uses it)."""
         limit = self._limits.get(key)
         if limit is None:
             limit = _Limit(asyncio.Semaphore(self._destination_limit))
             self._limits[key] = limit
         limit.users += 1
-        try:
-            async with limit.semaphore:
-                yield
-        finally:
-            limit.users -= 1
-            if limit.users == 0:
-                del self._limits[key]
+        return limit
 
 
 def portion(limit: int, share: int, primary: bool) -> int:
