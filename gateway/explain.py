@@ -18,7 +18,6 @@ Plugins that keep state (greylisting, rate limits) see this trial as a real atte
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import os

@@ -58,7 +58,7 @@ _VERDICT = re.compile(
 _VERDICT_EXTRA = re.compile(r"\s*(?:\b(?:sender|rcpt)=<[^<>]*>)?\s*$")
 _DEFAULT_DENY = re.compile(r"^rcpt to=<.*> refused by=default-deny$")
 _AUTH = re.compile(r"^auth (?P<outcome>failed|tempfail) mechanism=\S+ login=.* by=(?P<plugin>\S+)$")
-_OBSERVE = re.compile(rf"^observe plugin=(?P<plugin>\S+) hook=(?P<hook>\S+) would=(?P<action>\w+) ")
+_OBSERVE = re.compile(r"^observe plugin=(?P<plugin>\S+) hook=(?P<hook>\S+) would=(?P<action>\w+) ")
 _QUARANTINE = re.compile(r"^quarantine by=(?P<plugin>\S+) reason=")
 _DATA_REFUSED = re.compile(r"^data refused: (?P<reply>.*)$")
 _CONN_REFUSED = re.compile(r"^connection refused client=\S+: (?P<why>.*)$")

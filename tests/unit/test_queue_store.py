@@ -408,8 +408,11 @@ def test_commit_after_close_is_refused_until_reopened(store: QueueStore) -> None
 # Durability ordering and group commit ----------------------------------------------------
 
 
-def test_commit_syncs_file_and_directory_before_resolving(store: QueueStore,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("is_claimed", [False, True], ids=["unclaimed", "claimed"])
+def test_commit_syncs_file_and_directory_before_resolving(store: QueueStore, monkeypatch: pytest.MonkeyPatch,
+                                                          is_claimed: bool) -> None:
+    # Claimed (the SMTP front end with delivery on): the file is kept open and locked
+    # for the first attempt, and the order must be the same.
     events: list[str] = []
     entered, release = threading.Event(), threading.Event()
     real_writev, real_fdatasync, real_rename = os.writev, os.fdatasync, os.rename
@@ -439,8 +442,16 @@ def test_commit_syncs_file_and_directory_before_resolving(store: QueueStore,
         monkeypatch.setattr(f"{COMMITTER}.os.{name}", fake)
     monkeypatch.setattr(f"{COMMITTER}.fsync_dir", fsync_dir)
 
+    claims: list[Any] = []
+
+    def take_claim(claim: Any) -> None:
+        events.append("claimed")
+        claims.append(claim)
+
     async def main() -> None:
-        task = asyncio.create_task(store.commit(store.new_id(), _envelope(), _message()))
+        task = asyncio.create_task(
+            store.commit(store.new_id(), _envelope(), _message(), take_claim=take_claim if is_claimed else None)
+        )
         assert await asyncio.to_thread(entered.wait, 10)
         await asyncio.sleep(0.05)  # room for a premature resolution to show
         assert not task.done(), "commit returned before the directory fsync finished"
@@ -451,7 +462,10 @@ def test_commit_syncs_file_and_directory_before_resolving(store: QueueStore,
         await store.close()
 
     _run(main())
-    assert events == ["write", "fdatasync", "rename tmp->msg", "fsync msg", "released", "resolved"]
+    resolved = ["claimed", "resolved"] if is_claimed else ["resolved"]
+    assert events == ["write", "fdatasync", "rename tmp->msg", "fsync msg", "released", *resolved]
+    for claim in claims:
+        os.close(claim.fd)
 
 
 def test_concurrent_commits_share_directory_fsyncs(store: QueueStore,
