@@ -209,3 +209,30 @@ def test_a_lock_taken_just_after_the_holder_removed_the_message_finds_it_gone(
     monkeypatch.setattr(f"{STORE}._ofd_lock", lock_after_the_removal)
     with pytest.raises(FileNotFoundError):
         store.lock_delivery(qid)
+
+
+@pytest.mark.parametrize("target", ["fdatasync", "rename", "fsync_dir"])
+def test_a_claimed_commit_that_fails_hands_over_nothing_and_leaks_no_descriptor(
+    store: QueueStore, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    from gateway.verdicts import TemporaryFailure
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(f"{COMMITTER}.fsync_dir" if target == "fsync_dir" else f"{COMMITTER}.os.{target}", fail)
+    claims: list[Claim] = []
+    before = len(os.listdir("/proc/self/fd"))
+
+    async def run() -> None:
+        try:
+            await store.commit(store.new_id(), _envelope(), _message(), take_claim=claims.append)
+        finally:
+            await store.close()
+
+    with pytest.raises(TemporaryFailure) as caught:
+        asyncio.run(run())
+    assert caught.value.reply.code == 451
+    assert claims == []
+    assert sorted(os.listdir(store.root / "tmp")) == [] and store.ids() == []
+    assert len(os.listdir("/proc/self/fd")) == before  # the kept descriptor was closed
