@@ -29,6 +29,10 @@ def _clean_text(text: str) -> str:
     return _UNPRINTABLE_RE.sub("?", text)
 
 
+_WIRE: dict[Reply, bytes] = {}  # Reply.wire()'s encodings
+_WIRE_MAX = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """One SMTP reply: basic code, enhanced status code (RFC 3463) and text.
@@ -75,6 +79,17 @@ class Reply:
 
     def __str__(self) -> str:
         return "\r\n".join(self.lines())
+
+    def wire(self) -> bytes:
+        """The reply as sent, CRLF after every line; encoded once per distinct reply
+        (most are the same few constants)."""
+        data = _WIRE.get(self)
+        if data is None:
+            data = (str(self) + "\r\n").encode("ascii", "replace")
+            if len(_WIRE) >= _WIRE_MAX:  # one-off texts (queue ids) must not grow it for ever
+                _WIRE.clear()
+            _WIRE[self] = data
+        return data
 
     def with_text(self, text: str) -> Reply:
         return Reply(self.code, self.status, text)

@@ -3,10 +3,11 @@
 ``asyncio.timeout()`` builds a context object and a timer (a heap push, then a cancel)
 for every wait, and an SMTP session waits once per command and once per chunk of DATA
 (the delivery client once per reply). A :class:`Watchdog` keeps at most one timer per
-session or connection: each wait only moves a deadline (one clock read). The timer, when it fires before the deadline (the deadline moved on
-since it was set), sets itself again for the new one; when it fires after the deadline
-while the task waits, it cancels the task, and :meth:`Watchdog.wait` turns that
-cancellation into :class:`TimeoutError`, as ``asyncio.timeout()`` does. A cancellation
+session or connection: each wait only moves a deadline (one clock read). The timer,
+when it fires before the deadline (the deadline moved on since it was set), sets itself
+again for the new one; when it fires after the deadline while the task waits, it
+cancels the task, and :meth:`Watchdog.wait` turns that cancellation into
+:class:`TimeoutError`, as ``asyncio.timeout()`` does. A cancellation
 from anywhere else (shutdown) stays a cancellation. Waits may come from different tasks
 (a pooled connection serves one delivery after another), one at a time.
 """

@@ -17,8 +17,8 @@ import functools
 import re
 from dataclasses import dataclass
 
-from gateway.watchdog import Watchdog
 from gateway.verdicts import Reply
+from gateway.watchdog import Watchdog
 
 __all__ = ["DataResult", "read_data"]
 
@@ -99,14 +99,12 @@ async def read_data(
     :raises TimeoutError: the client went quiet
     :raises ConnectionResetError: the client hung up mid-message
     """
-    if watchdog is None:
-        watchdog = Watchdog()
-        try:
-            body, received = await _read_until_end(reader, max_size, timeout, watchdog)
-        finally:
-            watchdog.close()
-    else:
-        body, received = await _read_until_end(reader, max_size, timeout, watchdog)
+    dog = watchdog or Watchdog()
+    try:
+        body, received = await _read_until_end(reader, max_size, timeout, dog)
+    finally:
+        if dog is not watchdog:  # made for this call
+            dog.close()
     if body is None:
         return DataResult(None, REPLY_TOO_BIG, received)
     crlf = body.count(b"\r\n")

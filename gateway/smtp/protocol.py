@@ -27,13 +27,13 @@ from gateway.address import AddressError, parse_params, parse_path
 from gateway.logs import SESSION_ID, short
 from gateway.model import Recipient, Transaction
 from gateway.smtp.data import read_data
-from gateway.watchdog import Watchdog
 from gateway.smtp.etrn import etrn, is_offered
 from gateway.smtp.handler import Answer, SmtpHandler
 from gateway.smtp.params import Refusal
 from gateway.smtp.params import mail_params as parse_mail_params
 from gateway.smtp.params import rcpt_params as parse_rcpt_params
 from gateway.verdicts import Reply
+from gateway.watchdog import Watchdog
 
 __all__ = ["ConnectionTracker", "GatewaySMTP"]
 
@@ -95,21 +95,6 @@ class _NoHooks:
 
     def __dir__(self) -> list[str]:  # no handle_*/auth_* hooks: nothing to introspect
         return []
-
-
-_WIRE: dict[Reply, bytes] = {}
-_WIRE_MAX = 1024
-
-
-def _wire(reply: Reply) -> bytes:
-    """The reply as sent: most are the same few constants, encoded once."""
-    data = _WIRE.get(reply)
-    if data is None:
-        data = ("\r\n".join(reply.lines()) + "\r\n").encode("ascii", "replace")
-        if len(_WIRE) >= _WIRE_MAX:  # one-off texts (queue ids) must not grow it for ever
-            _WIRE.clear()
-        _WIRE[reply] = data
-    return data
 
 
 class _Close(Exception):
@@ -209,7 +194,7 @@ class GatewaySMTP(SMTP):
 
     async def reply(self, reply: Reply, *, bad: bool = False) -> None:
         """Send a reply; a protocol error spends one unit of the error budget."""
-        self._writer.write(_wire(reply))
+        self._writer.write(reply.wire())
         await self._writer.drain()
         if bad:
             self.errors += 1
