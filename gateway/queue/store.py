@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import shutil
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from gateway.queue.committer import (
     write_all,
 )
 from gateway.queue.dirsync import DirSync
+from gateway.queue.locks import ofd_lock, open_locked
 
 __all__ = [
     "AREAS", "Claim", "CorruptQueueFile", "QueueStore", "QueuedMessage",
@@ -50,19 +50,6 @@ _MAGIC = b"GWQ1"
 _HEADER_MAX = 64  # b"GWQ1 " + two 20-digit lengths + spaces + newline fit in 47
 _ENVELOPE_MAX = 16 * 1024 * 1024  # bound what load() reads and parses
 _QID_RE = re.compile(r"[0-9A-Z]{1,64}")
-# Open-file-description locks (Linux): per descriptor like flock, independent of the
-# flock the state updates take, and of byte-range locks other code might hold.
-_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
-_F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
-_FLOCK = "hhqqi4x"  # struct flock: l_type, l_whence, l_start, l_len (0: to the end), l_pid
-
-
-def _ofd_lock(fd: int, kind: int, *, wait: bool) -> None:
-    """Lock the whole file behind ``fd`` (``fcntl.F_RDLCK`` or ``F_WRLCK``).
-
-    :raises OSError: EAGAIN/EACCES when ``wait`` is false and another holder conflicts
-    """
-    fcntl.fcntl(fd, _F_OFD_SETLKW if wait else _F_OFD_SETLK, struct.pack(_FLOCK, kind, os.SEEK_SET, 0, 0, 0))
 
 
 class CorruptQueueFile(Exception):
@@ -150,7 +137,7 @@ class QueueStore:
         self.root = Path(root)
         self._committer = Committer(
             self.root / "tmp", self._dir, max_batch=max_batch,
-            lock=lambda fd: _ofd_lock(fd, fcntl.F_WRLCK, wait=False),
+            lock=lambda fd: ofd_lock(fd, fcntl.F_WRLCK, wait=False),
             unlink=self._unlink_message, forget=self._drop_state,
         )
         self._state_locks = [threading.Lock() for _ in range(64)]  # striped by qid
@@ -198,33 +185,18 @@ class QueueStore:
                 os.close(fd)
 
     def lock_delivery(self, qid: str) -> int | None:
-        """Take an exclusive lock on ``msg/<qid>`` for the length of one delivery attempt.
-
-        Every process of the gateway delivers (``[server] workers``), so the lock is
-        what keeps two attempts on one message apart: whoever holds it reads the
-        recorded state and writes the outcome before anyone else may look.
-        :meth:`lock_exclusive` (``gateway queue export``) waits for it too, so a message
-        exported with ``--hold`` or ``--move`` has no delivery still in flight whose
-        outcome the export did not see. Close the returned descriptor to release it.
+        """Take the delivery lock on ``msg/<qid>`` (:mod:`gateway.queue.locks`) for the
+        length of one attempt; close the returned descriptor to release it.
 
         :returns: the locked descriptor, or None while another holder has it
         :raises FileNotFoundError: when the message is gone
         """
-        # A write lock needs a descriptor open for writing; nothing is ever written.
-        fd = os.open(self._path("msg", qid), os.O_RDWR | os.O_CLOEXEC)
         try:
-            _ofd_lock(fd, fcntl.F_WRLCK, wait=False)
-            # The holder we waited out may have removed the message between our open and
-            # our lock (delivered, nothing recorded in a state file any more): its file
-            # would read as all recipients pending, and be delivered a second time.
-            if os.fstat(fd).st_nlink == 0:
-                raise FileNotFoundError(errno.ENOENT, f"qid={qid} was removed")
+            return open_locked(self._path("msg", qid), qid, wait=False)
         except OSError as exc:
-            os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 return None
             raise
-        return fd
 
     @contextlib.contextmanager
     def lock_exclusive(self, qid: str, area: str = "msg") -> Iterator[int]:
@@ -233,12 +205,8 @@ class QueueStore:
 
         :raises FileNotFoundError: when the message is gone
         """
-        # A write lock needs a descriptor open for writing; nothing is ever written.
-        fd = os.open(self._path(area, qid), os.O_RDWR | os.O_CLOEXEC)
+        fd = open_locked(self._path(area, qid), qid, wait=True)
         try:
-            _ofd_lock(fd, fcntl.F_WRLCK, wait=True)
-            if os.fstat(fd).st_nlink == 0:  # delivered and removed while we waited
-                raise FileNotFoundError(errno.ENOENT, f"qid={qid} was removed")
             yield fd
         finally:
             os.close(fd)

@@ -15,6 +15,7 @@ import pytest
 from gateway.model import Envelope, Message, QueuedRecipient
 from gateway.queue import Claim, QueueStore
 from gateway.queue import committer as committer_mod
+from gateway.queue import locks
 from gateway.queue import store as store_mod
 from tests.unit.test_queue_dirsync import _GatedFsync
 
@@ -200,13 +201,13 @@ def test_a_lock_taken_just_after_the_holder_removed_the_message_finds_it_gone(
     # not deliver it again.
     qid = store.new_id()
     asyncio.run(store.commit(qid, _envelope(), _message()))
-    real_lock = store_mod._ofd_lock
+    real_lock = locks.ofd_lock
 
     def lock_after_the_removal(fd: int, kind: int, *, wait: bool) -> None:
         os.unlink(store.root / "msg" / qid)  # the holder's removal, between open and lock
         real_lock(fd, kind, wait=wait)
 
-    monkeypatch.setattr(f"{STORE}._ofd_lock", lock_after_the_removal)
+    monkeypatch.setattr("gateway.queue.locks.ofd_lock", lock_after_the_removal)
     with pytest.raises(FileNotFoundError):
         store.lock_delivery(qid)
 

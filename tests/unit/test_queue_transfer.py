@@ -13,6 +13,7 @@ import pytest
 
 from gateway.model import Envelope, Message, QueuedRecipient, RecipientState
 from gateway.queue import QueueStore
+from gateway.queue import locks
 from gateway.queue import store as store_mod
 from gateway.queue.transfer import TransferError, export_queue, import_queue
 
@@ -39,9 +40,9 @@ def test_delivery_lock_and_exclusive_lock_exclude_each_other(tmp_path: Path) -> 
     probe = store_mod.os.open(store.root / "msg" / qid, store_mod.os.O_RDWR)
     try:
         with pytest.raises(BlockingIOError):
-            store_mod._ofd_lock(probe, fcntl.F_WRLCK, wait=False)
+            locks.ofd_lock(probe, fcntl.F_WRLCK, wait=False)
         store_mod.os.close(fd)
-        store_mod._ofd_lock(probe, fcntl.F_WRLCK, wait=False)  # free once the attempt ends
+        locks.ofd_lock(probe, fcntl.F_WRLCK, wait=False)  # free once the attempt ends
     finally:
         store_mod.os.close(probe)
     with store.lock_exclusive(qid):
