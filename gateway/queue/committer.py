@@ -113,6 +113,13 @@ class _Removal:
     error: BaseException | None = None
 
 
+def _close_fd(job: _Job | _Removal) -> None:
+    """Close the job's descriptor if it still holds one (never twice)."""
+    fd, job.fd = job.fd, -1
+    if fd >= 0:
+        os.close(fd)
+
+
 def _settle(jobs: list[_Job | _Removal]) -> None:
     """On the jobs' event loop: report each outcome unless its waiter was cancelled."""
     for job in jobs:
@@ -265,9 +272,8 @@ class Committer:
                     if job.error is None:
                         self._fail(job, exc)
             for job in batch:
-                if isinstance(job, _Removal) and job.fd >= 0:
-                    fd, job.fd = job.fd, -1
-                    os.close(fd)
+                if isinstance(job, _Removal):  # its lock is closed whatever happened
+                    _close_fd(job)
             self._resolve(batch)
         pool, self._sync_pool = self._sync_pool, None
         if pool is not None:
@@ -301,9 +307,7 @@ class Committer:
             except Exception as exc:
                 removal.error = exc
             finally:
-                fd, removal.fd = removal.fd, -1
-                if fd >= 0:
-                    os.close(fd)
+                _close_fd(removal)
         unlinked = [r for r in removals if r.error is None]
         # 4. One directory fsync per area makes all of the batch's renames and unlinks
         # durable.
@@ -363,10 +367,8 @@ class Committer:
         reply = REPLY_DISK_FULL if is_full else REPLY_QUEUE_ERROR
         job.error = TemporaryFailure(reply, f"qid={job.qid}: {exc}")
         job.error.__cause__ = exc
-        if job.fd >= 0:
-            fd, job.fd = job.fd, -1
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        with contextlib.suppress(OSError):
+            _close_fd(job)
         # Unacknowledged, so possibly not durable: take it back out of the area too.
         owned, job.owned = job.owned, None
         try:
@@ -391,6 +393,4 @@ class Committer:
                     "event loop closed before commits were reported: %s", ",".join(j.qid for j in jobs)
                 )
                 for job in jobs:
-                    if job.fd >= 0:
-                        fd, job.fd = job.fd, -1
-                        os.close(fd)
+                    _close_fd(job)
