@@ -144,11 +144,10 @@ class Scheduler:
         if self._stopping:
             os.close(claim.fd)  # the file stays queued for the next start
             return
-        old = self._claims.pop(qid, None)
-        if old is not None:  # cannot happen (queue ids are unique), but never leak a lock
-            os.close(old.fd)
-        self._claims[qid] = claim
-        if qid in self._active or qid in self._due:  # cannot happen for a new id; be safe
+        self._claims[qid] = claim  # one claim per commit, and queue ids are unique
+        if qid in self._active or qid in self._due:
+            # A queue scan found the file already (it is published before the claim is
+            # handed over): the attempt scheduled there takes the claim.
             self.notify(qid)
         else:  # due now: start it here rather than wake the scheduling loop for it
             self._spawn(qid)
