@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import smtplib
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -71,13 +72,34 @@ max_transactions = 1000
 """
 
 
+def kill_and_restart(proc: subprocess.Popen[bytes], config: Path, port: int,
+                     pause: tuple[float, float]) -> subprocess.Popen[bytes]:
+    """SIGKILL the gateway's whole process group KILLS times, each after a random pause
+    in ``pause`` seconds, starting it again each time; returns the last one started."""
+    rng = random.Random(os.getpid())
+    for _ in range(KILLS):
+        time.sleep(rng.uniform(*pause))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        proc = start_gateway(config, port, new_session=True)
+    return proc
+
+
+def _message_id(data: bytes) -> str:
+    return data.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0].decode()
+
+
 def message_ids(maildir: Path) -> Counter[str]:
     counts: Counter[str] = Counter()
     for sub in ("new", "cur"):
         for path in (maildir / sub).glob("*") if (maildir / sub).exists() else []:
-            data = path.read_bytes()
-            counts[data.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0].decode()] += 1
+            counts[_message_id(path.read_bytes())] += 1
     return counts
+
+
+def peer_ids(peer: SmtpPeer) -> Counter[str]:
+    """How many times the remote peer received each Message-ID."""
+    return Counter(_message_id(m.content) for m in peer.messages)
 
 
 @pytest.mark.slow
@@ -99,22 +121,15 @@ def test_sigkill_during_deliveries(tmp_path: Path) -> None:
 
         delivering = tmp_path / "deliver.toml"
         delivering.write_text(policy(tmp_path, port, peer.port, delivering=True))
-        rng = random.Random(os.getpid())
         proc = start_gateway(delivering, port, new_session=True)
         try:
-            for _ in range(KILLS):
-                time.sleep(rng.uniform(0.1, 0.4))
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-                proc = start_gateway(delivering, port, new_session=True)
+            proc = kill_and_restart(proc, delivering, port, (0.1, 0.4))
             store = QueueStore(tmp_path / "queue")
             assert wait_for(lambda: store.ids() == [], timeout=60), "the queue did not drain"
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
-        remote = Counter(
-            m.content.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0].decode() for m in peer.messages
-        )
+        remote = peer_ids(peer)
 
     for user in ("alice", "bob"):
         counts = message_ids(tmp_path / "mail" / user / "Maildir")
@@ -158,13 +173,8 @@ def test_sigkill_while_two_workers_accept_and_deliver(tmp_path: Path) -> None:
         clients = [threading.Thread(target=client, args=(k,)) for k in range(4)]
         for t in clients:
             t.start()
-        rng = random.Random(os.getpid())
         try:
-            for _ in range(KILLS):
-                time.sleep(rng.uniform(0.3, 0.6))
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-                proc = start_gateway(config, port, new_session=True)
+            proc = kill_and_restart(proc, config, port, (0.3, 0.6))
             time.sleep(0.3)
             stop.set()
             for t in clients:
@@ -175,9 +185,7 @@ def test_sigkill_while_two_workers_accept_and_deliver(tmp_path: Path) -> None:
             stop.set()
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
-        remote = Counter(
-            m.content.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0].decode() for m in peer.messages
-        )
+        remote = peer_ids(peer)
 
     assert len(acked) > 50, "the clients should have got most messages in"
     for user in ("alice", "bob"):
