@@ -17,29 +17,13 @@ import pytest
 from gateway.model import Envelope, Message, QueuedRecipient
 from gateway.queue import QueueStore
 from tests.conftest import wait_for
-from tests.processes import ROOT, free_port, port_open, start_gateway
+from tests.processes import ROOT, free_port, port_open, start_gateway, write_policy
 
-def policy_text(tmp: Path, port: int, delivering: bool) -> str:
-    return f"""
-[server]
-queue_dir = "{tmp / 'queue'}"
-var_dir = "{tmp / 'var'}"
-[[listeners]]
-name = "smtp"
-port = {port}
-tls = "none"
-[local]
-domains = ["localhost"]
-users = ["postmaster", "alice"]
-mail_root = "{tmp / 'mail'}"
-[delivery]
-enabled = {str(delivering).lower()}
-poll_interval = "200ms"
-[[plugins]]
-name = "rcpt_relay"
-[[plugins]]
-name = "rcpt_local_users"
-"""
+
+def fault_policy(tmp: Path, port: int, delivering: bool) -> Path:
+    """The shared test policy (``tests.processes.write_policy``), delivery on or off."""
+    delivery = f'[delivery]\nenabled = {str(delivering).lower()}\npoll_interval = "200ms"'
+    return write_policy(tmp, port, extra=delivery)
 
 
 def _can_unshare() -> bool:
@@ -52,8 +36,7 @@ def _can_unshare() -> bool:
 def test_disk_full_mid_message_gives_452_and_leaves_nothing_half_written(tmp_path: Path) -> None:
     port = free_port()
     (tmp_path / "queue").mkdir()
-    policy = tmp_path / "policy.toml"
-    policy.write_text(policy_text(tmp_path, port, delivering=False))
+    policy = fault_policy(tmp_path, port, delivering=False)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     # The queue lives on a 256 KiB tmpfs that only the gateway's mount namespace sees.
     script = (
@@ -104,8 +87,7 @@ def test_corrupt_queue_file_is_moved_aside_and_the_rest_delivered(tmp_path: Path
     path = tmp_path / "queue" / "msg" / bad
     path.write_bytes(path.read_bytes()[:-7])  # truncated, as a disk error might leave it
     port = free_port()
-    policy = tmp_path / "policy.toml"
-    policy.write_text(policy_text(tmp_path, port, delivering=True))
+    policy = fault_policy(tmp_path, port, delivering=True)
     proc = start_gateway(policy, port, stderr=subprocess.PIPE, text=True)
     new = tmp_path / "mail" / "alice" / "Maildir" / "new"
     try:
