@@ -141,18 +141,17 @@ class Committer:
     :param tmp_dir: where files are written before they are published
     :param area_dir: maps an area name (already validated) to its directory
     :param max_batch: the most messages one group commit (one directory fsync) covers
-    :param sync_threads: how many files of a batch are written and fdatasynced at once
     :param lock: locks a kept file's descriptor (see :meth:`commit`); it must not wait
     :param unlink: for :meth:`remove`: deletes ``<area>/<qid>`` (its name), given
         ``(qid, area)``
     :param forget: for :meth:`remove`: called with the queue id once the file's
         removal is durable, for what goes after it (the state file)
+    :param sync_threads: how many files of a batch are written and fdatasynced at once
     """
 
     def __init__(self, tmp_dir: Path, area_dir: Callable[[str], Path], *, max_batch: int,
-                 sync_threads: int = SYNC_THREADS, lock: Callable[[int], None] | None = None,
-                 unlink: Callable[[str, str], None] | None = None,
-                 forget: Callable[[str], None] | None = None) -> None:
+                 lock: Callable[[int], None], unlink: Callable[[str, str], None],
+                 forget: Callable[[str], None], sync_threads: int = SYNC_THREADS) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._sync_threads = max(1, min(sync_threads, max_batch))
@@ -181,8 +180,6 @@ class Committer:
         :raises TemporaryFailure: 452 4.3.1 when the disk is full, 451 4.3.0 on any
             other failure or after :meth:`close`; no file is left behind
         """
-        if keep and self._lock_kept is None:
-            raise ValueError("this committer was given no lock for kept files")
         loop = asyncio.get_running_loop()
         job = _Job(qid, area, data, loop, loop.create_future(), keep)
         self._hand_over(job)
@@ -208,8 +205,6 @@ class Committer:
         :raises OSError: when the unlink or the fsync after it failed
         :raises TemporaryFailure: after :meth:`close`
         """
-        if self._unlink is None or self._forget is None:
-            raise ValueError("this committer was given no unlink and forget functions")
         loop = asyncio.get_running_loop()
         removal = _Removal(qid, area, loop, loop.create_future(), close)
         try:
@@ -302,7 +297,6 @@ class Committer:
                 self._fail(job, exc)
         for removal in removals:  # the removals' unlinks join the same directory fsync
             try:
-                assert self._unlink is not None
                 self._unlink(removal.qid, removal.area)
             except Exception as exc:
                 removal.error = exc
@@ -328,7 +322,6 @@ class Committer:
         for removal in unlinked:
             if removal.error is None:
                 try:
-                    assert self._forget is not None
                     self._forget(removal.qid)
                 except Exception as exc:
                     removal.error = exc
@@ -340,7 +333,6 @@ class Committer:
             job.owned = self._tmp_dir / job.qid
             write_all(job.fd, job.data)
             if job.is_kept:
-                assert self._lock_kept is not None
                 os.fdatasync(job.fd)
                 self._lock_kept(job.fd)  # before the rename: nobody else sees it unlocked
                 return
