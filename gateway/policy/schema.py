@@ -246,6 +246,20 @@ def _type_name(tp: object) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _takes_shape(tp: object, value: object) -> bool:
+    """Whether ``tp`` is read from a TOML table (or array) when ``value`` is one."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _takes_shape(typing.get_args(tp)[0], value)
+    if isinstance(value, Mapping):
+        return origin in (dict, collections.abc.Mapping) or (
+            isinstance(tp, type) and dataclasses.is_dataclass(tp)
+        )
+    if isinstance(value, list):
+        return origin in (tuple, list)
+    return False
+
+
 def _convert(tp: object, value: object, path: str, ctx: _Context) -> object:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
 
@@ -269,12 +283,18 @@ def _convert(tp: object, value: object, path: str, ctx: _Context) -> object:
             raise ctx.error(path, str(exc)) from None
     if origin in (typing.Union, types.UnionType):
         members = [a for a in args if a is not type(None)]
+        errors = []
         for member in members:
             try:
                 return _convert(member, value, path, ctx)
             except PolicyError as exc:
-                if len(members) == 1:
-                    raise exc from None
+                errors.append((member, exc))
+        # A table (or array) that only one member takes as such gets that member's own
+        # error, which names the unknown key or bad value inside it ("action" or
+        # {action, score, reply}: a misspelt key in the table is named, not "got table").
+        shaped = [exc for member, exc in errors if _takes_shape(member, value)]
+        if len(members) == 1 or len(shaped) == 1:
+            raise (errors[0][1] if len(members) == 1 else shaped[0]) from None
         raise wrong()
     if origin is typing.Literal:
         # Compare type too: TOML true must not match a choice of 1.

@@ -241,3 +241,41 @@ def test_describe_reports_docs_and_defaults() -> None:
     assert infos["wait"].type == "duration" and infos["wait"].default == 30.0
     assert infos["inner"].default == Inner()
     assert infos["choice"].type == "one of 'a', 'b'"
+
+
+@dataclass(frozen=True)
+class Rule:
+    action: Literal["reject", "score"] = setting("reject", "what to do")
+    score: float = setting(1.0, "how much")
+
+
+@dataclass(frozen=True)
+class Rules:
+    codes: Mapping[str, Literal["reject", "score"] | Rule] = setting({}, "code -> action or rule")
+
+
+def test_union_of_name_or_table_names_the_key_inside_the_table() -> None:
+    # An entry that is "an action name or a {action, score} table": a misspelt key in
+    # the table is named with its path and line, not "expected ... or table, got table".
+    exc = error({"codes": {"x": {"action": "score", "scroe": 2}}}, Rules)
+    assert exc.key == "t.codes.x.scroe" and exc.line == 1
+    assert "unknown key 'scroe'" in exc.message and "did you mean 'score'" in exc.message
+    exc = error({"codes": {"x": {"action": "rejekt"}}}, Rules)
+    assert exc.key == "t.codes.x.action" and "got 'rejekt'" in exc.message
+    # A value that fits no member at all still lists what would do.
+    exc = error({"codes": {"x": 3}}, Rules)
+    assert exc.key == "t.codes.x" and "expected one of 'reject', 'score' or table" in exc.message
+
+
+def test_dns_list_codes_table_error_names_file_line_and_key() -> None:
+    from gateway.app import registry
+    from gateway.hooks import discover_plugins
+    from gateway.policy import load_policy_text
+
+    text = (
+        '[[plugins]]\nname = "connect_dnsbl"\n[[plugins.zones]]\nzone = "zen.test.example"\n'
+        '[plugins.zones.codes]\n"127.0.0.2" = "reject"\n"127.0.0.3" = { action = "score", scroe = 2.0 }\n'
+    )
+    with pytest.raises(PolicyError) as info:
+        load_policy_text(text, source="policy.toml", registry=registry(discover_plugins()))
+    assert str(info.value).startswith("policy.toml:7: plugins[0].zones[0].codes.127.0.0.3.scroe: unknown key 'scroe'")
