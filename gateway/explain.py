@@ -344,7 +344,7 @@ async def _session(
     stage = tracer.begin("data", f"{len(raw)} bytes")
     if not txn.recipients:
         return _core(stage, _REPLY_NO_RCPT)
-    if len(raw) > scope.limits.max_message_size:
+    if len(raw) > handler.message_size_limit(scope, txn):
         return _core(stage, REPLY_TOO_BIG)
     answer = await handler.data(session, scope, txn, raw)
     result.score = txn.results.total + session.results.total

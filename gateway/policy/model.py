@@ -17,6 +17,7 @@ network override of ``max_recipients`` both take effect.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import socket
 from collections.abc import Mapping
@@ -447,6 +448,20 @@ class Scope:
             )
             scope = self._cache.setdefault(matched, Scope(limits, plugins))
         return scope
+
+    @functools.cached_property
+    def largest_message_size(self) -> int:
+        """The largest ``max_message_size`` a recipient can have in this scope: this
+        scope's own or one a ``recipient_domain`` override sets (never exceeded by
+        any recipient's). The EHLO ``SIZE`` advertises it and ``MAIL ... SIZE=`` is
+        checked against it (RFC 1870 §4, §6.1); each RCPT is then checked against
+        its own domain's limit (:meth:`for_recipient_domain`)."""
+        sizes = [self.limits.max_message_size]
+        for override in self.domain_overrides:
+            if override.limits is not None:
+                merged = _merge(self.limits, override.limits, override.limits_keys)
+                sizes.append(merged.max_message_size)
+        return max(sizes)
 
     def plugin(self, plugin_id: str) -> PluginEntry | None:
         """The chain entry with this id, or ``None`` when absent or disabled here."""

@@ -32,6 +32,8 @@ REPLY_AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 REPLY_AUTH_TEMP = Reply(454, "4.7.0", "Temporary authentication failure")
 REPLY_AUTH_CLOSING = Reply(421, "4.7.0", "Temporary authentication failure, closing connection")
 REPLY_QUEUE_FAILED = Reply(451, "4.3.0", "Temporary local problem, please try again later")
+# RFC 1870 §6.2: a recipient whose limit is below the declared SIZE.
+REPLY_RCPT_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size for this recipient")
 
 QUARANTINE_REASON = StashKey[str]("core.quarantine_reason")
 
@@ -182,6 +184,11 @@ class SmtpHandler:
 
     async def rcpt(self, session: Session, scope: Any, txn: Transaction, rcpt: Recipient) -> Answer:
         rscope = scope.for_recipient_domain(rcpt.address.domain_key) if rcpt.address.domain else scope
+        size = txn.params.size
+        if size is not None and size > rscope.limits.max_message_size:
+            log.info("rcpt to=<%s> refused: declared size %d over its limit %d",
+                     short(rcpt.address), size, rscope.limits.max_message_size)
+            return Answer(REPLY_RCPT_TOO_BIG)
         verdict = await self.runner.first_verdict(
             "gateway_rcpt", rscope.plugins, session=session, txn=txn, rcpt=rcpt, gateway=self.gateway
         )
@@ -198,6 +205,18 @@ class SmtpHandler:
             return Answer(Reply(250, "2.1.5", "Recipient OK"))
         self._log_verdict("rcpt", verdict, rcpt=rcpt.address)
         return _answer(verdict, verdict.reply)
+
+    @staticmethod
+    def message_size_limit(scope: Any, txn: Transaction) -> int:
+        """DATA's limit: the smallest ``max_message_size`` of the accepted recipients
+        (each under its domain's overrides), since one message goes to all of them."""
+        limit: int = scope.limits.max_message_size
+        if not scope.domain_overrides or not txn.recipients:
+            return limit
+        return min(
+            scope.for_recipient_domain(r.address.domain_key).limits.max_message_size if r.address.domain else limit
+            for r in txn.recipients
+        )
 
     def _data_scope(self, scope: Any, txn: Transaction) -> Any:
         domains = {r.address.domain_key for r in txn.recipients if r.address.domain}

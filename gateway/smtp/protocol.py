@@ -353,8 +353,8 @@ class GatewaySMTP(SMTP):
         await self.reply(Reply(250, "", "\n".join([self.hostname, *self._extensions()])))
 
     def _extensions(self) -> list[str]:
-        limits = self.scope.limits
-        ext = ["PIPELINING", f"SIZE {limits.max_message_size}", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN"]
+        # RFC 1870: the largest any recipient may get; RCPT and DATA apply each one's own.
+        ext = ["PIPELINING", f"SIZE {self.scope.largest_message_size}", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN"]
         if self.tls_context is not None and not self.gsession.has_tls:
             ext.append("STARTTLS")
         if self.listener.auth and self.gsession.has_tls:
@@ -391,7 +391,7 @@ class GatewaySMTP(SMTP):
             return
         try:
             mail_params = parse_mail_params(
-                params, esmtp=session.is_esmtp, max_size=self.scope.limits.max_message_size,
+                params, esmtp=session.is_esmtp, max_size=self.scope.largest_message_size,
                 allow_verp=session.is_relay_client or session.is_authenticated,
             )
         except Refusal as refusal:
@@ -451,7 +451,7 @@ class GatewaySMTP(SMTP):
         try:
             result = await read_data(
                 self._reader,
-                max_size=limits.max_message_size,
+                max_size=self.handler.message_size_limit(self.scope, txn),
                 max_line_length=limits.max_line_length,
                 timeout=limits.data_timeout,
                 watchdog=self._watchdog,
