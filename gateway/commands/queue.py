@@ -111,9 +111,20 @@ def register(sub: Any) -> None:
     queue.set_defaults(func=main)
 
 
-def _row(store: Any, qid: str, area: str) -> dict[str, Any]:
+def _row(store: Any, qid: str, area: str, policy: Any) -> dict[str, Any]:
+    from gateway.delivery.router import holding_route
+
     item = store.load(qid, area)
     env = item.envelope
+    recipients = [r.to_dict() for r in env.recipients]
+    for r in recipients:
+        # A pending recipient whose [[routes]] entry holds it (hold = true) waits for a
+        # flush or ETRN, not for a retry: shown as held, with the route.
+        route = holding_route(r["address"], policy) if area == "msg" and r["state"] == "pending" else None
+        if route is not None:
+            r["state"], r["held_by_route"] = "held", route
+    waiting = [r for r in recipients if r["state"] in ("pending", "held")]
+    by_route = bool(waiting) and all(r["state"] == "held" for r in waiting)
     return {
         "id": qid,
         "area": area,
@@ -121,32 +132,38 @@ def _row(store: Any, qid: str, area: str) -> dict[str, Any]:
         "age_seconds": round(time.time() - env.arrived),
         "size": item.message_size,
         "sender": env.sender,
-        "held": item.held,
+        # held: nothing of it goes out until a release (operator) or a flush (route)
+        "held": item.held or by_route,
+        "held_by": "operator" if item.held else "route" if by_route else None,
         "attempts": item.attempts,
         "next_try": datetime.datetime.fromtimestamp(item.next_try).isoformat(timespec="seconds"),
-        "recipients": [r.to_dict() for r in env.recipients],
+        "recipients": recipients,
         "quarantine_reason": env.quarantine_reason,
         "verp": env.verp,  # VERP delimiters (XVERP): each recipient gets its own sender
     }
 
 
-def _list(store: Any, area: str, as_json: bool) -> int:
+def _list(store: Any, area: str, as_json: bool, policy: Any) -> int:
     rows = []
     for qid in store.ids(area):
         try:
-            rows.append(_row(store, qid, area))
+            rows.append(_row(store, qid, area, policy))
         except FileNotFoundError:
             continue  # delivered meanwhile
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
-        flags = (" held" if row["held"] else "") + (f" verp={row['verp']}" if row["verp"] else "")
+        routes = sorted({r["held_by_route"] for r in row["recipients"] if "held_by_route" in r})
+        held = " held" if row["held_by"] == "operator" else ""
+        held += f" held by route {', '.join(routes)}" if routes else ""
+        flags = held + (f" verp={row['verp']}" if row["verp"] else "")
         print(f"{row['id']}  {row['arrived']}  {row['size']:>9}  <{row['sender']}>{flags}")
         for r in row["recipients"]:
             last = f"  {r['last_reply']}" if r.get("last_reply") else ""
             target = f" {r['target']}" if r.get("target") else ""  # an alias/.forward target
-            print(f"    {r['state']:<9} <{r['address']}>{target}{last}")
+            route = f" (route {r['held_by_route']}: until flushed)" if r.get("held_by_route") else ""
+            print(f"    {r['state']:<9} <{r['address']}>{target}{route}{last}")
     return 0
 
 
@@ -283,7 +300,7 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "import":
         return _import(store, args)
     if args.action == "list":
-        return _list(store, area, as_json)
+        return _list(store, area, as_json, policy)
     if args.action == "stat":
         return _stat(store, as_json)
     if args.action == "count":

@@ -14,7 +14,7 @@ from typing import Any
 from gateway.address import Address, AddressError
 from gateway.delivery.types import LocalRoute, MxRoute, Route, SmarthostRoute, SpecialRoute
 
-__all__ = ["domain_of", "is_held", "route_for", "split_user"]
+__all__ = ["domain_of", "holding_route", "is_held", "route_for", "split_user"]
 
 
 def split_user(local: str, users: tuple[str, ...] | frozenset[str], delimiter: str) -> tuple[str, str]:
@@ -110,6 +110,22 @@ def is_held(address: str, policy: Any) -> bool:
         return False
     best = _matching_route(domain, policy)
     return bool(best is not None and getattr(best, "hold", False))
+
+
+def holding_route(address: str, policy: Any) -> str | None:
+    """The ``domain`` of the ``[[routes]]`` entry that keeps this recipient queued
+    (``hold = true``, or the legacy ``action = "hold"``), or None when none does.
+
+    What ``gateway queue list`` shows: such a recipient is held by its route, not
+    merely pending. Local and virtual domains are never held.
+    """
+    domain = domain_of(address)
+    if domain is None or domain in policy.local.domains or domain in policy.local.virtual:
+        return None
+    best = _matching_route(domain, policy)
+    if best is None or not (getattr(best, "hold", False) or getattr(best, "action", "") == "hold"):
+        return None
+    return str(best.domain)
 
 
 def is_valid(address: str) -> bool:

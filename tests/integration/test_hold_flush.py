@@ -96,6 +96,14 @@ def test_held_mail_waits_for_etrn_then_for_queue_flush(gateway_factory, tmp_path
         assert wait_for(lambda: looked_at(gw, 2), timeout=10)
         rows = json.loads(cli(policy, "list", "--json").stdout)
         assert [r["attempts"] for r in rows] == [0, 0] and peer.messages == []
+        # `gateway queue list` shows them held by their route, not pending.
+        assert [(r["held"], r["held_by"]) for r in rows] == [(True, "route"), (True, "route")]
+        assert {(rcpt["state"], rcpt["held_by_route"]) for r in rows for rcpt in r["recipients"]} == {
+            ("held", f".{HELD}")
+        }
+        text = cli(policy, "list").stdout
+        assert text.count(f"held by route .{HELD}") == 2
+        assert f"    held      <one@{HELD}> (route .{HELD}: until flushed)" in text.splitlines()
 
         # ETRN for the domain alone leaves the subdomain's recipient held.
         code, text = etrn(gw.port, HELD)
@@ -104,7 +112,7 @@ def test_held_mail_waits_for_etrn_then_for_queue_flush(gateway_factory, tmp_path
         assert wait_for(lambda: len(gw.queue_ids()) == 1, timeout=10)
         rows = json.loads(cli(policy, "list", "--json").stdout)
         assert [(r["address"], r["state"]) for r in rows[0]["recipients"]] == [
-            (f"two@{HELD}", "delivered"), (f"three@sub.{HELD}", "pending"),
+            (f"two@{HELD}", "delivered"), (f"three@sub.{HELD}", "held"),
         ]
 
         # @domain covers the subdomains.
