@@ -11,7 +11,8 @@ from gateway.commands._common import check_aliases, load
 
 def register(sub: Any) -> None:
     check = sub.add_parser(
-        "check", help="validate a policy file (and its [local] aliases file) without starting anything"
+        "check", help="validate a policy file (and its [local] aliases file) without starting anything;"
+        " print each listener's chain and what each override changes"
     )
     check.add_argument("policy", nargs="?", help="policy file (default: the embedded default)")
     check.set_defaults(func=main)
@@ -32,8 +33,30 @@ def main(args: argparse.Namespace) -> int:
     print(f"{policy.source}: OK")
     for warning in warnings:
         print(f"warning: {warning}")
+    _print_chains(policy)
+    return 0
+
+
+def _print_chains(policy: Any) -> None:
+    """Each listener's chain (its listener overrides applied, no client or recipient
+    ones), then what each override changes from the base policy."""
+    from gateway.policy.differences import describe_match, override_changes
+
     for listener in policy.listeners:
-        scope = policy.scope(listener=listener.name, client_ip="192.0.2.1")
+        # No client address: network overrides depend on the client, so none applies here.
+        scope = policy.scope(listener=listener.name, client_ip="")
         chain = " -> ".join(e.id + (" (observe)" if e.mode == "observe" else "") for e in scope.plugins)
         print(f"listener {listener.name} {listener.address}:{listener.port} tls={listener.tls}: {chain or '(empty chain)'}")
-    return 0
+    if not policy.overrides:
+        return
+    print("overrides (changes from the base policy; network and recipient_domain ones also apply"
+          " on top of a listener's, for the clients or recipients they match):")
+    for override in policy.overrides:
+        changes = override_changes(policy, override)
+        print(f"  {describe_match(override.match)}:{' no change' if changes.is_empty else ''}")
+        if changes.disables:
+            print(f"    disables: {', '.join(changes.disables)}")
+        if changes.limits:
+            print(f"    limits: {', '.join(changes.limits)}")
+        for plugin_id, settings in changes.settings:
+            print(f"    plugin {plugin_id}: {', '.join(settings)}")
