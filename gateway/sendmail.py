@@ -291,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Also accepted: ``-oi`` (as ``-i``), ``-bm`` (the default mode), ``-r addr`` (as ``-f``),
     ``-C policy`` (else ``$GATEWAY_POLICY``, else the embedded default), ``-XV`` or
-    ``-XVxy`` (VERP, Postfix's: a return path per recipient, delimiters ``+=`` or ``xy``);
+    ``-XVxy`` (VERP, Postfix's: a return path per recipient, delimiters ``-=`` or ``xy``);
     ignored:
     ``-odb``, ``-odq``, any other ``-oX``, ``-v``, ``-m``, ``-n``, ``-U`` and the
     valued ``-B``, ``-N``, ``-R``, ``-V``, ``-L``, ``-X``. Silent on success.

@@ -4,7 +4,7 @@ Hooks: ``gateway_startup`` (checks ``delimiters``) and ``gateway_mail``. When th
 envelope sender matches ``senders`` (an address, or ``@domain`` for every sender of the
 domain, compared without regard to case) and the client did not already ask with
 ``XVERP``, the transaction gets VERP with ``delimiters``: delivery then sends the copy
-for ``user@example.org`` from ``list-return+user=example.org@lists.example.com`` (one
+for ``user@example.org`` from ``list-return-user=example.org@lists.example.com`` (one
 SMTP transaction per recipient), and delivery status notifications go to that address,
 naming the subscriber who failed. By default only mail of our own users (relay clients,
 authenticated sessions) is changed: ``outbound_only``.
@@ -13,8 +13,10 @@ Clients can ask for the same per message with the ``XVERP`` MAIL parameter (Post
 offered to relay clients and, after AUTH, to authenticated users), and local programs
 with ``gateway inject -V`` or ``sendmail -XV``. See ``docs/outbound.md``.
 
-Settings: ``senders`` (default none), ``delimiters`` (default ``+=``), ``outbound_only``
-(default true).
+Settings: ``senders`` (default none), ``delimiters`` (default ``-=``: the first one is the
+default ``[local] extension_delimiter``, so bounces to a local list's VERP addresses reach
+the list user; use ``+=`` with ``extension_delimiter = "+"``), ``outbound_only`` (default
+true).
 """
 
 from __future__ import annotations

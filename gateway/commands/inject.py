@@ -12,6 +12,8 @@ import argparse
 import sys
 from typing import Any
 
+from gateway.delivery.verp import DEFAULT_DELIMITERS
+
 
 def register(sub: Any) -> None:
     inject = sub.add_parser(
@@ -23,8 +25,8 @@ def register(sub: Any) -> None:
     inject.add_argument("-f", "--from", dest="sender", metavar="ADDRESS",
                         help="envelope sender and From address (default $USER@<first local domain>; '' for <>)")
     inject.add_argument("-F", "--name", dest="full_name", metavar="NAME", help="full name for an added From")
-    inject.add_argument("-V", "--verp", nargs="?", const="+=", metavar="DELIMITERS",
-                        help="VERP: a return path per recipient, sender+user=domain@host (delimiters default +=)")
+    inject.add_argument("-V", "--verp", nargs="?", const=DEFAULT_DELIMITERS, metavar="DELIMITERS",
+                        help="VERP: a return path per recipient, sender-user=domain@host (delimiters default -=)")
     inject.add_argument("--policy", "-p", help="policy file (default: the embedded default)")
     inject.set_defaults(func=main)
 

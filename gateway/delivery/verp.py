@@ -1,9 +1,15 @@
 """VERP (variable envelope return paths): a sender address per recipient.
 
-A mailing list sends as ``list-return@lists.example.com``; with VERP delimiters ``+=``
-the copy for ``user@example.org`` goes out as
-``list-return+user=example.org@lists.example.com`` (qmail's ``-V``, Postfix's ``XVERP``),
-so a bounce, even one that names nobody, tells the list which subscriber failed.
+A mailing list sends as ``list-return@lists.example.com``; with the default VERP
+delimiters ``-=`` the copy for ``user@example.org`` goes out as
+``list-return-user=example.org@lists.example.com`` (qmail's ``-V``, Postfix's ``XVERP``
+with ``XVERP=-=``), so a bounce, even one that names nobody, tells the list which
+subscriber failed.
+
+The first delimiter is the default ``[local] extension_delimiter`` (``-``), so such a
+return address of a local list is the list's own ``user-extension`` address: its bounces
+reach the list user (its ``.qmail-default``, else its mailbox) with no setting changed.
+With ``extension_delimiter = "+"`` ask for ``+=`` (Postfix's default) instead.
 
 The scheduler asks :func:`for_recipient` for each recipient of a message whose envelope
 has ``verp`` set: delivery then uses one SMTP transaction per recipient, and the
@@ -19,7 +25,9 @@ from gateway.model import Envelope, QueuedRecipient
 
 __all__ = ["DEFAULT_DELIMITERS", "VERP_CHARACTERS", "check_delimiters", "for_recipient", "verp_sender"]
 
-DEFAULT_DELIMITERS = "+="
+# "-" first: the default [local] extension_delimiter, so a local list's VERP address
+# (list-user=example.org@) is its user-extension address and its bounces are delivered.
+DEFAULT_DELIMITERS = "-="
 VERP_CHARACTERS = "-=+"  # as Postfix's verp_delimiter_filter: safe in any local part
 # The recipient's local part must stay a plain dot-atom once embedded (RFC 5321 §4.1.2).
 _DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+)*$")

@@ -30,7 +30,8 @@ def mail_params(
     params: dict[str, str | None], *, esmtp: bool, max_size: int, allow_verp: bool = False
 ) -> MailParams:
     """SIZE (RFC 1870), BODY (RFC 6152), SMTPUTF8 (RFC 6531), RET and ENVID (RFC 3461),
-    and Postfix's ``XVERP`` / ``XVERP=+=`` when ``allow_verp`` (our own users only).
+    and Postfix's ``XVERP`` (our default delimiters ``-=``) / ``XVERP=+=`` when ``allow_verp``
+    (our own users only).
 
     :raises Refusal: an unknown or malformed parameter, or a declared size over ``max_size``
     """

@@ -94,9 +94,9 @@ def test_delete_and_show(gateway_factory, tmp_path: Path) -> None:
         client.sendmail("a@example.org", ["bob@localhost"], b"Subject: keep\r\n\r\nx\r\n")
         client.sendmail("list@localhost", ["bob@localhost"], b"Subject: list\r\n\r\nx\r\n", mail_options=["XVERP"])
     listed = cli(policy, "list").stdout
-    assert listed.count(" verp=+=") == 1 and "<list@localhost> verp=+=" in listed
+    assert listed.count(" verp=-=") == 1 and "<list@localhost> verp=-=" in listed
     rows = {r["sender"]: r for r in json.loads(cli(policy, "list", "--json").stdout)}
-    assert rows["list@localhost"]["verp"] == "+=" and rows["a@example.org"]["verp"] is None
+    assert rows["list@localhost"]["verp"] == "-=" and rows["a@example.org"]["verp"] is None
     qid = rows["a@example.org"]["id"]
     assert cli(policy, "delete", rows["list@localhost"]["id"]).returncode == 0
     shown = cli(policy, "show", qid)

@@ -39,7 +39,6 @@ tls = "none"
 [local]
 domains = ["lists.test.example"]
 users = ["postmaster", "list"]
-extension_delimiter = "+"
 mail_root = "{base / 'mail'}"
 [relay]
 clients = ["127.0.0.2/32"]
@@ -63,7 +62,11 @@ name = "queue_received_header"
 
 
 def list_home(base: Path) -> Path:
-    """The list's home: every list+anything@ address lands in its Maildir (.qmail-default)."""
+    """The list's home: every list-anything@ address lands in its Maildir (.qmail-default).
+
+    The policy keeps the default extension delimiter (-) and the VERP delimiters are the
+    default ones: the bounces to the list's VERP addresses must arrive with no setting changed.
+    """
     home = base / "mail" / "list"
     home.mkdir(parents=True, mode=0o700)
     (home / ".qmail-default").write_text("./Maildir/\n")
@@ -99,14 +102,14 @@ def test_xverp_list_mail_bounce_names_the_failing_subscriber(gateway_factory, tm
         assert wait_for(lambda: gw.queue_ids() == [], timeout=10)
         # Bob's copy went out in its own transaction, from Bob's own return path.
         (delivered,) = peer.messages
-        assert delivered.mail_from == "list+bob=peer.test.example@lists.test.example"
+        assert delivered.mail_from == "list-bob=peer.test.example@lists.test.example"
         assert delivered.rcpt_tos == [BOB]
     (bounce,) = maildir(home)
     assert bounce.startswith(
-        b"Return-Path: <>\r\nDelivered-To: list+carol=peer.test.example@lists.test.example\r\n"
+        b"Return-Path: <>\r\nDelivered-To: list-carol=peer.test.example@lists.test.example\r\n"
     )
     parsed = email.message_from_bytes(bounce, policy=email.policy.default)
-    assert parsed["To"].addresses[0].addr_spec == "list+carol=peer.test.example@lists.test.example"
+    assert parsed["To"].addresses[0].addr_spec == "list-carol=peer.test.example@lists.test.example"
     (fields,) = dsn_fields(bounce)
     assert fields["Final-Recipient"] == "rfc822; carol@peer.test.example"
     assert fields["Action"] == "failed" and fields["Status"] == "5.1.1"
@@ -135,19 +138,19 @@ def test_policy_verp_for_list_senders_and_inject_v(gateway_factory, tmp_path: Pa
             assert smtp.sendmail(LIST, [BOB, CAROL], MESSAGE) == {}
         assert wait_for(lambda: len(peer.messages) == 2, timeout=15)
         assert sorted((m.mail_from, tuple(m.rcpt_tos)) for m in peer.messages) == [
-            ("list+bob=peer.test.example@lists.test.example", (BOB,)),
-            ("list+carol=peer.test.example@lists.test.example", (CAROL,)),
+            ("list-bob=peer.test.example@lists.test.example", (BOB,)),
+            ("list-carol=peer.test.example@lists.test.example", (CAROL,)),
         ]
-        # gateway inject -V with qmail's delimiters, into the running gateway's queue.
+        # gateway inject -V with Postfix's delimiters, into the running gateway's queue.
         (tmp_path / "policy.toml").write_text(text)
         done = subprocess.run(
             [sys.executable, "-m", "gateway.cli", "inject", "-p", str(tmp_path / "policy.toml"),
-             "--verp=-=", "-f", "news-return@lists.test.example", BOB],
+             "--verp=+=", "-f", "news-return@lists.test.example", BOB],
             input=MESSAGE, capture_output=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)),
         )
         assert done.returncode == 0, done.stderr
         assert wait_for(lambda: len(peer.messages) == 3, timeout=15)
-        assert peer.messages[2].mail_from == "news-return-bob=peer.test.example@lists.test.example"
+        assert peer.messages[2].mail_from == "news-return+bob=peer.test.example@lists.test.example"
         # sendmail -XV (Postfix's spelling), default delimiters.
         done = subprocess.run(
             [sys.executable, "-m", "gateway.sendmail", "-C", str(tmp_path / "policy.toml"),
@@ -156,4 +159,4 @@ def test_policy_verp_for_list_senders_and_inject_v(gateway_factory, tmp_path: Pa
         )
         assert done.returncode == 0, done.stderr
         assert wait_for(lambda: len(peer.messages) == 4, timeout=15)
-        assert peer.messages[3].mail_from == "digest+carol=peer.test.example@lists.test.example"
+        assert peer.messages[3].mail_from == "digest-carol=peer.test.example@lists.test.example"

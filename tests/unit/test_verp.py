@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.delivery.verp import check_delimiters, for_recipient, verp_sender
+from gateway.delivery.router import route_for
+from gateway.delivery.types import LocalRoute
+from gateway.delivery.verp import DEFAULT_DELIMITERS, check_delimiters, for_recipient, verp_sender
 from gateway.model import Envelope, QueuedRecipient
+from gateway.policy.model import LocalSettings, Policy
 from gateway.smtp.params import Refusal, mail_params
 from plugins.mail_verp import sender_matches
 
@@ -35,8 +38,8 @@ def test_for_recipient_only_changes_verp_envelopes() -> None:
 
 
 def test_xverp_parameter_only_when_allowed() -> None:
-    assert mail_params({"XVERP": None}, esmtp=True, max_size=10, allow_verp=True).verp == "+="
-    assert mail_params({"XVERP": "-="}, esmtp=True, max_size=10, allow_verp=True).verp == "-="
+    assert mail_params({"XVERP": None}, esmtp=True, max_size=10, allow_verp=True).verp == "-="
+    assert mail_params({"XVERP": "+="}, esmtp=True, max_size=10, allow_verp=True).verp == "+="
     with pytest.raises(Refusal) as refused:
         mail_params({"XVERP": None}, esmtp=True, max_size=10)
     assert refused.value.reply.code == 555
@@ -52,3 +55,14 @@ def test_policy_senders_match_address_or_domain() -> None:
     assert sender_matches("news@lists.example", ("NEWS@lists.example",))
     assert not sender_matches("news@other.example", ("@lists.example",))
     assert not sender_matches("", ("@lists.example",))
+
+
+def test_default_verp_address_of_a_local_list_routes_to_the_list_user() -> None:
+    # With every default, the return path a local list's copy carries is the list's
+    # user-extension address, so the bounce to it reaches the list (not a double bounce).
+    policy = Policy(source="t", local=LocalSettings(domains=("lists.example",), users=("postmaster", "list")))
+    for subscriber in ("user@example.org", "mary-ann@my-isp.example", "x+tag@example.org"):
+        returned = verp_sender("list@lists.example", subscriber, DEFAULT_DELIMITERS)
+        route = route_for(returned, policy)
+        assert isinstance(route, LocalRoute) and route.user == "list", (returned, route)
+        assert route.extension == subscriber.replace("@", "=")
