@@ -3,7 +3,8 @@
     gateway dkim keygen --domain example.org --selector 2026a --out /etc/gateway/dkim
     gateway dkim keygen --domain example.org --selector 2026e --algorithm ed25519 --out DIR
 
-writes ``DIR/<domain>.<selector>.key`` (PEM, mode 0600, never overwriting a file) and
+writes ``DIR/<domain>.<selector>.key`` (PEM, mode 0600, never overwriting a file; without
+``--out`` in the current directory, as ``opendkim-genkey`` does; the path is printed) and
 prints the TXT record to publish, in zone-file syntax, with the key split into strings of
 at most 255 characters (RFC 1035 §3.3.14; RFC 6376 §3.6.2.2 joins them again)::
 
@@ -37,7 +38,10 @@ def register(sub: Any) -> None:
     keygen.add_argument("--selector", required=True, help="the selector (s=)")
     keygen.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa", help="key type (default rsa)")
     keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
-    keygen.add_argument("--out", required=True, type=Path, help="directory for the private key file")
+    keygen.add_argument(
+        "--out", type=Path, default=Path("."),
+        help="directory for the private key file (default: the current directory)",
+    )
     keygen.set_defaults(func=main)
 
 
@@ -102,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     out: Path = args.out
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = out / f"{domain}.{selector}.key"
+    path = (out / f"{domain}.{selector}.key").absolute()
     pem, public = _make_key(args.algorithm, args.bits)
     try:
         _write_private(path, pem)

@@ -66,3 +66,18 @@ def test_keygen_never_overwrites_and_checks_its_arguments(tmp_path: Path) -> Non
 def test_txt_strings_split_at_255() -> None:
     assert txt_strings("a" * 600) == ["a" * 255, "a" * 255, "a" * 90]
     assert txt_strings("") == [""]
+
+
+def test_keygen_without_out_writes_into_the_current_directory(tmp_path: Path) -> None:
+    # The README's `gateway dkim keygen --domain D --selector S` works as written.
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "dkim", "keygen", "--domain", "example.org", "--selector", "s3",
+         "--algorithm", "ed25519"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    key = tmp_path / "example.org.s3.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert f"private key written to {key}" in done.stderr
+    assert parse_record(done.stdout)[0] == "s3._domainkey.example.org"
