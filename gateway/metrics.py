@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["Counters", "GatewayCollector", "REPORT_INTERVAL", "clear_snapshots", "merge", "read_snapshots", "report_forever", "snapshot", "start_metrics_server"]
+__all__ = [
+    "Counters", "GatewayCollector", "REPORT_INTERVAL", "clear_snapshots", "merge", "own_counts",
+    "read_snapshots", "report_forever", "snapshot", "start_metrics_server",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,9 @@ class Counters:
     quarantined: int = 0
     refused: dict[tuple[str, str], int] = field(default_factory=dict)
     deliveries: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: damaged queue files moved to ``corrupt/``; the queue store counts them
+    #: (``QueueStore.moved_aside``), and :func:`own_counts` adds them in when reporting
+    corrupt: int = 0
 
     @staticmethod
     def bump(table: dict[Any, int], key: Any, amount: int = 1) -> None:
@@ -100,6 +106,9 @@ class GatewayCollector:
             buckets.append(("+Inf", stats.calls.get(key, cumulative)))
             latency.add_metric(list(key), buckets, stats.seconds.get(key, 0.0))
         yield latency
+        yield CounterMetricFamily(
+            "gateway_queue_corrupt", "damaged queue files moved to corrupt/ (never retried)", value=counters.corrupt
+        )
         deliveries = CounterMetricFamily(
             "gateway_deliveries", "delivery attempts per recipient, by result and kind", labels=["status", "kind"]
         )
@@ -112,7 +121,7 @@ class GatewayCollector:
 
     def _totals(self) -> tuple[Counters, Any, dict[str, int]]:
         """This process's counts plus the latest snapshot of each living worker."""
-        counters, stats = _copied(self.app.counters), _copied(self.app.hook_stats)
+        counters, stats = own_counts(self.app), _copied(self.app.hook_stats)
         open_now = {name: listener.tracker.total for name, listener in self.app.listeners.items()}
         for snap in read_snapshots(Path(self.app.policy.server.var_dir)):
             merge(counters, stats, open_now, snap)
@@ -151,6 +160,14 @@ def _tables(counts: Any) -> dict[str, Any]:
     return {f.name: getattr(counts, f.name) for f in dataclasses.fields(counts)}
 
 
+def own_counts(app: Any) -> Counters:
+    """A copy of this process's :class:`Counters`, with what its queue store counted."""
+    counters: Counters = _copied(app.counters)
+    queue = getattr(app, "queue", None)
+    counters.corrupt += getattr(queue, "moved_aside", 0)
+    return counters
+
+
 def _copied(counts: Any) -> Any:
     """A copy to add to. This runs on the HTTP server's thread while the event loop
     keeps bumping the original: ``list(d.items())`` takes each table in one step under
@@ -180,7 +197,7 @@ def snapshot(app: Any) -> dict[str, Any]:
     """A worker's counts as JSON types: every field of its :class:`Counters` and
     ``HookStats``, and the sessions open now per listener."""
     return {
-        "counters": {name: _as_json(v) for name, v in _tables(app.counters).items()},
+        "counters": {name: _as_json(v) for name, v in _tables(own_counts(app)).items()},
         "stats": {name: _as_json(v) for name, v in _tables(app.hook_stats).items()},
         "active": {name: listener.tracker.total for name, listener in app.listeners.items()},
     }

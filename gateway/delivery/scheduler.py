@@ -12,6 +12,7 @@ lifetime runs out.
 from __future__ import annotations
 
 import asyncio
+import errno
 import heapq
 import logging
 import os
@@ -28,6 +29,7 @@ from gateway.delivery.remote.agent import portion
 from gateway.delivery.verp import for_recipient
 from gateway.logs import QUEUE_ID, short
 from gateway.model import Envelope, Message, QueuedRecipient, RecipientState
+from gateway.queue.damage import CorruptQueueFile
 from gateway.verdicts import Action, PermanentFailure, Reply, TemporaryFailure
 
 if TYPE_CHECKING:
@@ -291,13 +293,18 @@ class Scheduler:
 
         :returns: (the lock's descriptor, the message, its bytes or None), or None while
             another process or an export holds the message
-        :raises FileNotFoundError: when the message is gone
+        :raises FileNotFoundError: when the message is gone, or was damaged and is now
+            in ``corrupt/``
         """
         fd = self.queue.lock_delivery(qid)
         if fd is None:
             return None
         try:
-            item = self.queue.load(qid, fd=fd)
+            try:
+                item = self.queue.load(qid, fd=fd)
+            except CorruptQueueFile as exc:  # retrying cannot mend it: out of the queue
+                self.queue.set_aside(qid, "msg", str(exc))
+                raise FileNotFoundError(errno.ENOENT, f"qid={qid} is damaged") from exc
             is_due = item.next_try <= time.time() + 1 or self._stopping
             message = self.queue.read_body(fd, item) if is_due and not item.held else None
         except BaseException:

@@ -16,7 +16,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -34,6 +33,10 @@ from gateway.queue.committer import (
     fsync_dir,
     write_all,
 )
+from gateway.queue.damage import MAGIC as _MAGIC
+from gateway.queue.damage import QID_RE as _QID_RE
+from gateway.queue.damage import CorruptQueueFile, move_aside, read_envelope
+from gateway.queue.damage import check_fd as _check_fd
 from gateway.queue.dirsync import DirSync
 from gateway.queue.locks import ofd_lock, open_locked
 
@@ -45,15 +48,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 AREAS = ("msg", "quarantine")  # the directories that hold whole messages
-
-_MAGIC = b"GWQ1"
-_HEADER_MAX = 64  # b"GWQ1 " + two 20-digit lengths + spaces + newline fit in 47
-_ENVELOPE_MAX = 16 * 1024 * 1024  # bound what load() reads and parses
-_QID_RE = re.compile(r"[0-9A-Z]{1,64}")
-
-
-class CorruptQueueFile(Exception):
-    """A queue or state file whose header, lengths or JSON do not check out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,26 +97,6 @@ def _next_id() -> str:
         return f"{_id_last[0]:013X}{os.getpid() & 0xFFFFFF:06X}{_id_last[1]:04X}"
 
 
-def _check_fd(fd: int, qid: str) -> tuple[int, int, int]:
-    """Verify a queue file's header, size and separator without reading its body.
-
-    :returns: (header length, envelope length, message length)
-    :raises CorruptQueueFile: when any of them is wrong
-    """
-    head = os.pread(fd, _HEADER_MAX, 0)
-    nl = head.find(b"\n")
-    parts = head[:nl].split(b" ") if nl > 0 else []
-    if len(parts) != 3 or parts[0] != _MAGIC or not (parts[1].isdigit() and parts[2].isdigit()):
-        raise CorruptQueueFile(f"qid={qid}: bad header")
-    header_len, env_len, msg_len = nl + 1, int(parts[1]), int(parts[2])
-    expected, actual = header_len + env_len + 1 + msg_len, os.fstat(fd).st_size
-    if actual != expected:
-        raise CorruptQueueFile(f"qid={qid}: size {actual}, header says {expected}")
-    if os.pread(fd, 1, header_len + env_len) != b"\n":
-        raise CorruptQueueFile(f"qid={qid}: no separator after the envelope")
-    return header_len, env_len, msg_len
-
-
 class QueueStore:
     """The on-disk queue under one root directory.
 
@@ -141,6 +115,9 @@ class QueueStore:
             unlink=self._unlink_message, forget=self._drop_state,
         )
         self._state_locks = [threading.Lock() for _ in range(64)]  # striped by qid
+        #: messages (or stray files) this process moved to ``corrupt/``
+        self.moved_aside = 0
+        self._count_lock = threading.Lock()
         # Concurrent state updates and removals share their directory fsyncs.
         self._syncs = {
             sub: DirSync(self.root / sub, lambda path: fsync_dir(path))
@@ -296,11 +273,14 @@ class QueueStore:
                     raise CorruptQueueFile(f"{entry.name!r} is not a queue file")
                 fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
                 try:
-                    _check_fd(fd, entry.name)
+                    read_envelope(fd, entry.name, *_check_fd(fd, entry.name)[:2])
                 finally:
                     os.close(fd)
             except (CorruptQueueFile, OSError) as exc:
-                self._to_corrupt(Path(entry.path), entry.name, str(exc))
+                files = [Path(entry.path)]
+                if _QID_RE.fullmatch(entry.name) and (self.root / "state" / entry.name).exists():
+                    files.append(self.root / "state" / entry.name)  # they stay together
+                self._move_aside(entry.name, files, str(exc))
             else:
                 good.add(entry.name)
         return good
@@ -319,25 +299,28 @@ class QueueStore:
                 self._read_state(qid)
             except (CorruptQueueFile, OSError) as exc:
                 # Without its state we could deliver twice: leave both to a human.
-                self._to_corrupt(self._path(area, qid), qid, str(exc))
-                self._to_corrupt(Path(entry.path), f"{qid}.state", str(exc))
+                self._move_aside(qid, [self._path(area, qid), Path(entry.path)], str(exc))
                 found[area].discard(qid)
         if is_changed:
             fsync_dir(self.root / "state")
 
-    def _to_corrupt(self, src: Path, name: str, reason: str) -> None:
-        dst = self.root / "corrupt" / name
-        for n in itertools.count(1):
-            if not dst.exists():
-                break
-            dst = self.root / "corrupt" / f"{name}.{n}"
-        log.error("moving bad queue file qid=%s to %s: %s", name, dst, reason)
-        try:
-            os.rename(src, dst)
-            fsync_dir(dst.parent)
-            fsync_dir(src.parent)
-        except OSError as exc:
-            log.error("cannot move bad queue file qid=%s: %s", name, exc)
+    def _move_aside(self, qid: str, files: list[Path], reason: str) -> None:
+        if move_aside(self.root, qid, files, reason):
+            with self._count_lock:
+                self.moved_aside += 1
+
+    def set_aside(self, qid: str, area: str, reason: str) -> None:
+        """Move a message found damaged after :meth:`open` (its envelope or state does
+        not parse: :meth:`load` raised :class:`CorruptQueueFile`) to ``corrupt/``, with
+        its state file, so nothing retries it. The caller holds its delivery lock.
+
+        :raises FileNotFoundError: when the message is gone
+        """
+        with self._locked(qid):  # no state update from another process in between
+            files = [self._path(area, qid)]
+            if (self.root / "state" / qid).exists():
+                files.append(self.root / "state" / qid)
+            self._move_aside(qid, files, reason)
 
     # Commit ---------------------------------------------------------------------------
 
@@ -412,13 +395,7 @@ class QueueStore:
             with open(path, "rb") as f:
                 return self.load(qid, area, fd=f.fileno())
         header_len, env_len, msg_len = _check_fd(fd, qid)
-        if env_len > _ENVELOPE_MAX:
-            raise CorruptQueueFile(f"qid={qid}: envelope of {env_len} octets")
-        raw = os.pread(fd, env_len, header_len)
-        try:
-            envelope = Envelope.from_dict(json.loads(raw))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptQueueFile(f"qid={qid}: bad envelope: {exc}") from exc
+        envelope = read_envelope(fd, qid, header_len, env_len)
         state = self._read_state(qid)
         next_try, attempts, is_held = envelope.arrived, 0, False
         if state is not None:
@@ -465,7 +442,7 @@ class QueueStore:
                 "attempts": int(data["attempts"]),
                 "held": bool(data["held"]),
             }
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CorruptQueueFile(f"qid={qid}: bad state file: {exc}") from exc
 
     # Writers --------------------------------------------------------------------------

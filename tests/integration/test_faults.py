@@ -99,3 +99,69 @@ def test_corrupt_queue_file_is_moved_aside_and_the_rest_delivered(tmp_path: Path
     assert bodies == [b"body 0\r\n", b"body 2\r\n"]
     assert (tmp_path / "queue" / "corrupt" / bad).exists()
     assert bad in log and "ERROR" in log
+
+
+def _scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+
+def _place_damaged(queue: Path, qid: str, envelope: bytes) -> None:
+    """A queue file whose header, lengths and separator check out, with ``envelope``
+    (JSON that does not parse, or does not fit the schema) as its envelope; renamed
+    into ``msg/`` whole, as a commit would."""
+    message = b"Subject: damaged\r\n\r\nnever delivered\r\n"
+    tmp = queue / "tmp" / f"{qid}.test"
+    tmp.write_bytes(b"GWQ1 %d %d\n" % (len(envelope), len(message)) + envelope + b"\n" + message)
+    os.rename(tmp, queue / "msg" / qid)
+
+
+def test_damaged_envelope_is_moved_aside_once_at_start_and_when_found_later(tmp_path: Path) -> None:
+    """A right-size queue file whose envelope is bad JSON is set aside by the start-up
+    recovery; one whose envelope fails the schema, dropped in while the gateway runs, by
+    the attempt that loads it. Each gets one ERROR line, none a traceback, both are
+    counted at /metrics, and neither is retried; the good mail is delivered."""
+    store = QueueStore(tmp_path / "queue")
+    store.open()
+
+    async def fill() -> None:
+        env = Envelope(sender="a@example.org", recipients=[QueuedRecipient("alice@localhost")])
+        await store.commit(store.new_id(), env, Message(b"Subject: good\r\n\r\nbody 0\r\n"))
+        await store.close()
+
+    asyncio.run(fill())
+    at_start, later = store.new_id(), store.new_id()
+    _place_damaged(tmp_path / "queue", at_start, b'{"version":1,"sender":"a@example.org","recipients":[')
+    port, metrics_port = free_port(), free_port()
+    delivery = f'[delivery]\npoll_interval = "200ms"\n[metrics]\nenabled = true\nport = {metrics_port}'
+    proc = start_gateway(write_policy(tmp_path, port, extra=delivery), port, stderr=subprocess.PIPE, text=True)
+    new = tmp_path / "mail" / "alice" / "Maildir" / "new"
+    corrupt = tmp_path / "queue" / "corrupt"
+    try:
+        assert wait_for(lambda: new.exists() and len(list(new.iterdir())) == 1, timeout=15)
+        assert (corrupt / at_start).exists()
+        # Valid JSON, but no recipients: the queue scan finds it and the attempt loads it.
+        _place_damaged(tmp_path / "queue", later, b'{"version":1,"sender":"a@example.org","arrived":1}')
+        assert wait_for(lambda: (corrupt / later).exists(), timeout=15)
+        assert not (tmp_path / "queue" / "msg" / later).exists()
+        assert wait_for(lambda: _scrape(metrics_port).get("gateway_queue_corrupt_total") == 2, timeout=10)
+        # Later scans do not find it again: a good message sent now is delivered, and
+        # the count stays.
+        from tests.conftest import MESSAGE, smtp
+
+        with smtp(port) as client:
+            client.sendmail("a@example.org", ["alice@localhost"], MESSAGE)
+        assert wait_for(lambda: len(list(new.iterdir())) == 2, timeout=15)
+        assert _scrape(metrics_port)["gateway_queue_corrupt_total"] == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, log = proc.communicate(timeout=30)
+    assert "Traceback" not in log
+    for qid in (at_start, later):
+        (line,) = [line for line in log.splitlines() if qid in line]
+        assert "ERROR" in line and "bad envelope" in line and "corrupt" in line

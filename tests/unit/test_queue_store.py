@@ -320,6 +320,48 @@ def test_open_moves_message_with_corrupt_state_to_corrupt(store: QueueStore) -> 
     assert _listing(store, "corrupt") == sorted([qid, f"{qid}.state"])
 
 
+def _damage_envelope(store: QueueStore, qid: str, envelope: bytes) -> None:
+    """Replace the envelope of ``msg/<qid>`` with ``envelope`` of the same length, so
+    the header, lengths and separator still check out."""
+    path = store.root / "msg" / qid
+    data = path.read_bytes()
+    head, rest = data.split(b"\n", 1)
+    env_len = int(head.split()[1])
+    assert len(envelope) <= env_len
+    path.write_bytes(head + b"\n" + envelope.ljust(env_len) + rest[env_len:])
+
+
+def test_open_moves_a_right_size_file_whose_envelope_is_bad_with_its_state(
+        store: QueueStore, caplog: pytest.LogCaptureFixture) -> None:
+    good, bad_json, bad_schema = _commit(store), _commit(store), _commit(store)
+    store.update_state(bad_json, _envelope(), attempts=2)
+    _damage_envelope(store, bad_json, b'{"version":1,"sender":')
+    _damage_envelope(store, bad_schema, b'{"version":1,"sender":"a@example.org"}')  # no recipients
+    reopened = QueueStore(store.root)
+    with caplog.at_level(logging.ERROR, logger="gateway.queue.store"):
+        assert reopened.open() == [good]
+    assert _listing(reopened, "corrupt") == sorted([bad_json, f"{bad_json}.state", bad_schema])
+    assert _listing(reopened, "state") == []
+    assert reopened.moved_aside == 2
+    for qid in (bad_json, bad_schema):  # one line each, naming it and saying why
+        (line,) = [r.getMessage() for r in caplog.records if qid in r.getMessage()]
+        assert "bad envelope" in line and "corrupt" in line
+
+
+def test_set_aside_moves_a_message_and_its_state_once(store: QueueStore) -> None:
+    qid, other = _commit(store), _commit(store)
+    store.update_state(qid, _envelope(), attempts=1)
+    _damage_envelope(store, qid, b"not json")
+    with pytest.raises(CorruptQueueFile, match="bad envelope"):
+        store.load(qid)
+    store.set_aside(qid, "msg", "bad envelope")
+    assert store.ids() == [other]
+    assert _listing(store, "corrupt") == sorted([qid, f"{qid}.state"])
+    assert store.moved_aside == 1
+    with pytest.raises(FileNotFoundError):
+        store.set_aside(qid, "msg", "bad envelope")
+
+
 def test_load_rejects_corrupt_file(store: QueueStore) -> None:
     qid = _commit(store)
     path = store.root / "msg" / qid
