@@ -1,8 +1,10 @@
 """DNS lists: IP block lists (DNSBL), IP allow lists (DNSWL) and domain lists (RHSBL).
 
 Hooks: ``gateway_startup``, ``gateway_connect``, ``gateway_helo``, ``gateway_mail``,
-``gateway_rcpt``, ``gateway_data``. Put it before ``rcpt_relay``: its RCPT verdict must come
-before a plugin accepts the recipient.
+``gateway_rcpt``, ``gateway_data``. Put it before the plugins that accept recipients
+(``rcpt_relay``, ``rcpt_local_users``): its RCPT verdict must come before a plugin accepts
+the recipient. A ``refuse_only`` entry of ``rcpt_relay`` may come first, so a relay
+attempt is refused as such whatever the lists say.
 
 Each entry of ``zones`` (a ``[[plugins.zones]]`` table) is one list: ``zone``, ``type``
 (``ip``, ``ip-allow`` or ``domain``), ``targets`` of a domain list (``helo``, ``mail_from``,

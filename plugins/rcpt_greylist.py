@@ -15,15 +15,20 @@ sender as "", recipient lower-cased) in the shared state store named by ``state`
 The client network is the /``ipv4_prefix`` or /``ipv6_prefix`` around the address,
 because large senders retry from another host of the same pool. Skipped entirely for
 relay clients, authenticated sessions, clients in ``allow_networks``, senders in
-``allow_sender_domains`` and recipients in ``allow_recipient_domains`` (a
-``.example.com`` entry covers subdomains).
+``allow_sender_domains``, recipients in ``allow_recipient_domains`` (a
+``.example.com`` entry covers subdomains) and recipients whose local part is in
+``exempt_local_parts`` (postmaster and abuse, of any domain, and bare ``<postmaster>``:
+RFC 5321 §4.5.1, RFC 2142; a site must be able to reach them at once, and relay
+control refuses those of foreign domains).
 
 If the store fails, ``on_state_error`` decides: ``"continue"`` (the default) lets the
 recipient through, because greylisting is a nuisance filter (a store outage should cost
 some spam, not all incoming mail); ``"tempfail"`` answers 451 4.3.0.
 
-Runs on recipients, so put it before the plugin that accepts them (``rcpt_relay``
+Runs on recipients, so put it before the plugins that accept them (``rcpt_relay``
 accepts relay domains, ``rcpt_local_users`` local users): an ``accept`` ends the chain.
+Put relay control's refusals before it (an ``rcpt_relay`` entry with ``refuse_only``),
+so that a relay attempt is refused at once and leaves no triplet in the store.
 Adds no headers or results.
 """
 
@@ -75,6 +80,9 @@ class Settings:
     allow_recipient_domains: tuple[str, ...] = setting(
         (), "recipient domains never greylisted (.example.com: with subdomains)"
     )
+    exempt_local_parts: tuple[str, ...] = setting(
+        ("postmaster", "abuse"), "recipients (any domain, bare <postmaster>) never greylisted"
+    )
     on_state_error: Literal["continue", "tempfail"] = setting(
         "continue", "state store down: let recipients through, or answer 451 4.3.0"
     )
@@ -114,6 +122,8 @@ def _is_allowed(session: Session, sender: Address, rcpt: Address, settings: Sett
         return "allowed sender domain"
     if rcpt.domain and domain_matches(rcpt.domain_key, settings.allow_recipient_domains):
         return "allowed recipient domain"
+    if rcpt.local_key in {part.lower() for part in settings.exempt_local_parts}:
+        return "exempt local part"  # RFC 5321 §4.5.1, RFC 2142
     return None
 
 

@@ -90,8 +90,8 @@ def test_relay_denied_at_rcpt_local_user_accepted_nothing_queued(tmp_path: Path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     relay = stage_lines(out, "rcpt <x@remote.example>")
-    assert "rcpt_relay" in relay[1] and "reject: 554 5.7.1 Relay access denied (relay to remote.example denied)" in relay[1]
-    assert relay[-1] == "  => 554 5.7.1 Relay access denied  [by rcpt_relay]"
+    assert "rcpt_relay" in relay[1] and "reject: 550 5.7.1 Relay access denied (relay to remote.example denied)" in relay[1]
+    assert relay[-1] == "  => 550 5.7.1 Relay access denied  [by rcpt_relay]"
     local = stage_lines(out, "rcpt <alice@localhost>")
     assert "rcpt_relay" in local[1] and "no opinion" in local[1]
     assert "rcpt_local_users" in local[2] and "accept" in local[2] and "(local user)" in local[2]
@@ -111,7 +111,7 @@ def test_observe_mode_shows_what_the_plugin_would_have_done(tmp_path: Path) -> N
     rcpt = next(s for s in data["stages"] if s["name"] == "rcpt")
     relay = rcpt["steps"][0]
     assert (relay["plugin"], relay["outcome"], relay["observe"]) == ("rcpt_relay", "reject", True)
-    assert relay["reply"] == "554 5.7.1 Relay access denied"
+    assert relay["reply"] == "550 5.7.1 Relay access denied"
     assert rcpt["decided_by"] == "default-deny"
     assert rcpt["answer"] == "550 5.7.1 Recipient not accepted"
     assert data["queued"] is False
@@ -119,7 +119,7 @@ def test_observe_mode_shows_what_the_plugin_would_have_done(tmp_path: Path) -> N
         tmp_path, "--client-ip", "192.0.2.7", "--from", "a@example.org", "--to", "x@remote.example",
         relay_mode="observe",
     ).stdout
-    assert "(observe) would reject: 554 5.7.1 Relay access denied" in text
+    assert "(observe) would reject: 550 5.7.1 Relay access denied" in text
     assert "Result: refused; nothing would be queued." in text
 
 

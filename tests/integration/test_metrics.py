@@ -28,7 +28,7 @@ def test_metrics_count_sessions_messages_verdicts_and_queue(gateway_factory) -> 
     c.reply()
     c.cmd("EHLO client.test.example")
     c.cmd("MAIL FROM:<a@example.org>")
-    assert c.cmd("RCPT TO:<x@elsewhere.example>")[0] == 554
+    assert c.cmd("RCPT TO:<x@elsewhere.example>")[0] == 550
     c.cmd("QUIT")
     c.close()
     metrics = scrape(port)

@@ -159,7 +159,7 @@ def test_text_report_and_progress(session_log: Path) -> None:
     assert result.returncode == 0
     text = result.stdout.decode()
     assert "Messages received                  3" in text
-    assert "rcpt_relay: relay to remote.example denied [554 5.7.1 Relay access denied]" in text
+    assert "rcpt_relay: relay to remote.example denied [550 5.7.1 Relay access denied]" in text
     assert "<s@example.org>" in text
     progress = result.stderr.decode().splitlines()
     assert progress and all(line.startswith("gateway report: ") and "% read" in line for line in progress)

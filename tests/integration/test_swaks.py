@@ -39,7 +39,7 @@ def test_swaks_plain_and_starttls(gateway) -> None:
 def test_swaks_relay_denied(gateway) -> None:
     result = swaks(gateway.port, "--to", "someone@example.net")
     assert result.returncode == SWAKS_RCPT_REFUSED
-    assert "554 5.7.1 Relay access denied" in result.stdout
+    assert "550 5.7.1 Relay access denied" in result.stdout
     assert gateway.queue_ids() == []
 
 

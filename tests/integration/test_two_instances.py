@@ -61,7 +61,7 @@ def test_two_instances_side_by_side(tmp_path: Path) -> None:
             client.ehlo()
             client.mail("a@example.org")
             # Each instance only knows its own domain.
-            assert client.rcpt("user@one.test.example")[0] == 554
+            assert client.rcpt("user@one.test.example")[0] == 550
             client.rset()
             client.sendmail("a@example.org", ["user@two.test.example"], b"Subject: two\r\n\r\nx\r\n")
         inbox = tmp_path / "one" / "mail" / "user" / "Maildir" / "new"

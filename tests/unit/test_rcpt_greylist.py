@@ -123,6 +123,20 @@ def test_allow_lists_and_trusted_sessions_skip_greylisting(
     asyncio.run(main())
 
 
+def test_postmaster_and_abuse_are_never_greylisted_unless_the_setting_says_so(tmp_path: Path) -> None:
+    # RFC 5321 §4.5.1, RFC 2142: a site must reach them at first contact.
+    async def main() -> None:
+        async with Harness(tmp_path) as h:
+            ours = (Address("PostMaster", "local.example"), Address("abuse", "relayed.example"))
+            for rcpt in (*ours, Address("postmaster", "")):  # the last: bare <postmaster>
+                assert await h.rcpt(rcpt=rcpt) is None, rcpt
+            assert is_greylisted(await h.rcpt())
+        async with Harness(tmp_path, exempt_local_parts=()) as h:
+            assert is_greylisted(await h.rcpt(rcpt=Address("postmaster", "local.example")))
+
+    asyncio.run(main())
+
+
 def test_state_errors_fail_open_by_default_or_tempfail_if_configured(tmp_path: Path) -> None:
     async def main() -> list[Verdict | None]:
         out = []

@@ -36,7 +36,7 @@ def test_known_user_accepted_unknown_refused(gateway_factory, dovecot, over: str
     assert rcpt(c, "nobody@local.example") == UNKNOWN
     assert rcpt(c, "postmaster@local.example") == ACCEPTED
     # A domain that is not local is not this plugin's business: relay control refuses it.
-    assert rcpt(c, "someone@example.net")[0] == 554
+    assert rcpt(c, "someone@example.net")[0] == 550
     assert c.cmd("DATA")[0] == 354
     assert c.cmd(b"Subject: hi\r\n\r\nhello\r\n.")[0] == 250
     c.close()
