@@ -19,8 +19,10 @@ A node that crashes never takes its counts back, so every counter expires
 still open at that moment is undercounted, never overcounted for long). Keep
 ``connection_ttl`` above ``[limits] session_timeout``.
 
-Relay clients and clients in ``exempt_networks`` are not counted. If the store fails,
-``on_state_error`` decides: ``"continue"`` (default: greet the client; the core's own
+Clients in ``exempt_networks`` (loopback by default) and relay clients (``[relay]
+clients``, while ``exempt_relay_clients``) are not counted, as Postfix exempts its own
+networks from its connection limits: local submitters and content filters open many
+sessions on purpose. If the store fails, ``on_state_error`` decides: ``"continue"`` (default: greet the client; the core's own
 per-listener limit still applies) or ``"tempfail"`` (421 4.3.0).
 Adds no headers or results.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from ipaddress import ip_network
 from typing import Literal
 
 from gateway.context import Gateway
@@ -63,7 +66,10 @@ class Settings:
     ipv4_prefix: int = setting(24, "IPv4 network prefix length for connections_per_network", min=8, max=32)
     ipv6_prefix: int = setting(64, "IPv6 network prefix length for connections_per_network", min=16, max=128)
     connection_ttl: Duration = setting(3600.0, "counters expire this long after creation (crashed nodes)", min=1)
-    exempt_networks: tuple[IPNetwork, ...] = setting((), "clients not counted")
+    exempt_networks: tuple[IPNetwork, ...] = setting(
+        (ip_network("127.0.0.0/8"), ip_network("::1/128")), "clients not counted (default: loopback)"
+    )
+    exempt_relay_clients: bool = setting(True, "[relay] clients are not counted either")
     on_state_error: Literal["continue", "tempfail"] = setting(
         "continue", "state store down: greet the client, or answer 421 4.3.0"
     )
@@ -105,7 +111,9 @@ class Plugin(StatePlugin):
 
     @hookimpl
     async def gateway_connect(self, session: Session, settings: Settings) -> Verdict | None:
-        if session.is_relay_client or in_networks(session.peer_ip, settings.exempt_networks):
+        if session.is_relay_client and settings.exempt_relay_clients:
+            return None
+        if in_networks(session.peer_ip, settings.exempt_networks):
             return None
         counted = session.stash.get(COUNTED)
         if counted is None:

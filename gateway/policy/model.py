@@ -136,8 +136,34 @@ class Limits:
     session_timeout: Duration = setting(1800.0, "total session length", min=0.001)
     max_connections: int = setting(1000, "concurrent sessions per listener", min=1)
     max_connections_per_ip: int = setting(20, "concurrent sessions per client address", min=1)
+    per_ip_exempt_networks: tuple[IPNetwork, ...] = setting(
+        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        "clients max_connections_per_ip does not limit (default: loopback)",
+    )
+    per_ip_exempt_relay_clients: bool = setting(
+        True, "[relay] clients are not limited by max_connections_per_ip either"
+    )
     max_bad_commands: int = setting(10, "unknown or out-of-order commands before disconnect", min=1)
     max_transactions: int = setting(100, "mail transactions per session", min=1)
+
+    def limit_per_ip(self, client_ip: str, is_relay_client: bool) -> int | None:
+        """``max_connections_per_ip`` for this client, or ``None`` when it is exempt.
+
+        Postfix exempts its own networks the same way
+        (``smtpd_client_connection_limit_exceptions = $mynetworks``): local submitters
+        and content filters open many sessions on purpose. ``max_connections`` still
+        counts exempt clients.
+
+        :param client_ip: the client's address; an unparsable one is never exempt
+        :param is_relay_client: whether the client is in ``[relay] clients``
+        """
+        if is_relay_client and self.per_ip_exempt_relay_clients:
+            return None
+        if self.per_ip_exempt_networks:
+            address = _parse_ip(client_ip)
+            if address is not None and any(address in net for net in self.per_ip_exempt_networks):
+                return None
+        return self.max_connections_per_ip
 
 
 @dataclass(frozen=True)

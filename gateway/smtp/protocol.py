@@ -74,8 +74,9 @@ class ConnectionTracker:
         self.total = 0
         self.per_ip: dict[str, int] = {}
 
-    def admit(self, ip: str, max_total: int, max_per_ip: int) -> bool:
-        if self.total >= max_total or self.per_ip.get(ip, 0) >= max_per_ip:
+    def admit(self, ip: str, max_total: int, max_per_ip: int | None) -> bool:
+        """Count one more session, unless a limit is reached (``None``: no per-IP limit)."""
+        if self.total >= max_total or (max_per_ip is not None and self.per_ip.get(ip, 0) >= max_per_ip):
             return False
         self.total += 1
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
@@ -231,7 +232,8 @@ class GatewaySMTP(SMTP):
         limits = scope.limits
         if self.implicit_tls:
             self._note_tls(self.transport)
-        if not self.tracker.admit(session.peer_ip, limits.max_connections, limits.max_connections_per_ip):
+        per_ip = limits.limit_per_ip(session.peer_ip, session.is_relay_client)
+        if not self.tracker.admit(session.peer_ip, limits.max_connections, per_ip):
             log.info("connection refused client=%s: too many connections", session.peer_ip)
             try:
                 await self.reply(R_TOO_MANY_CONN)

@@ -235,7 +235,8 @@ def test_session_deadline_stops_a_dribbling_client(gateway_factory) -> None:
 
 
 def test_connections_per_ip_are_limited(gateway_factory) -> None:
-    gw = gateway_factory(BASE_POLICY + "\n[limits]\nmax_connections_per_ip = 2\n")
+    # Loopback is exempt by default (test_connection_limits_exempt.py): not here.
+    gw = gateway_factory(BASE_POLICY + "\n[limits]\nmax_connections_per_ip = 2\nper_ip_exempt_networks = []\n")
     first, second = RawClient(gw.port), RawClient(gw.port)
     assert first.reply()[0] == 220 and second.reply()[0] == 220
     third = RawClient(gw.port)

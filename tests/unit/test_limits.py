@@ -174,6 +174,20 @@ def test_relay_clients_and_exempt_networks_are_not_counted(tmp_path: Path) -> No
     asyncio.run(main())
 
 
+def test_loopback_is_exempt_by_default_and_relay_clients_unless_switched_off(tmp_path: Path) -> None:
+    async def main() -> None:
+        started = Started(connect_limits, tmp_path, connections_per_ip=1, exempt_relay_clients=False)
+        async with started as plugin:
+            settings = started.settings
+            for ip in ("127.0.0.1", "127.0.0.1", "::1", "::1"):
+                assert await plugin.gateway_connect(session(ip), settings) is None
+            assert await plugin.gateway_connect(session(is_relay_client=True), settings) is None
+            relay_again = await plugin.gateway_connect(session(is_relay_client=True), settings)
+            assert refused_with(relay_again, REPLY_TOO_MANY)
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("module", [connect_limits, mail_rate_limit])
 def test_state_errors_follow_on_state_error(module: ModuleType, tmp_path: Path) -> None:
     limits = {"connections_per_ip": 1} if module is connect_limits else {"messages_per_ip": 1}

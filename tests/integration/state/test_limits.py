@@ -53,7 +53,7 @@ def test_recipients_per_ip_are_counted_across_messages(gateway_factory, state: s
 
 
 def test_connections_per_ip_across_sessions(gateway_factory, state: str) -> None:
-    entry = f'name = "connect_limits"\nstate = "{state}"\nconnections_per_ip = 1'
+    entry = f'name = "connect_limits"\nstate = "{state}"\nconnections_per_ip = 1\nexempt_networks = []'
     gw = gateway_factory(policy(entry), specs=specs())
     first = RawClient(gw.port)
     try:
@@ -81,7 +81,7 @@ def test_connections_per_ip_across_sessions(gateway_factory, state: str) -> None
 
 
 def test_connections_are_limited_across_two_gateways(gateway_factory, redis_url: str) -> None:
-    entry = f'name = "connect_limits"\nstate = "{redis_url}"\nconnections_per_ip = 1'
+    entry = f'name = "connect_limits"\nstate = "{redis_url}"\nconnections_per_ip = 1\nexempt_networks = []'
     node_a = gateway_factory(policy(entry), specs=specs())
     node_b = gateway_factory(policy(entry), specs=specs())
     held = RawClient(node_a.port)

@@ -11,7 +11,7 @@ def test_redis_down_fail_open_and_fail_closed(gateway_factory, redis_factory) ->
     url = redis.url
     fail_open = gateway_factory(
         policy(
-            f'name = "connect_limits"\nstate = "{url}"\nconnections_per_ip = 5',
+            f'name = "connect_limits"\nstate = "{url}"\nconnections_per_ip = 5\nexempt_networks = []',
             f'name = "rcpt_greylist"\nstate = "{url}"',  # on_state_error = "continue" by default
         ),
         specs=specs(),
