@@ -9,7 +9,8 @@ queue's delivery lock keeps two processes off one message. The first process (th
 master) also recovers the queue at start, scans it for retries and for what others
 left, and reads the trigger FIFO. It forwards SIGTERM and SIGHUP to the workers and
 waits for them; a worker whose master died (even by SIGKILL) gets SIGTERM from the
-kernel and stops too.
+kernel and stops too. What every process needs made once (the queue's recovery, a
+self-signed certificate) is made before the fork.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 from gateway.metrics import clear_snapshots
 from gateway.queue import QueueStore
+from gateway.smtp.tls import server_context
 
 __all__ = ["bind_listeners", "run_workers"]
 
@@ -71,7 +73,12 @@ def run_workers(policy: Any, make_app: Any) -> int:
     :param make_app: ``make_app(role)`` builds a :class:`GatewayApp`
     """
     recovered = QueueStore(policy.server.queue_dir).open()
-    clear_snapshots(Path(policy.server.var_dir))  # counts of workers of an earlier run
+    var_dir = Path(policy.server.var_dir)
+    clear_snapshots(var_dir)  # counts of workers of an earlier run
+    if any(l.tls != "none" for l in policy.listeners):
+        # Once here rather than in each process: N first starts would each make a
+        # self-signed certificate into the same place. This also checks a given pair.
+        server_context(policy.tls, var_dir, policy.server.hostname)
     master_sockets = bind_listeners(policy)
     ports = {name: s.getsockname()[1] for name, s in master_sockets.items()}
     children: list[int] = []

@@ -9,13 +9,16 @@ import os
 import re
 import signal
 import smtplib
+import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from tests.conftest import wait_for
-from tests.processes import free_port, port_open, start_gateway, stop_gateway, write_policy
+from tests.processes import free_port, gateway_env, port_open, start_gateway, stop_gateway, write_policy
 from tests.smtppeer import SmtpPeer
 
 
@@ -144,3 +147,84 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def _starttls_pids(port: int, log: Path, connections: int) -> set[str]:
+    """STARTTLS on ``connections`` new connections (each must succeed); the pids of the
+    processes that served them, from the log's connect lines."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    ports = []
+    for _ in range(connections):
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+            ports.append(client.sock.getsockname()[1])
+            client.starttls(context=context)
+            assert client.noop()[0] == 250
+    text = log.read_text()
+    return {
+        m.group(1) for p in ports
+        for m in [re.search(rf"gateway\[(\d+)\] INFO \S+ session=\S+ queue=\S+ connect client=127\.0\.0\.1 port={p} ", text)]
+        if m is not None
+    }
+
+
+def _tls_policy(tmp_path: Path, port: int, workers: int) -> Path:
+    policy = write_policy(tmp_path, port, workers=workers)
+    policy.write_text(policy.read_text().replace('tls = "none"', 'tls = "starttls"'))
+    return policy
+
+
+def _all_started(log: Path, count: int) -> bool:
+    return wait_for(lambda: len(re.findall(r"INFO gateway\.app .*gateway started", log.read_text())) >= count, timeout=30)
+
+
+def test_first_starts_with_four_workers_make_one_certificate(tmp_path: Path) -> None:
+    """Each worker made the self-signed pair on a first start: some starts failed with
+    KEY_VALUES_MISMATCH and left a mismatched pair that stopped every later start."""
+    for round in range(3):
+        root = tmp_path / f"start{round}"
+        root.mkdir()
+        port = free_port()
+        log = root / "gateway.log"
+        with open(log, "w") as log_file:
+            proc = start_gateway(_tls_policy(root, port, 4), port, stderr=log_file, timeout=60)
+        try:
+            assert _all_started(log, 4), log.read_text()
+            assert len(_starttls_pids(port, log, 24)) >= 2, "connections reached several processes"
+            assert log.read_text().count("made a self-signed TLS certificate") == 1
+        finally:
+            assert stop_gateway(proc) == 0
+
+
+def test_a_mismatched_pair_left_on_disk_is_remade_at_start(tmp_path: Path) -> None:
+    from gateway.smtp.tls import ensure_self_signed
+
+    cert, key = ensure_self_signed(tmp_path / "var" / "tls", "gw.test.example")
+    key.write_bytes(ensure_self_signed(tmp_path / "other", "gw.test.example")[1].read_bytes())
+    port = free_port()
+    log = tmp_path / "gateway.log"
+    with open(log, "w") as log_file:
+        proc = start_gateway(_tls_policy(tmp_path, port, 2), port, stderr=log_file, timeout=60)
+    try:
+        assert _all_started(log, 2)
+        assert _starttls_pids(port, log, 10)
+        text = log.read_text()
+        assert f"the self-signed TLS pair {cert} and {key} cannot serve (KEY_VALUES_MISMATCH)" in text
+    finally:
+        assert stop_gateway(proc) == 0
+
+
+def test_a_configured_pair_that_does_not_match_stops_the_start_naming_both(tmp_path: Path) -> None:
+    from gateway.smtp.tls import ensure_self_signed
+
+    cert, _ = ensure_self_signed(tmp_path / "a", "gw.test.example")
+    _, key = ensure_self_signed(tmp_path / "b", "gw.test.example")
+    port = free_port()
+    policy = _tls_policy(tmp_path, port, 2)
+    policy.write_text(policy.read_text() + f'[tls]\ncert = "{cert}"\nkey = "{key}"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "run", "--policy", str(policy)],
+        env=gateway_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 1
+    assert f"cannot start: TLS certificate {cert} and key {key} cannot serve: KEY_VALUES_MISMATCH" in done.stderr
