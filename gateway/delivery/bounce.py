@@ -217,8 +217,18 @@ def _human_part(
     lines = [f"This is the mail system at host {mta}.", "", intro, "", "", "                   The mail system", ""]
     for rcpt, outcome in items:
         reply = " ".join(outcome.reply.lines())
+        address = _one_line(rcpt.address)
+        if outcome.expired:
+            # The expiry is the reason; the last real error, and who gave it, the detail.
+            lifetime = _duration(retry_until - arrived) if retry_until else "the queue lifetime"
+            where = f": host {_one_line(outcome.remote)} said" if outcome.remote else (
+                " (our own words: no remote host said it)"
+            )
+            lines += [f"<{address}>: delivery time expired: not delivered within {lifetime}.",
+                      f"Last error{where}: {reply}", ""]
+            continue
         where = f"host {_one_line(outcome.remote)} said" if outcome.remote else "the answer was"
-        lines += [f"<{_one_line(rcpt.address)}>: {where}: {reply}", ""]
+        lines += [f"<{address}>: {where}: {reply}", ""]
     if qid:
         lines.append(f"(queue id {qid} at {mta})")
     text = "\r\n".join(lines) + "\r\n"
@@ -257,7 +267,9 @@ def _status_part(
         relayed = kind == "success" and bool(outcome.remote)
         fields.append(_field("Action", "relayed" if relayed else _ACTIONS[kind]))
         reply = outcome.reply
-        fields.append(_field("Status", reply.status or f"{reply.code // 100}.0.0"))
+        # RFC 3463 X.4.7: the queue lifetime decided; Diagnostic-Code keeps the last error.
+        status = "4.4.7" if outcome.expired else reply.status or f"{reply.code // 100}.0.0"
+        fields.append(_field("Status", status))
         if outcome.remote:
             # a host name is one token: "mx.example.net[192.0.2.1]" -> the name
             host = _ascii((_one_line(outcome.remote).split() or ["unknown"])[0])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from gateway.delivery.bounce import build_dsn, wants_notice
 from gateway.delivery.types import Outcome
@@ -25,12 +25,18 @@ if TYPE_CHECKING:
     from gateway.context import Gateway
     from gateway.queue import QueueStore
 
-__all__ = ["DOUBLE_BOUNCE_NOTE", "Notifier", "owes_nothing", "reply_from_line", "unreported"]
+__all__ = [
+    "DOUBLE_BOUNCE_NOTE", "EXPIRED", "Notifier", "expire_pending", "owes_nothing", "recorded_outcome",
+    "reply_from_line", "unreported",
+]
 
 # The notices are part of the scheduler's story of a message: its logger, its lines.
 log = logging.getLogger("gateway.delivery.scheduler")
 
 DOUBLE_BOUNCE_NOTE = {"plugin": "bounce", "score": 0.0, "reason": "double bounce"}
+#: ends the ``last_reply`` of a recipient the queue lifetime failed: what comes before it
+#: is the last real error (as recorded, with ``remote`` saying who said it)
+EXPIRED = " / queue lifetime expired"
 _REPLY_LINE = re.compile(r"^(\d{3})(?: ([245]\.\d{1,3}\.\d{1,3}))?(?: (.*))?$")
 
 #: Queues a generated message: ``inject(sender, recipients, message, *, body, smtputf8, notes)``.
@@ -58,9 +64,44 @@ def owes_nothing(envelope: Envelope) -> bool:
     return not (failed or any(wants_notice(r, "success") for r in done))
 
 
-def reply_from_line(line: str) -> Reply:
-    """The reply a recorded ``last_reply`` line stands for (its first part, before " / ")."""
-    match = _REPLY_LINE.match(line.split(" / ")[0])
+def expire_pending(envelope: Envelope, is_held: Callable[[str], bool]) -> None:
+    """The queue lifetime is over: every pending recipient fails, keeping its last real
+    error (the DSN reports it, with status 4.4.7: :func:`recorded_outcome`).
+
+    :param is_held: whether a route holds this address for a flush
+    """
+    for rcpt in envelope.recipients:
+        if rcpt.state is not RecipientState.PENDING:
+            continue
+        rcpt.state = RecipientState.FAILED
+        previous = rcpt.last_reply
+        if not previous:  # never tried: say why, in our own words
+            why = "held for a flush (ETRN) that never came" if is_held(rcpt.address) else "no attempt was made"
+            previous, rcpt.remote = f"451 4.4.7 {why}", ""
+        rcpt.last_reply = previous + EXPIRED
+        log.info("expired to=<%s>", short(rcpt.address))  # gateway report counts this line
+
+
+def recorded_outcome(rcpt: QueuedRecipient) -> Outcome:
+    """What ``rcpt``'s recorded state says happened: its status, the reply (for an
+    expired recipient the last real error, with ``expired`` set) and who gave it."""
+    status: Literal["delivered", "deferred", "failed"] = (
+        "delivered" if rcpt.state is RecipientState.DELIVERED
+        else "failed" if rcpt.state is RecipientState.FAILED else "deferred"
+    )
+    line = rcpt.last_reply
+    if not line:
+        return Outcome(status, Reply(451, "4.0.0", "not yet delivered"), rcpt.remote)
+    is_expired = line.endswith(EXPIRED)
+    if is_expired:
+        line = line[: -len(EXPIRED)]
+    return Outcome(status, reply_from_line(line, whole=is_expired), rcpt.remote, expired=is_expired)
+
+
+def reply_from_line(line: str, *, whole: bool = False) -> Reply:
+    """The reply a recorded ``last_reply`` line stands for: its first part, before
+    " / " (an expiry recorded before :data:`EXPIRED`), or, with ``whole``, all of it."""
+    match = _REPLY_LINE.match(line if whole else line.split(" / ")[0])
     if not match:
         return Reply(451, "4.0.0", line[:200])
     code = int(match.group(1))
@@ -146,12 +187,7 @@ class Notifier:
                 return
             to = self._postmaster(gateway)
             notes = [dict(DOUBLE_BOUNCE_NOTE)]
-        items = [
-            (r, Outcome("delivered" if r.state is RecipientState.DELIVERED else ("failed" if r.state is RecipientState.FAILED else "deferred"),
-                        reply_from_line(r.last_reply) if r.last_reply else Reply(451, "4.0.0", "not yet delivered"),
-                        r.remote))
-            for r in rcpts
-        ]
+        items = [(r, recorded_outcome(r)) for r in rcpts]
         notice = build_dsn(
             kind,  # type: ignore[arg-type]
             envelope, items, message,

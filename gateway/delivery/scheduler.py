@@ -23,8 +23,8 @@ from gateway.address import AddressError
 from gateway.delivery.expansion import expand_pending, target_route
 from gateway.delivery.flush import FlushTarget, matching_messages, parse_target
 from gateway.delivery.router import is_held, route_for
-from gateway.delivery.types import LocalRoute, Outcome, Route, SpecialRoute, TargetRoute
-from gateway.delivery.notices import Notifier, owes_nothing
+from gateway.delivery.types import LocalRoute, MxRoute, Outcome, Route, SmarthostRoute, SpecialRoute, TargetRoute
+from gateway.delivery.notices import Notifier, expire_pending, owes_nothing
 from gateway.delivery.remote.agent import portion
 from gateway.delivery.verp import for_recipient
 from gateway.logs import QUEUE_ID, short
@@ -56,10 +56,6 @@ def _delivery_id(qid: str, envelope: Envelope, rcpt: QueuedRecipient) -> str:
     """Stable per (message, recipient): a retry after a crash finds the Maildir copy."""
     index = next(i for i, r in enumerate(envelope.recipients) if r is rcpt)
     return f"Q{qid}R{index}"
-
-
-def _reply_line(reply: Reply) -> str:
-    return " ".join(reply.lines())
 
 
 class Scheduler:
@@ -393,14 +389,7 @@ class Scheduler:
         if now - envelope.arrived >= policy.delivery.queue_lifetime:
             # Held recipients expire too: a held route is not a licence to keep mail
             # forever (docs/queue.md, "Hold and flush").
-            for rcpt in envelope.recipients:
-                if rcpt.state is RecipientState.PENDING:
-                    rcpt.state = RecipientState.FAILED
-                    previous = rcpt.last_reply or "no attempt succeeded"
-                    if not rcpt.last_reply and is_held(rcpt.address, policy):
-                        previous = "held for a flush (ETRN) that never came"
-                    rcpt.last_reply = f"554 5.4.7 Delivery time expired / {previous}"
-                    log.info("expired to=<%s>", short(rcpt.address))
+            expire_pending(envelope, lambda address: is_held(address, policy))
         if ready or flushed:
             next_try = now + backoff(attempts, policy.delivery.retry_base, policy.delivery.retry_max)
         else:
@@ -424,8 +413,13 @@ class Scheduler:
             await gateway.run_in_thread(self.queue.update_state, qid, envelope)
         self._later(qid, next_try)
 
-    async def _record(self, gateway: Gateway, envelope: Envelope, rcpt: QueuedRecipient, outcome: Outcome) -> None:
-        rcpt.last_reply = _reply_line(outcome.reply)
+    async def _record(
+        self, gateway: Gateway, envelope: Envelope, rcpt: QueuedRecipient, outcome: Outcome,
+        *, is_remote: bool = False,
+    ) -> None:
+        """Apply ``outcome`` to ``rcpt``, count and log it. ``is_remote``: it was for a
+        remote route, even if no remote host answered (null MX, no such domain)."""
+        rcpt.last_reply = " ".join(outcome.reply.lines())
         rcpt.remote = outcome.remote
         rcpt.dsn_relayed = outcome.dsn_relayed
         if outcome.status == "delivered":
@@ -434,12 +428,15 @@ class Scheduler:
             rcpt.state = RecipientState.FAILED
         else:
             rcpt.attempts += 1
+        is_remote = is_remote or bool(outcome.remote)
         counters = gateway.counters
         if counters is not None:
-            counters.bump(counters.deliveries, (outcome.status, "remote" if outcome.remote else "local"))
+            counters.bump(counters.deliveries, (outcome.status, "remote" if is_remote else "local"))
+        # As Postfix: relay=none for a remote delivery decided before any host answered.
+        relay = outcome.remote or ("none" if is_remote else "local")
         log.info(
             "delivery to=<%s> status=%s relay=%s reply=%r",
-            short(rcpt.address), outcome.status, outcome.remote or "local", short(rcpt.last_reply, 200),
+            short(rcpt.address), outcome.status, relay, short(rcpt.last_reply, 200),
         )
         await gateway.runner.call_all(
             "gateway_delivered", gateway.policy.plugins,
@@ -505,10 +502,11 @@ class Scheduler:
             sent_as = for_recipient(envelope, rcpts[0]) if is_verp else envelope
             async with self._local if isinstance(route, (LocalRoute, SpecialRoute, TargetRoute)) else self._remote:
                 outcomes = await self._deliver_group(gateway, qid, sent_as, route, rcpts, message)
+                is_remote = isinstance(route, (MxRoute, SmarthostRoute))
                 for rcpt in rcpts:
                     outcome = outcomes.get(rcpt.address)
                     if outcome is not None:
-                        await self._record(gateway, envelope, rcpt, outcome)
+                        await self._record(gateway, envelope, rcpt, outcome, is_remote=is_remote)
                 if not outcomes:
                     return
                 if removal is None and owes_nothing(envelope):

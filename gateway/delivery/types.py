@@ -16,13 +16,16 @@ class Outcome:
 
     ``status`` is ``delivered``, ``deferred`` (temporary, retry) or ``failed``
     (permanent, bounce). ``reply`` is the answer that decided it: the remote server's
-    (with ``remote`` naming the host) or our own local delivery's.
+    (with ``remote`` naming the host) or our own words (local delivery, or a remote one
+    that no host answered: no such domain, connection refused). ``expired``: the queue
+    lifetime failed the recipient, and ``reply`` is the last real error before that.
     """
 
     status: Literal["delivered", "deferred", "failed"]
     reply: Reply
     remote: str = ""
     dsn_relayed: bool = False  # the next hop took our DSN parameters: it notifies from now on
+    expired: bool = False
 
     @property
     def diagnostic(self) -> str:

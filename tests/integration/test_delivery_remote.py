@@ -22,6 +22,7 @@ ns1        IN A   127.0.0.1
 remote     IN MX  10 mx.remote.test.example.
 mx.remote  IN A   127.0.0.1
 nullmx     IN MX  0 .
+noaddr     IN MX  10 nohost.test.example.
 """
 
 RECEIVER = """
@@ -176,3 +177,68 @@ def test_success_notice_only_when_the_next_hop_cannot_send_one(gateway_factory, 
                 assert b"Action: relayed" in inbox(relay, "alice")[0]
             else:
                 assert inbox(relay, "alice") == []
+
+
+def _dsn_of(raw: bytes) -> tuple[str, email.message.Message]:
+    """The human-readable text (on one line) and the recipient's status block of a DSN."""
+    dsn = email.message_from_bytes(raw.split(b"\r\n", 2)[2], policy=email.policy.default)
+    text = " ".join(dsn.get_payload()[0].get_content().split())
+    return text, dsn.get_payload()[1].get_payload()[1]
+
+
+def test_expiry_bounce_keeps_the_last_real_error_and_who_said_it(gateway_factory, dns) -> None:
+    """Past queue_lifetime the DSN says 4.4.7 (expired) but keeps the last real error: the
+    peer's 451 text with the peer as Remote-MTA, or, for a port nobody listens on, our
+    own words about the refused connection, no remote host blamed."""
+    from tests.processes import free_port
+
+    with SmtpPeer() as peer:
+        peer.always_rcpt("carol@peer.test.example", "451 4.3.0 mailbox locked, try later")
+        routes = (f'[[routes]]\ndomain = "peer.test.example"\nhost = "127.0.0.1"\nport = {peer.port}\n'
+                  f'[[routes]]\ndomain = "closed.test.example"\nhost = "127.0.0.1"\nport = {free_port()}\n')
+        relay = gateway_factory(sender_policy(dns.port, 25, extra='queue_lifetime = "2s"\n' + routes))
+        send(relay, "alice@a.test.example", ["carol@peer.test.example"])
+        send(relay, "alice@a.test.example", ["dan@closed.test.example"])
+        assert wait_for(lambda: len(inbox(relay, "alice")) == 2, timeout=30)
+    dsns = dict(
+        (fields["Final-Recipient"], (text, fields)) for text, fields in map(_dsn_of, inbox(relay, "alice"))
+    )
+    text, carol = dsns["rfc822; carol@peer.test.example"]
+    assert carol["Action"] == "failed" and carol["Status"] == "4.4.7"
+    assert carol["Diagnostic-Code"] == "smtp; 451 4.3.0 mailbox locked, try later"
+    assert carol["Remote-MTA"] == "dns; 127.0.0.1"
+    assert "delivery time expired" in text
+    assert "host 127.0.0.1 said: 451 4.3.0 mailbox locked, try later" in text
+    text, dan = dsns["rfc822; dan@closed.test.example"]
+    assert dan["Status"] == "4.4.7"
+    assert dan["Diagnostic-Code"].startswith("smtp; 451 4.4.1 cannot connect to 127.0.0.1")
+    assert "Remote-MTA" not in dan
+    assert "delivery time expired" in text and "no remote host said it" in text
+    assert "said: 451 4.4.1" not in text
+
+
+def test_failures_decided_before_connecting_count_as_remote(gateway_factory, dns, caplog) -> None:
+    """Null MX, no such domain, and an MX host without an address are remote deliveries
+    that no host answered: logged relay=none and counted kind="remote", not local."""
+    import logging
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    relay = gateway_factory(sender_policy(dns.port, 25, extra="") + "\n[metrics]\nenabled = true\nport = 0\n")
+    rcpts = ["x@nullmx.test.example", "y@nosuch.test.example", "z@noaddr.test.example"]
+    with caplog.at_level(logging.INFO, logger="gateway.delivery.scheduler"):
+        send(relay, "alice@a.test.example", rcpts)
+        assert wait_for(lambda: inbox(relay, "alice"), timeout=15)  # the bounce for x and y
+    port = relay.app.metrics_server.server_address[1]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        families = text_string_to_metric_families(response.read().decode())
+    counts = {(s.labels["status"], s.labels["kind"]): s.value
+              for f in families if f.name == "gateway_deliveries" for s in f.samples if s.name.endswith("_total")}
+    assert counts[("failed", "remote")] == 2
+    assert counts[("deferred", "remote")] >= 1
+    assert ("failed", "local") not in counts and ("deferred", "local") not in counts
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("delivery to=")]
+    for rcpt in rcpts:
+        mine = [line for line in lines if f"to=<{rcpt}>" in line]
+        assert mine and all(" relay=none " in line for line in mine), mine

@@ -172,6 +172,41 @@ def test_local_failure_has_no_remote_mta() -> None:
     assert "Remote-MTA" not in block
 
 
+def test_expiry_reports_the_last_real_error_and_who_said_it() -> None:
+    """After the queue lifetime the status is 4.4.7, but the diagnostic and the text keep
+    the last real error: a remote host's reply with that host, a connection failure in
+    our own words with no remote host blamed."""
+    from gateway.delivery.notices import EXPIRED, expire_pending, recorded_outcome
+    from gateway.model import RecipientState
+
+    envelope = _envelope(recipients=[
+        QueuedRecipient("bob@example.net", last_reply="451 4.3.0 mailbox locked, try later",
+                        remote="mx.example.net"),
+        QueuedRecipient("carol@example.org", last_reply="451 4.4.1 cannot connect to mx.example.org: Connection refused"),
+        QueuedRecipient("dave@example.com"),  # never tried: held for a flush
+    ])
+    expire_pending(envelope, lambda address: address.endswith("@example.com"))
+    assert all(r.state is RecipientState.FAILED and r.last_reply.endswith(EXPIRED) for r in envelope.recipients)
+    items = [(r, recorded_outcome(r)) for r in envelope.recipients]
+    msg = _parse(_dsn("failure", items, envelope, retry_until=ARRIVED + 5 * 86400))
+    _, bob, carol, dave = _status_blocks(msg)
+    for block in (bob, carol, dave):
+        assert block["Action"] == "failed" and block["Status"] == "4.4.7"
+    assert bob["Diagnostic-Code"] == "smtp; 451 4.3.0 mailbox locked, try later"
+    assert bob["Remote-MTA"] == "dns; mx.example.net"
+    assert carol["Diagnostic-Code"] == "smtp; 451 4.4.1 cannot connect to mx.example.org: Connection refused"
+    assert "Remote-MTA" not in carol
+    assert dave["Diagnostic-Code"] == "smtp; 451 4.4.7 held for a flush (ETRN) that never came"
+    text = " ".join(_parts(msg)[0].get_content().split())
+    assert "expired" not in bob["Diagnostic-Code"].lower()
+    assert ("<bob@example.net>: delivery time expired: not delivered within 5 days. Last error: "
+            "host mx.example.net said: 451 4.3.0 mailbox locked, try later") in text
+    assert ("<carol@example.org>: delivery time expired: not delivered within 5 days. Last error "
+            "(our own words: no remote host said it): 451 4.4.1 cannot connect to mx.example.org: "
+            "Connection refused") in text
+    assert "mx.example.net said: 554" not in text and "5.4.7" not in text
+
+
 def test_orcpt_and_envid_are_reported() -> None:
     env = _envelope(envid="QQ314159")
     items = [_failed("bob@example.net", orcpt="rfc822;Bob@Example.NET")]

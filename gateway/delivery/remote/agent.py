@@ -223,7 +223,9 @@ class RemoteDeliveryAgent:
                     conn = await self._connect(dest, mode, auth)
                     outcomes = await conn.send(envelope, recipients, message)
             except HostFailure as exc:
-                last, last_host = exc.reply, dest.host
+                # Who said it: the host, when it answered (a 4xx greeting, an AUTH 535);
+                # nobody but us when there was no answer (refused, timed out, TLS broke).
+                last, last_host = exc.reply, dest.host if exc.remote_reply is not None else ""
                 log.info(
                     "remote to %s: %d recipient(s) host failed: %s",
                     dest, len(recipients), short(exc.reply, 300),
