@@ -8,8 +8,9 @@ import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+from gateway import reloads
 from gateway.context import Gateway
 from gateway.delivery.scheduler import Scheduler
 from gateway.dns import make_resolver
@@ -59,8 +60,20 @@ class GatewayApp:
         policy_path: str | os.PathLike[str] | None = None,
         reuse_port: bool = False,
         role: str = "single",
+        policy_digest: str = "",
+        workers: Sequence[int] = (),
     ) -> None:
+        """
+        :param policy_digest: SHA-256 of the policy file ``policy`` came from, as
+            :func:`gateway.reloads.read_policy` gives it (reported to ``gateway reload``)
+        :param workers: the master's worker processes, which SIGHUP is passed on to
+        """
         self.policy = policy
+        self.policy_digest = policy_digest
+        self.workers = tuple(workers)
+        # Fixed at start, as the listeners are: where this process reports its policy.
+        self.var_dir = Path(policy.server.var_dir)
+        self._reload_wanted: asyncio.Event | None = None
         self.specs = dict(specs) if specs is not None else discover_plugins()
         self.policy_path = policy_path
         self.reuse_port = reuse_port
@@ -196,6 +209,7 @@ class GatewayApp:
             listener = Listener(settings, self.handler_for, tls_context, reuse_port=self.reuse_port, sock=sock)
             await listener.start()
             self.listeners[settings.name] = listener
+        await asyncio.to_thread(self._report, reloads.STARTED, reloads.read_request(self.var_dir))
         if self.role != "worker":
             self._write_pidfile()
         metrics = self.policy.metrics
@@ -219,6 +233,19 @@ class GatewayApp:
         except OSError as exc:
             log.warning("cannot write %s: %s", self.pidfile, exc)
 
+    def _report(self, result: str, request: int, error: str = "") -> None:
+        """Publish which policy this process runs (``<var_dir>/reload/<pid>.json``)."""
+        if self.role == "single" and result == reloads.STARTED:
+            reloads.clear(self.var_dir)  # the master clears before it forks
+        status = reloads.ProcessStatus(
+            pid=os.getpid(), role=self.role, request=request, result=result,
+            policy=self.policy_digest, error=error[:2000], workers=self.workers,
+        )
+        try:
+            reloads.write_status(self.var_dir, status)
+        except OSError as exc:
+            log.warning("cannot record the running policy in %s: %s", reloads.directory(self.var_dir), exc)
+
     def port(self, name: str | None = None) -> int:
         """The bound port of a listener (the first one by default)."""
         listener = self.listeners[name] if name else next(iter(self.listeners.values()))
@@ -228,22 +255,33 @@ class GatewayApp:
         """Load the policy file again and swap it in for new sessions.
 
         An invalid policy is refused, logged with file, line and key, and the running
-        one stays. Listener addresses are not re-bound by a reload.
+        one stays. Listener addresses (and ``var_dir``) are not changed by a reload.
+        Either way the outcome is reported in ``<var_dir>/reload/`` for ``gateway reload``.
         """
+        # Read before the file: an answer to this number means the file was read after it.
+        request = await asyncio.to_thread(reloads.read_request, self.var_dir)
         if self.policy_path is None:
             log.warning("reload: running on the embedded default, nothing to reload")
+            await asyncio.to_thread(
+                self._report, reloads.REFUSED, request, "running on the embedded default: no policy file to reload"
+            )
             return False
         try:
-            policy = await asyncio.to_thread(load_policy, self.policy_path, registry=registry(self.specs))
+            policy, digest = await asyncio.to_thread(
+                reloads.read_policy, self.policy_path, registry=registry(self.specs)
+            )
             gateway = await self._build(policy)
         except PolicyError as exc:
             log.error("reload refused, keeping the running policy: %s", exc)
+            await asyncio.to_thread(self._report, reloads.REFUSED, request, str(exc))
             return False
-        except Exception:
+        except Exception as exc:
             log.exception("reload refused, keeping the running policy")
+            await asyncio.to_thread(self._report, reloads.REFUSED, request, f"{type(exc).__name__}: {exc}")
             return False
         old = self.gateway
         self.gateway, self.policy, self._handlers = gateway, policy, {}
+        self.policy_digest = digest
         if old is not None:
             # Sessions that began under the old policy finish under it: its plugins
             # are shut down only once those sessions are over.
@@ -251,7 +289,8 @@ class GatewayApp:
             task = asyncio.create_task(self._retire(old, running))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
-        log.info("policy reloaded from %s", self.policy_path)
+        log.info("policy reloaded from %s sha256=%s", self.policy_path, digest[:12])
+        await asyncio.to_thread(self._report, reloads.LOADED, request)
         return True
 
     async def _retire(self, old: Gateway, sessions: set[asyncio.Task[Any]]) -> None:
@@ -288,6 +327,7 @@ class GatewayApp:
                     self.pidfile.unlink()
             except OSError:
                 pass
+        reloads.forget(self.var_dir, os.getpid())
         log.info("gateway stopped")
 
     async def run_forever(
@@ -295,16 +335,48 @@ class GatewayApp:
         sockets: Mapping[str, Any] | None = None,
         recovered: list[str] | None = None,
     ) -> None:
-        """Serve until SIGTERM or SIGINT; SIGHUP reloads the policy."""
+        """Serve until SIGTERM or SIGINT; SIGHUP reloads the policy.
+
+        The master passes SIGHUP on to its workers here: the event loop's handler
+        replaces any installed with :func:`signal.signal`. A SIGHUP that arrived before
+        the loop took over (see :func:`gateway.reloads.hold_hangups`) is acted on now.
+        Reloads run one at a time, after the start; several SIGHUPs meanwhile make one.
+        """
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        self._reload_wanted = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self.hangup)
+        if reloads.take_early_hangup():
+            self.hangup()
         await self.start(sockets, recovered)
+        reloader = asyncio.create_task(self._reload_forever(), name="reload")
         await stop.wait()
         log.info("shutting down")
+        reloader.cancel()
+        await asyncio.gather(reloader, return_exceptions=True)
         await self.stop()
+
+    def hangup(self) -> None:
+        """SIGHUP: pass it on to the workers, and reload (once the start is done)."""
+        for pid in self.workers:
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                log.warning("reload: worker pid=%d is gone", pid)
+        if self._reload_wanted is not None:
+            self._reload_wanted.set()
+
+    async def _reload_forever(self) -> None:
+        assert self._reload_wanted is not None
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            try:
+                await self.reload()
+            except Exception:  # a boundary: the next SIGHUP must still reload
+                log.exception("reload failed")
 
 
 def build_app(policy_path: str | None, **kwargs: Any) -> GatewayApp:

@@ -7,8 +7,9 @@ spreads new connections across them. Every process delivers the mail it accepted
 (so delivery uses both cores too), with its share of the concurrency limits; the
 queue's delivery lock keeps two processes off one message. The first process (the
 master) also recovers the queue at start, scans it for retries and for what others
-left, and reads the trigger FIFO. It forwards SIGTERM and SIGHUP to the workers and
-waits for them; a worker whose master died (even by SIGKILL) gets SIGTERM from the
+left, and reads the trigger FIFO. It passes SIGHUP on to the workers (each reloads the
+policy itself and reports it, see gateway/reloads.py), sends them SIGTERM when it stops
+and waits for them; a worker whose master died (even by SIGKILL) gets SIGTERM from the
 kernel and stops too. What every process needs made once (the queue's recovery, a
 self-signed certificate) is made before the fork.
 """
@@ -24,6 +25,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from gateway import reloads
 from gateway.metrics import clear_snapshots
 from gateway.queue import QueueStore
 from gateway.smtp.tls import server_context
@@ -70,15 +72,19 @@ def bind_listeners(policy: Any, ports: dict[str, int] | None = None) -> dict[str
 def run_workers(policy: Any, make_app: Any) -> int:
     """Fork the workers and run the master; returns the exit status.
 
-    :param make_app: ``make_app(role)`` builds a :class:`GatewayApp`
+    :param make_app: ``make_app(role, workers)`` builds a :class:`GatewayApp`
+        (``workers``: the pids the master passes SIGHUP on to)
     """
     recovered = QueueStore(policy.server.queue_dir).open()
     var_dir = Path(policy.server.var_dir)
     clear_snapshots(var_dir)  # counts of workers of an earlier run
+    reloads.clear(var_dir)  # and what their processes ran
     if any(l.tls != "none" for l in policy.listeners):
         # Once here rather than in each process: N first starts would each make a
         # self-signed certificate into the same place. This also checks a given pair.
         server_context(policy.tls, var_dir, policy.server.hostname)
+    # The workers inherit gateway.reloads.hold_hangups() (gateway run installs it): the
+    # master may pass a SIGHUP on while a worker starts, before its loop handles them.
     master_sockets = bind_listeners(policy)
     ports = {name: s.getsockname()[1] for name, s in master_sockets.items()}
     children: list[int] = []
@@ -92,7 +98,7 @@ def run_workers(policy: Any, make_app: Any) -> int:
                 for sock in master_sockets.values():
                     sock.close()
                 sockets = bind_listeners(policy, ports)
-                app = make_app("worker")
+                app = make_app("worker", ())
                 asyncio.run(app.run_forever(sockets=sockets, recovered=[]))
                 status = 0
             except KeyboardInterrupt:
@@ -100,23 +106,18 @@ def run_workers(policy: Any, make_app: Any) -> int:
             finally:
                 os._exit(status)
         children.append(pid)
-    app = make_app("master")
-
-    def forward(signum: int, _frame: Any) -> None:
-        for pid in children:
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
-
-    previous_hup = signal.signal(signal.SIGHUP, forward)
     try:
+        app = make_app("master", tuple(children))
         asyncio.run(app.run_forever(sockets=master_sockets, recovered=recovered))
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGHUP, previous_hup)
-        forward(signal.SIGTERM, None)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # stopping: no reload now
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         for pid in children:
             os.waitpid(pid, 0)
     return 0
