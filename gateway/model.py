@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -104,11 +105,23 @@ class Results:
         return len(self._items)
 
 
+# Session and transaction ids are unique on a host while their processes run: the pid,
+# then a counter in hex (S4021-1a, T4021-1b). With ``[server] workers`` several
+# processes log side by side, each counting from 1; the pid is the one in ``gateway[pid]``.
 _ids = itertools.count(1)
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _ids, _pid
+    _ids, _pid = itertools.count(1), os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def _next_id(prefix: str) -> str:
-    return f"{prefix}{next(_ids):x}"
+    return f"{prefix}{_pid}-{next(_ids):x}"
 
 
 @dataclass(slots=True)

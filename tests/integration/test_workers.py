@@ -228,3 +228,18 @@ def test_a_configured_pair_that_does_not_match_stops_the_start_naming_both(tmp_p
     )
     assert done.returncode == 1
     assert f"cannot start: TLS certificate {cert} and key {key} cannot serve: KEY_VALUES_MISMATCH" in done.stderr
+
+
+def test_session_ids_are_unique_across_workers(tmp_path: Path) -> None:
+    """Each process counted sessions from 1: S3 could be two connections at once."""
+    port = free_port()
+    with running(tmp_path, port, "") as log_path:
+        for _ in range(30):
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                assert client.noop()[0] == 250
+        assert wait_for(lambda: log_path.read_text().count(" disconnect client=") >= 30, timeout=20)
+    sessions = re.findall(r"gateway\[(\d+)\] INFO \S+ session=(\S+) queue=\S+ connect client=", log_path.read_text())
+    assert len({pid for pid, _ in sessions}) == 2, "both processes took connections"
+    assert len(sessions) >= 30  # and start_gateway's probes
+    assert len({sid for _, sid in sessions}) == len(sessions), "one id per connection"
+    assert all(sid.startswith(f"S{pid}-") for pid, sid in sessions), "the id names its process"
