@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from gateway.address import Address
     from gateway.context import Gateway
     from gateway.model import Envelope, Message, QueuedRecipient, Recipient, Session, Transaction
+    from gateway.policy import Policy
+    from gateway.probe import Probes
     from gateway.verdicts import Reply, Verdict
 
 __all__ = ["hookspec", "PROJECT"]
@@ -65,6 +67,24 @@ def gateway_shutdown(gateway: Gateway, settings: Any) -> None:
     :param gateway: the running gateway's services
     :param settings: this plugin entry's settings
     :returns: nothing; verdicts are ignored
+    """
+
+
+@hookspec
+def gateway_probe(policy: Policy, settings: Any, probes: Probes) -> None:
+    """Try each daemon this plugin entry talks to, and report it in ``probes``.
+
+    Always runs, for ``gateway check --probe``: once per plugin entry with its base
+    settings, and once more for each override's settings of the entry. No gateway is
+    running then; nothing is opened for long. A plugin that talks to no daemon does not
+    implement it. Start-up does its own tries in :func:`gateway_startup` (see
+    :func:`gateway.probe.startup_probe`). Exceptions are logged and ignored.
+
+    :param policy: the whole validated policy being checked
+    :param settings: this plugin entry's settings (or an override's for it)
+    :param probes: ``await probes.add(plugin, daemon, address, check)`` tries a daemon
+        once, bounded by the command's time limit, and records the outcome
+    :returns: nothing; the outcomes go into ``probes``
     """
 
 

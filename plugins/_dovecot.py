@@ -36,17 +36,19 @@ import base64
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.context import Gateway
+from gateway.probe import Probes, startup_probe
 
 from plugins import _scanner
 
 __all__ = [
     "AuthAnswer",
     "DovecotError",
+    "add_probe",
     "authenticate",
     "check_address",
     "check_entries",
@@ -346,7 +348,8 @@ async def start_up(
 ) -> None:
     """The start-up of a Dovecot plugin: refuse a policy whose entries cannot work
     (:func:`check_entries`), then try Dovecot once and log what it offers; a Dovecot that
-    does not answer yet is only a warning, each ``request`` will try again.
+    does not answer (within :data:`gateway.probe.STARTUP_TIMEOUT`) is only a warning
+    saying what each ``request`` will get meanwhile; each will try again.
 
     :param settings: the entry's settings (``address``, ``connect_timeout``, ``answer_timeout``)
     :param log: the plugin's logger
@@ -354,12 +357,26 @@ async def start_up(
     :raises ValueError: a policy that cannot work
     """
     check_entries(gateway, name, type(settings))
-    try:
-        offer = await probe(
-            settings.address, master=master,
-            connect_timeout=settings.connect_timeout, timeout=settings.answer_timeout,
-        )
-    except DovecotError as exc:
-        log.warning("%s: Dovecot does not answer at start-up (%s); each %s will try again", name, exc, request)
-    else:
-        log.info("%s: Dovecot at %s offers %s", name, settings.address, offer)
+    consequence = f'every {request} will get the on_dovecot_error answer ("{settings.on_dovecot_error}")'
+    await startup_probe(log, name, _daemon(master), settings.address, _check(settings, master), consequence)
+
+
+def _daemon(master: bool) -> str:
+    return "Dovecot auth-userdb" if master else "Dovecot auth"
+
+
+def _check(settings: Any, master: bool) -> Callable[[], Awaitable[str]]:
+    return lambda: probe(
+        settings.address, master=master, connect_timeout=settings.connect_timeout, timeout=settings.answer_timeout,
+    )
+
+
+async def add_probe(probes: Probes, name: str, settings: Any, *, master: bool) -> None:
+    """``gateway_probe`` of a Dovecot plugin: try its socket (see :func:`probe`).
+
+    :param probes: the command's :class:`~gateway.probe.Probes`
+    :param name: the plugin's name
+    :param settings: the entry's settings (``address``, ``connect_timeout``, ``answer_timeout``)
+    :param master: an auth-userdb socket, else an auth-client one
+    """
+    await probes.add(name, _daemon(master), settings.address, _check(settings, master))

@@ -36,6 +36,7 @@ __all__ = [
     "scanner_unavailable",
     "skip_if_too_big",
     "spam_headers",
+    "unavailable_consequence",
     "threshold_verdict",
 ]
 
@@ -193,6 +194,17 @@ def scanner_unavailable(
         return None
     log.warning("%s: scanner unavailable, message deferred: %s", plugin, error)
     return Verdict.tempfail(reply, reason=f"scanner unavailable: {error}")
+
+
+def unavailable_consequence(on_error: OnScannerError, reply: Reply) -> str:
+    """What a scanner that does not answer means for mail, for the start-up WARNING.
+
+    :param on_error: the plugin's ``on_scanner_error`` setting
+    :param reply: its 4xx reply for ``tempfail``
+    """
+    if on_error == "continue":
+        return 'every message will pass unscanned (on_scanner_error = "continue")'
+    return f'every message will get {reply.code} {reply.status} (on_scanner_error = "tempfail")'
 
 
 def skip_if_too_big(log: logging.Logger, plugin: str, message: Message, max_size: int) -> bool:

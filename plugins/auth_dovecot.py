@@ -1,7 +1,8 @@
 """SMTP AUTH against Dovecot's passdb, over its authentication socket.
 
 Hooks: ``gateway_startup`` (refuses a policy that cannot work; checks that Dovecot
-answers, a WARNING if not, start-up goes on) and ``gateway_auth``.
+answers, for at most 3 s, a WARNING if not, start-up goes on), ``gateway_probe`` (the
+same check for ``gateway check --probe``) and ``gateway_auth``.
 
 The login and password the client sent (AUTH PLAIN or LOGIN, decoded by the core) go
 to Dovecot's ``auth`` service at ``address`` (the ``auth-client`` listener: a Unix
@@ -37,8 +38,9 @@ from gateway.hooks import hookimpl
 from gateway.logs import short
 from gateway.model import Session
 from gateway.policy import Duration, setting
+from gateway.probe import Probes
 from gateway.verdicts import Reply, Verdict
-from plugins._dovecot import DovecotError, authenticate, start_up
+from plugins._dovecot import DovecotError, add_probe, authenticate, start_up
 
 __all__ = ["Settings"]
 
@@ -71,6 +73,11 @@ class Settings:
 async def gateway_startup(gateway: Gateway, settings: Settings) -> None:
     # A policy that cannot work stops start-up; a Dovecot that does not answer yet does not.
     await start_up(gateway, NAME, settings, log, master=False, request="AUTH")
+
+
+@hookimpl
+async def gateway_probe(settings: Settings, probes: Probes) -> None:
+    await add_probe(probes, NAME, settings, master=False)
 
 
 @hookimpl

@@ -1,7 +1,9 @@
 """Virus scanning through a ClamAV daemon (clamd), with the INSTREAM command.
 
-Hooks: ``gateway_startup`` (pings clamd and logs a WARNING if it does not answer; start-up
-goes on) and ``gateway_data`` (scans each message).
+Hooks: ``gateway_startup`` (pings clamd, for at most 3 s; if it does not answer, a
+WARNING says what that means: every message will get 451, or pass unscanned with
+``on_scanner_error = "continue"``; start-up goes on), ``gateway_probe`` (the same ping
+for ``gateway check --probe``) and ``gateway_data`` (scans each message).
 
 The message, as received, is streamed to clamd at ``address`` (a Unix socket path, or
 ``host:port`` for TCP) within ``connect_timeout`` and ``scan_timeout``. clamd parses the
@@ -44,6 +46,7 @@ from gateway.context import Gateway
 from gateway.hooks import hookimpl
 from gateway.model import Message
 from gateway.policy import Duration, Size, setting
+from gateway.probe import Probes, startup_probe
 from gateway.verdicts import Reply, Verdict
 from plugins._scanner import (
     OnScannerError,
@@ -53,6 +56,7 @@ from plugins._scanner import (
     open_stream,
     scanner_unavailable,
     skip_if_too_big,
+    unavailable_consequence,
 )
 
 __all__ = ["Settings", "ClamdAnswer", "clamd_instream", "clamd_ping", "parse_clamd_reply"]
@@ -152,25 +156,28 @@ async def clamd_instream(data: bytes, settings: Settings) -> ClamdAnswer:
     return parse_clamd_reply(await _exchange(settings.address, settings, b"zINSTREAM\0", data))
 
 
-async def clamd_ping(settings: Settings) -> None:
+async def clamd_ping(settings: Settings) -> str:
     """Check that clamd answers ``PONG``.
 
+    :returns: its answer, ``"PONG"``
     :raises ScannerError: it does not
     """
     answer = await _exchange(settings.address, settings, b"zPING\0", None)
     if answer.strip() != b"PONG":
         raise ScannerError(f"clamd answered {answer[:100]!r} to PING")
+    return "PONG"
 
 
 @hookimpl
 async def gateway_startup(gateway: Gateway, settings: Settings) -> None:
     check_entries(gateway, NAME, Settings, DEFAULT_PORT)  # a policy that cannot work stops start-up
-    try:
-        await clamd_ping(settings)
-    except ScannerError as exc:
-        log.warning("%s: clamd does not answer at start-up (%s); scans will be retried per message", NAME, exc)
-    else:
-        log.info("%s: clamd at %s answers", NAME, settings.address)
+    consequence = unavailable_consequence(settings.on_scanner_error, REPLY_UNAVAILABLE)
+    await startup_probe(log, NAME, "clamd", settings.address, lambda: clamd_ping(settings), consequence)
+
+
+@hookimpl
+async def gateway_probe(settings: Settings, probes: Probes) -> None:
+    await probes.add(NAME, "clamd", settings.address, lambda: clamd_ping(settings))
 
 
 @hookimpl

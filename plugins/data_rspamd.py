@@ -1,7 +1,9 @@
 """Spam filtering through rspamd's HTTP protocol (``POST /checkv2`` to a normal worker).
 
-Hooks: ``gateway_startup`` (``GET /ping``; a WARNING if rspamd does not answer, start-up
-goes on) and ``gateway_data`` (checks each message).
+Hooks: ``gateway_startup`` (``GET /ping``, for at most 3 s; if rspamd does not answer, a
+WARNING says what that means: every message will get 451, or pass unscanned with
+``on_scanner_error = "continue"``; start-up goes on), ``gateway_probe`` (the same
+``/ping`` for ``gateway check --probe``) and ``gateway_data`` (checks each message).
 
 The message goes to rspamd at ``address`` (``host:port``, or a Unix socket path) with
 what the SMTP session knows as request headers: ``IP``, ``Helo``, ``From``, one ``Rcpt``
@@ -59,6 +61,7 @@ from gateway.context import Gateway
 from gateway.hooks import hookimpl
 from gateway.model import Message, Session, Transaction
 from gateway.policy import Duration, Size, setting
+from gateway.probe import Probes, startup_probe
 from gateway.verdicts import Action, Reply, Verdict
 from plugins._http import http_request
 from plugins._rspamd_reply import RspamdReply, apply_milter_headers, parse_checkv2, rewrite_subject
@@ -73,9 +76,10 @@ from plugins._scanner import (
     skip_if_too_big,
     spam_headers,
     threshold_verdict,
+    unavailable_consequence,
 )
 
-__all__ = ["Outcome", "Settings", "decide", "request_headers", "rspamd_check"]
+__all__ = ["Outcome", "Settings", "decide", "request_headers", "rspamd_check", "rspamd_ping"]
 
 NAME = "data_rspamd"
 log = logging.getLogger(f"plugins.{NAME}")
@@ -178,20 +182,31 @@ def decide(reply: RspamdReply, settings: Settings) -> tuple[Outcome, str]:
     return outcome, reason
 
 
+async def rspamd_ping(settings: Settings) -> str:
+    """Check that rspamd answers ``GET /ping`` with ``pong``.
+
+    :returns: its answer, ``"pong"``
+    :raises ScannerError: it does not
+    """
+    response = await http_request(
+        settings.address, DEFAULT_PORT, "GET", "/ping", [], b"",
+        connect_timeout=settings.connect_timeout, timeout=settings.scan_timeout,
+    )
+    if response.status != 200 or not response.body.startswith(b"pong"):
+        raise ScannerError(f"rspamd answered {response.status} {response.body[:40]!r} to /ping")
+    return "pong"
+
+
 @hookimpl
 async def gateway_startup(gateway: Gateway, settings: Settings) -> None:
     check_entries(gateway, NAME, Settings, DEFAULT_PORT)  # a policy that cannot work stops start-up
-    try:
-        response = await http_request(
-            settings.address, DEFAULT_PORT, "GET", "/ping", [], b"",
-            connect_timeout=settings.connect_timeout, timeout=settings.scan_timeout,
-        )
-        if response.status != 200 or not response.body.startswith(b"pong"):
-            raise ScannerError(f"rspamd answered {response.status} {response.body[:40]!r} to /ping")
-    except ScannerError as exc:
-        log.warning("%s: rspamd does not answer at start-up (%s); scans will be retried per message", NAME, exc)
-    else:
-        log.info("%s: rspamd at %s answers", NAME, settings.address)
+    consequence = unavailable_consequence(settings.on_scanner_error, REPLY_UNAVAILABLE)
+    await startup_probe(log, NAME, "rspamd", settings.address, lambda: rspamd_ping(settings), consequence)
+
+
+@hookimpl
+async def gateway_probe(settings: Settings, probes: Probes) -> None:
+    await probes.add(NAME, "rspamd", settings.address, lambda: rspamd_ping(settings))
 
 
 @hookimpl

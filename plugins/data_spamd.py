@@ -1,7 +1,9 @@
 """Spam scoring through SpamAssassin's daemon (spamd), with its SPAMC/1.5 protocol.
 
-Hooks: ``gateway_startup`` (sends PING; a WARNING if spamd does not answer, start-up goes
-on) and ``gateway_data`` (scores each message).
+Hooks: ``gateway_startup`` (sends PING, for at most 3 s; if spamd does not answer, a
+WARNING says what that means: every message will get 451, or pass unscanned with
+``on_scanner_error = "continue"``; start-up goes on), ``gateway_probe`` (the same PING
+for ``gateway check --probe``) and ``gateway_data`` (scores each message).
 
 The message goes to spamd at ``address`` (``host:port``, or a Unix socket path) with the
 ``SYMBOLS`` command, under ``connect_timeout`` and ``scan_timeout``; ``user`` is passed
@@ -45,6 +47,7 @@ from gateway.context import Gateway
 from gateway.hooks import hookimpl
 from gateway.model import Message, Session, Transaction
 from gateway.policy import Duration, Size, setting
+from gateway.probe import Probes, startup_probe
 from gateway.verdicts import Reply, Verdict
 from plugins import queue_received_header
 from plugins._scanner import (
@@ -59,6 +62,7 @@ from plugins._scanner import (
     skip_if_too_big,
     spam_headers,
     threshold_verdict,
+    unavailable_consequence,
 )
 
 __all__ = ["Settings", "parse_spamd_response", "spamd_ping", "spamd_symbols"]
@@ -171,25 +175,29 @@ async def spamd_symbols(data: bytes, settings: Settings) -> SpamResult:
     return parse_spamd_response(answer_head, body)
 
 
-async def spamd_ping(settings: Settings) -> None:
+async def spamd_ping(settings: Settings) -> str:
     """Check that spamd answers PING with PONG.
 
+    :returns: its status line (``SPAMD/1.5 0 PONG``)
     :raises ScannerError: it does not
     """
     head, _ = await _exchange(b"PING SPAMC/1.5\r\n\r\n", settings)
-    if b" PONG" not in head.split(b"\r\n", 1)[0]:
+    status = head.split(b"\r\n", 1)[0]
+    if b" PONG" not in status:
         raise ScannerError(f"spamd answered {head[:100]!r} to PING")
+    return status.decode("ascii", "replace")
 
 
 @hookimpl
 async def gateway_startup(gateway: Gateway, settings: Settings) -> None:
     check_entries(gateway, NAME, Settings, DEFAULT_PORT)  # a policy that cannot work stops start-up
-    try:
-        await spamd_ping(settings)
-    except ScannerError as exc:
-        log.warning("%s: spamd does not answer at start-up (%s); scans will be retried per message", NAME, exc)
-    else:
-        log.info("%s: spamd at %s answers", NAME, settings.address)
+    consequence = unavailable_consequence(settings.on_scanner_error, REPLY_UNAVAILABLE)
+    await startup_probe(log, NAME, "spamd", settings.address, lambda: spamd_ping(settings), consequence)
+
+
+@hookimpl
+async def gateway_probe(settings: Settings, probes: Probes) -> None:
+    await probes.add(NAME, "spamd", settings.address, lambda: spamd_ping(settings))
 
 
 @hookimpl

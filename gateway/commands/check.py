@@ -15,6 +15,15 @@ def register(sub: Any) -> None:
         " print each listener's chain and what each override changes"
     )
     check.add_argument("policy", nargs="?", help="policy file (default: the embedded default)")
+    check.add_argument(
+        "--probe", action="store_true",
+        help="also try every daemon the policy names (clamd, spamd, rspamd, Dovecot, Redis, the DNS"
+        " resolvers) and print reachable/UNREACHABLE for each; exit status 1 if any is unreachable",
+    )
+    check.add_argument(
+        "--probe-timeout", type=float, default=5.0, metavar="SECONDS",
+        help="longest wait for each daemon (default 5)",
+    )
     check.set_defaults(func=main)
 
 
@@ -22,7 +31,7 @@ def main(args: argparse.Namespace) -> int:
     from gateway.policy import PolicyError
 
     try:
-        policy, _ = load(args.policy)
+        policy, specs = load(args.policy)
     except PolicyError as exc:
         print(f"{exc}", file=sys.stderr)
         return 2
@@ -34,6 +43,25 @@ def main(args: argparse.Namespace) -> int:
     for warning in warnings:
         print(f"warning: {warning}")
     _print_chains(policy)
+    if args.probe:
+        return _probe(policy, specs, args.probe_timeout)
+    return 0
+
+
+def _probe(policy: Any, specs: Any, timeout: float) -> int:
+    """Try the policy's daemons; print one line each. 1 if any is unreachable."""
+    import asyncio
+
+    from gateway.probe import probe_policy
+
+    probes = asyncio.run(probe_policy(policy, specs, timeout))
+    print("daemons:")
+    for line in probes.lines():
+        print(f"  {line}")
+    if not probes.all_reachable:
+        print("some daemons are unreachable: mail that needs them gets what each plugin's settings say"
+              " (see the WARNINGs at start-up)", file=sys.stderr)
+        return 1
     return 0
 
 

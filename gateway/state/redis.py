@@ -117,11 +117,14 @@ class RedisStore(StateStore):
             raise StateUnavailable(f"{self.url}: {what}: {exc}") from exc
 
     async def open(self) -> None:
-        """Check the server answers; a dead one is only logged (it may come up later)."""
-        try:
-            await self._call("PING", lambda: self._client.ping())
-        except StateUnavailable as exc:
-            log.warning("state store not reachable yet: %s", exc)
+        """Nothing to do: the client connects at its first call, and again after a
+        failure. A server that is down at start-up is reported by each plugin that
+        uses it (:meth:`ping` under :func:`gateway.probe.startup_probe`), with what
+        that plugin's ``on_state_error`` makes of it."""
+
+    async def ping(self) -> str:
+        await self._call("PING", lambda: self._client.ping())
+        return "PONG"
 
     async def incr(self, key: str, amount: int = 1, ttl: float = 60.0) -> int:
         value = await self._call(

@@ -103,7 +103,7 @@ async def acquire(url: str, var_dir: Path) -> StateStore:
     :param var_dir: the policy's ``server.var_dir``, for SQLite files
     :raises ValueError: malformed URL
     :raises StateUnavailable: an SQLite file cannot be opened (a Redis server that is
-        down is only logged: it may come up later, and each call then reports it)
+        down is not an error: it may come up later, and each call then reports it)
     """
     key = (asyncio.get_running_loop(), canonical_url(url, var_dir))
     entry = _entries.get(key)

@@ -56,6 +56,14 @@ class StateStore(abc.ABC):
         :raises StateUnavailable: the backend cannot be reached now
         """
 
+    async def ping(self) -> str:
+        """Check that the backend answers now (start-up and ``gateway check --probe``).
+
+        :returns: what it answered, for the log (``"PONG"``); ``""`` for a file
+        :raises StateUnavailable: it does not answer
+        """
+        return ""
+
     @abc.abstractmethod
     async def incr(self, key: str, amount: int = 1, ttl: float = 60.0) -> int:
         """Add ``amount`` (may be negative) to the integer at ``key``, atomically.
