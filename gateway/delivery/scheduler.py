@@ -25,6 +25,7 @@ from gateway.delivery.flush import FlushTarget, matching_messages, parse_target
 from gateway.delivery.router import is_held, route_for
 from gateway.delivery.types import LocalRoute, MxRoute, Outcome, Route, SmarthostRoute, SpecialRoute, TargetRoute
 from gateway.delivery.notices import Notifier, expire_pending, owes_nothing
+from gateway.delivery.records import StateRecorder
 from gateway.delivery.remote.agent import portion
 from gateway.delivery.verp import for_recipient
 from gateway.logs import QUEUE_ID, short
@@ -96,6 +97,7 @@ class Scheduler:
         # qid -> a message this process just queued, lock held, for its first attempt
         self._claims: dict[str, Claim] = {}
         self._notifier = Notifier(self.queue, self.inject)
+        self._records = StateRecorder(self.queue, lambda *a, **k: self.app.gateway.run_in_thread(*a, **k))
 
     # -- life cycle --------------------------------------------------------
 
@@ -166,9 +168,12 @@ class Scheduler:
                     continue
                 self._spawn(qid)
             interval = self.app.gateway.policy.delivery.poll_interval
-            if self.retries and time.monotonic() - self._last_scan >= interval:
+            if time.monotonic() - self._last_scan >= interval:
                 self._last_scan = time.monotonic()
-                await self._rescan()
+                if self._records.unsaved:  # states the disk refused: does it take them now?
+                    await self._records.retry(self._active)
+                if self.retries:
+                    await self._rescan()
             wait = interval
             if self._heap:
                 wait = max(0.0, min(wait, self._heap[0][0] - time.time()))
@@ -202,6 +207,9 @@ class Scheduler:
             await self.attempt(qid)
         except asyncio.CancelledError:
             raise
+        except TemporaryFailure as exc:  # our queue refused a notice (a full disk): no traceback
+            log.warning("delivery attempt not finished, next try in 60s: %s", exc.reply)
+            self._later(qid, time.time() + 60)
         except Exception:  # boundary: one bad message must not stop the scheduler
             log.exception("delivery attempt failed")
             self._later(qid, time.time() + 60)
@@ -297,7 +305,7 @@ class Scheduler:
             return None
         try:
             try:
-                item = self.queue.load(qid, fd=fd)
+                item = self._records.overlay(self.queue.load(qid, fd=fd))
             except CorruptQueueFile as exc:  # retrying cannot mend it: out of the queue
                 self.queue.set_aside(qid, "msg", str(exc))
                 raise FileNotFoundError(errno.ENOENT, f"qid={qid} is damaged") from exc
@@ -324,6 +332,7 @@ class Scheduler:
                 opened = await gateway.run_in_thread(self._open_attempt, qid)
         except FileNotFoundError:
             self.forget(qid)
+            self._records.forget(qid)
             self._released.pop(qid, None)
             return
         if opened is None:  # another process or an export has it: look again shortly
@@ -349,6 +358,7 @@ class Scheduler:
         guards nothing once the file is gone; the committer thread closes it, so freeing
         the file's blocks does not hold up the event loop)."""
         await self.queue.delete(qid, lock=self._locks.pop(qid, -1))
+        self._records.forget(qid)
 
     def _later(self, qid: str, when: float) -> None:
         """Come back to ``qid`` at ``when``; a worker leaves that to the master's scan."""
@@ -403,14 +413,15 @@ class Scheduler:
             # written (each write is two flushes). A notice queued is recorded before the
             # message goes: a crash in between must not send it twice.
             if await self._notifier.queue_owed(gateway, qid, envelope, message, now, final=True):
-                await gateway.run_in_thread(self.queue.update_state, qid, envelope)
+                await self._records.save(qid, envelope)
             await self._remove(qid)
             self.forget(qid)
             log.info("done: removed from the queue")
             return
-        await gateway.run_in_thread(self.queue.update_state, qid, envelope, next_try=next_try, attempts=attempts)
+        # A disk that refuses this write does not stop the back-off (records.py).
+        await self._records.save(qid, envelope, next_try=next_try, attempts=attempts)
         if await self._notifier.queue_owed(gateway, qid, envelope, message, now):
-            await gateway.run_in_thread(self.queue.update_state, qid, envelope)
+            await self._records.save(qid, envelope)
         self._later(qid, next_try)
 
     async def _record(
@@ -481,7 +492,7 @@ class Scheduler:
             if id(rcpt) in failures:
                 await self._record(gateway, envelope, rcpt, failures[id(rcpt)])
         if changed or failures:
-            await gateway.run_in_thread(self.queue.update_state, qid, envelope)
+            await self._records.save(qid, envelope)
         for rcpt, maybe in expanded:
             try:
                 route = maybe if maybe is not None else await self._route(gateway, envelope, rcpt)
@@ -519,7 +530,7 @@ class Scheduler:
                     await removal
                     return
                 try:
-                    await gateway.run_in_thread(self.queue.update_state, qid, envelope)
+                    await self._records.save(qid, envelope)
                 except FileNotFoundError:
                     if removal is None:
                         raise

@@ -4,12 +4,14 @@ found at start-up."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
 import smtplib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +167,75 @@ def test_damaged_envelope_is_moved_aside_once_at_start_and_when_found_later(tmp_
     for qid in (at_start, later):
         (line,) = [line for line in log.splitlines() if qid in line]
         assert "ERROR" in line and "bad envelope" in line and "corrupt" in line
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare to mount a small private filesystem")
+def test_disk_full_during_delivery_keeps_the_back_off_in_memory_and_records_it_later(tmp_path: Path) -> None:
+    """The queue's filesystem (a small tmpfs only the gateway sees) fills up while a
+    message is being retried: the state writes after each deferral fail. One WARNING,
+    no traceback; the retries still follow the back-off (not once a minute) and count
+    their attempts in memory; once space returns the state on disk catches up, and the
+    message is delivered once the peer takes it."""
+    from tests.smtppeer import SmtpPeer
+
+    with SmtpPeer() as peer:
+        attempts_scripted = 200
+        peer.script_rcpt("bob@peer.test.example", *["451 4.3.0 try later"] * attempts_scripted)
+
+        def tried() -> int:  # the peer's RCPT answers used: one per delivery attempt
+            with peer._lock:
+                return attempts_scripted - len(peer._script.rcpt_once["bob@peer.test.example"])
+
+        port = free_port()
+        (tmp_path / "queue").mkdir()
+        extra = (f'[relay]\nclients = ["127.0.0.0/8"]\n'
+                 f'[delivery]\npoll_interval = "200ms"\nretry_base = "1s"\nretry_max = "2s"\n'
+                 f'[[routes]]\ndomain = "peer.test.example"\nhost = "127.0.0.1"\nport = {peer.port}\ntls = "none"\n')
+        policy = write_policy(tmp_path, port, extra=extra)
+        queue = tmp_path / "queue"
+        script = f"mount -t tmpfs -o size=256k tmpfs {queue} && exec {sys.executable} -m gateway.cli run --policy {policy}"
+        log_path = tmp_path / "gateway.log"
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                                    env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
+                                    stderr=log_file)
+
+        def inside(*command: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["nsenter", "-t", str(proc.pid), "-m", *command], capture_output=True, text=True)
+
+        def recorded_attempts() -> int:
+            out = inside("sh", "-c", f"cat {queue}/state/*")
+            try:
+                return int(json.loads(out.stdout)["attempts"])
+            except ValueError:
+                return -1
+
+        try:
+            assert wait_for(lambda: port_open(port), timeout=20)
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.sendmail("a@example.org", ["bob@peer.test.example"], b"Subject: s\r\n\r\nbody\r\n")
+            assert wait_for(lambda: recorded_attempts() >= 1, timeout=15)
+            inside("sh", "-c", f"cat /dev/zero > {queue}/filler")  # ends with ENOSPC: the disk is full
+            full_since, tried_then = time.monotonic(), tried()
+            # Retried at the back-off's pace (1 s, then 2 s), not 60 s later.
+            assert wait_for(lambda: tried() >= tried_then + 4, timeout=40), tried()
+            assert recorded_attempts() <= tried_then + 1, "the disk took no state meanwhile"
+            elapsed, done = time.monotonic() - full_since, tried() - tried_then
+            assert done <= elapsed / 1.0 + 2, "no faster than the back-off allows"
+            inside("rm", f"{queue}/filler")
+            # The state on disk catches up with every attempt made meanwhile.
+            assert wait_for(lambda: recorded_attempts() == tried(), timeout=20), (recorded_attempts(), tried())
+            with peer._lock:
+                peer._script.rcpt_once.clear()  # the peer takes it now
+            assert wait_for(lambda: len(peer.messages) == 1, timeout=20)
+            assert wait_for(lambda: inside("ls", "-A", f"{queue}/msg").stdout.split() == [], timeout=10)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    log = log_path.read_text()
+    assert "Traceback" not in log
+    warnings = [line for line in log.splitlines() if "WARNING gateway.delivery" in line or "WARNING gateway.queue" in line]
+    assert len(warnings) == 1 and "cannot record delivery state" in warnings[0], warnings
+    assert "No space left on device" in warnings[0]
+    assert "takes state writes again" in log
+    assert len(peer.messages) == 1
