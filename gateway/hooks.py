@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import pluggy
 
 from gateway import hookspecs
-from gateway.verdicts import Action, Reply, Verdict
+from gateway.verdicts import Action, PermanentFailure, Reply, TemporaryFailure, Verdict
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -217,7 +217,12 @@ class HookRunner:
     async def first_value(self, hook: str, entries: Sequence[Any], **kwargs: Any) -> Any:
         """Run a non-filtering hook (``gateway_route``) in order; first non-``None`` wins.
 
-        Errors are logged and the entry skipped: the built-in answer then applies.
+        A plugin's :class:`TemporaryFailure` or :class:`PermanentFailure` is its answer
+        and reaches the caller (for a route: retry or bounce the recipient). Any other
+        error, or a plugin over its time budget, is logged and answered by the entry's
+        ``on_error``: ``tempfail`` raises a TemporaryFailure (fail closed: the built-in
+        answer could bounce mail, or send it elsewhere, that the plugin would have
+        delivered), ``continue`` skips the entry and the built-in answer may apply.
         """
         for entry in entries:
             impl = self._impls[entry.name].get(hook)
@@ -225,11 +230,16 @@ class HookRunner:
                 continue
             try:
                 result = await self._call(entry, impl, kwargs)
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, TemporaryFailure, PermanentFailure):
                 raise
-            except Exception:  # boundary: fall back to the built-in answer
-                log.exception("plugin %s %s failed", entry.id, hook)
-                continue
+            except Exception as exc:  # boundary: a plugin must never kill the scheduler
+                if isinstance(exc, TimeoutError):
+                    log.error("plugin %s %s timed out after %.1fs", entry.id, hook, entry.timeout)
+                else:
+                    log.exception("plugin %s %s failed: %s", entry.id, hook, exc)
+                if entry.on_error == "continue":
+                    continue
+                raise TemporaryFailure(PLUGIN_ERROR_REPLY, f"plugin {entry.id} {hook} failed") from exc
             if result is not None:
                 return result
         return None

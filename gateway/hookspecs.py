@@ -272,14 +272,22 @@ def gateway_route(
 ) -> Any | None:
     """Choose where one queued recipient goes: local, remote, smarthost, hold, discard.
 
-    Called by the scheduler for each pending recipient. The first non-``None`` route
-    wins; if no plugin answers, the policy's built-in routing decides.
+    Called by the scheduler for each pending recipient, at each attempt. The first
+    non-``None`` route wins; if no plugin answers, the policy's built-in routing
+    decides. A user directory (Dovecot's userdb, say) answers a ``LocalRoute`` carrying
+    a ``LocalAccount`` (home, ids, Maildir): local delivery then takes a user that
+    ``[local] users`` does not list, and delivers into that home.
 
     :param envelope: the queued envelope
     :param recipient: the recipient to route
     :param gateway: the gateway's services and the policy in force for this session
     :param settings: this plugin entry's settings
-    :returns: a route object defined by the delivery package, or ``None``
+    :returns: a route object defined by the delivery package (``gateway.delivery.types``),
+        or ``None``
+    :raises TemporaryFailure: the recipient is deferred and retried (a directory that
+        cannot answer now); ``PermanentFailure`` bounces it. Any other error, or a
+        timeout, is answered by the entry's ``on_error``: ``tempfail`` (the default)
+        defers the recipient, ``continue`` asks the next plugin, then the built-in routing
     """
 
 

@@ -1,7 +1,7 @@
-"""Recipient validation against Dovecot's userdb: unknown local users are refused at RCPT.
+"""Dovecot's userdb as the local users: unknown ones refused at RCPT, known ones delivered.
 
 Hooks: ``gateway_startup`` (refuses a policy that cannot work; checks that Dovecot
-answers, a WARNING if not, start-up goes on) and ``gateway_rcpt``.
+answers, a WARNING if not, start-up goes on), ``gateway_rcpt`` and ``gateway_route``.
 
 For a recipient in one of ``domains`` (default: ``[local] domains``), the plugin asks
 Dovecot's ``auth-userdb`` listener at ``address`` (a Unix socket path, or
@@ -23,6 +23,16 @@ slower than ``connect_timeout``/``answer_timeout``, answering something unreadab
 delivery sorts it out) or ``continue`` (ask the next plugin; with none, the core's
 default deny gives 550 5.7.1).
 
+Delivery (``gateway_route``): what this plugin accepts at RCPT, local delivery must be
+able to deliver, so the scheduler asks it too. For a pending recipient in ``domains``
+it looks the user up the same way (same names, extensions, cache) and answers a local
+route to that user with Dovecot's ``home=`` (the Maildir is ``<home>/Maildir/``, or the
+path of a ``mail=maildir:...`` field), ``uid=`` and ``gid=``, so a user Dovecot knows
+needs no ``[local] users`` line. A user Dovecot no longer knows gets no answer, and the
+built-in routing bounces it as an unknown user (550 5.1.1). Dovecot down, failing, or
+an entry the gateway cannot deliver to (no home, a mailbox format other than Maildir):
+a temporary failure, the message stays queued and is retried; never a bounce.
+
 Put it after ``rcpt_relay``, instead of ``rcpt_local_users`` for the domains Dovecot
 knows. Settings: ``address``, ``connect_timeout``, ``answer_timeout``, ``domains``,
 ``lookup``, ``allow_extensions``, ``service``, ``cache_ttl``, ``negative_ttl``,
@@ -31,20 +41,25 @@ knows. Settings: ``address``, ``connect_timeout``, ``answer_timeout``, ``domains
 
 from __future__ import annotations
 
+import grp
 import logging
+import pwd
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
+from gateway.address import Address, AddressError
 from gateway.context import Gateway
+from gateway.delivery.types import LocalAccount, LocalRoute
 from gateway.hooks import hookimpl
 from gateway.logs import short
-from gateway.model import Recipient
+from gateway.model import QueuedRecipient, Recipient
 from gateway.policy import Duration, setting
-from gateway.verdicts import Reply, Verdict
+from gateway.verdicts import Reply, TemporaryFailure, Verdict
 from plugins._dnslist import RecordCache
 from plugins._dovecot import DovecotError, lookup_user, start_up
 
-__all__ = ["Plugin", "Settings", "candidates"]
+__all__ = ["Plugin", "Settings", "candidates", "mail_location"]
 
 NAME = "rcpt_dovecot_users"
 log = logging.getLogger(f"plugins.{NAME}")
@@ -52,9 +67,12 @@ log = logging.getLogger(f"plugins.{NAME}")
 REPLY_UNKNOWN = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
 # RFC 3463 §3.5: X.4.3 "Directory server failure".
 REPLY_UNAVAILABLE = Reply(451, "4.4.3", "Recipient lookup temporarily unavailable, try again later")
+# RFC 3463 §3.5: X.3.5 "System incorrectly configured": an entry we cannot deliver to.
+REPLY_UNUSABLE = Reply(451, "4.3.5", "Mailbox location unusable here, try again later")
 _MAX_PREFIXES = 3
-_FOUND: tuple[str, ...] = ("found",)
 _NOT_FOUND: tuple[str, ...] = ()
+# The userdb fields delivery uses; a found user is cached as ("found", "home=...", ...).
+_KEPT = ("home", "mail", "uid", "gid")
 
 
 @dataclass(frozen=True)
@@ -98,6 +116,55 @@ def candidates(local: str, delimiter: str, allow_extensions: bool) -> list[str]:
     return names
 
 
+def mail_location(fields: dict[str, str]) -> tuple[Path, Path | None]:
+    """The home and Maildir delivery uses for a Dovecot user, from its userdb fields.
+
+    ``mail=maildir:<path>[:options]`` names the Maildir (``~`` is the home); no ``mail=``
+    (Dovecot's own ``mail_location`` applies, which it does not send) means the gateway's
+    default mailbox in the home. Without a home, an absolute Maildir's parent serves.
+
+    :returns: (home, Maildir or ``None`` for the default mailbox)
+    :raises ValueError: an entry the gateway cannot deliver to, saying why
+    """
+    home = fields.get("home", "")
+    mail = fields.get("mail", "")
+    maildir: Path | None = None
+    if mail:
+        kind, _, rest = mail.partition(":")
+        if kind.lower() != "maildir":
+            raise ValueError(f"mail={kind[:20]!r} is not a Maildir (deliver by LMTP instead)")
+        path = rest.split(":", 1)[0]
+        if path == "~" or path.startswith("~/"):
+            if not home:
+                raise ValueError("mail= is relative to a home Dovecot does not give")
+            path = home + path[1:]
+        if path:
+            maildir = Path(path)
+            if not maildir.is_absolute():
+                raise ValueError("mail= is not an absolute path")
+    if not home:
+        if maildir is None:
+            raise ValueError("Dovecot gives no home (home=) for this user")
+        home = str(maildir.parent)
+    if not home.startswith("/"):
+        raise ValueError("home= is not an absolute path")
+    return Path(home), maildir
+
+
+def _ids_in_thread(uid: str, gid: str) -> tuple[int | None, int | None]:
+    """Dovecot's uid=/gid= (numbers or names) as numbers; names go through NSS, which may block.
+
+    :raises ValueError: a name this host does not know
+    """
+    try:
+        return (
+            None if not uid else int(uid) if uid.isdigit() else pwd.getpwnam(uid).pw_uid,
+            None if not gid else int(gid) if gid.isdigit() else grp.getgrnam(gid).gr_gid,
+        )
+    except KeyError:
+        raise ValueError(f"uid={uid[:40]!r} or gid={gid[:40]!r} is not known on this host") from None
+
+
 class Plugin:
     """Holds the answer cache, shared by all sessions."""
 
@@ -110,36 +177,56 @@ class Plugin:
         # A policy that cannot work stops start-up; a Dovecot that does not answer yet does not.
         await start_up(gateway, NAME, settings, log, master=True, request="RCPT")
 
-    async def _exists(self, name: str, settings: Settings) -> bool:
+    async def _lookup(self, name: str, settings: Settings) -> dict[str, str] | None:
+        """The user's fields delivery uses (:data:`_KEPT`), or ``None`` when unknown."""
         key = (settings.address, name)
         cache = self._cache
         cached = cache.get(key) if cache is not None else None
         if cached is not None:
-            return cached == _FOUND
-        found = await lookup_user(
+            return dict(item.partition("=")[::2] for item in cached[1:]) if cached else None
+        fields = await lookup_user(
             settings.address, name, service=settings.service,
             connect_timeout=settings.connect_timeout, timeout=settings.answer_timeout,
-        ) is not None
+        )
+        kept = None if fields is None else {k: fields[k] for k in _KEPT if k in fields}
         if cache is not None:
-            ttl = settings.cache_ttl if found else settings.negative_ttl
-            cache.put(key, _FOUND if found else _NOT_FOUND, ttl)
-        return found
+            ttl = settings.cache_ttl if kept is not None else settings.negative_ttl
+            records = _NOT_FOUND if kept is None else ("found", *(f"{k}={v}" for k, v in kept.items()))
+            cache.put(key, records, ttl)
+        return kept
+
+    async def _find(self, address: Address, gateway: Gateway, settings: Settings) -> tuple[str, str, dict[str, str]] | None:
+        """The longest name Dovecot knows for ``address``: (name, extension, fields), or None.
+
+        :raises DovecotError: Dovecot gave no usable answer
+        """
+        domain = address.domain_key
+        delimiter = gateway.policy.local.extension_delimiter
+        for local in candidates(address.local, delimiter, settings.allow_extensions):
+            name = f"{local}@{domain}" if settings.lookup == "address" and domain else local
+            fields = await self._lookup(name, settings)
+            if fields is not None:
+                extension = address.local[len(local) + len(delimiter):] if local != address.local else ""
+                return name, extension, fields
+        return None
+
+    @staticmethod
+    def _is_ours(address: Address, gateway: Gateway, settings: Settings) -> bool:
+        domain = address.domain_key
+        domains = settings.domains or gateway.policy.local.domains
+        return not domain or domain in {d.lower().rstrip(".") for d in domains}
 
     @hookimpl
     async def gateway_rcpt(self, rcpt: Recipient, gateway: Gateway, settings: Settings) -> Verdict | None:
         address = rcpt.address
-        domain = address.domain_key
-        domains = settings.domains or gateway.policy.local.domains
-        if domain and domain not in {d.lower().rstrip(".") for d in domains}:
+        if not self._is_ours(address, gateway, settings):
             return None
         if address.is_postmaster:
             return Verdict.accept(reason="postmaster")
-        delimiter = gateway.policy.local.extension_delimiter
         try:
-            for local in candidates(address.local, delimiter, settings.allow_extensions):
-                name = f"{local}@{domain}" if settings.lookup == "address" and domain else local
-                if await self._exists(name, settings):
-                    return Verdict.accept(reason=f"Dovecot user {short(name, 100)}")
+            found = await self._find(address, gateway, settings)
+            if found is not None:
+                return Verdict.accept(reason=f"Dovecot user {short(found[0], 100)}")
         except DovecotError as exc:
             action = settings.on_dovecot_error
             log.warning("%s: no answer for <%s> (%s): %s", NAME, short(address), action, exc)
@@ -149,3 +236,35 @@ class Plugin:
                 return None
             return Verdict.tempfail(REPLY_UNAVAILABLE, reason=f"Dovecot unavailable: {exc}")
         return Verdict.reject(REPLY_UNKNOWN, reason="unknown Dovecot user")
+
+    @hookimpl
+    async def gateway_route(self, recipient: QueuedRecipient, gateway: Gateway, settings: Settings) -> LocalRoute | None:
+        """Deliver to the Dovecot user RCPT accepted; see the module docstring.
+
+        :raises TemporaryFailure: Dovecot gave no usable answer, or an entry the gateway
+            cannot deliver to: the recipient is retried, never bounced
+        """
+        if "@" not in recipient.address:
+            return None  # bare <postmaster>: the built-in local user
+        try:
+            address = Address.parse(recipient.address)
+        except AddressError:
+            return None  # the built-in routing refuses it
+        if not self._is_ours(address, gateway, settings) or address.is_postmaster:
+            return None
+        try:
+            found = await self._find(address, gateway, settings)
+        except DovecotError as exc:
+            log.warning("%s: no answer for delivery to <%s>, deferred: %s", NAME, short(recipient.address), exc)
+            raise TemporaryFailure(REPLY_UNAVAILABLE, f"Dovecot unavailable: {exc}") from exc
+        if found is None:
+            return None  # gone since RCPT: the built-in route bounces it as unknown
+        name, extension, fields = found
+        try:
+            home, maildir = mail_location(fields)
+            uid, gid = await gateway.run_in_thread(_ids_in_thread, fields.get("uid", ""), fields.get("gid", ""))
+        except ValueError as exc:
+            log.error("%s: cannot deliver to Dovecot user %s, deferred: %s", NAME, short(name, 100), exc)
+            raise TemporaryFailure(REPLY_UNUSABLE, str(exc)) from exc
+        account = LocalAccount(home, uid, gid, maildir)
+        return LocalRoute(name.lower(), extension.lower(), address.domain_key, account)

@@ -486,6 +486,8 @@ class Scheduler:
                 routed.append((rcpt, await self._route(gateway, envelope, rcpt)))
             except AddressError:
                 await self._record(gateway, envelope, rcpt, bad)
+            except (TemporaryFailure, PermanentFailure) as exc:  # a route plugin's answer
+                await self._record(gateway, envelope, rcpt, Outcome.of_failure(exc))
         # Aliases and .forward: targets replace the recipient, recorded before delivery.
         expanded, failures, changed = await expand_pending(gateway, envelope, routed)
         for rcpt, _ in routed:
@@ -498,6 +500,9 @@ class Scheduler:
                 route = maybe if maybe is not None else await self._route(gateway, envelope, rcpt)
             except AddressError:
                 await self._record(gateway, envelope, rcpt, bad)
+                continue
+            except (TemporaryFailure, PermanentFailure) as exc:
+                await self._record(gateway, envelope, rcpt, Outcome.of_failure(exc))
                 continue
             groups.setdefault((route, rcpt.address if is_verp else ""), []).append(rcpt)
 
@@ -590,7 +595,8 @@ class Scheduler:
         route: LocalRoute, data: bytes,
     ) -> Outcome:
         local = gateway.policy.local
-        if route.user not in local.users and route.user != "postmaster":
+        # A user directory's route (route.account) vouches for a user [local] does not list.
+        if route.account is None and route.user not in local.users and route.user != "postmaster":
             return Outcome("failed", Reply(550, "5.1.1", "Sorry, no mailbox here by that name"))
         outcome: Outcome = await agent.deliver(
             envelope, rcpt.address, route, data, delivery_id=_delivery_id(qid, envelope, rcpt)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
-from gateway.verdicts import Reply
+from gateway.verdicts import PermanentFailure, Reply, TemporaryFailure
 
-__all__ = ["LocalRoute", "MxRoute", "Outcome", "Route", "SmarthostRoute", "SpecialRoute", "TargetRoute"]
+__all__ = ["LocalAccount", "LocalRoute", "MxRoute", "Outcome", "Route", "SmarthostRoute", "SpecialRoute", "TargetRoute"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,11 @@ class Outcome:
     dsn_relayed: bool = False  # the next hop took our DSN parameters: it notifies from now on
     expired: bool = False
 
+    @classmethod
+    def of_failure(cls, exc: TemporaryFailure | PermanentFailure) -> Outcome:
+        """A classified failure as an outcome: retry (temporary) or bounce (permanent)."""
+        return cls("deferred" if isinstance(exc, TemporaryFailure) else "failed", exc.reply)
+
     @property
     def diagnostic(self) -> str:
         """RFC 3464 Diagnostic-Code value: ``smtp; 550 5.1.1 text``."""
@@ -34,12 +40,40 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalAccount:
+    """Where a user from a user directory (such as Dovecot's userdb) gets its mail.
+
+    A ``gateway_route`` plugin that knows users the policy does not list (``[local]
+    users``) puts one in the :class:`LocalRoute` it answers; local delivery then uses
+    it instead of ``<mail_root>/<user>`` and ``[[local.assign]]``.
+
+    :ivar home: the user's home (absolute): ``.qmail`` files, and the default mailbox
+        ``<home>/Maildir/`` (or ``<home>/mbox``); created (owned by ``uid``/``gid``
+        when the gateway runs as root) if missing
+    :ivar uid: the owner of what delivery creates, and the uid programs run as (as root)
+    :ivar gid: its group
+    :ivar maildir: the default mailbox when the directory names one (Dovecot's
+        ``mail=maildir:...``), else ``None``
+    """
+
+    home: Path
+    uid: int | None = None
+    gid: int | None = None
+    maildir: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LocalRoute:
-    """Deliver to a local user (``user``), with an optional address extension."""
+    """Deliver to a local user (``user``), with an optional address extension.
+
+    ``account`` is set when a user directory (a ``gateway_route`` plugin) vouches for
+    the user; without it, the user must be one of ``[local] users``.
+    """
 
     user: str
     extension: str
     domain: str
+    account: LocalAccount | None = None
 
     @property
     def key(self) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.hooks import PLUGIN_ERROR_REPLY, HookRunner, NoSettings, PluginSpec, hookimpl
 from gateway.policy.model import PluginEntry
-from gateway.verdicts import Action, Reply, Verdict
+from gateway.verdicts import Action, Reply, TemporaryFailure, Verdict
 
 REJECT = Verdict.reject(Reply(550, "5.7.1", "no"))
 
@@ -154,3 +154,29 @@ def test_argument_not_in_spec_is_refused() -> None:
 
     with pytest.raises(Exception):
         HookRunner({"m": module("m", gateway_mail=gateway_mail)}, ["m"])
+
+
+def _route(runner: HookRunner, entries):
+    return asyncio.run(runner.first_value("gateway_route", entries, envelope=None, recipient=None, gateway=None))
+
+
+def test_route_plugin_failure_defers_instead_of_the_built_in_route() -> None:
+    # The built-in answer could bounce (or send elsewhere) mail the plugin would deliver.
+    async def broken(recipient):
+        raise RuntimeError("bug")
+
+    async def defers(recipient):
+        raise TemporaryFailure(Reply(451, "4.4.3", "directory down"))
+
+    def routes(recipient):
+        return "a route"
+
+    specs = {n: module(n, gateway_route=f) for n, f in (("broken", broken), ("defers", defers), ("routes", routes))}
+    runner = HookRunner(specs, ["broken", "defers", "routes"])
+    with pytest.raises(TemporaryFailure) as raised:
+        _route(runner, [entry("broken"), entry("routes")])
+    assert raised.value.reply == PLUGIN_ERROR_REPLY
+    assert _route(runner, [entry("broken", on_error="continue"), entry("routes")]) == "a route"
+    with pytest.raises(TemporaryFailure) as raised:
+        _route(runner, [entry("defers", on_error="continue"), entry("routes")])  # its answer, not an error
+    assert raised.value.reply.status == "4.4.3"

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from gateway.address import Address
 from gateway.model import Recipient
 from gateway.verdicts import Action
-from plugins.rcpt_dovecot_users import Plugin, Settings, candidates
+from plugins.rcpt_dovecot_users import Plugin, Settings, candidates, mail_location
 
 
 def test_candidates_longest_first() -> None:
@@ -52,3 +55,28 @@ def test_lookup_failure_follows_on_dovecot_error() -> None:
     assert _judge(Address("alice", "local.example"), on_dovecot_error="continue") is None
     verdict = _judge(Address("alice", "local.example"), on_dovecot_error="accept")
     assert verdict.action is Action.ACCEPT  # type: ignore[attr-defined]
+
+
+def test_mail_location_defaults_to_the_home() -> None:
+    assert mail_location({"home": "/var/vmail/a"}) == (Path("/var/vmail/a"), None)
+    assert mail_location({"home": "/var/vmail/a", "mail": "maildir:"}) == (Path("/var/vmail/a"), None)
+
+
+def test_mail_location_follows_a_maildir_field() -> None:
+    home = Path("/var/vmail/a")
+    assert mail_location({"home": str(home), "mail": "maildir:~/Mail/inbox:LAYOUT=fs"}) == (home, home / "Mail/inbox")
+    assert mail_location({"home": str(home), "mail": "MAILDIR:/srv/mail/a"}) == (home, Path("/srv/mail/a"))
+    # No home: an absolute Maildir's parent serves.
+    assert mail_location({"mail": "maildir:/srv/mail/a/Maildir"}) == (Path("/srv/mail/a"), Path("/srv/mail/a/Maildir"))
+
+
+@pytest.mark.parametrize("fields", [
+    {},  # no home, no Maildir
+    {"home": "relative/home"},
+    {"home": "/h", "mail": "mdbox:~/mdbox"},  # a format only Dovecot writes
+    {"mail": "maildir:~/Maildir"},  # relative to a home not given
+    {"home": "/h", "mail": "maildir:Maildir"},
+])
+def test_mail_location_refuses_what_cannot_be_delivered(fields: dict[str, str]) -> None:
+    with pytest.raises(ValueError):
+        mail_location(fields)

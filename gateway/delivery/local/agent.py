@@ -13,6 +13,11 @@ Privileges, when the gateway runs as root:
   root (or an assign entry with a uid) they are confined to the home: no symlink below
   the home is followed, and new files and directories belong to that user.
 
+A route from a user directory (``route.account``, e.g. Dovecot's userdb) gives the
+home, the ids (used like an assign entry's) and perhaps the Maildir; its home is
+created when missing, and an extension without a ``.qmail`` file for it goes to the
+user's default delivery (the directory accepted the address at RCPT).
+
 File I/O runs through the ``run_in_thread`` callable; the event loop never blocks.
 """
 
@@ -27,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from gateway.delivery.local.dotqmail import DotQmail, Instruction, load_dotqmail
-from gateway.delivery.local.maildir import Confinement, deliver_maildir
+from gateway.delivery.local.dotqmail import NO_MAILBOX, DotQmail, Instruction, load_dotqmail
+from gateway.delivery.local.maildir import Confinement, deliver_maildir, mailbox_error, open_directory
 from gateway.delivery.local.mbox import deliver_mbox, from_line
 from gateway.delivery.local.program import ProgramResult, run_program
 from gateway.delivery.local.quota import Quota, deliver_with_quota
-from gateway.delivery.types import LocalRoute, Outcome, TargetRoute
+from gateway.delivery.types import LocalAccount, LocalRoute, Outcome, TargetRoute
 from gateway.model import Envelope, Message
 from gateway.policy.model import LocalAssign, Policy
 from gateway.verdicts import PermanentFailure, Reply, TemporaryFailure
@@ -138,6 +143,45 @@ def _ensure_home(home: Path) -> None:
         home.mkdir(mode=0o700)
     except FileExistsError:
         pass
+
+
+def _ensure_account_home(home: Path, uid: int | None, gid: int | None) -> None:
+    """Create a directory account's missing home as Dovecot's own delivery does: each
+    missing level 0o700, given to ``uid``/``gid`` when the gateway runs as root. The
+    path comes from the administrator's user database, as trusted as an assign home."""
+    missing: list[Path] = []
+    path = home
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        if os.geteuid() == 0 and uid is not None:
+            os.chown(path, uid, -1 if gid is None else gid, follow_symlinks=False)
+
+
+def _make_parents(account: LocalAccount, home: Path, confine: Confinement | None) -> Confinement | None:
+    """Create the missing parents of an account's Maildir; the confinement to deliver it.
+
+    Below the home, each level is made by the confined walk (no symlink the user placed
+    is followed); a Maildir outside the home is the user database's, as trusted as the
+    home: its parents are made like a home, and it is confined to its parent.
+    """
+    assert account.maildir is not None
+    parent = account.maildir.parent
+    if not account.maildir.is_relative_to(home):
+        _ensure_account_home(parent, account.uid, account.gid)
+        return None if confine is None else Confinement(parent, confine.uid, confine.gid)
+    try:
+        levels = parent.relative_to(home).parts
+        for depth in range(1, len(levels) + 1):
+            os.close(open_directory(home.joinpath(*levels[:depth]), confine=confine, create=True))
+    except OSError as exc:
+        raise mailbox_error(exc, "maildir") from exc
+    return confine
 
 
 def _can_enter(info: os.stat_result, uid: int, gid: int) -> bool:
@@ -280,12 +324,17 @@ class LocalDeliveryAgent:
         user = route.user.lower()
         if not _is_safe_user(user):
             raise PermanentFailure(_UNKNOWN_USER)
+        local, _, domain = recipient.rpartition("@")
+        account = route.account
+        if account is not None:
+            # A user directory's entry (Dovecot's userdb) stands in for an assign line.
+            assign = LocalAssign(user, account.home, account.uid, account.gid)
+            return _Target(user, Path(os.path.abspath(account.home)), assign, local, route.domain or domain)
         assign = next((a for a in settings.assign if a.user.lower() == user), None)
         if assign is not None and assign.home != Path():
             home = assign.home
         else:
             home = settings.mail_root / user
-        local, _, domain = recipient.rpartition("@")
         return _Target(user, Path(os.path.abspath(home)), assign, local, route.domain or domain)
 
     async def _deliver(
@@ -301,7 +350,10 @@ class LocalDeliveryAgent:
         target = self._target(recipient, route)
         if _has_delivered_to(message, recipient):
             return Outcome("failed", LOOP_REPLY)
-        if target.assign is None or target.assign.home == Path():
+        account = route.account
+        if account is not None:
+            await self._thread(_ensure_account_home, target.home, account.uid, account.gid)
+        elif target.assign is None or target.assign.home == Path():
             await self._thread(_ensure_home, target.home)
         when = time.time()
         dtline = _header_line("Delivered-To", recipient).replace("\n", "\r\n").encode()
@@ -314,13 +366,23 @@ class LocalDeliveryAgent:
 
         dotqmail: DotQmail | None = None
         if settings.dot_files:
-            dotqmail = await self._thread(
-                load_dotqmail, target.home, route.extension,
-                delimiter=settings.extension_delimiter,
-            )
+            try:
+                dotqmail = await self._thread(
+                    load_dotqmail, target.home, route.extension,
+                    delimiter=settings.extension_delimiter,
+                )
+            except PermanentFailure as exc:
+                if account is None or exc.reply is not NO_MAILBOX:
+                    raise
+                # A directory's user-ext was accepted at RCPT (as Dovecot's own
+                # recipient_delimiter does): no file for the extension, the user's own.
+                dotqmail = await self._thread(load_dotqmail, target.home, "")
         if dotqmail is None or not dotqmail.instructions:
             default = Instruction("maildir", "./Maildir/", 0, target.home / "Maildir")
-            if settings.mailbox == "mbox":
+            if account is not None and account.maildir is not None:
+                default = Instruction("maildir", f"{account.maildir}/", 0, account.maildir)
+                confine = await self._thread(_make_parents, account, target.home, confine)
+            elif settings.mailbox == "mbox":
                 default = Instruction("mbox", "./mbox", 0, target.home / "mbox")
             await self._mailbox(
                 default, delivered, envelope.sender, when, confine, self._name(envelope, delivery_id, 0), quota

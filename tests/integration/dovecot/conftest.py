@@ -8,7 +8,8 @@ Dovecot runs with a private configuration in a temporary directory: its own
 - ``auth-userdb`` (user lookups) on a Unix socket and a TCP port,
 
 all on 127.0.0.1 with ports picked at run time. Users come from a passwd-file with a
-``{PLAIN}`` and a ``{SHA512-CRYPT}`` password (hashed by ``doveadm pw`` at start).
+``{PLAIN}`` and a ``{SHA512-CRYPT}`` password (hashed by ``doveadm pw`` at start); the
+userdb gives each a home under the directory (``home/<user>``).
 A checkpassword passdb and userdb after it answers "temporary failure" (exit 111) for
 the user ``broken@local.example``, the way Dovecot reports its own database being
 down, and notes what each request it sees carried (service, client address, TLS).
@@ -41,7 +42,13 @@ USERS = {
     "bob@local.example": "hunter2 with spaces",
     "mary-ann@local.example": "m4ry",
     "carol": "c4rol",
+    # Known only to Dovecot, in the delivery tests' local domain; erin's userdb entry
+    # names her Maildir (mail=), dan's does not (the default, <home>/Maildir/).
+    "dan@localhost": "d4n",
+    "erin@localhost": "3rin",
 }
+#: extra userdb fields of a passwd-file line (its last field)
+USER_FIELDS = {"erin@localhost": "userdb_mail=maildir:~/mail/inbox"}
 BROKEN_USER = "broken@local.example"
 
 _CHECKPASSWORD = """#!/bin/sh
@@ -90,6 +97,10 @@ class Dovecot:
     @property
     def userdb_tcp(self) -> str:
         return f"127.0.0.1:{self.userdb_port}"
+
+    def home(self, user: str) -> Path:
+        """The home Dovecot's userdb gives ``user`` (``home=``)."""
+        return self.root / "home" / user
 
     @property
     def log(self) -> str:
@@ -211,7 +222,7 @@ def start_dovecot(root: Path) -> Dovecot:
             ).stdout.strip()
         else:
             hashed = "{PLAIN}" + password
-        lines.append(f"{name}:{hashed}::::::")
+        lines.append(f"{name}:{hashed}::::::{USER_FIELDS.get(name, '')}")
     (root / "users").write_text("\n".join(lines) + "\n")
     script = root / "checkpassword"
     script.write_text(_CHECKPASSWORD.replace("{broken}", BROKEN_USER))
