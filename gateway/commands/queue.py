@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from gateway.commands._common import load
+from gateway.queue.damage import CorruptQueueFile
 
 ACTIONS = ("list", "stat", "count", "show", "hold", "release", "retry", "delete", "flush", "export", "import")
 
@@ -143,6 +144,11 @@ def _row(store: Any, qid: str, area: str, policy: Any) -> dict[str, Any]:
     }
 
 
+def _damaged(exc: CorruptQueueFile) -> None:
+    """One damaged file does not stop a listing: the gateway sets it aside (docs/queue.md)."""
+    print(f"gateway: damaged, skipped: {exc} (the gateway moves it to corrupt/)", file=sys.stderr)
+
+
 def _list(store: Any, area: str, as_json: bool, policy: Any) -> int:
     rows = []
     for qid in store.ids(area):
@@ -150,6 +156,8 @@ def _list(store: Any, area: str, as_json: bool, policy: Any) -> int:
             rows.append(_row(store, qid, area, policy))
         except FileNotFoundError:
             continue  # delivered meanwhile
+        except CorruptQueueFile as exc:
+            _damaged(exc)
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -174,6 +182,9 @@ def _stat(store: Any, as_json: bool) -> int:
         try:
             item = store.load(qid)
         except FileNotFoundError:
+            continue
+        except CorruptQueueFile as exc:
+            _damaged(exc)
             continue
         stats["messages"] += 1
         stats["bytes"] += item.message_size
@@ -208,6 +219,10 @@ def _change(store: Any, qids: list[str], action: str) -> int:
                     store.update_state(qid, item.envelope, next_try=time.time())
         except (FileNotFoundError, ValueError):
             print(f"gateway: no message {qid} in the queue", file=sys.stderr)
+            status = 1
+            continue
+        except CorruptQueueFile as exc:
+            _damaged(exc)
             status = 1
             continue
         print(f"{qid}: {action}")
@@ -312,6 +327,8 @@ def main(args: argparse.Namespace) -> int:
                 store.update_state(qid, store.load(qid).envelope, next_try=time.time())
             except FileNotFoundError:
                 continue
+            except CorruptQueueFile as exc:
+                _damaged(exc)
         print("retrying every queued message" + ("" if store.trigger("*") else " (gateway not running)"))
         return 0
     if not args.id:
@@ -322,6 +339,9 @@ def main(args: argparse.Namespace) -> int:
             sys.stdout.buffer.write(store.read_message(args.id[0], area))
         except (FileNotFoundError, ValueError):
             print(f"gateway: no message {args.id[0]}", file=sys.stderr)
+            return 1
+        except CorruptQueueFile as exc:
+            _damaged(exc)
             return 1
         return 0
     if args.action == "delete" and args.quarantine:

@@ -105,3 +105,40 @@ def test_delete_and_show(gateway_factory, tmp_path: Path) -> None:
     assert gw.queue_ids() == []
     missing = cli(policy, "delete", qid)
     assert missing.returncode == 1 and "no message" in missing.stderr
+
+
+def test_a_damaged_file_does_not_stop_list_stat_or_retry(tmp_path: Path) -> None:
+    """A right-size queue file whose envelope does not parse is skipped with one line
+    naming it (the gateway moves it to corrupt/), not a traceback instead of the list."""
+    import asyncio
+
+    from gateway.model import Envelope, Message, QueuedRecipient
+    from gateway.queue import QueueStore
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text(policy_text(tmp_path))
+    store = QueueStore(tmp_path / "queue")
+    store.open()
+    good, bad = store.new_id(), store.new_id()
+
+    async def fill() -> None:
+        for qid in (good, bad):
+            env = Envelope(sender="a@example.org", recipients=[QueuedRecipient("alice@localhost")])
+            await store.commit(qid, env, Message(b"Subject: s\r\n\r\nbody\r\n"))
+        await store.close()
+
+    asyncio.run(fill())
+    path = tmp_path / "queue" / "msg" / bad
+    head, rest = path.read_bytes().split(b"\n", 1)
+    length = int(head.split()[1])
+    path.write_bytes(head + b"\n" + b"x" * length + rest[length:])  # same size, not JSON
+
+    listed = cli(policy, "list", "--json")
+    assert listed.returncode == 0 and [row["id"] for row in json.loads(listed.stdout)] == [good]
+    assert bad in listed.stderr and "damaged" in listed.stderr and "Traceback" not in listed.stderr
+    stat = cli(policy, "stat", "--json")
+    assert stat.returncode == 0 and json.loads(stat.stdout)["messages"] == 1
+    retried = cli(policy, "retry")
+    assert retried.returncode == 0 and bad in retried.stderr and "Traceback" not in retried.stderr
+    held = cli(policy, "hold", bad)
+    assert held.returncode == 1 and "damaged" in held.stderr and "Traceback" not in held.stderr
