@@ -43,12 +43,18 @@ USERS = {
     "mary-ann@local.example": "m4ry",
     "carol": "c4rol",
     # Known only to Dovecot, in the delivery tests' local domain; erin's userdb entry
-    # names her Maildir (mail=), dan's does not (the default, <home>/Maildir/).
+    # names her Maildir (mail=), dan's does not (the default, <home>/Maildir/); fred's
+    # mail belongs to another uid (nobody's).
     "dan@localhost": "d4n",
     "erin@localhost": "3rin",
+    "fred@localhost": "fr3d",
 }
+OTHER_UID = 65534
 #: extra userdb fields of a passwd-file line (its last field)
-USER_FIELDS = {"erin@localhost": "userdb_mail=maildir:~/mail/inbox"}
+USER_FIELDS = {
+    "erin@localhost": "userdb_mail=maildir:~/mail/inbox",
+    "fred@localhost": f"userdb_uid={OTHER_UID} userdb_gid={OTHER_UID}",
+}
 BROKEN_USER = "broken@local.example"
 
 _CHECKPASSWORD = """#!/bin/sh

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import os
 import smtplib
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,7 +22,7 @@ import pytest
 from gateway.queue import QueueStore
 from plugins._dovecot import lookup_user
 from tests.conftest import MESSAGE, RawClient, wait_for
-from tests.integration.dovecot.conftest import Dovecot, start_dovecot
+from tests.integration.dovecot.conftest import OTHER_UID, Dovecot, start_dovecot
 from tests.processes import free_port, start_gateway, stop_gateway, write_policy
 
 SENDER = "alice@localhost"
@@ -85,7 +86,7 @@ def test_dovecot_users_are_delivered_into_their_homes(tmp_path, dovecot: Dovecot
     port = gateway_process(dovecot.userdb_socket)
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         refused = client.sendmail(
-            SENDER, ["dan@localhost", "dan-lists@localhost", "erin@localhost"], MESSAGE,
+            SENDER, ["dan@localhost", "dan-lists@localhost", "erin@localhost", "fred@localhost"], MESSAGE,
         )
     assert refused == {}
     store = QueueStore(tmp_path / "queue")
@@ -100,6 +101,15 @@ def test_dovecot_users_are_delivered_into_their_homes(tmp_path, dovecot: Dovecot
     # erin: her userdb entry's mail=maildir:~/mail/inbox.
     (copy,) = _maildir(dovecot.home("erin@localhost") / "mail" / "inbox")
     assert b"Delivered-To: erin@localhost\r\n" in copy
+    # fred: the home the gateway made, and his message, belong to his uid/gid.
+    fred = dovecot.home("fred@localhost")
+    (copy,) = _maildir(fred / "Maildir")
+    assert b"Delivered-To: fred@localhost\r\n" in copy
+    if os.geteuid() == 0:
+        (message,) = (fred / "Maildir" / "new").iterdir()
+        for path in (fred, fred / "Maildir", message):
+            info = path.stat()
+            assert (info.st_uid, info.st_gid) == (OTHER_UID, OTHER_UID), path
     assert _bounces(tmp_path) == []
 
 
