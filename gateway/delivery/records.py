@@ -9,6 +9,10 @@ next attempt starts from it (:meth:`StateRecorder.overlay`) instead of the older
 on disk, and :meth:`StateRecorder.retry` writes it as soon as the disk takes writes
 again. One WARNING line says the disk refused, one INFO line that it is back; nothing in
 between but DEBUG. A restart meanwhile loses only what the disk never had.
+
+A worker (``[server] workers``) keeps nothing: it leaves retries to the master, whose
+queue scan finds the message with the state on disk, and a state the worker wrote later
+could overwrite a newer one of the master's.
 """
 
 from __future__ import annotations
@@ -49,11 +53,13 @@ class StateRecorder:
 
     :param queue: the queue store
     :param run_in_thread: runs a blocking call off the event loop (the gateway's)
+    :param keep: keep refused states (the master); False in a worker, which only logs
     """
 
-    def __init__(self, queue: QueueStore, run_in_thread: RunInThread) -> None:
+    def __init__(self, queue: QueueStore, run_in_thread: RunInThread, *, keep: bool = True) -> None:
         self.queue = queue
         self.run_in_thread = run_in_thread
+        self.keep = keep
         #: qid -> the state not yet on disk
         self.unsaved: dict[str, Unsaved] = {}
         self._is_refused = False
@@ -72,13 +78,15 @@ class StateRecorder:
             self.unsaved.pop(qid, None)
             raise
         except OSError as exc:
+            self._refused(qid, exc)
+            if not self.keep:
+                return False
             old = self.unsaved.get(qid)
             self.unsaved[qid] = Unsaved(
                 envelope,
                 next_try if next_try is not None else (old.next_try if old else None),
                 attempts if attempts is not None else (old.attempts if old else None),
             )
-            self._refused(qid, exc)
             return False
         if self.unsaved.pop(qid, None) is not None or self._is_refused:
             self._accepted()
@@ -137,6 +145,9 @@ class StateRecorder:
             log.debug("state of qid=%s kept in memory: %s", qid, exc)
             return
         self._is_refused = True
+        if not self.keep:
+            log.warning("cannot record delivery state in the queue (qid=%s: %s): the master retries", qid, exc)
+            return
         log.warning(
             "cannot record delivery state in the queue (qid=%s: %s): keeping it in memory, "
             "retries follow the back-off; it is written once the disk takes writes again", qid, exc,

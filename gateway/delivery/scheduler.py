@@ -97,7 +97,9 @@ class Scheduler:
         # qid -> a message this process just queued, lock held, for its first attempt
         self._claims: dict[str, Claim] = {}
         self._notifier = Notifier(self.queue, self.inject)
-        self._records = StateRecorder(self.queue, lambda *a, **k: self.app.gateway.run_in_thread(*a, **k))
+        self._records = StateRecorder(
+            self.queue, lambda *a, **k: self.app.gateway.run_in_thread(*a, **k), keep=retries
+        )
 
     # -- life cycle --------------------------------------------------------
 
