@@ -83,7 +83,7 @@ def test_export_move_then_import_delivers_each_recipient_once(gateway_factory, t
         # alice is delivered on the source; carol and dave wait on the held route.
         assert wait_for(lambda: len(inbox(tmp_path, "a", "alice")) == 1, timeout=10)
         assert wait_for(lambda: [r["state"] for m in rows(source_policy) for r in m["recipients"]]
-                        == ["delivered", "pending", "pending"], timeout=10)
+                        == ["delivered", "held", "held"], timeout=10)
 
         export = tmp_path / "queue.tar"
         done = cli(source_policy, "export", "--move", str(export))
