@@ -1,7 +1,8 @@
 """Dovecot's userdb as the local users: unknown ones refused at RCPT, known ones delivered.
 
 Hooks: ``gateway_startup`` (refuses a policy that cannot work; checks that Dovecot
-answers, a WARNING if not, start-up goes on), ``gateway_rcpt`` and ``gateway_route``.
+answers, for at most 3 s, a WARNING if not, start-up goes on), ``gateway_probe`` (the
+same check for ``gateway check --probe``), ``gateway_rcpt`` and ``gateway_route``.
 
 For a recipient in one of ``domains`` (default: ``[local] domains``), the plugin asks
 Dovecot's ``auth-userdb`` listener at ``address`` (a Unix socket path, or
@@ -55,9 +56,10 @@ from gateway.hooks import hookimpl
 from gateway.logs import short
 from gateway.model import QueuedRecipient, Recipient
 from gateway.policy import Duration, setting
+from gateway.probe import Probes
 from gateway.verdicts import Reply, TemporaryFailure, Verdict
 from plugins._dnslist import RecordCache
-from plugins._dovecot import DovecotError, lookup_user, start_up
+from plugins._dovecot import DovecotError, add_probe, lookup_user, start_up
 
 __all__ = ["Plugin", "Settings", "candidates", "mail_location"]
 
@@ -176,6 +178,10 @@ class Plugin:
         self._cache = RecordCache(settings.cache_size)
         # A policy that cannot work stops start-up; a Dovecot that does not answer yet does not.
         await start_up(gateway, NAME, settings, log, master=True, request="RCPT")
+
+    @hookimpl
+    async def gateway_probe(self, settings: Settings, probes: Probes) -> None:
+        await add_probe(probes, NAME, settings, master=True)
 
     async def _lookup(self, name: str, settings: Settings) -> dict[str, str] | None:
         """The user's fields delivery uses (:data:`_KEPT`), or ``None`` when unknown."""

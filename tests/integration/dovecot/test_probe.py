@@ -21,6 +21,9 @@ name = "auth_dovecot"
 address = "{dovecot.auth_socket}"
 [[plugins]]
 name = "auth_users_file"
+[[plugins]]
+name = "rcpt_dovecot_users"
+address = "{dovecot.userdb_socket}"
 [[overrides]]
 match = {{ listener = "smtp" }}
 [overrides.plugins.auth_dovecot]
@@ -32,6 +35,8 @@ address = "{closed}"
     line = found[f"Dovecot auth at {dovecot.auth_socket}"]
     assert line.startswith("reachable") and "PLAIN" in line
     assert found[f"Dovecot auth at {closed}"].startswith("UNREACHABLE")
+    line = found[f"Dovecot auth-userdb at {dovecot.userdb_socket}"]
+    assert line.startswith("reachable") and "(rcpt_dovecot_users)" in line
 
 
 def test_start_up_warns_what_a_missing_dovecot_means(gateway_factory, caplog) -> None:
