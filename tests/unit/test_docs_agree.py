@@ -45,8 +45,8 @@ def unknown_options(command: str) -> list[str]:
             break
         parsers = chosen
         words.pop(0)
-    if len(parsers) == 1 and not _subcommands(parsers[0]) and parsers[0].prog == "gateway":
-        return []  # prose ("the gateway starts ...")
+    if len(parsers) == 1 and parsers[0].prog == "gateway":
+        return []  # prose ("the gateway starts ..."), a line that names no command
     known = {option for parser in parsers for action in parser._actions for option in action.option_strings}
     return [option for option in _OPTION.findall(" ".join(words)) if option not in known]
 
