@@ -115,6 +115,26 @@ def test_default_maildir_creates_home(mail_root: Path, caplog: pytest.LogCapture
     assert "secret body text" not in caplog.text
 
 
+@pytest.mark.parametrize("mailbox", ["maildir", "mbox"])
+def test_default_mailbox_is_one_thread_hand_over(mail_root: Path, mailbox: str) -> None:
+    """The home, the .qmail lookup and the default mailbox go to the pool as one call:
+    each hand-over waits for a pool thread and then for the event loop (issue #16)."""
+    calls: list[str] = []
+
+    async def run_in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(getattr(fn, "__name__", repr(fn)))
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    envelope = Envelope(sender=SENDER, recipients=[QueuedRecipient(f"alice@{DOMAIN}")])
+    agent = LocalDeliveryAgent(
+        _policy(mail_root, mailbox=mailbox), hostname="mx.test", forward=Forwards(), run_in_thread=run_in_thread
+    )
+    route = LocalRoute(user="alice", extension="", domain=DOMAIN)
+    outcome = asyncio.run(agent.deliver(envelope, f"alice@{DOMAIN}", route, MESSAGE))
+    assert outcome.status == "delivered"
+    assert len(calls) == 1, calls
+
+
 def test_default_mbox(mail_root: Path) -> None:
     outcome = _deliver(_policy(mail_root, mailbox="mbox"))
     assert outcome.status == "delivered"

@@ -350,45 +350,24 @@ class LocalDeliveryAgent:
         target = self._target(recipient, route)
         if _has_delivered_to(message, recipient):
             return Outcome("failed", LOOP_REPLY)
-        account = route.account
-        if account is not None:
-            await self._thread(_ensure_account_home, target.home, account.uid, account.gid)
-        elif target.assign is None or target.assign.home == Path():
-            await self._thread(_ensure_home, target.home)
         when = time.time()
         dtline = _header_line("Delivered-To", recipient).replace("\n", "\r\n").encode()
         rpline = _header_line("Return-Path", f"<{envelope.sender}>").replace("\n", "\r\n").encode()
         forwarded = dtline + message
         delivered = rpline + forwarded
-        confine = await self._thread(self._confinement, target)
         limit = settings.quota.limit_for(target.user, target.domain)
         quota = Quota(limit.storage, limit.messages) if limit is not None else None
-
-        dotqmail: DotQmail | None = None
-        if settings.dot_files:
-            try:
-                dotqmail = await self._thread(
-                    load_dotqmail, target.home, route.extension,
-                    delimiter=settings.extension_delimiter,
-                )
-            except PermanentFailure as exc:
-                if account is None or exc.reply is not NO_MAILBOX:
-                    raise
-                # A directory's user-ext was accepted at RCPT (as Dovecot's own
-                # recipient_delimiter does): no file for the extension, the user's own.
-                dotqmail = await self._thread(load_dotqmail, target.home, "")
-        if dotqmail is None or not dotqmail.instructions:
-            default = Instruction("maildir", "./Maildir/", 0, target.home / "Maildir")
-            if account is not None and account.maildir is not None:
-                default = Instruction("maildir", f"{account.maildir}/", 0, account.maildir)
-                confine = await self._thread(_make_parents, account, target.home, confine)
-            elif settings.mailbox == "mbox":
-                default = Instruction("mbox", "./mbox", 0, target.home / "mbox")
-            await self._mailbox(
-                default, delivered, envelope.sender, when, confine, self._name(envelope, delivery_id, 0), quota
-            )
-            where.append(default.value)
+        # The home, the instruction file and, without one, the default mailbox: one
+        # hand-over to a pool thread for what most deliveries are (each hand-over waits
+        # for a pool thread and then for the event loop).
+        dotqmail, confine, default = await self._thread(
+            self._prepare, target, route, delivered, envelope.sender, when,
+            self._name(envelope, delivery_id, 0), quota,
+        )
+        if default is not None:
+            where.append(default)
             return self._success(where)
+        assert dotqmail is not None
 
         forwards: list[str] = []
         env = program_environment(
@@ -445,24 +424,69 @@ class LocalDeliveryAgent:
         name: str | None,
         quota: Quota | None = None,
     ) -> None:
+        await self._thread(self._mailbox_now, instruction, message, sender, when, confine, name, quota)
+
+    def _mailbox_now(
+        self,
+        instruction: Instruction,
+        message: bytes,
+        sender: str,
+        when: float,
+        confine: Confinement | None,
+        name: str | None,
+        quota: Quota | None = None,
+    ) -> None:
+        """Deliver to one mailbox. Synchronous: run it in a thread."""
         assert instruction.path is not None
         if instruction.kind == "maildir" and quota is not None:
             # Maildir++ quota (docs/local-delivery.md): checked and counted in maildirsize.
-            await self._thread(
-                deliver_with_quota, instruction.path, [message], quota=quota,
+            deliver_with_quota(
+                instruction.path, [message], quota=quota,
                 bounce=self._policy.local.quota.over_quota == "bounce",
                 hostname=self._hostname, confine=confine, name=name,
             )
         elif instruction.kind == "maildir":
-            await self._thread(
-                deliver_maildir, instruction.path, [message],
-                hostname=self._hostname, confine=confine, name=name,
-            )
+            deliver_maildir(instruction.path, [message], hostname=self._hostname, confine=confine, name=name)
         else:
-            await self._thread(
-                deliver_mbox, instruction.path, message,
-                sender=sender, when=when, confine=confine,
-            )
+            deliver_mbox(instruction.path, message, sender=sender, when=when, confine=confine)
+
+    def _prepare(
+        self, target: _Target, route: LocalRoute, delivered: bytes, sender: str, when: float,
+        name: str | None, quota: Quota | None,
+    ) -> tuple[DotQmail | None, Confinement | None, str | None]:
+        """In a pool thread: make the home, find who files are written for and the
+        instruction file, and without instructions deliver to the default mailbox.
+
+        :returns: the instruction file (None without one), the confinement, and the
+            default mailbox as written (``./Maildir/``) once delivered there, else None
+        """
+        settings = self._policy.local
+        account = route.account
+        if account is not None:
+            _ensure_account_home(target.home, account.uid, account.gid)
+        elif target.assign is None or target.assign.home == Path():
+            _ensure_home(target.home)
+        confine = self._confinement(target)
+        dotqmail: DotQmail | None = None
+        if settings.dot_files:
+            try:
+                dotqmail = load_dotqmail(target.home, route.extension, delimiter=settings.extension_delimiter)
+            except PermanentFailure as exc:
+                if account is None or exc.reply is not NO_MAILBOX:
+                    raise
+                # A directory's user-ext was accepted at RCPT (as Dovecot's own
+                # recipient_delimiter does): no file for the extension, the user's own.
+                dotqmail = load_dotqmail(target.home, "")
+        if dotqmail is not None and dotqmail.instructions:
+            return dotqmail, confine, None
+        default = Instruction("maildir", "./Maildir/", 0, target.home / "Maildir")
+        if account is not None and account.maildir is not None:
+            default = Instruction("maildir", f"{account.maildir}/", 0, account.maildir)
+            confine = _make_parents(account, target.home, confine)
+        elif settings.mailbox == "mbox":
+            default = Instruction("mbox", "./mbox", 0, target.home / "mbox")
+        self._mailbox_now(default, delivered, sender, when, confine, name, quota)
+        return dotqmail, confine, default.value
 
     def _confinement(self, target: _Target) -> Confinement | None:
         """Who mailbox files are written for, when root: the assign uid or the home's owner."""
