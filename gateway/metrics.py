@@ -45,6 +45,9 @@ class Counters:
     quarantined: int = 0
     refused: dict[tuple[str, str], int] = field(default_factory=dict)
     deliveries: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: authentication verdicts by (method, result), bumped by plugins through
+    #: :func:`gateway.authres.count` (ARC verdicts, DMARC overrides by a trusted ARC sealer)
+    auth_results: dict[tuple[str, str], int] = field(default_factory=dict)
     #: damaged queue files moved to ``corrupt/``; the queue store counts them
     #: (``QueueStore.moved_aside``), and :func:`own_counts` adds them in when reporting
     corrupt: int = 0
@@ -115,6 +118,13 @@ class GatewayCollector:
         for (status, kind), count in sorted(counters.deliveries.items()):
             deliveries.add_metric([status, kind], count)
         yield deliveries
+        auth = CounterMetricFamily(
+            "gateway_auth_results", "authentication verdicts plugins counted, by method and result",
+            labels=["method", "result"],
+        )
+        for (method, result), count in sorted(counters.auth_results.items()):
+            auth.add_metric([method, result], count)
+        yield auth
         size, oldest = self._queue_shape()
         yield GaugeMetricFamily("gateway_queue_messages", "messages in the queue", value=size)
         yield GaugeMetricFamily("gateway_queue_oldest_seconds", "age of the oldest queued message", value=oldest)

@@ -17,6 +17,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "connect_limits",
     "data_clamav",
     "data_dkim_verify",
+    "data_arc_verify",
     "data_dmarc",
     "data_rspamd",
     "data_spamd",
@@ -35,6 +36,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "queue_authentication_results",
     "queue_footer",
     "queue_dkim_sign",
+    "queue_arc_seal",
     "queue_received_header",
     "queue_archive",
 )

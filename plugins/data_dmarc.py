@@ -20,6 +20,16 @@ runs at MAIL FROM): it reads their results from :mod:`gateway.authres`.
    ``reject_action`` and ``quarantine_action`` (reject with 550 5.7.1, quarantine,
    add ``score`` to the transaction's results, or only annotate).
 
+5. A failing message passes after all when ``data_arc_verify`` (before this plugin)
+   found ``arc=pass`` and a sealer listed in ``trusted_arc_sealers`` vouches for it
+   (RFC 7489 §6.7 local policy, RFC 8617 §7.2.1): walking the chain from its newest set
+   down through trusted sealers only, one of them reported in its
+   ARC-Authentication-Results a ``dmarc=pass`` for this author domain or an aligned
+   ``dkim=pass`` / ``spf=pass``. A forwarder or mailing list that added a footer breaks
+   the author's signature; the sealer it trusts saw it intact. The result is
+   ``dmarc=pass`` with a ``reason=`` naming the sealer, logged as an ARC override and
+   counted in ``gateway_auth_results_total{method="dmarc",result="arc_override"}``.
+
 Records ``dmarc=<result>`` (pass, fail, none, temperror, permerror) with ``header.from``
 and ``policy.dmarc`` (the policy in force: ``p`` or ``sp``), and stashes a
 :class:`DmarcResult` under :data:`DMARC_RESULT`. A DNS failure looking up the record, or
@@ -29,7 +39,7 @@ a temporary SPF/DKIM error on an aligned identifier when nothing passed, gives
 Settings: ``reject_action`` (default ``reject``), ``quarantine_action`` (default
 ``quarantine``), ``score`` (default 5.0), ``bad_from_action`` (default ``reject``),
 ``on_dns_error`` (default ``tempfail``), ``public_suffixes`` (default none),
-``check_outbound`` (default false: mail from relay clients and authenticated users is
+``trusted_arc_sealers`` (default none: ARC never overrides), ``check_outbound`` (default false: mail from relay clients and authenticated users is
 not checked; it is signed later, at the queue stage).
 """
 
@@ -40,7 +50,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gateway.authres import AuthResult, add_result, results
+from gateway.authres import AuthResult, add_result, count, results
 from gateway.context import Gateway
 from gateway.dns import DnsTemporaryError
 from gateway.hooks import hookimpl
@@ -48,6 +58,7 @@ from gateway.model import Message, Session, StashKey, Transaction
 from gateway.verdicts import Reply, Verdict
 from plugins._dmarc_record import DmarcRecord, discover_record
 from plugins._mailauth import author_domain, is_aligned
+from plugins.data_arc_verify import ARC_RESULT
 
 __all__ = ["DMARC_RESULT", "DmarcResult", "Settings"]
 
@@ -84,6 +95,9 @@ class Settings:
     check_outbound: bool = field(
         default=False, metadata={"doc": "also check mail from relay clients and authenticated users"}
     )
+    trusted_arc_sealers: tuple[str, ...] = field(
+        default=(), metadata={"doc": "ARC sealing domains whose arc=pass can override a DMARC failure"}
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +109,7 @@ class DmarcResult:
     :param policy: the policy in force (``p`` or ``sp``), "" without a record
     :param enacted: what was asked of us after ``pct``: none, quarantine or reject
     :param reason: why, for the header and the logs
+    :param arc_sealer: the trusted ARC sealer whose chain turned a failure into a pass
     """
 
     result: str
@@ -102,6 +117,7 @@ class DmarcResult:
     policy: str = ""
     enacted: str = "none"
     reason: str = ""
+    arc_sealer: str = ""
 
 
 DMARC_RESULT = StashKey[DmarcResult]("data_dmarc.result")
@@ -141,6 +157,44 @@ def evaluate(
     return "fail", "no aligned SPF or DKIM pass"
 
 
+def _attests(found: tuple[AuthResult, ...], author: str, record: DmarcRecord, suffixes: tuple[str, ...]) -> str:
+    """What, in one sealer's ARC-Authentication-Results, authenticates ``author``."""
+    # The sealer's own DMARC verdict first: it names what it saw most directly.
+    for result in sorted(found, key=lambda r: r.method != "dmarc"):
+        if result.result != "pass":
+            continue
+        if result.method == "dmarc" and (result.prop("header.from") or "").lower().rstrip(".") == author:
+            return f"dmarc=pass header.from={author}"
+        mode = record.aspf if result.method == "spf" else record.adkim if result.method == "dkim" else None
+        domain = _identifier_domain(result) if mode else None
+        if mode and domain and is_aligned(domain, author, mode, suffixes):
+            return f"{result.method}=pass ({domain})"
+    return ""
+
+
+def arc_override(txn: Transaction, author: str, record: DmarcRecord, settings: Settings) -> tuple[str, str]:
+    """The trusted sealer that vouches for a message failing DMARC, and what it saw.
+
+    RFC 8617 §7.2.1: a receiver may use a valid chain to override DMARC by local
+    policy. Only sets of trusted sealers count, and only from the newest set down to the
+    first untrusted one: a set below an untrusted sealer vouches for a message that
+    sealer may have changed since.
+
+    :returns: (sealer, reason), or ("", "") when nothing overrides the failure
+    """
+    verdict = txn.stash.get(ARC_RESULT)
+    if not settings.trusted_arc_sealers or verdict is None or verdict.result != "pass":
+        return "", ""
+    trusted = {name.lower().rstrip(".") for name in settings.trusted_arc_sealers}
+    for arc_set in reversed(verdict.sets):
+        if arc_set.sealer not in trusted:
+            break
+        seen = _attests(arc_set.results, author, record, settings.public_suffixes)
+        if seen:
+            return arc_set.sealer, f"ARC override: trusted sealer {arc_set.sealer} (i={arc_set.instance}) saw {seen}"
+    return "", ""
+
+
 def _act(action: str, txn: Transaction, settings: Settings, reason: str, reply: Reply) -> Verdict | None:
     if action == "reject":
         return Verdict.reject(reply, reason=reason)
@@ -157,8 +211,9 @@ def _record(txn: Transaction, outcome: DmarcResult) -> None:
         props.append(("header.from", outcome.domain))
     if outcome.policy:
         props.append(("policy.dmarc", outcome.policy))
-    # A pass needs no explanation in the header; the log line names the aligned identifier.
-    reason = "" if outcome.result == "pass" else outcome.reason
+    # A pass needs no explanation in the header (the log line names the aligned
+    # identifier), except when a trusted ARC sealer made it one.
+    reason = "" if outcome.result == "pass" and not outcome.arc_sealer else outcome.reason
     add_result(txn, AuthResult("dmarc", outcome.result, reason, tuple(props)))
     txn.stash[DMARC_RESULT] = outcome
 
@@ -195,6 +250,13 @@ async def gateway_data(
         log.info("txn=%s dmarc=%s from=%s: %s", txn.id, result, author, reason)
         if result == "temperror" and settings.on_dns_error == "tempfail":
             return Verdict.tempfail(REPLY_DNS, reason=f"DMARC {author}: {reason}")
+        return None
+
+    sealer, why = arc_override(txn, author, record, settings)
+    if sealer:
+        _record(txn, DmarcResult("pass", author, policy, reason=why, arc_sealer=sealer))
+        count(gateway.counters, "dmarc", "arc_override")
+        log.info("txn=%s dmarc=pass from=%s policy=%s: %s (DMARC failed: %s)", txn.id, author, policy, why, reason)
         return None
 
     # RFC 7489 §6.6.4: enact the policy on no more than pct percent of failing mail.

@@ -17,7 +17,9 @@ in a ``<div>``) to its ``text/html`` body, before ``</body>`` when there is one:
 
 It never adds the footer twice: a message that already has the ``marker_header`` field
 is passed on unchanged, and so is a part that already contains the footer text. The
-field (``X-Footer-Added: <our hostname>``) is added whenever the footer was.
+field (``X-Footer-Added: <our hostname>``) is added whenever the footer was, and the
+change is noted with :func:`gateway.authres.note_change` (``"footer"``), which is what
+``queue_arc_seal`` (after this plugin) seals by default.
 
 **Order.** List it before ``queue_dkim_sign``: the signature must cover the body with
 the footer, or every receiver sees a broken signature (start-up refuses the other order). A gateway that must pass on
@@ -35,6 +37,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
+from gateway.authres import note_change
 from gateway.context import Gateway
 from gateway.hooks import hookimpl
 from gateway.model import Message, Session, Transaction
@@ -114,5 +117,6 @@ async def gateway_queue(
         message.prepend_header(change.name, change.value)
     message.replace_body(result.body)
     message.prepend_header(settings.marker_header, gateway.hostname)
+    note_change(txn, "footer")
     log.info("txn=%s footer added to %s", txn.id, ",".join(result.parts))
     return None
