@@ -2,7 +2,8 @@
 
 Hooks: ``gateway_startup`` (loads the key in the thread pool; a missing, unreadable or
 too small key, or a chain that lists ``queue_footer`` after this plugin, stops start-up
-or refuses the reload) and ``gateway_queue`` (seals).
+or refuses the reload), ``gateway_queue`` (seals mail as it is queued) and
+``gateway_deliver`` (seals forwards as they leave).
 
 A footer breaks the author's DKIM signature; the next hop can still see that the
 message was authentic when it reached us if we add an ARC set: an
@@ -19,6 +20,18 @@ content a plugin changed (``queue_footer`` notes its footer with
 chain but no ``arc=`` result (``data_arc_verify`` not in the chain, or skipped for a
 relay client) is not sealed: the chain cannot be continued without knowing its status.
 A chain at 50 sets is not sealed either (RFC 8617 §4.2.1). Both are logged.
+
+**Forwards** (``seal_forwards``, default true). Mail a local recipient's alias,
+``.forward`` or ``.qmail`` ``&address`` line sends on to another domain leaves through
+delivery, not the queue stage; ``gateway_deliver`` seals it on each attempt to a
+recipient outside ``[local] domains`` that is such a forward: an expanded alias or
+``.forward`` target (its ORCPT names another address, in one of our domains) or a
+``.qmail`` forward (queued by the gateway itself, not the null sender, with our
+``Delivered-To`` line). The ARC-Authentication-Results then copies the
+``Authentication-Results`` field of ours that the message got when it was received
+(``queue_authentication_results`` must be in the chain: without it nothing is sealed),
+and its ``arc=`` result gives ``cv=``. A message we sealed already when it was queued
+(a footer) is not sealed a second time: our first seal covers it.
 
 The key is a DKIM key (RSA: ARC signs with rsa-sha256): the same ``key_file`` and
 ``selector`` as a ``queue_dkim_sign`` entry serve, its ``<selector>._domainkey.<domain>``
@@ -45,7 +58,7 @@ import dkim
 from gateway.authres import AuthResult, changes, render, results
 from gateway.context import Gateway
 from gateway.hooks import hookimpl
-from gateway.model import Message, Session, Transaction
+from gateway.model import Envelope, Message, QueuedRecipient, Session, Transaction
 from plugins._arc_sync import seal_in_thread
 from plugins._dkim_sync import load_key_in_thread
 from plugins.queue_authentication_results import HEADER, authserv_id_of
@@ -73,6 +86,9 @@ class Settings:
         default=DEFAULT_HEADERS,
         metadata={"doc": "header fields the ARC-Message-Signature covers when present"},
     )
+    seal_forwards: bool = field(
+        default=True, metadata={"doc": "seal mail aliases, .forward and .qmail send on to other domains"}
+    )
 
 
 def check_order(names: list[str]) -> None:
@@ -95,6 +111,28 @@ def _check_settings(settings: Settings) -> None:
         raise ValueError(f"queue_arc_seal: headers must not include {forbidden}")
     if settings.domain and (not settings.selector or settings.key_file is None):
         raise ValueError("queue_arc_seal: domain needs a selector and a key_file")
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower().rstrip(".")
+
+
+def is_forward(envelope: Envelope, rcpt: QueuedRecipient, message: Message, local_domains: set[str]) -> bool:
+    """Whether delivering ``rcpt`` forwards the message to another domain.
+
+    :param envelope: the queued envelope
+    :param rcpt: a recipient of this attempt
+    :param message: the message as queued
+    :param local_domains: ``[local] domains``, lower case
+    """
+    if _domain(rcpt.address) in local_domains:
+        return False
+    # An alias or .forward target: the expansion names the alias as ORCPT (RFC 3461).
+    orcpt = (rcpt.orcpt or "").partition(";")[2]
+    if orcpt and orcpt.lower() != rcpt.address.lower() and _domain(orcpt) in local_domains:
+        return True
+    # A .qmail forward: queued anew by local delivery, with its Delivered-To line on top.
+    return not envelope.client_ip and bool(envelope.sender) and bool(message.header_values("Delivered-To"))
 
 
 def _message_to_seal(message: Message, ours: str, found: list[AuthResult]) -> bytes:
@@ -170,9 +208,46 @@ class Plugin:
         cv = next((r.result for r in found if r.method == "arc"), "none")
         log.info(
             "txn=%s sealed d=%s s=%s cv=%s (%s)", txn.id, settings.domain, settings.selector,
-            "none" if cv == "none" else cv, ",".join(changed) or "always",
+            cv, ",".join(changed) or "always",
         )
         return None
+
+    @hookimpl
+    async def gateway_deliver(
+        self, envelope: Envelope, recipients: list[QueuedRecipient], message: Message, gateway: Gateway,
+        settings: Settings,
+    ) -> None:
+        if not settings.seal_forwards or not settings.domain or settings.key_file is None:
+            return None
+        local_domains = {d.lower() for d in gateway.policy.local.domains}
+        forwards = [r.address for r in recipients if is_forward(envelope, r, message, local_domains)]
+        if not forwards:
+            return None
+        ours = settings.authserv_id or gateway.hostname or gateway.policy.server.effective_hostname()
+        key = await self._key(gateway, Path(settings.key_file))
+        headers = tuple(h.lower() for h in settings.headers)
+        try:
+            made = await gateway.run_in_thread(
+                _seal_forward_in_thread, message, ours, settings.domain, settings.selector, key, headers
+            )
+        except dkim.DKIMException as exc:
+            log.warning("forward to=%s not sealed: %s", ",".join(forwards)[:200], str(exc)[:200])
+            return None
+        if not made:
+            # No Authentication-Results of ours, or our own seal from the queue stage is there.
+            log.info("forward to=%s not sealed: no results of %s to seal, or sealed already", ",".join(forwards)[:200], ours)
+            return None
+        for name, value in reversed(made):
+            message.prepend_header(name, value)
+        log.info("forward to=%s sealed d=%s s=%s", ",".join(forwards)[:200], settings.domain, settings.selector)
+        return None
+
+
+def _seal_forward_in_thread(
+    message: Message, ours: str, domain: str, selector: str, key: bytes, headers: tuple[str, ...]
+) -> list[tuple[str, str]]:
+    # The Authentication-Results we wrote at reception is in the message: dkimpy reads it.
+    return seal_in_thread(message.as_bytes(), domain, selector, key, ours, headers)
 
 
 def _seal_in_thread(

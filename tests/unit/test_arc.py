@@ -111,3 +111,26 @@ def test_a_trusted_set_below_an_untrusted_sealer_does_not_count() -> None:
     assert arc_override(_txn(*chain), "example.org", RECORD, trusted) == ("", "")
     chain = (_set(1, "fwd.example", DMARC_PASS), _set(2, "list.example"))
     assert arc_override(_txn(*chain), "example.org", RECORD, trusted)[0] == "fwd.example"
+
+
+def test_what_counts_as_a_forward_to_another_domain() -> None:
+    from gateway.model import Envelope, Message, QueuedRecipient
+    from plugins.queue_arc_seal import is_forward
+
+    local = {"a.example"}
+    plain = Message(b"Subject: x\r\n\r\nbody\r\n")
+    delivered = Message(b"Delivered-To: joe@a.example\r\nSubject: x\r\n\r\nbody\r\n")
+    received = Envelope("s@x.example", [], client_ip="192.0.2.1")
+    generated = Envelope("s@x.example", [], client_ip="")
+    alias_target = QueuedRecipient("bob@b.example", orcpt="rfc822;fwd@a.example")
+    # an alias or .forward target in another domain
+    assert is_forward(received, alias_target, plain, local)
+    # ... but not one in our own domains, nor a recipient the client named itself
+    assert not is_forward(received, QueuedRecipient("bob@a.example", orcpt="rfc822;fwd@a.example"), plain, local)
+    assert not is_forward(received, QueuedRecipient("bob@b.example"), plain, local)
+    assert not is_forward(received, QueuedRecipient("bob@b.example", orcpt="rfc822;bob@b.example"), plain, local)
+    # a .qmail forward: queued by us, with our Delivered-To; never a bounce (null sender)
+    assert is_forward(generated, QueuedRecipient("bob@b.example"), delivered, local)
+    assert not is_forward(generated, QueuedRecipient("bob@b.example"), plain, local)
+    assert not is_forward(Envelope("", [], client_ip=""), QueuedRecipient("bob@b.example"), delivered, local)
+    assert not is_forward(received, QueuedRecipient("bob@b.example"), delivered, local)

@@ -40,7 +40,7 @@ def auth_counts(gw) -> dict[tuple[str, str], float]:
     return {(s.labels["method"], s.labels["result"]): s.value for s in families["gateway_auth_results"]}
 
 
-def forwarder_policy(world, b_port: int, *, seal: str = "") -> str:
+def forwarder_policy(world, b_port: int, *, seal: str = "", local: str = "") -> str:
     """Gateway A: verifies, adds a footer to inbound mail, seals, relays to B."""
     return f"""
 [server]
@@ -51,7 +51,8 @@ address = "127.0.0.1"
 tls = "none"
 [local]
 domains = ["a.test.example"]
-users = ["postmaster", "bounce"]
+users = ["postmaster", "bounce", "joe"]
+{local}
 [relay]
 domains = ["local.example"]
 [delivery]
@@ -161,6 +162,31 @@ def test_mail_the_forwarder_does_not_change_is_not_sealed(gateway_factory, dkim_
     assert header_values(raw, "ARC-Seal") == []
     results = auth_results(raw)
     assert "arc=none" in results and "dkim=pass" in results and "dmarc=pass header.from" in results
+
+
+def test_forwards_to_another_domain_are_sealed_as_they_leave(gateway_factory, dkim_world, tmp_path) -> None:
+    """An alias and a .qmail '&address' line at A forward to B: A seals each copy at delivery."""
+    aliases = tmp_path / "aliases"
+    aliases.write_text("fwd: alice@local.example\n")
+    b = gateway_factory(receiver_policy(dkim_world, trusted=False), specs=ARC_SPECS)
+    text = forwarder_policy(dkim_world, b.port, local=f'aliases = "{aliases}"')
+    a = gateway_factory(text.replace('text = "-- \\nForwarded by A."', 'text = ""'), specs=ARC_SPECS)
+    home = Path(a.policy.local.mail_root) / "joe"
+    home.mkdir(parents=True)
+    (home / ".qmail").write_text("&alice@local.example\n")
+    for rcpt in ("fwd@a.test.example", "joe@a.test.example"):
+        message = signed_message(dkim_world, f"forward via {rcpt}")
+        assert send(a.port, "bounce@elsewhere.example", message, rcpt=rcpt)[0] == 250
+    assert wait_for(lambda: len(b.queue_ids()) == 2, timeout=20)
+    for qid in b.queue_ids():
+        raw = b.queue.read_message(qid)
+        (seal,) = header_values(raw, "ARC-Seal")
+        assert "i=1;" in seal and "cv=none" in seal and "d=out.example" in seal
+        (aar,) = header_values(raw, "ARC-Authentication-Results")
+        assert aar.startswith(f"i=1; {A_ID}") and "dkim=pass header.d=reject.example" in aar
+        assert "arc=pass (i=1 d=out.example s=rsa1)" in auth_results(raw)
+        cv, _, why = dkim.arc_verify(raw, dnsfunc=dkim_world.dnsfunc)
+        assert cv == dkim.CV_Pass, why
 
 
 # -- crafted chains sent straight to B ---------------------------------------------------
