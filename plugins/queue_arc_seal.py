@@ -8,7 +8,8 @@ or refuses the reload), ``gateway_queue`` (seals mail as it is queued) and
 A footer breaks the author's DKIM signature; the next hop can still see that the
 message was authentic when it reached us if we add an ARC set: an
 ``ARC-Authentication-Results`` (``i=N``, our authserv-id and every result the plugins
-recorded: spf, dkim, arc, dmarc), an ``ARC-Message-Signature`` over the message as it
+recorded: spf, dkim, arc, dmarc; ``arc=none`` when no plugin looked at a message
+without a chain), an ``ARC-Message-Signature`` over the message as it
 leaves (its body with the footer, and the fields of ``headers`` present) and an
 ``ARC-Seal`` over the chain, with ``cv=`` from ``data_arc_verify``'s verdict (``none``
 for the first set). Receivers that trust our domain as a sealer can then accept the
@@ -64,7 +65,7 @@ from plugins._dkim_sync import load_key_in_thread
 from plugins.queue_authentication_results import HEADER, authserv_id_of
 from plugins.queue_dkim_sign import DEFAULT_HEADERS
 
-__all__ = ["Plugin", "Settings", "check_order"]
+__all__ = ["Plugin", "Settings", "check_order", "is_forward", "results_to_seal"]
 
 log = logging.getLogger("plugins.queue_arc_seal")
 
@@ -111,6 +112,21 @@ def _check_settings(settings: Settings) -> None:
         raise ValueError(f"queue_arc_seal: headers must not include {forbidden}")
     if settings.domain and (not settings.selector or settings.key_file is None):
         raise ValueError("queue_arc_seal: domain needs a selector and a key_file")
+
+
+def results_to_seal(found: list[AuthResult], has_chain: bool) -> list[AuthResult] | None:
+    """The results our ARC-Authentication-Results reports, or ``None`` if we cannot seal.
+
+    The ``arc=`` result gives the seal's ``cv=``. Without one, a message with no chain
+    gets ``arc=none`` (true, and the AAR is never an empty payload, which RFC 8601's
+    syntax does not allow); a message with a chain whose status we do not know cannot
+    be sealed.
+    """
+    if any(r.method == "arc" for r in found):
+        return found
+    if has_chain:
+        return None
+    return [*found, AuthResult("arc", "none")]
 
 
 def _domain(address: str) -> str:
@@ -184,8 +200,8 @@ class Plugin:
         changed = changes(txn)
         if settings.when == "changed" and not changed:
             return None
-        found = results(txn)
-        if message.header_values("ARC-Seal") and not any(r.method == "arc" for r in found):
+        found = results_to_seal(results(txn), has_chain=bool(message.header_values("ARC-Seal")))
+        if found is None:
             log.info("txn=%s not sealed: the incoming ARC chain was not verified (no arc= result)", txn.id)
             return None
         ours = settings.authserv_id or gateway.hostname or gateway.policy.server.effective_hostname()

@@ -134,3 +134,16 @@ def test_what_counts_as_a_forward_to_another_domain() -> None:
     assert not is_forward(generated, QueuedRecipient("bob@b.example"), plain, local)
     assert not is_forward(Envelope("", [], client_ip=""), QueuedRecipient("bob@b.example"), delivered, local)
     assert not is_forward(received, QueuedRecipient("bob@b.example"), delivered, local)
+
+
+def test_what_a_seal_reports() -> None:
+    from plugins.queue_arc_seal import results_to_seal
+
+    spf = AuthResult("spf", "pass", "", (("smtp.mailfrom", "a@example.org"),))
+    arc = AuthResult("arc", "pass", comment="i=1 d=fwd.example s=s1")
+    assert results_to_seal([spf, arc], has_chain=True) == [spf, arc]
+    # no chain: arc=none, also when nothing else was checked (outbound mail sealed always)
+    assert results_to_seal([], has_chain=False) == [AuthResult("arc", "none")]
+    assert results_to_seal([spf], has_chain=False) == [spf, AuthResult("arc", "none")]
+    # a chain nobody verified cannot be continued
+    assert results_to_seal([spf], has_chain=True) is None

@@ -189,6 +189,19 @@ def test_forwards_to_another_domain_are_sealed_as_they_leave(gateway_factory, dk
         assert cv == dkim.CV_Pass, why
 
 
+def test_always_seals_outbound_mail_too(gateway_factory, dkim_world) -> None:
+    """when = "always": our own users' mail, which no check looked at, is sealed with arc=none."""
+    seal = f'[[plugins]]\nname = "queue_arc_seal"\ndomain = "out.example"\nselector = "rsa1"\nkey_file = "{dkim_world.out_rsa}"\nwhen = "always"\n'
+    marker = '[[plugins]]\nname = "queue_received_header"'
+    gw = gateway_factory(policy(dkim_world, relay_client=True).replace(marker, seal + marker), specs=ARC_SPECS)
+    assert send(gw.port, "alice@out.example", make_message("alice@out.example", "outbound"), rcpt="bob@remote.example")[0] == 250
+    (qid,) = gw.queue_ids()
+    raw = gw.queue.read_message(qid)
+    assert header_values(raw, "ARC-Authentication-Results") == [f"i=1; {AUTHSERV_ID}; arc=none"]
+    assert dkim.arc_verify(raw, dnsfunc=dkim_world.dnsfunc)[0] == dkim.CV_Pass
+    assert dkim.verify(raw, dnsfunc=dkim_world.dnsfunc)  # queue_dkim_sign's signature, beside the seal
+
+
 # -- crafted chains sent straight to B ---------------------------------------------------
 
 
