@@ -35,7 +35,7 @@ from gateway.context import Gateway
 from gateway.dns import DnsTemporaryError
 from gateway.hooks import hookimpl
 from gateway.model import Message, Session, StashKey, Transaction
-from plugins._arc_sync import ArcSet, read_chain_in_thread, verify_chain_in_thread
+from plugins._arc_sync import ArcChain, ArcSet, read_chain_in_thread, verify_chain_in_thread
 from plugins._mailauth import fetch_txt
 
 __all__ = ["ARC_RESULT", "ArcVerdict", "Settings"]
@@ -76,6 +76,8 @@ class ArcVerdict:
 
 ARC_RESULT = StashKey[ArcVerdict]("data_arc_verify.result")
 
+_ARC_FIELDS = frozenset({"arc-seal", "arc-message-signature", "arc-authentication-results"})
+
 
 async def _fetch_records(gateway: Gateway, names: frozenset[str]) -> dict[str, bytes | None] | str:
     """Every key record at once; a temporary failure answers the reason instead."""
@@ -112,7 +114,10 @@ async def gateway_data(
     if not settings.check_outbound and (session.is_relay_client or session.is_authenticated):
         return None
     raw = message.raw
-    chain = await gateway.run_in_thread(read_chain_in_thread, raw)
+    if not _ARC_FIELDS.intersection(message.header_names()):
+        chain = ArcChain()  # the common case: no thread hop for a message without ARC fields
+    else:
+        chain = await gateway.run_in_thread(read_chain_in_thread, raw)
     if chain.error:
         verdict = ArcVerdict("fail", chain.error)
     elif not chain.sets:
