@@ -1,0 +1,91 @@
+"""gateway.logs: the running gateway's lines are exactly FORMAT's, made cheaply."""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+import time
+from typing import Any, Iterator
+
+import pytest
+
+from gateway import logs
+from gateway.logs import FORMAT, QUEUE_ID, SESSION_ID, LineFormatter
+
+
+def _record(msg: str, *args: Any, exc: bool = False, stack: str | None = None, created: float | None = None,
+            level: int = logging.INFO) -> logging.LogRecord:
+    exc_info = None
+    if exc:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            exc_info = sys.exc_info()
+    record = logging.LogRecord("gateway.delivery.scheduler", level, __file__, 1, msg, args, exc_info,
+                               sinfo=stack)
+    if created is not None:
+        record.created, record.msecs = created, (created - int(created)) * 1000
+    record.session, record.queue = "S1-2a", "661E102AFFD1D0042770000"
+    return record
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, {"exc": True}, {"stack": "Stack (most recent call last):\n  here"},
+    {"exc": True, "stack": "Stack:\n  there"}, {"level": logging.WARNING},
+], ids=["plain", "exception", "stack", "both", "warning"])
+@pytest.mark.parametrize("msg", ["delivery to=<%s> status=%s", "ends in a newline %s %s\n"])
+def test_lines_are_what_logging_formatter_makes_of_format(msg: str, kwargs: dict[str, Any]) -> None:
+    for created in (1764932897.123456, 1764932897.999, 1764932898.0005):
+        expected = logging.Formatter(FORMAT).format(_record(msg, "a@b", "sent", created=created, **kwargs))
+        assert LineFormatter().format(_record(msg, "a@b", "sent", created=created, **kwargs)) == expected
+
+
+def test_the_time_text_is_made_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = time.strftime
+
+    def strftime(fmt: str, *args: Any) -> str:
+        calls.append(fmt)
+        return real(fmt, *args)
+
+    monkeypatch.setattr(time, "strftime", strftime)
+    formatter = LineFormatter()
+    lines = [formatter.format(_record("line %d", i, created=1764932897.0 + i / 1000)) for i in range(500)]
+    assert len(calls) == 1
+    assert all(line.startswith(time.strftime("%Y-%m-%d %H:%M:%S,", time.localtime(1764932897))) for line in lines)
+
+
+@pytest.fixture
+def restored() -> Iterator[None]:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging._srcfile, logging.logThreads,  # type: ignore[attr-defined]
+             logging.logMultiprocessing)
+    try:
+        yield
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        logging._srcfile, logging.logThreads, logging.logMultiprocessing = saved[2:]  # type: ignore[attr-defined]
+
+
+def test_configure_writes_ids_and_skips_lookups_no_line_shows(restored: None) -> None:
+    stream = io.StringIO()
+    logs.configure("info", stream=stream)
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    logging.getLogger().addHandler(Keep())
+    s, q = SESSION_ID.set("S9-1"), QUEUE_ID.set("QID1")
+    try:
+        logging.getLogger("gateway.test").info("hello %s", "there")
+    finally:
+        SESSION_ID.reset(s)
+        QUEUE_ID.reset(q)
+    line = stream.getvalue()
+    assert line.endswith(" INFO gateway.test session=S9-1 queue=QID1 hello there\n")
+    assert f" gateway[{seen[0].process}] " in line
+    # No caller (file, line, function), thread or process name was looked up.
+    assert (seen[0].lineno, seen[0].threadName, seen[0].processName) == (0, None, None)
