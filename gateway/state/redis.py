@@ -10,7 +10,7 @@ timeouts, with redis-py's retries switched off, so a dead server costs one timeo
 call, not several. Any failure raises :class:`~gateway.state.store.StateUnavailable`;
 the next call reconnects by itself once the server is back.
 
-Atomicity: :meth:`RedisStore.incr` is one Lua script (``INCRBY`` then ``PEXPIRE`` only if
+Atomicity: :meth:`RedisStore.incr` (and :meth:`RedisStore.incr_field`, on a hash) is one Lua script (``INCRBY`` then ``PEXPIRE`` only if
 the key has no expiry yet), so two nodes incrementing at once neither lose a count nor
 leave a counter without expiry if one of them dies between the two commands.
 """
@@ -37,6 +37,16 @@ _INCR_SCRIPT = """
 local value = redis.call('INCRBY', KEYS[1], ARGV[1])
 if redis.call('PTTL', KEYS[1]) < 0 then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return value
+"""
+
+# The same for one counter of a hash (a counter map): KEYS[1] the map; ARGV[1] the
+# counter's name, ARGV[2] amount, ARGV[3] ttl in milliseconds.
+_INCR_FIELD_SCRIPT = """
+local value = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('PTTL', KEYS[1]) < 0 then
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
 return value
 """
@@ -101,6 +111,7 @@ class RedisStore(StateStore):
             decode_responses=True,
         )
         self._incr_script: Any = self._client.register_script(_INCR_SCRIPT)
+        self._incr_field_script: Any = self._client.register_script(_INCR_FIELD_SCRIPT)
         self._closed = False
 
     async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
@@ -147,6 +158,16 @@ class RedisStore(StateStore):
 
     async def delete(self, key: str) -> None:
         await self._call("DEL", lambda: self._client.delete(key))
+
+    async def incr_field(self, key: str, name: str, amount: int = 1, ttl: float = 60.0) -> int:
+        value = await self._call(
+            "HINCRBY", lambda: self._incr_field_script(keys=[key], args=[name, amount, _ms(ttl)])
+        )
+        return int(value)
+
+    async def fields(self, key: str) -> dict[str, int]:
+        found = await self._call("HGETALL", lambda: self._client.hgetall(key))
+        return {str(name): int(value) for name, value in found.items()}
 
     async def close(self) -> None:
         if self._closed:

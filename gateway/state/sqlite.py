@@ -40,6 +40,11 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS state ("
     " key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS state_expires ON state (expires)",
+    # Counter maps: one row per (map, counter); the map's expiry is on every row.
+    "CREATE TABLE IF NOT EXISTS counter_map ("
+    " key TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL, expires REAL,"
+    " PRIMARY KEY (key, name)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS counter_map_expires ON counter_map (expires)",
 )
 _LIVE = "(expires IS NULL OR expires > ?)"
 
@@ -103,6 +108,9 @@ class SqliteStore(StateStore):
         try:
             purged = conn.execute(
                 "DELETE FROM state WHERE expires IS NOT NULL AND expires <= ?", (now,)
+            ).rowcount
+            purged += conn.execute(
+                "DELETE FROM counter_map WHERE expires IS NOT NULL AND expires <= ?", (now,)
             ).rowcount
         except sqlite3.OperationalError as exc:  # locked by another process: next time
             log.debug("purge of %s postponed: %s", self.path, exc)
@@ -199,6 +207,38 @@ class SqliteStore(StateStore):
 
     def _delete_sync(self, conn: sqlite3.Connection, now: float, key: str) -> None:
         conn.execute("DELETE FROM state WHERE key = ?", (key,))
+        conn.execute("DELETE FROM counter_map WHERE key = ?", (key,))
+
+    def _incr_field_sync(
+        self, conn: sqlite3.Connection, now: float, key: str, name: str, amount: int, ttl: float
+    ) -> int:
+        def body() -> int:
+            # The map's expiry: that of its live rows, or a new one when it has none.
+            row = conn.execute(
+                f"SELECT expires FROM counter_map WHERE key = ? AND {_LIVE} LIMIT 1", (key, now)
+            ).fetchone()
+            if row is None:
+                conn.execute("DELETE FROM counter_map WHERE key = ?", (key,))  # expired rows
+                expires = now + ttl
+            else:
+                expires = row[0]
+            conn.execute(
+                "INSERT INTO counter_map (key, name, value, expires) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (key, name) DO UPDATE SET value = value + excluded.value",
+                (key, name, amount, expires),
+            )
+            found = conn.execute(
+                "SELECT value FROM counter_map WHERE key = ? AND name = ?", (key, name)
+            ).fetchone()
+            return int(found[0])
+
+        return self._transaction(conn, body)
+
+    def _fields_sync(self, conn: sqlite3.Connection, now: float, key: str) -> dict[str, int]:
+        rows = conn.execute(
+            f"SELECT name, value FROM counter_map WHERE key = ? AND {_LIVE}", (key, now)
+        ).fetchall()
+        return {str(name): int(value) for name, value in rows}
 
     def _close_sync(self) -> None:
         if self._conn is not None:
@@ -227,6 +267,12 @@ class SqliteStore(StateStore):
 
     async def delete(self, key: str) -> None:
         await self._run(self._delete_sync, key)
+
+    async def incr_field(self, key: str, name: str, amount: int = 1, ttl: float = 60.0) -> int:
+        return await self._run(self._incr_field_sync, key, name, amount, ttl)
+
+    async def fields(self, key: str) -> dict[str, int]:
+        return await self._run(self._fields_sync, key)
 
     async def close(self) -> None:
         if self._closed:

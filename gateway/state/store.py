@@ -14,6 +14,10 @@ Semantics every backend keeps:
   expired); later increments keep it. So a counter keyed by a fixed time window dies
   one ``ttl`` after the window's first event at the latest, and a connection counter
   left high by a crashed node heals itself within ``ttl`` (see ``docs/state.md``).
+- A *counter map* (:meth:`StateStore.incr_field`, :meth:`StateStore.fields`) is a key
+  holding named counters (a Redis hash): DMARC aggregate reports count evaluations by
+  their description and read a period's counts back in one call. Its expiry, like a
+  counter's, is set when the key is created and applies to the whole map.
 - Any backend failure (server down, timeout, unreadable file) raises
   :class:`StateUnavailable`, never a library's own exception, so a plugin decides
   fail-open or fail-closed in one ``except`` clause.
@@ -102,6 +106,26 @@ class StateStore(abc.ABC):
         """Remove ``key`` if present.
 
         :param key: the key
+        :raises StateUnavailable: the backend failed
+        """
+
+    @abc.abstractmethod
+    async def incr_field(self, key: str, name: str, amount: int = 1, ttl: float = 60.0) -> int:
+        """Add ``amount`` to the counter ``name`` of the counter map at ``key``, atomically.
+
+        :param key: the map's key; an absent or expired map starts empty
+        :param name: the counter within the map (bounded by the caller)
+        :param amount: what to add
+        :param ttl: seconds until the whole map expires, set only when this call creates it
+        :returns: the counter's value after the addition
+        :raises StateUnavailable: the backend failed
+        """
+
+    @abc.abstractmethod
+    async def fields(self, key: str) -> dict[str, int]:
+        """Every counter of the map at ``key`` (empty if absent or expired).
+
+        :param key: the map's key
         :raises StateUnavailable: the backend failed
         """
 

@@ -210,3 +210,36 @@ def test_unusable_path_and_closed_store_raise_state_unavailable(tmp_path: Path) 
             await store.get("k")
 
     asyncio.run(main())
+
+
+def test_counter_maps_count_by_name_and_expire_as_one(tmp_path: Path) -> None:
+    clock = Clock()
+
+    async def body(store: SqliteStore) -> list[object]:
+        out: list[object] = [await store.incr_field("m", "a", 1, 10), await store.incr_field("m", "a", 2, 10)]
+        out.append(await store.incr_field("m", "b", 1, 10))
+        out.append(await store.fields("m"))
+        out.append(await store.fields("other"))
+        clock.now += 8
+        await store.incr_field("m", "c", 1, 10)  # keeps the map's expiry
+        clock.now += 3
+        out.append(await store.fields("m"))
+        out.append(await store.incr_field("m", "a", 1, 10))  # a new map
+        await store.delete("m")
+        out.append(await store.fields("m"))
+        return out
+
+    assert run(tmp_path / "s.db", body, clock) == [1, 3, 1, {"a": 3, "b": 1}, {}, {}, 1, {}]
+
+
+def test_counter_maps_are_shared_by_two_stores_on_one_file(tmp_path: Path) -> None:
+    async def main() -> dict[str, int]:
+        one, two = SqliteStore(tmp_path / "s.db"), SqliteStore(tmp_path / "s.db")
+        try:
+            await asyncio.gather(*(s.incr_field("m", "x", 1, 60) for s in (one, two) for _ in range(20)))
+            return await two.fields("m")
+        finally:
+            await one.close()
+            await two.close()
+
+    assert asyncio.run(main()) == {"x": 40}

@@ -83,3 +83,16 @@ def test_password_is_not_in_the_logged_url() -> None:
     store = RedisStore("redis://user:secret@127.0.0.1:1/0")
     assert "secret" not in store.url
     asyncio.run(store.close())
+
+
+def test_counter_maps(redis_url: str, redis_server) -> None:
+    async def body(store: RedisStore) -> list[object]:
+        out: list[object] = [await store.incr_field("m", "a", 1, 60), await store.incr_field("m", "a", 2, 60)]
+        out.append(await store.incr_field("m", "b", 1, 60))
+        out.append(await store.fields("m"))
+        out.append(await store.fields("missing"))
+        return out
+
+    assert run(redis_url, body) == [1, 3, 1, {"a": 3, "b": 1}, {}]
+    ttl = int((redis_server.command(b"PTTL m") or b":0")[1:])
+    assert 0 < ttl <= 60_000
