@@ -173,3 +173,43 @@ def test_confined_delivery_gives_files_to_the_user(tmp_path: Path) -> None:
     for path in (home / "Maildir", home / "Maildir" / "new", home / "Maildir" / "new" / name):
         info = path.stat()
         assert (info.st_uid, info.st_gid) == (NOBODY, NOBODY)
+
+
+# Durability: the promises a mutation of deliver_maildir must not break ------------------
+
+
+def _fd_kind(fd: int, new_dir: Path) -> str:
+    info = os.fstat(fd)
+    if stat.S_ISDIR(info.st_mode):
+        return "fsync new" if info.st_ino == new_dir.stat().st_ino else "fsync other directory"
+    return "fsync file"
+
+
+def test_file_synced_then_linked_then_new_synced_before_returning(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removing the file's fsync, the link into new/ (or its rename fallback) or the
+    fsync of new/ breaks this: the queue forgets the message once this returns."""
+    maildir = tmp_path / "Maildir"
+    deliver_maildir(maildir, [MESSAGE], hostname="mx.example")  # the directories exist
+    events: list[str] = []
+    real_write, real_fsync, real_link = os.write, os.fsync, os.link
+
+    def write(fd: int, data: bytes) -> int:
+        events.append("write")
+        return real_write(fd, data)
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        events.append(_fd_kind(fd, maildir / "new"))
+
+    def link(src: str, dst: str, **kwargs: object) -> None:
+        real_link(src, dst, **kwargs)  # type: ignore[arg-type]
+        events.append("link tmp->new")
+
+    monkeypatch.setattr(maildir_mod.os, "write", write)
+    monkeypatch.setattr(maildir_mod.os, "fsync", fsync)
+    monkeypatch.setattr(maildir_mod.os, "link", link)
+    name = deliver_maildir(maildir, [MESSAGE], hostname="mx.example")
+    events.append("returned")
+    assert events == ["write", "fsync file", "link tmp->new", "fsync new", "returned"]
+    assert (maildir / "new" / name).read_bytes() == MESSAGE
