@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from gateway.address import Address, AddressError
 from gateway.delivery.local.aliases import ExpansionError, Leaf
-from gateway.delivery.local.expand import expand_recipient
+from gateway.delivery.local.expand import aliases_enabled, expand_recipient
 from gateway.delivery.router import split_user
 from gateway.delivery.types import LocalRoute, Outcome, Route, TargetRoute
 from gateway.logs import short
@@ -102,9 +102,12 @@ async def expand_pending(
     out: list[tuple[QueuedRecipient, Route | None]] = []
     failed: dict[int, Outcome] = {}
     changed = False
+    # Without an aliases file or .forward files nothing expands (expand_recipient says
+    # None without reading anything): no hand-over to a pool thread per recipient.
+    may_expand = aliases_enabled(local) or local.dot_forward
     for rcpt, route in pending:
         name, domain = None, ""
-        if isinstance(route, LocalRoute) and not rcpt.target:
+        if isinstance(route, LocalRoute) and not rcpt.target and may_expand:
             name, domain = _local_part(rcpt, gateway), route.domain
         if name is None:
             out.append((rcpt, route))
