@@ -48,6 +48,9 @@ class Counters:
     #: authentication verdicts by (method, result), bumped by plugins through
     #: :func:`gateway.authres.count` (ARC verdicts, DMARC overrides by a trusted ARC sealer)
     auth_results: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: DMARC aggregate reports by outcome (``sent``; ``too_big``, ``unauthorized``,
+    #: ``unsupported_uri`` for an address left out; ``deferred`` for a temporary failure)
+    dmarc_reports: dict[str, int] = field(default_factory=dict)
     #: damaged queue files moved to ``corrupt/``; the queue store counts them
     #: (``QueueStore.moved_aside``), and :func:`own_counts` adds them in when reporting
     corrupt: int = 0
@@ -125,6 +128,13 @@ class GatewayCollector:
         for (method, result), count in sorted(counters.auth_results.items()):
             auth.add_metric([method, result], count)
         yield auth
+        reports = CounterMetricFamily(
+            "gateway_dmarc_reports", "DMARC aggregate reports queued (sent) or addresses left out, by outcome",
+            labels=["result"],
+        )
+        for result, count in sorted(counters.dmarc_reports.items()):
+            reports.add_metric([result], count)
+        yield reports
         size, oldest = self._queue_shape()
         yield GaugeMetricFamily("gateway_queue_messages", "messages in the queue", value=size)
         yield GaugeMetricFamily("gateway_queue_oldest_seconds", "age of the oldest queued message", value=oldest)

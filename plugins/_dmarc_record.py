@@ -22,6 +22,8 @@ class DmarcRecord:
     :param adkim: DKIM alignment mode, ``r`` (relaxed, the default) or ``s`` (strict)
     :param aspf: SPF alignment mode, ``r`` or ``s``
     :param pct: the percentage of failing messages the policy is to be applied to
+    :param rua: the aggregate report URIs (``mailto:a@b!10m``), as published
+    :param fo: the failure reporting options (``0`` by default), as published
     """
 
     policy: str
@@ -29,6 +31,8 @@ class DmarcRecord:
     adkim: Literal["r", "s"] = "r"
     aspf: Literal["r", "s"] = "r"
     pct: int = 100
+    rua: tuple[str, ...] = ()
+    fo: str = "0"
 
 
 def _mode(value: str | None) -> Literal["r", "s"]:
@@ -76,7 +80,12 @@ def parse_record(text: bytes) -> DmarcRecord | None:
         if ":" not in tags.get("rua", ""):
             return None
         policy, sub = "none", None
-    return DmarcRecord(policy, sub, _mode(tags.get("adkim")), _mode(tags.get("aspf")), _pct(tags.get("pct")))
+    # §6.4: rua is a comma-separated list of URIs; a URI may not contain a bare comma.
+    rua = tuple(uri.strip() for uri in tags.get("rua", "").split(",") if uri.strip())
+    fo = tags.get("fo", "").strip() or "0"
+    return DmarcRecord(
+        policy, sub, _mode(tags.get("adkim")), _mode(tags.get("aspf")), _pct(tags.get("pct")), rua[:8], fo[:20]
+    )
 
 
 async def _record_at(resolver: Any, domain: str, timeout: float) -> DmarcRecord | None:

@@ -1,6 +1,7 @@
 """DMARC (RFC 7489): does the author domain vouch for this message, and what does it ask?
 
-Hook: ``gateway_data``. Put it after ``data_dkim_verify`` (and after ``mail_spf``, which
+Hooks: ``gateway_data``; ``gateway_startup`` and ``gateway_shutdown`` start and stop the
+report timer (aggregate reports only). Put it after ``data_dkim_verify`` (and after ``mail_spf``, which
 runs at MAIL FROM): it reads their results from :mod:`gateway.authres`.
 
 1. The author domain is the domain of the single RFC 5322.From address. A message with
@@ -36,31 +37,48 @@ and ``policy.dmarc`` (the policy in force: ``p`` or ``sp``), and stashes a
 a temporary SPF/DKIM error on an aligned identifier when nothing passed, gives
 ``temperror`` and ``on_dns_error`` (default ``tempfail``: 451 4.4.3).
 
+6. With ``aggregate_reports = true`` every ``pass`` or ``fail`` evaluation of a domain
+   whose record asks for aggregate reports (``rua=``) is counted in the state store
+   (``state``), and the plugin's timer sends each such domain its report once per
+   ``report_period`` (RFC 7489 §7.2): see :mod:`plugins._dmarc_report`,
+   :mod:`plugins._dmarc_report_send` and ``gateway dmarc report``. Recording never
+   changes what happens to the message: a store that fails is logged and skipped.
+
 Settings: ``reject_action`` (default ``reject``), ``quarantine_action`` (default
 ``quarantine``), ``score`` (default 5.0), ``bad_from_action`` (default ``reject``),
 ``on_dns_error`` (default ``tempfail``), ``public_suffixes`` (default none),
 ``trusted_arc_sealers`` (default none: ARC never overrides), ``check_outbound`` (default false: mail from relay clients and authenticated users is
-not checked; it is signed later, at the queue stage).
+not checked; it is signed later, at the queue stage), ``aggregate_reports`` (default
+false), ``state`` (default ``sqlite``), ``report_period`` (default 1d), ``report_from``
+(default ``dmarc-noreply@<hostname>``), ``report_org_name`` (default the hostname).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
+import time
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from gateway.authres import AuthResult, add_result, count, results
 from gateway.context import Gateway
 from gateway.dns import DnsTemporaryError
 from gateway.hooks import hookimpl
-from gateway.model import Message, Session, StashKey, Transaction
-from gateway.verdicts import Reply, Verdict
+from gateway.model import Envelope, Message, QueuedRecipient, Session, StashKey, Transaction
+from gateway.policy import Duration
+from gateway.policy.schema import setting
+from gateway.state import PluginStores, StateUnavailable, check_url
+from gateway.verdicts import Action, Reply, Verdict
 from plugins._dmarc_record import DmarcRecord, discover_record
+from plugins._dmarc_report import Evaluation, Published, record_evaluation
+from plugins._dmarc_report_send import Reporter, command_reporter, make_signer
 from plugins._mailauth import author_domain, is_aligned
 from plugins.data_arc_verify import ARC_RESULT
 
-__all__ = ["DMARC_RESULT", "DmarcResult", "Settings"]
+__all__ = ["DMARC_RESULT", "DmarcResult", "Plugin", "Settings", "command_reporter", "reporter"]
 
 log = logging.getLogger("plugins.data_dmarc")
 
@@ -98,6 +116,18 @@ class Settings:
     trusted_arc_sealers: tuple[str, ...] = field(
         default=(), metadata={"doc": "ARC sealing domains whose arc=pass can override a DMARC failure"}
     )
+    aggregate_reports: bool = setting(
+        False, "count evaluations and mail each rua= domain its aggregate report once per period"
+    )
+    state: str = setting("sqlite", 'store of the report counts: "sqlite" (embedded) or "redis://host:port/db"')
+    report_period: Duration = setting(
+        86400.0, "reporting period (aligned to UTC midnight when it divides a day)", min=1
+    )
+    report_from: str = setting("", "reporting address: From, envelope sender (default dmarc-noreply@<hostname>)")
+    report_org_name: str = setting("", "org_name of the reports and Submitter of their subject (default the hostname)")
+
+    def __post_init__(self) -> None:
+        check_url(self.state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +140,8 @@ class DmarcResult:
     :param enacted: what was asked of us after ``pct``: none, quarantine or reject
     :param reason: why, for the header and the logs
     :param arc_sealer: the trusted ARC sealer whose chain turned a failure into a pass
+    :param record: the policy record applied (``None`` without one)
+    :param policy_domain: the domain that published it (the author or its organisational domain)
     """
 
     result: str
@@ -118,6 +150,8 @@ class DmarcResult:
     enacted: str = "none"
     reason: str = ""
     arc_sealer: str = ""
+    record: DmarcRecord | None = None
+    policy_domain: str = ""
 
 
 DMARC_RESULT = StashKey[DmarcResult]("data_dmarc.result")
@@ -218,10 +252,10 @@ def _record(txn: Transaction, outcome: DmarcResult) -> None:
     txn.stash[DMARC_RESULT] = outcome
 
 
-@hookimpl
-async def gateway_data(
+async def check(
     session: Session, txn: Transaction, message: Message, gateway: Gateway, settings: Settings
 ) -> Verdict | None:
+    """Evaluate the message's DMARC (the steps in the module docstring); the verdict, if any."""
     if not settings.check_outbound and (session.is_relay_client or session.is_authenticated):
         return None
     author, problem = author_domain(message)
@@ -246,7 +280,7 @@ async def gateway_data(
     policy = record.subdomain_policy if is_subdomain and record.subdomain_policy else record.policy
     result, reason = evaluate(txn, author, record, settings.public_suffixes)
     if result != "fail":
-        _record(txn, DmarcResult(result, author, policy, reason=reason))
+        _record(txn, DmarcResult(result, author, policy, reason=reason, record=record, policy_domain=found_at))
         log.info("txn=%s dmarc=%s from=%s: %s", txn.id, result, author, reason)
         if result == "temperror" and settings.on_dns_error == "tempfail":
             return Verdict.tempfail(REPLY_DNS, reason=f"DMARC {author}: {reason}")
@@ -254,7 +288,9 @@ async def gateway_data(
 
     sealer, why = arc_override(txn, author, record, settings)
     if sealer:
-        _record(txn, DmarcResult("pass", author, policy, reason=why, arc_sealer=sealer))
+        _record(
+            txn, DmarcResult("pass", author, policy, reason=why, arc_sealer=sealer, record=record, policy_domain=found_at)
+        )
         count(gateway.counters, "dmarc", "arc_override")
         log.info("txn=%s dmarc=pass from=%s policy=%s: %s (DMARC failed: %s)", txn.id, author, policy, why, reason)
         return None
@@ -263,7 +299,7 @@ async def gateway_data(
     enacted = policy if random.randrange(100) < record.pct else "none"
     if enacted != policy:
         reason += f"; p={policy} not applied (pct={record.pct})"
-    _record(txn, DmarcResult("fail", author, policy, enacted, reason))
+    _record(txn, DmarcResult("fail", author, policy, enacted, reason, record=record, policy_domain=found_at))
     log.info("txn=%s dmarc=fail from=%s policy=%s enacted=%s", txn.id, author, policy, enacted)
     why = f"DMARC {author} p={policy}: {reason}"
     if enacted == "reject":
@@ -271,3 +307,140 @@ async def gateway_data(
     if enacted == "quarantine":
         return _act(settings.quarantine_action, txn, settings, why, REPLY_REJECT)
     return None
+
+
+# -- aggregate reports (RFC 7489 §7.2) ---------------------------------------------------
+
+_DKIM_RESULTS = frozenset({"none", "pass", "fail", "policy", "neutral", "temperror", "permerror"})
+_SPF_RESULTS = frozenset({"none", "neutral", "pass", "fail", "softfail", "temperror", "permerror"})
+
+
+def _aligned_pass(txn: Transaction, method: str, author: str, mode: Literal["r", "s"], suffixes: tuple[str, ...]) -> str:
+    for found in results(txn, method):
+        domain = _identifier_domain(found)
+        if found.result == "pass" and domain and is_aligned(domain, author, mode, suffixes):
+            return "pass"
+    return "fail"
+
+
+def _disposition(outcome: DmarcResult, verdict: Verdict | None) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """What was done with the message, and why it differs from what the policy asked."""
+    action = verdict.action if verdict is not None else None
+    disposition = (
+        "reject" if action is Action.REJECT else "quarantine" if action is Action.QUARANTINE else "none"
+    )
+    if outcome.arc_sealer:
+        return disposition, (("local_policy", f"arc=pass as sealer {outcome.arc_sealer}"),)
+    if outcome.result == "fail" and outcome.enacted == "none" and outcome.policy != "none":
+        return disposition, (("sampled_out", ""),)
+    if outcome.result == "fail" and disposition != outcome.enacted:
+        return disposition, (("local_policy", ""),)
+    return disposition, ()
+
+
+def evaluation(session: Session, txn: Transaction, outcome: DmarcResult, verdict: Verdict | None,
+               suffixes: tuple[str, ...]) -> tuple[Published, Evaluation] | None:
+    """The report row of a ``pass`` or ``fail`` evaluation of a domain asking for reports."""
+    record = outcome.record
+    if record is None or not record.rua or outcome.result not in ("pass", "fail"):
+        return None
+    published = Published(
+        outcome.policy_domain, record.policy, record.subdomain_policy or record.policy, record.pct,
+        record.adkim, record.aspf, record.fo, record.rua,
+    )
+    dkim_results = tuple(
+        ((r.prop("header.d") or "").lower(), r.prop("header.s") or "", r.result if r.result in _DKIM_RESULTS else "permerror")
+        for r in results(txn, "dkim") if r.prop("header.d")
+    )
+    spf_results = []
+    for r in results(txn, "spf"):
+        scope = "mfrom" if r.prop("smtp.mailfrom") else "helo"
+        domain = (r.prop("smtp.mailfrom") or r.prop("smtp.helo") or "").rpartition("@")[2].lower()
+        spf_results.append((domain, scope, r.result if r.result in _SPF_RESULTS else "permerror"))
+    disposition, reasons = _disposition(outcome, verdict)
+    row = Evaluation(
+        session.peer_ip, outcome.domain, txn.sender.domain_key, disposition,
+        _aligned_pass(txn, "dkim", outcome.domain, record.adkim, suffixes),
+        _aligned_pass(txn, "spf", outcome.domain, record.aspf, suffixes),
+        reasons, dkim_results, tuple(spf_results),
+    )
+    return published, row
+
+
+def reporter(gateway: Gateway, settings: Settings, store: Any) -> Reporter:
+    """The :class:`Reporter` of this gateway: it queues report mail through ``gateway.queue``."""
+
+    async def inject(sender: str, recipients: list[str], message: bytes) -> str:
+        qid = gateway.queue.new_id()
+        envelope = Envelope(sender=sender, recipients=[QueuedRecipient(address=a) for a in recipients])
+        await gateway.queue.commit(qid, envelope, Message(message))
+        gateway.notify_queued(qid)
+        return qid
+
+    report_from = settings.report_from or f"dmarc-noreply@{gateway.hostname}"
+    return Reporter(
+        store, gateway.resolver, period=float(settings.report_period),
+        org_name=settings.report_org_name or gateway.hostname, report_from=report_from,
+        hostname=gateway.hostname, inject=inject,
+        sign=make_signer(gateway.policy, report_from, gateway.run_in_thread),
+        counters=gateway.counters, dns_timeout=float(gateway.policy.dns.timeout) + 1.0,
+        suffixes=settings.public_suffixes,
+    )
+
+
+class Plugin:
+    """``data_dmarc``: the checks above, plus the counts and the timer of aggregate reports."""
+
+    def __init__(self) -> None:
+        self._stores = PluginStores()
+        self._timer: asyncio.Task[None] | None = None
+
+    @hookimpl
+    async def gateway_startup(self, gateway: Gateway, settings: Settings) -> None:
+        if not settings.aggregate_reports:
+            return
+        store = await self._stores.open(settings.state, Path(gateway.policy.server.var_dir))
+        if self._timer is None:
+            job = reporter(gateway, settings, store)
+            # Often enough that a report leaves soon after its period ends.
+            interval = max(0.5, min(60.0, float(settings.report_period) / 4))
+            self._timer = asyncio.create_task(_report_forever(job, interval), name="dmarc-reports")
+
+    @hookimpl
+    async def gateway_shutdown(self, settings: Settings) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            try:
+                await self._timer
+            except asyncio.CancelledError:
+                pass
+            self._timer = None
+        if settings.aggregate_reports:
+            await self._stores.close(settings.state)
+
+    @hookimpl
+    async def gateway_data(
+        self, session: Session, txn: Transaction, message: Message, gateway: Gateway, settings: Settings
+    ) -> Verdict | None:
+        verdict = await check(session, txn, message, gateway, settings)
+        outcome = txn.stash.get(DMARC_RESULT)
+        if settings.aggregate_reports and outcome is not None:
+            found = evaluation(session, txn, outcome, verdict, settings.public_suffixes)
+            if found is not None:
+                try:
+                    store = self._stores.require(settings.state)
+                    await record_evaluation(store, time.time(), float(settings.report_period), *found)
+                except StateUnavailable as exc:
+                    log.warning("txn=%s dmarc report counts not recorded: %s", txn.id, exc)
+        return verdict
+
+
+async def _report_forever(job: Reporter, interval: float) -> None:
+    while True:
+        try:
+            await job.send_due()
+        except StateUnavailable as exc:
+            log.warning("dmarc reports: state store unavailable: %s", exc)
+        except Exception:  # boundary: the timer outlives any one failure, logged with its traceback
+            log.exception("dmarc reports: sending failed")
+        await asyncio.sleep(interval)

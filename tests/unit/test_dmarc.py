@@ -21,8 +21,12 @@ from plugins.data_dmarc import evaluate
         (b"v=DMARC1; p=reject; pct=x; adkim=q", DmarcRecord("reject")),
         (b"v=DMARC1; p=reject; p=none", DmarcRecord("reject")),  # the first of a repeated tag
         # §6.6.3 step 6: a bad p= with a report address acts as p=none, without one as no record.
-        (b"v=DMARC1; p=bogus; rua=mailto:r@example.org", DmarcRecord("none")),
-        (b"v=DMARC1; p=reject; sp=bogus; rua=mailto:r@example.org", DmarcRecord("none")),
+        (b"v=DMARC1; p=bogus; rua=mailto:r@example.org", DmarcRecord("none", rua=("mailto:r@example.org",))),
+        (b"v=DMARC1; p=reject; sp=bogus; rua=mailto:r@example.org", DmarcRecord("none", rua=("mailto:r@example.org",))),
+        (
+            b"v=DMARC1; p=reject; rua=mailto:a@example.org!10m, mailto:b@example.net; fo=1",
+            DmarcRecord("reject", rua=("mailto:a@example.org!10m", "mailto:b@example.net"), fo="1"),
+        ),
         (b"v=DMARC1; p=bogus", None),
         (b"v=DMARC1", None),
         (b"p=reject; v=DMARC1", None),  # v= must come first

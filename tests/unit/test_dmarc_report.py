@@ -1,0 +1,139 @@
+"""DMARC aggregate reports: the counts in the store, the XML (valid against RFC 7489
+Appendix C's schema), report URIs and the report mail."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import gzip
+from pathlib import Path
+
+import pytest
+import xmlschema
+
+from gateway.state.sqlite import SqliteStore
+from plugins._dmarc_report import (
+    DomainReport,
+    Evaluation,
+    Published,
+    aggregate_xml,
+    period_begin,
+    read_period,
+    record_evaluation,
+)
+from plugins._dmarc_report_mail import ReportUri, parse_uri, report_filename, report_mail
+
+SCHEMA = Path(__file__).parent.parent / "fixtures" / "dmarc" / "rua.xsd"
+DAY = 86400.0
+NOW = 1_796_000_000.0  # some afternoon, UTC
+
+PUB = Published("example.org", "reject", "quarantine", 100, "r", "s", "0", ("mailto:d@example.org",))
+PASS = Evaluation(
+    "192.0.2.1", "example.org", "example.org", "none", "pass", "pass", (),
+    (("example.org", "sel1", "pass"),), (("example.org", "mfrom", "pass"),),
+)
+FAIL = Evaluation(
+    "2001:db8::25", "example.org", "", "none", "fail", "fail", (("sampled_out", ""),),
+    (("evil.example", "s", "fail"), ("example.org", "", "permerror")), (),
+)
+
+
+@pytest.fixture(scope="module")
+def schema() -> xmlschema.XMLSchema:
+    return xmlschema.XMLSchema(str(SCHEMA))
+
+
+def counts(xml: bytes) -> dict[str, int]:
+    doc = xmlschema.XMLSchema(str(SCHEMA)).to_dict(xml.decode())
+    return {r["row"]["source_ip"]: r["row"]["count"] for r in doc["record"]}
+
+
+def test_periods_start_at_utc_midnight() -> None:
+    assert period_begin(NOW, DAY) % 86400 == 0 and period_begin(NOW, DAY) <= NOW < period_begin(NOW, DAY) + DAY
+    assert period_begin(NOW, 3600) == NOW // 3600 * 3600
+
+
+def test_report_is_valid_against_the_rfc_schema(schema: xmlschema.XMLSchema) -> None:
+    report = DomainReport(PUB, ((PASS, 5), (FAIL, 2)))
+    xml = aggregate_xml(report, org_name="Example Receiver", email="dmarc@receiver.example",
+                        report_id="r1", begin=100, end=199)
+    schema.validate(xml.decode())
+    doc = schema.to_dict(xml.decode())
+    assert doc["policy_published"]["sp"] == "quarantine" and doc["policy_published"]["aspf"] == "s"
+    assert doc["report_metadata"]["date_range"] == {"begin": 100, "end": 199}
+    # IPv6 is written out in full: the schema's pattern takes no other form.
+    assert counts(xml) == {"192.0.2.1": 5, "2001:0db8:0000:0000:0000:0000:0000:0025": 2}
+    failing = doc["record"][1]
+    assert failing["row"]["policy_evaluated"]["reason"] == [{"type": "sampled_out"}]
+    # No SPF result recorded: the schema wants one, "none" for the envelope domain.
+    assert failing["auth_results"]["spf"] == [{"domain": None, "scope": "mfrom", "result": "none"}]
+
+
+def test_schema_refuses_what_it_should(schema: xmlschema.XMLSchema) -> None:
+    # The fixture is a real check: a report without policy_published is invalid.
+    xml = aggregate_xml(DomainReport(PUB, ((PASS, 1),)), org_name="o", email="e", report_id="r", begin=0, end=1)
+    broken = xml.replace(b"<disposition>none</disposition>", b"<disposition>bounce</disposition>")
+    with pytest.raises(xmlschema.XMLSchemaValidationError):
+        schema.validate(broken.decode())
+
+
+def test_store_counts_rows_by_period_and_domain(tmp_path: Path) -> None:
+    other = Published("other.example", "none", "none", 100, "r", "r", "0", ("mailto:x@other.example",))
+
+    async def body() -> tuple[list[DomainReport], list[DomainReport]]:
+        store = SqliteStore(tmp_path / "s.db")
+        try:
+            for _ in range(3):
+                await record_evaluation(store, NOW, DAY, PUB, PASS)
+            await record_evaluation(store, NOW + 1, DAY, PUB, FAIL)
+            await record_evaluation(store, NOW, DAY, other, PASS)
+            await record_evaluation(store, NOW + DAY, DAY, PUB, PASS)  # the next day
+            begin = period_begin(NOW, DAY)
+            return await read_period(store, begin), await read_period(store, begin + int(DAY), ["example.org"])
+        finally:
+            await store.close()
+
+    today, tomorrow = asyncio.run(body())
+    assert [r.published.domain for r in today] == ["example.org", "other.example"]
+    assert today[0].rows == ((PASS, 3), (FAIL, 1)) and today[0].messages == 4
+    assert today[1].rows == ((PASS, 1),)
+    assert [(r.published, r.rows) for r in tomorrow] == [(PUB, ((PASS, 1),))]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("mailto:dmarc@example.org", ReportUri("dmarc@example.org", "example.org")),
+        ("mailto:dmarc@Example.ORG!10m", ReportUri("dmarc@example.org", "example.org", 10 << 20)),
+        (" mailto:d%40x@example.org!512 ", ReportUri("d@x@example.org", "example.org", 512)),
+        ("mailto:d@example.org!2k", ReportUri("d@example.org", "example.org", 2048)),
+        ("mailto:d@example.org?subject=x", ReportUri("d@example.org", "example.org")),
+        ("https://example.org/report", None),
+        ("mailto:d@example.org!10x", None),
+        ("mailto:nobody", None),
+        ("mailto:a@example.org,b@example.org", None),
+    ],
+)
+def test_parse_uri(text: str, expected: ReportUri | None) -> None:
+    assert parse_uri(text) == expected
+
+
+def test_report_mail_is_as_rfc_7489_7_2_1_1_says() -> None:
+    xml = b"<?xml version='1.0'?><feedback/>"
+    raw = report_mail(
+        xml, receiver="mx.receiver.example", org_name="Receiver", domain="example.org", report_id="r-1",
+        begin=100, end=199, sender="dmarc@receiver.example", recipients=["a@example.org", "b@example.org"],
+        hostname="mx.receiver.example", now=NOW,
+    )
+    assert b"\r\n" in raw and b"\n" not in raw.replace(b"\r\n", b"")
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert message["Subject"] == "Report Domain: example.org Submitter: Receiver Report-ID: <r-1>"
+    assert message["To"] == "a@example.org, b@example.org" and message["From"] == "dmarc@receiver.example"
+    attachments = list(message.iter_attachments())
+    assert len(attachments) == 1
+    part = attachments[0]
+    assert part.get_content_type() == "application/gzip"
+    assert part.get_filename() == report_filename("mx.receiver.example", "example.org", 100, 199)
+    assert part.get_filename() == "mx.receiver.example!example.org!100!199.xml.gz"
+    assert gzip.decompress(part.get_content()) == xml
