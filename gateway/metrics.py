@@ -49,7 +49,8 @@ class Counters:
     #: :func:`gateway.authres.count` (ARC verdicts, DMARC overrides by a trusted ARC sealer)
     auth_results: dict[tuple[str, str], int] = field(default_factory=dict)
     #: DMARC aggregate reports by outcome (``sent``; ``too_big``, ``unauthorized``,
-    #: ``unsupported_uri`` for an address left out; ``deferred`` for a temporary failure)
+    #: ``unsupported_uri`` for an address left out; ``deferred`` for a temporary failure;
+    #: ``failure_sent``, ``failure_limited`` for failure reports)
     dmarc_reports: dict[str, int] = field(default_factory=dict)
     #: damaged queue files moved to ``corrupt/``; the queue store counts them
     #: (``QueueStore.moved_aside``), and :func:`own_counts` adds them in when reporting

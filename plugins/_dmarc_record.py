@@ -24,6 +24,7 @@ class DmarcRecord:
     :param pct: the percentage of failing messages the policy is to be applied to
     :param rua: the aggregate report URIs (``mailto:a@b!10m``), as published
     :param fo: the failure reporting options (``0`` by default), as published
+    :param ruf: the failure report URIs, as published
     """
 
     policy: str
@@ -33,6 +34,7 @@ class DmarcRecord:
     pct: int = 100
     rua: tuple[str, ...] = ()
     fo: str = "0"
+    ruf: tuple[str, ...] = ()
 
 
 def _mode(value: str | None) -> Literal["r", "s"]:
@@ -82,9 +84,11 @@ def parse_record(text: bytes) -> DmarcRecord | None:
         policy, sub = "none", None
     # §6.4: rua is a comma-separated list of URIs; a URI may not contain a bare comma.
     rua = tuple(uri.strip() for uri in tags.get("rua", "").split(",") if uri.strip())
+    ruf = tuple(uri.strip() for uri in tags.get("ruf", "").split(",") if uri.strip())
     fo = tags.get("fo", "").strip() or "0"
     return DmarcRecord(
-        policy, sub, _mode(tags.get("adkim")), _mode(tags.get("aspf")), _pct(tags.get("pct")), rua[:8], fo[:20]
+        policy, sub, _mode(tags.get("adkim")), _mode(tags.get("aspf")), _pct(tags.get("pct")), rua[:8], fo[:20],
+        ruf[:8],
     )
 
 

@@ -29,6 +29,7 @@ from gateway.dns import DnsTemporaryError
 from gateway.state import StateStore, StateUnavailable
 from gateway.verdicts import TemporaryFailure
 from plugins._dkim_sync import load_key_in_thread, sign_in_thread
+from plugins._dmarc_failure import Failure, failure_mail
 from plugins._dmarc_report import KEEP, DomainReport, aggregate_xml, period_begin, read_period
 from plugins._dmarc_report_mail import ReportUri, is_authorized, parse_uri, report_mail
 
@@ -158,33 +159,32 @@ class Reporter:
             sent += bool(qid)
         return sent, is_complete
 
-    async def _send(self, report: DomainReport, begin: int) -> str:
-        """Queue one domain's report; the queue id, or "" when no address may have it."""
-        domain = report.published.domain
+    async def _destinations(self, domain: str, texts: tuple[str, ...], kind: str) -> list[ReportUri]:
+        """The URIs of ``texts`` that may have ``domain``'s reports (RFC 7489 §7.1).
+
+        :raises gateway.dns.DnsTemporaryError: an authorisation could not be looked up
+        """
         uris: list[ReportUri] = []
-        for text in report.published.rua:
+        for text in texts:
             uri = parse_uri(text)
             if uri is None:
                 _count(self.counters, "unsupported_uri")
-                log.info("dmarc report domain=%s: rua %r not supported (mailto: only)", domain, text[:100])
+                log.info("dmarc %s domain=%s: %r not supported (mailto: only)", kind, domain, text[:100])
             elif not await is_authorized(self.resolver, domain, uri, self.dns_timeout, self.suffixes):
                 _count(self.counters, "unauthorized")
                 log.warning(
-                    "dmarc report domain=%s: not sent to <%s>: %s._report._dmarc.%s has no DMARC1 record"
-                    " (RFC 7489 §7.1)", domain, uri.address, domain, uri.domain,
+                    "dmarc %s domain=%s: not sent to <%s>: %s._report._dmarc.%s has no DMARC1 record"
+                    " (RFC 7489 §7.1)", kind, domain, uri.address, domain, uri.domain,
                 )
             else:
                 uris.append(uri)
-        if not uris:
-            return ""
-        begin_end = (begin, self.end_of(begin))
-        xml = self.xml(report, begin)
-        recipients = list(dict.fromkeys(u.address for u in uris))
-        message = report_mail(
-            xml, receiver=self.hostname, org_name=self.org_name, domain=domain,
-            report_id=self.report_id(begin, domain), begin=begin_end[0], end=begin_end[1],
-            sender=self.report_from, recipients=recipients, hostname=self.hostname, now=time.time(),
-        )
+        return uris
+
+    async def _deliver(self, domain: str, uris: list[ReportUri], message: bytes, kind: str) -> tuple[str, list[str], int]:
+        """Sign and queue ``message`` to the URIs whose size limit it fits.
+
+        :returns: the queue id ("" if none fits), the addresses and the size
+        """
         if self.sign is not None:
             message = await self.sign(message)
         size = len(message)
@@ -193,19 +193,60 @@ class Reporter:
             if uri not in fitting:
                 _count(self.counters, "too_big")
                 log.warning(
-                    "dmarc report domain=%s: not sent to <%s>: %d octets, over its limit of %d",
-                    domain, uri.address, size, uri.limit,
+                    "dmarc %s domain=%s: not sent to <%s>: %d octets, over its limit of %d",
+                    kind, domain, uri.address, size, uri.limit,
                 )
         to = list(dict.fromkeys(u.address for u in fitting))
         if not to:
+            return "", [], size
+        return await self.inject(self.report_from, to, message), to, size
+
+    async def _send(self, report: DomainReport, begin: int) -> str:
+        """Queue one domain's report; the queue id, or "" when no address may have it."""
+        domain = report.published.domain
+        uris = await self._destinations(domain, report.published.rua, "report")
+        if not uris:
             return ""
-        qid = await self.inject(self.report_from, to, message)
-        _count(self.counters, "sent")
-        log.info(
-            "dmarc report domain=%s begin=%d end=%d rows=%d messages=%d octets=%d qid=%s to=%s",
-            domain, begin_end[0], begin_end[1], len(report.rows), report.messages, size, qid,
-            ",".join(f"<{a}>" for a in to),
+        end = self.end_of(begin)
+        message = report_mail(
+            self.xml(report, begin), receiver=self.hostname, org_name=self.org_name, domain=domain,
+            report_id=self.report_id(begin, domain), begin=begin, end=end, sender=self.report_from,
+            recipients=list(dict.fromkeys(u.address for u in uris)), hostname=self.hostname, now=time.time(),
         )
+        qid, to, size = await self._deliver(domain, uris, message, "report")
+        if qid:
+            _count(self.counters, "sent")
+            log.info(
+                "dmarc report domain=%s begin=%d end=%d rows=%d messages=%d octets=%d qid=%s to=%s",
+                domain, begin, end, len(report.rows), report.messages, size, qid, ",".join(f"<{a}>" for a in to),
+            )
+        return qid
+
+    async def send_failure(self, failure: Failure, policy_domain: str, ruf: tuple[str, ...], limit: int) -> str:
+        """Queue a failure report (RFC 7489 §7.3) for one message; "" when none was sent.
+
+        At most ``limit`` per policy domain and hour, counted in the state store (so a
+        flood of forgeries does not become a flood of reports), the same destination
+        checks and size limits as aggregate reports.
+        """
+        hour = int(time.time() // 3600)
+        if await self.store.incr(f"dmarc:ruf:{policy_domain}:{hour}", 1, 3600) > limit:
+            _count(self.counters, "failure_limited")
+            return ""
+        uris = await self._destinations(policy_domain, ruf, "failure report")
+        if not uris:
+            return ""
+        message = failure_mail(
+            failure, sender=self.report_from, recipients=list(dict.fromkeys(u.address for u in uris)),
+            org_name=self.org_name, hostname=self.hostname, now=time.time(),
+        )
+        qid, to, size = await self._deliver(policy_domain, uris, message, "failure report")
+        if qid:
+            _count(self.counters, "failure_sent")
+            log.info(
+                "dmarc failure report domain=%s ip=%s octets=%d qid=%s to=%s",
+                failure.domain, failure.source_ip, size, qid, ",".join(f"<{a}>" for a in to),
+            )
         return qid
 
 

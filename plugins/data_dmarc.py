@@ -1,7 +1,8 @@
 """DMARC (RFC 7489): does the author domain vouch for this message, and what does it ask?
 
 Hooks: ``gateway_data``; ``gateway_startup`` and ``gateway_shutdown`` start and stop the
-report timer (aggregate reports only). Put it after ``data_dkim_verify`` (and after ``mail_spf``, which
+reporting (only with reports on), ``gateway_probe`` tries a Redis ``state`` for
+``gateway check --probe``. Put it after ``data_dkim_verify`` (and after ``mail_spf``, which
 runs at MAIL FROM): it reads their results from :mod:`gateway.authres`.
 
 1. The author domain is the domain of the single RFC 5322.From address. A message with
@@ -44,13 +45,18 @@ a temporary SPF/DKIM error on an aligned identifier when nothing passed, gives
    :mod:`plugins._dmarc_report_send` and ``gateway dmarc report``. Recording never
    changes what happens to the message: a store that fails is logged and skipped.
 
+7. With ``failure_reports = true`` a message the record's ``fo=`` asks about gets a
+   redacted failure report to the record's ``ruf=`` addresses (RFC 7489 §7.3; at most
+   ``failure_report_limit`` per domain and hour): see :mod:`plugins._dmarc_failure`.
+
 Settings: ``reject_action`` (default ``reject``), ``quarantine_action`` (default
 ``quarantine``), ``score`` (default 5.0), ``bad_from_action`` (default ``reject``),
 ``on_dns_error`` (default ``tempfail``), ``public_suffixes`` (default none),
 ``trusted_arc_sealers`` (default none: ARC never overrides), ``check_outbound`` (default false: mail from relay clients and authenticated users is
 not checked; it is signed later, at the queue stage), ``aggregate_reports`` (default
 false), ``state`` (default ``sqlite``), ``report_period`` (default 1d), ``report_from``
-(default ``dmarc-noreply@<hostname>``), ``report_org_name`` (default the hostname).
+(default ``dmarc-noreply@<hostname>``), ``report_org_name`` (default the hostname), ``failure_reports`` (default false),
+``failure_report_limit`` (default 10).
 """
 
 from __future__ import annotations
@@ -68,10 +74,13 @@ from gateway.context import Gateway
 from gateway.dns import DnsTemporaryError
 from gateway.hooks import hookimpl
 from gateway.model import Envelope, Message, QueuedRecipient, Session, StashKey, Transaction
-from gateway.policy import Duration
+from gateway.policy import Duration, Policy
+from gateway.probe import Probes
 from gateway.policy.schema import setting
-from gateway.state import PluginStores, StateUnavailable, check_url
+from gateway.state import PluginStores, StateUnavailable, canonical_url, check_url
+from gateway.state.registry import create_store
 from gateway.verdicts import Action, Reply, Verdict
+from plugins._dmarc_failure import Failure, redact, wants_report
 from plugins._dmarc_record import DmarcRecord, discover_record
 from plugins._dmarc_report import Evaluation, Published, record_evaluation
 from plugins._dmarc_report_send import Reporter, command_reporter, make_signer
@@ -125,6 +134,10 @@ class Settings:
     )
     report_from: str = setting("", "reporting address: From, envelope sender (default dmarc-noreply@<hostname>)")
     report_org_name: str = setting("", "org_name of the reports and Submitter of their subject (default the hostname)")
+    failure_reports: bool = setting(
+        False, "send redacted failure reports (ruf=) on failing messages, as the record's fo= asks"
+    )
+    failure_report_limit: int = setting(10, "failure reports per policy domain and hour, at most", min=0)
 
     def __post_init__(self) -> None:
         check_url(self.state)
@@ -389,33 +402,52 @@ def reporter(gateway: Gateway, settings: Settings, store: Any) -> Reporter:
 
 
 class Plugin:
-    """``data_dmarc``: the checks above, plus the counts and the timer of aggregate reports."""
+    """``data_dmarc``: the checks above, plus the counts, the timer and the failure
+    reports of the reporting (each generation of the policy its own)."""
 
     def __init__(self) -> None:
         self._stores = PluginStores()
-        self._timer: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reporter: Reporter | None = None
+        # Failure reports wait here for the sending task: never on the SMTP session.
+        self._failures: asyncio.Queue[tuple[Failure, str, tuple[str, ...], int]] = asyncio.Queue(100)
 
     @hookimpl
     async def gateway_startup(self, gateway: Gateway, settings: Settings) -> None:
-        if not settings.aggregate_reports:
+        if not (settings.aggregate_reports or settings.failure_reports) or self._reporter is not None:
             return
         store = await self._stores.open(settings.state, Path(gateway.policy.server.var_dir))
-        if self._timer is None:
-            job = reporter(gateway, settings, store)
+        self._reporter = job = reporter(gateway, settings, store)
+        if settings.aggregate_reports:
             # Often enough that a report leaves soon after its period ends.
             interval = max(0.5, min(60.0, float(settings.report_period) / 4))
-            self._timer = asyncio.create_task(_report_forever(job, interval), name="dmarc-reports")
+            self._tasks.append(asyncio.create_task(_report_forever(job, interval), name="dmarc-reports"))
+        if settings.failure_reports:
+            self._tasks.append(asyncio.create_task(_send_failures(job, self._failures), name="dmarc-failures"))
+
+    @hookimpl
+    async def gateway_probe(self, policy: Policy, settings: Settings, probes: Probes) -> None:
+        url = settings.state
+        if not (settings.aggregate_reports or settings.failure_reports) or url == "sqlite" or url.startswith("sqlite:"):
+            return
+        store = create_store(canonical_url(url, Path(policy.server.var_dir)))
+        try:
+            await probes.add("data_dmarc", "Redis", store.url, store.ping)
+        finally:
+            await store.close()
 
     @hookimpl
     async def gateway_shutdown(self, settings: Settings) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             try:
-                await self._timer
+                await task
             except asyncio.CancelledError:
                 pass
-            self._timer = None
-        if settings.aggregate_reports:
+        if self._reporter is not None:
+            self._reporter = None
             await self._stores.close(settings.state)
 
     @hookimpl
@@ -424,15 +456,55 @@ class Plugin:
     ) -> Verdict | None:
         verdict = await check(session, txn, message, gateway, settings)
         outcome = txn.stash.get(DMARC_RESULT)
-        if settings.aggregate_reports and outcome is not None:
-            found = evaluation(session, txn, outcome, verdict, settings.public_suffixes)
-            if found is not None:
-                try:
-                    store = self._stores.require(settings.state)
-                    await record_evaluation(store, time.time(), float(settings.report_period), *found)
-                except StateUnavailable as exc:
-                    log.warning("txn=%s dmarc report counts not recorded: %s", txn.id, exc)
+        if outcome is None or self._reporter is None:
+            return verdict
+        found = evaluation(session, txn, outcome, verdict, settings.public_suffixes)
+        if settings.aggregate_reports and found is not None:
+            try:
+                await record_evaluation(self._reporter.store, time.time(), float(settings.report_period), *found)
+            except StateUnavailable as exc:
+                log.warning("txn=%s dmarc report counts not recorded: %s", txn.id, exc)
+        if settings.failure_reports:
+            self._note_failure(session, txn, message, outcome, verdict, settings)
         return verdict
+
+    def _note_failure(
+        self, session: Session, txn: Transaction, message: Message, outcome: DmarcResult,
+        verdict: Verdict | None, settings: Settings,
+    ) -> None:
+        record = outcome.record
+        if record is None or not record.ruf or outcome.result not in ("pass", "fail"):
+            return
+        suffixes = settings.public_suffixes
+        dkim = _aligned_pass(txn, "dkim", outcome.domain, record.adkim, suffixes)
+        spf = _aligned_pass(txn, "spf", outcome.domain, record.aspf, suffixes)
+        dkim_failed = any(r.result == "fail" for r in results(txn, "dkim"))
+        spf_failed = any(r.result == "fail" for r in results(txn, "spf"))
+        if not wants_report(record.fo, dkim, spf, dkim_failed, spf_failed):
+            return
+        action = verdict.action if verdict is not None else None
+        delivery = "reject" if action is Action.REJECT else "spam" if action is Action.QUARANTINE else "delivered"
+        found = [f"{r.method}={r.result}" for r in (*results(txn, "dmarc"), *results(txn, "spf"), *results(txn, "dkim"))]
+        failure = Failure(
+            outcome.domain, session.peer_ip, txn.sender.domain_key, dkim, spf,
+            redact("; ".join(found).encode("ascii", "replace")).decode("ascii"), delivery,
+            redact(message.raw[: message.body_offset]), time.time(),
+        )
+        try:
+            self._failures.put_nowait((failure, outcome.policy_domain, record.ruf, settings.failure_report_limit))
+        except asyncio.QueueFull:
+            log.warning("txn=%s dmarc failure report dropped: too many waiting", txn.id)
+
+
+async def _send_failures(job: Reporter, waiting: asyncio.Queue[tuple[Failure, str, tuple[str, ...], int]]) -> None:
+    while True:
+        failure, policy_domain, ruf, limit = await waiting.get()
+        try:
+            await job.send_failure(failure, policy_domain, ruf, limit)
+        except (StateUnavailable, DnsTemporaryError) as exc:
+            log.warning("dmarc failure report for %s not sent: %s", failure.domain, exc)
+        except Exception:  # boundary: one report's failure must not stop the others
+            log.exception("dmarc failure report for %s failed", failure.domain)
 
 
 async def _report_forever(job: Reporter, interval: float) -> None:

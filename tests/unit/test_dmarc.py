@@ -24,8 +24,10 @@ from plugins.data_dmarc import evaluate
         (b"v=DMARC1; p=bogus; rua=mailto:r@example.org", DmarcRecord("none", rua=("mailto:r@example.org",))),
         (b"v=DMARC1; p=reject; sp=bogus; rua=mailto:r@example.org", DmarcRecord("none", rua=("mailto:r@example.org",))),
         (
-            b"v=DMARC1; p=reject; rua=mailto:a@example.org!10m, mailto:b@example.net; fo=1",
-            DmarcRecord("reject", rua=("mailto:a@example.org!10m", "mailto:b@example.net"), fo="1"),
+            b"v=DMARC1; p=reject; rua=mailto:a@example.org!10m, mailto:b@example.net; fo=1; ruf=mailto:f@example.org",
+            DmarcRecord(
+                "reject", rua=("mailto:a@example.org!10m", "mailto:b@example.net"), fo="1", ruf=("mailto:f@example.org",)
+            ),
         ),
         (b"v=DMARC1; p=bogus", None),
         (b"v=DMARC1", None),

@@ -137,3 +137,38 @@ def test_report_mail_is_as_rfc_7489_7_2_1_1_says() -> None:
     assert part.get_filename() == report_filename("mx.receiver.example", "example.org", 100, 199)
     assert part.get_filename() == "mx.receiver.example!example.org!100!199.xml.gz"
     assert gzip.decompress(part.get_content()) == xml
+
+
+@pytest.mark.parametrize(
+    ("fo", "dkim", "spf", "dkim_failed", "spf_failed", "expected"),
+    [
+        ("0", "fail", "fail", False, False, True),  # DMARC failed
+        ("0", "pass", "fail", False, True, False),  # one aligned pass: DMARC passed
+        ("1", "pass", "fail", False, False, True),  # any mechanism without an aligned pass
+        ("1", "pass", "pass", False, False, False),
+        ("d", "pass", "pass", True, False, True),  # a signature failed, aligned or not
+        ("d", "fail", "fail", False, True, False),
+        ("s", "pass", "pass", False, True, True),
+        ("0:s", "pass", "pass", False, True, True),
+        ("", "fail", "fail", False, False, True),  # no fo: 0
+    ],
+)
+def test_fo_decides_which_failures_are_reported(
+    fo: str, dkim: str, spf: str, dkim_failed: bool, spf_failed: bool, expected: bool
+) -> None:
+    from plugins._dmarc_failure import wants_report
+
+    assert wants_report(fo, dkim, spf, dkim_failed, spf_failed) is expected
+
+
+def test_redact_keeps_domains_not_local_parts() -> None:
+    from plugins._dmarc_failure import redact
+
+    header = (
+        b'From: "Ceo" <ceo.x+tag@example.org>\r\nTo: a@b.example, "Bob" <bob@c.example>\r\n'
+        b"Message-ID: <1234@mail.example.org>\r\nSubject: about a@b.example\r\n\r\n"
+    )
+    assert redact(header) == (
+        b'From: "Ceo" <redacted@example.org>\r\nTo: redacted@b.example, "Bob" <redacted@c.example>\r\n'
+        b"Message-ID: <redacted@mail.example.org>\r\nSubject: about redacted@b.example\r\n\r\n"
+    )

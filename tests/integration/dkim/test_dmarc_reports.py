@@ -37,7 +37,9 @@ RUA = "mailto:dmarc@reports.test!10m,mailto:tiny@reports.test!1k,mailto:agg@unau
 def report_dns(dkim_world: DkimWorld):
     key_record = next(l for l in dkim_world.zone.splitlines() if l.startswith("sel1._domainkey.reject.example."))
     zone = dkim_world.zone + "\n".join([
-        f'_dmarc.rpt.example. IN TXT "v=DMARC1; p=quarantine; rua={RUA}"',
+        f'_dmarc.rpt.example. IN TXT "v=DMARC1; p=quarantine; rua={RUA}; ruf=mailto:forensic@reports.test; fo=1"',
+        '_dmarc.ruf.example. IN TXT "v=DMARC1; p=reject; ruf=mailto:forensic@reports.test,mailto:f@unauth.example"',
+        'ruf.example._report._dmarc.reports.test. IN TXT "v=DMARC1"',
         '_dmarc.lax.example. IN TXT "v=DMARC1; p=reject; pct=0; rua=mailto:dmarc@reports.test"',
         'rpt.example._report._dmarc.reports.test. IN TXT "v=DMARC1"',
         'lax.example._report._dmarc.reports.test. IN TXT "v=DMARC1"',
@@ -51,7 +53,7 @@ def report_dns(dkim_world: DkimWorld):
         server.stop()
 
 
-def report_policy(world: DkimWorld, dns_port: int, root: Path, period: str = "1d") -> str:
+def report_policy(world: DkimWorld, dns_port: int, root: Path, period: str = "1d", extra: str = "") -> str:
     return f"""
 [server]
 hostname = "{HOSTNAME}"
@@ -66,7 +68,7 @@ tls = "none"
 
 [local]
 domains = ["local.example", "reports.test"]
-users = ["alice", "dmarc", "tiny"]
+users = ["alice", "dmarc", "tiny", "forensic"]
 mail_root = "{root / 'mail'}"
 
 [delivery]
@@ -91,6 +93,7 @@ aggregate_reports = true
 report_period = "{period}"
 report_from = "dmarc-reports@out.example"
 report_org_name = "Test Receiver"
+{extra}
 [[plugins]]
 name = "queue_authentication_results"
 [[plugins]]
@@ -187,6 +190,8 @@ def test_a_day_of_traffic_gives_a_valid_report_that_reaches_the_mailbox(
     # Too big for tiny's 1k limit; never authorised by unauth.example: not sent there.
     assert mailbox(tmp_path, "tiny") == []
     assert all(b"agg@unauth.example" not in raw for raw in mailbox(tmp_path, "dmarc"))
+    # Failure reports are off by default, though rpt.example asks for them (ruf=, fo=1).
+    assert mailbox(tmp_path, "forensic") == []
     # Sent once: asking again queues nothing.
     again = cli(policy_file, "--send", "--period", "current")
     assert again.returncode == 0 and "0 report(s) queued" in again.stdout
@@ -211,3 +216,34 @@ def test_the_running_gateway_sends_each_period_once_across_restarts(
     time.sleep(3)
     assert len(mailbox(tmp_path, "dmarc")) == 1
     assert again.app.counters.dmarc_reports.get("sent") is None
+
+
+def test_failure_reports_are_redacted_and_limited(gateway_factory, dkim_world, report_dns, tmp_path: Path) -> None:
+    extra = "failure_reports = true\nfailure_report_limit = 2"
+    gw = gateway_factory(report_policy(dkim_world, report_dns.port, tmp_path, extra=extra))
+    body = b"Secret body text.\r\n"
+    for i in range(3):
+        message = make_message("ceo@ruf.example", f"forged {i}", body=body, to="alice@local.example")
+        code, _ = send(gw.port, "spoof@elsewhere.example", message)
+        assert code == 550  # p=reject
+    assert wait_for(lambda: len(mailbox(tmp_path, "forensic")) == 2, 15)
+    time.sleep(1)
+    assert len(mailbox(tmp_path, "forensic")) == 2  # failure_report_limit: 2 an hour
+    assert gw.app.counters.dmarc_reports.get("failure_limited") == 1
+    raw = mailbox(tmp_path, "forensic")[0]
+    report = email.message_from_bytes(raw, policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "feedback-report"
+    parts = list(report.iter_parts())
+    assert [p.get_content_type() for p in parts] == ["text/plain", "message/feedback-report", "text/rfc822-headers"]
+    feedback = parts[1].as_bytes().decode()
+    for field in ("Feedback-Type: auth-failure", "Auth-Failure: dmarc", "Reported-Domain: ruf.example",
+                  "Source-IP: 127.0.0.1", "Delivery-Result: reject", "Identity-Alignment: none"):
+        assert field in feedback, (field, feedback)
+    headers = parts[2].as_bytes()
+    assert b"From: Author <redacted@ruf.example>" in headers and b"To: redacted@local.example" in headers
+    assert b"ceo@" not in raw and b"alice@" not in raw and b"spoof@" not in raw
+    assert b"Secret body text" not in raw
+    # Never to an address that did not authorise it (RFC 7489 §7.1).
+    assert b"f@unauth.example" not in raw and gw.app.counters.dmarc_reports.get("unauthorized") == 2
+    assert dkim.verify(raw, dnsfunc=dkim_world.dnsfunc)

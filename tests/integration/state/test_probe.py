@@ -58,3 +58,14 @@ def test_start_up_warns_what_a_missing_redis_means_for_each_plugin(gateway_facto
     with smtp(gw.port) as client:
         client.ehlo()
         assert client.mail("a@example.org")[0] == 451
+
+
+def test_probe_tries_the_redis_of_dmarc_reports(tmp_path: Path) -> None:
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    with DnsTestServer(ZONE) as dns:
+        down = probe_policy(
+            tmp_path, dns.port, f'[[plugins]]\nname = "data_dmarc"\naggregate_reports = true\nstate = "{closed}"\n'
+        )
+        result = probe(down)
+    assert result.returncode == 1
+    assert daemons(result)[f"Redis at {closed}"].startswith(f"UNREACHABLE Redis at {closed} (data_dmarc)")
