@@ -177,14 +177,37 @@ class Scheduler:
 
     async def _rescan(self) -> None:
         """Pick up messages another process (inject, a second worker) queued."""
+        known = set(self._due) | self._active
         try:
-            ids = await asyncio.to_thread(self.queue.ids)
+            ids = await asyncio.to_thread(self._unclaimed, known)
         except OSError:
             log.exception("queue scan failed")
             return
         for qid in ids:
             if qid not in self._due and qid not in self._active:
                 self.notify(qid)
+
+    def _unclaimed(self, known: set[str]) -> list[str]:
+        """In a pool thread: the queued messages not ``known`` here that nobody holds.
+
+        A message whose delivery lock is held is in another process's hands (a worker's
+        first attempt, often still waiting for a concurrency slot there) or an
+        export's: an attempt would only find it locked, at the cost of a hand-over to
+        a pool thread each. The next scan looks again.
+        """
+        found: list[str] = []
+        for qid in self.queue.ids():
+            if qid in known:
+                continue
+            try:
+                if self.queue.is_delivery_locked(qid):
+                    continue
+            except FileNotFoundError:
+                continue
+            except OSError:
+                pass  # the attempt will say what is wrong
+            found.append(qid)
+        return found
 
     def _spawn(self, qid: str) -> None:
         self._active.add(qid)

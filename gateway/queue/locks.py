@@ -20,8 +20,9 @@ import os
 import struct
 from pathlib import Path
 
-__all__ = ["ofd_lock", "open_locked"]
+__all__ = ["is_locked", "ofd_lock", "open_locked"]
 
+_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 _F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
 _FLOCK = "hhqqi4x"  # struct flock: l_type, l_whence, l_start, l_len (0: to the end), l_pid
@@ -33,6 +34,13 @@ def ofd_lock(fd: int, kind: int, *, wait: bool) -> None:
     :raises OSError: EAGAIN/EACCES when ``wait`` is false and another holder conflicts
     """
     fcntl.fcntl(fd, _F_OFD_SETLKW if wait else _F_OFD_SETLK, struct.pack(_FLOCK, kind, os.SEEK_SET, 0, 0, 0))
+
+
+def is_locked(fd: int) -> bool:
+    """Whether any open file description holds a lock on the file behind ``fd`` that
+    would keep out a write lock (this descriptor's own excepted); takes nothing."""
+    got = fcntl.fcntl(fd, _F_OFD_GETLK, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    return struct.unpack(_FLOCK, got)[0] != fcntl.F_UNLCK
 
 
 def open_locked(path: Path, qid: str, *, wait: bool) -> int:

@@ -38,7 +38,7 @@ from gateway.queue.damage import QID_RE as _QID_RE
 from gateway.queue.damage import CorruptQueueFile, move_aside, read_envelope
 from gateway.queue.damage import check_fd as _check_fd
 from gateway.queue.dirsync import DirSync
-from gateway.queue.locks import ofd_lock, open_locked
+from gateway.queue.locks import is_locked, ofd_lock, open_locked
 
 __all__ = [
     "AREAS", "Claim", "CorruptQueueFile", "QueueStore", "QueuedMessage",
@@ -174,6 +174,18 @@ class QueueStore:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 return None
             raise
+
+    def is_delivery_locked(self, qid: str) -> bool:
+        """Whether someone holds the delivery lock on ``msg/<qid>`` now (an attempt in
+        another process, a claim, an export); a test only, nothing is taken.
+
+        :raises FileNotFoundError: when the message is gone
+        """
+        fd = os.open(self._path("msg", qid), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return is_locked(fd)
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def lock_exclusive(self, qid: str, area: str = "msg") -> Iterator[int]:
