@@ -77,7 +77,9 @@ def redact(header: bytes) -> bytes:
     return _ADDRESS.sub(b"redacted@", header[:MAX_HEADER])
 
 
-def failure_mail(failure: Failure, *, sender: str, recipients: list[str], org_name: str, hostname: str, now: float) -> bytes:
+def failure_mail(
+    failure: Failure, *, sender: str, recipients: list[str], org_name: str, hostname: str, now: float
+) -> bytes:
     """The failure report message (CRLF line ends)."""
     from email.mime.base import MIMEBase
     from email.mime.multipart import MIMEMultipart
@@ -88,7 +90,7 @@ def failure_mail(failure: Failure, *, sender: str, recipients: list[str], org_na
         "Feedback-Type: auth-failure",
         "User-Agent: smtp-gateway",
         "Version: 1",
-        f"Original-Mail-From: <redacted@{failure.envelope_domain}>" if failure.envelope_domain else "Original-Mail-From: <>",
+        "Original-Mail-From: " + (f"<redacted@{failure.envelope_domain}>" if failure.envelope_domain else "<>"),
         f"Arrival-Date: {email.utils.formatdate(failure.arrival, usegmt=True)}",
         f"Reporting-MTA: dns; {hostname}",
         f"Source-IP: {failure.source_ip}",

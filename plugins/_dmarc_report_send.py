@@ -180,7 +180,9 @@ class Reporter:
                 uris.append(uri)
         return uris
 
-    async def _deliver(self, domain: str, uris: list[ReportUri], message: bytes, kind: str) -> tuple[str, list[str], int]:
+    async def _deliver(
+        self, domain: str, uris: list[ReportUri], message: bytes, kind: str
+    ) -> tuple[str, list[str], int]:
         """Sign and queue ``message`` to the URIs whose size limit it fits.
 
         :returns: the queue id ("" if none fits), the addresses and the size

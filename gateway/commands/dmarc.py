@@ -37,7 +37,9 @@ def register(sub: Any) -> None:
         help="current, previous, or the period's start (seconds since the epoch);"
         " --preview: default current; --send: default every ended period not yet sent",
     )
-    report.add_argument("--domain", action="append", default=None, help="--send: only this policy domain (repeatable)")
+    report.add_argument(
+        "--domain", action="append", default=None, help="--send --period: only this policy domain (repeatable)"
+    )
     report.add_argument("--policy", "-p", help="policy file (default: the embedded default)")
     report.set_defaults(func=main)
 
@@ -89,7 +91,8 @@ async def _run(args: argparse.Namespace, policy: Any, settings: Any, module: Any
                 assert begin is not None
                 xml = await reporter.preview(args.preview.strip().rstrip(".").lower(), begin)
                 if xml is None:
-                    print(f"gateway: no DMARC evaluations of {args.preview} in the period from {begin}", file=sys.stderr)
+                    print(f"gateway: no DMARC evaluations of {args.preview} in the period from {begin}",
+                          file=sys.stderr)
                     return 1
                 sys.stdout.write(xml.decode("utf-8"))
                 return 0
