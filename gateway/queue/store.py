@@ -112,8 +112,13 @@ class QueueStore:
         self._committer = Committer(
             self.root / "tmp", self._dir, max_batch=max_batch,
             lock=lambda fd: ofd_lock(fd, fcntl.F_WRLCK, wait=False),
-            unlink=self._unlink_message, forget=self._drop_state,
+            unlink=self._unlink_message, forget=lambda qid: self._drop_state(qid, is_logged=False),
         )
+        # Built once: a path operation costs microseconds, and a delivered message
+        # takes several (lock, unlink, state) on the hot path.
+        self._area_paths = {area: self.root / area for area in AREAS}
+        self._area_strs = {area: str(path) for area, path in self._area_paths.items()}
+        self._state_str = str(self.root / "state")
         self._state_locks = [threading.Lock() for _ in range(64)]  # striped by qid
         #: messages (or stray files) this process moved to ``corrupt/``
         self.moved_aside = 0
@@ -125,14 +130,24 @@ class QueueStore:
         }
 
     def _dir(self, area: str) -> Path:
-        if area not in AREAS:
-            raise ValueError(f"unknown queue area {area!r}")
-        return self.root / area
+        try:
+            return self._area_paths[area]
+        except KeyError:
+            raise ValueError(f"unknown queue area {area!r}") from None
 
     def _path(self, area: str, qid: str) -> Path:
         if not _QID_RE.fullmatch(qid):
             raise ValueError(f"malformed queue id {qid!r}")
         return self._dir(area) / qid
+
+    def _fspath(self, area: str, qid: str) -> str:
+        """:meth:`_path` as a string, for the hot path (no path object made)."""
+        if not _QID_RE.fullmatch(qid):
+            raise ValueError(f"malformed queue id {qid!r}")
+        try:
+            return f"{self._area_strs[area]}/{qid}"
+        except KeyError:
+            raise ValueError(f"unknown queue area {area!r}") from None
 
     def _state_lock(self, qid: str) -> threading.Lock:
         return self._state_locks[hash(qid) % len(self._state_locks)]
@@ -169,7 +184,7 @@ class QueueStore:
         :raises FileNotFoundError: when the message is gone
         """
         try:
-            return open_locked(self._path("msg", qid), qid, wait=False)
+            return open_locked(self._fspath("msg", qid), qid, wait=False)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 return None
@@ -181,7 +196,7 @@ class QueueStore:
 
         :raises FileNotFoundError: when the message is gone
         """
-        fd = os.open(self._path("msg", qid), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(self._fspath("msg", qid), os.O_RDONLY | os.O_CLOEXEC)
         try:
             return is_locked(fd)
         finally:
@@ -531,7 +546,9 @@ class QueueStore:
 
     async def delete(self, qid: str, area: str = "msg", *, lock: int = -1) -> None:
         """:meth:`remove` for the event loop: the unlink goes with the committer's next
-        batch and shares its directory fsync; returns once the removal is durable.
+        batch and shares its directory fsync; returns once the removal is durable. It
+        logs nothing: the caller's own line records the removal and why (the
+        scheduler's ``done: removed from the queue``, with the queue id).
 
         :param lock: the message's delivery lock (:meth:`lock_delivery`, or a
             :class:`Claim`'s descriptor), closed once the file is gone, whatever happens
@@ -547,18 +564,23 @@ class QueueStore:
 
     def _unlink_message(self, qid: str, area: str) -> None:
         with self._state_lock(qid):
-            os.unlink(self._path(area, qid))
+            os.unlink(self._fspath(area, qid))
 
-    def _drop_state(self, qid: str) -> None:
-        """Once the message's removal is durable: its state file goes too."""
+    def _drop_state(self, qid: str, *, is_logged: bool = True) -> None:
+        """Once the message's removal is durable: its state file goes too.
+
+        :param is_logged: log ``removed qid=``; :meth:`delete` leaves that to its
+            caller, which says why (the scheduler's ``done: removed from the queue``)
+        """
         with self._state_lock(qid):
             try:
-                os.unlink(self.root / "state" / qid)
+                os.unlink(f"{self._state_str}/{qid}")
             except FileNotFoundError:
                 pass
             else:
                 self._syncs["state"].sync()
-        log.info("removed qid=%s", qid)
+        if is_logged:
+            log.info("removed qid=%s", qid)
 
     def move(self, qid: str, src: str, dst: str) -> None:
         """Move a message between areas with one atomic rename, the destination made

@@ -5,6 +5,7 @@ a removal that goes through the committer thread (``QueueStore.delete``)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import errno
 import os
 from pathlib import Path
@@ -237,3 +238,24 @@ def test_a_claimed_commit_that_fails_hands_over_nothing_and_leaks_no_descriptor(
     assert claims == []
     assert sorted(os.listdir(store.root / "tmp")) == [] and store.ids() == []
     assert len(os.listdir("/proc/self/fd")) == before  # the kept descriptor was closed
+
+
+def test_delete_leaves_the_removal_line_to_its_caller_remove_logs_it(
+        store: QueueStore, caplog: pytest.LogCaptureFixture) -> None:
+    """The scheduler logs 'done: removed from the queue' with the queue id after its
+    delete: one line for the event, not two. A removal by anyone else (gateway queue
+    delete, store.remove) still logs 'removed qid='."""
+    deleted, removed = store.new_id(), store.new_id()
+
+    async def run() -> None:
+        for qid in (deleted, removed):
+            await store.commit(qid, _envelope(), _message())
+        with caplog.at_level(logging.INFO, logger="gateway.queue"):
+            await store.delete(deleted)
+            await asyncio.to_thread(store.remove, removed)
+        await store.close()
+
+    asyncio.run(run())
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("gateway.queue")]
+    assert lines == [f"removed qid={removed}"]
+    assert store.ids() == []
