@@ -43,7 +43,7 @@ def is_locked(fd: int) -> bool:
     return struct.unpack(_FLOCK, got)[0] != fcntl.F_UNLCK
 
 
-def open_locked(path: Path, qid: str, *, wait: bool) -> int:
+def open_locked(path: str | Path, qid: str, *, wait: bool) -> int:
     """Open the message file at ``path`` and take its write lock.
 
     A process can open the file just before the holder removes the message and get the

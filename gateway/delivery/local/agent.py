@@ -50,6 +50,7 @@ LOOP_REPLY = Reply(554, "5.4.6", "message is looping: it already has my Delivere
 _UNKNOWN_USER = Reply(550, "5.1.1", "Sorry, no mailbox here by that name")
 _INTERNAL = Reply(451, "4.3.0", "local delivery failed: internal error")
 _MAX_WHERE = 200
+_MAX_HOMES = 10_000  # mail-root homes remembered per agent (a policy's life)
 
 ForwardFunction = Callable[[str, list[str], bytes], Awaitable[None]]
 """``forward(sender, addresses, message)``: queue ``message`` anew for ``addresses``."""
@@ -138,6 +139,13 @@ def _has_delivered_to(message: bytes, recipient: str) -> bool:
 
 def _ensure_home(home: Path) -> None:
     """Create a mail-root home (0o700) when missing; its parents get default modes."""
+    try:
+        os.mkdir(home, 0o700)  # one system call when the home is there, as it mostly is
+        return
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        pass
     home.parent.mkdir(parents=True, exist_ok=True)
     try:
         home.mkdir(mode=0o700)
@@ -228,6 +236,7 @@ class LocalDeliveryAgent:
         self._hostname = hostname
         self._forward = forward
         self._thread = run_in_thread
+        self._homes: dict[str, Path] = {}  # user -> home under mail_root
 
     async def deliver(
         self, envelope: Envelope, recipient: str, route: LocalRoute, message: bytes,
@@ -332,10 +341,14 @@ class LocalDeliveryAgent:
             return _Target(user, Path(os.path.abspath(account.home)), assign, local, route.domain or domain)
         assign = next((a for a in settings.assign if a.user.lower() == user), None)
         if assign is not None and assign.home != Path():
-            home = assign.home
+            home = Path(os.path.abspath(assign.home))
         else:
-            home = settings.mail_root / user
-        return _Target(user, Path(os.path.abspath(home)), assign, local, route.domain or domain)
+            home = self._homes.get(user)  # the policy is this agent's for good
+            if home is None:
+                if len(self._homes) >= _MAX_HOMES:
+                    self._homes.clear()
+                home = self._homes[user] = Path(os.path.abspath(settings.mail_root / user))
+        return _Target(user, home, assign, local, route.domain or domain)
 
     async def _deliver(
         self,

@@ -65,7 +65,7 @@ REQUIRED_NAMES = ("postmaster", "abuse", "mailer-daemon")
 
 def aliases_enabled(local: LocalSettings) -> bool:
     """Whether the policy names an aliases file."""
-    return local.aliases != Path()
+    return os.fspath(local.aliases) != "."  # Path(), the default: no file
 
 
 def current_aliases(local: LocalSettings) -> AliasFile:
