@@ -6,9 +6,10 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from gateway import reloads
 from gateway.context import Gateway
@@ -61,16 +62,31 @@ class GatewayApp:
         reuse_port: bool = False,
         role: str = "single",
         policy_digest: str = "",
-        workers: Sequence[int] = (),
+        policy_data: bytes = b"",
+        supervisor: Any = None,
+        start_report: tuple[str, int, str] | None = None,
     ) -> None:
         """
         :param policy_digest: SHA-256 of the policy file ``policy`` came from, as
             :func:`gateway.reloads.read_policy` gives it (reported to ``gateway reload``)
-        :param workers: the master's worker processes, which SIGHUP is passed on to
+        :param policy_data: that file's bytes (the master hands them to a worker it
+            starts to replace one that died)
+        :param supervisor: the master's :class:`gateway.workers.Supervisor`: its
+            workers, which SIGHUP is passed on to
+        :param start_report: what to report once started instead of ``started``: a
+            replacement worker runs its master's policy, so it reports its master's
+            last outcome (result, request, error)
         """
         self.policy = policy
         self.policy_digest = policy_digest
-        self.workers = tuple(workers)
+        self.policy_data = policy_data
+        self.supervisor = supervisor
+        self._start_report = start_report
+        #: the last (result, request, error) this process reported
+        self.last_report: tuple[str, int, str] = (reloads.STARTED, 0, "")
+        self._report_lock = threading.Lock()
+        self.is_serving = False
+        self._is_reloading = False
         # Fixed at start, as the listeners are: where this process reports its policy.
         self.var_dir = Path(policy.server.var_dir)
         self._reload_wanted: asyncio.Event | None = None
@@ -209,7 +225,8 @@ class GatewayApp:
             listener = Listener(settings, self.handler_for, tls_context, reuse_port=self.reuse_port, sock=sock)
             await listener.start()
             self.listeners[settings.name] = listener
-        await asyncio.to_thread(self._report, reloads.STARTED, reloads.read_request(self.var_dir))
+        report = self._start_report or (reloads.STARTED, reloads.read_request(self.var_dir), "")
+        await asyncio.to_thread(self._report, *report)
         if self.role != "worker":
             self._write_pidfile()
         metrics = self.policy.metrics
@@ -217,6 +234,7 @@ class GatewayApp:
             self.metrics_server = await asyncio.to_thread(start_metrics_server, self, metrics.address, metrics.port)
         elif metrics.enabled:  # the master's endpoint adds this worker's counts
             self._reporter = asyncio.create_task(report_forever(self), name="metrics-report")
+        self.is_serving = True
         log.info("gateway started hostname=%s pid=%d", self.policy.server.hostname, os.getpid())
 
     @property
@@ -233,10 +251,21 @@ class GatewayApp:
         except OSError as exc:
             log.warning("cannot write %s: %s", self.pidfile, exc)
 
+    @property
+    def workers(self) -> tuple[int, ...]:
+        """The master's running workers (none in any other process)."""
+        return self.supervisor.pids if self.supervisor is not None else ()
+
     def _report(self, result: str, request: int, error: str = "") -> None:
         """Publish which policy this process runs (``<var_dir>/reload/<pid>.json``)."""
         if self.role == "single" and result == reloads.STARTED:
             reloads.clear(self.var_dir)  # the master clears before it forks
+        with self._report_lock:  # the master rewrites it when a worker comes or goes
+            self.last_report = (result, request, error)
+            self._write_report()
+
+    def _write_report(self) -> None:
+        result, request, error = self.last_report
         status = reloads.ProcessStatus(
             pid=os.getpid(), role=self.role, request=request, result=result,
             policy=self.policy_digest, error=error[:2000], workers=self.workers,
@@ -245,6 +274,15 @@ class GatewayApp:
             reloads.write_status(self.var_dir, status)
         except OSError as exc:
             log.warning("cannot record the running policy in %s: %s", reloads.directory(self.var_dir), exc)
+
+    async def workers_changed(self) -> None:
+        """A worker died or a replacement started: the master's report lists the others."""
+
+        def rewrite() -> None:
+            with self._report_lock:
+                self._write_report()
+
+        await asyncio.to_thread(rewrite)
 
     def port(self, name: str | None = None) -> int:
         """The bound port of a listener (the first one by default)."""
@@ -258,8 +296,22 @@ class GatewayApp:
         one stays. Listener addresses (and ``var_dir``) are not changed by a reload.
         Either way the outcome is reported in ``<var_dir>/reload/`` for ``gateway reload``.
         """
-        # Read before the file: an answer to this number means the file was read after it.
-        request = await asyncio.to_thread(reloads.read_request, self.var_dir)
+        self._is_reloading = True
+        try:
+            # Read before the file: an answer to this number means the file was read after it.
+            request = await asyncio.to_thread(reloads.read_request, self.var_dir)
+            return await self._reload(request)
+        finally:
+            self._is_reloading = False
+            if self.supervisor is not None:
+                self.supervisor.reload_done()
+
+    @property
+    def is_reload_pending(self) -> bool:
+        """Whether a SIGHUP is waiting for a reload, or one runs now."""
+        return self._is_reloading or (self._reload_wanted is not None and self._reload_wanted.is_set())
+
+    async def _reload(self, request: int) -> bool:
         if self.policy_path is None:
             log.warning("reload: running on the embedded default, nothing to reload")
             await asyncio.to_thread(
@@ -267,8 +319,8 @@ class GatewayApp:
             )
             return False
         try:
-            policy, digest = await asyncio.to_thread(
-                reloads.read_policy, self.policy_path, registry=registry(self.specs)
+            policy, data = await asyncio.to_thread(
+                reloads.read_policy_data, self.policy_path, registry=registry(self.specs)
             )
             gateway = await self._build(policy)
         except PolicyError as exc:
@@ -281,7 +333,8 @@ class GatewayApp:
             return False
         old = self.gateway
         self.gateway, self.policy, self._handlers = gateway, policy, {}
-        self.policy_digest = digest
+        self.policy_digest, self.policy_data = reloads.digest(data), data
+        digest = self.policy_digest
         if old is not None:
             # Sessions that began under the old policy finish under it: its plugins
             # are shut down only once those sessions are over.
@@ -351,9 +404,13 @@ class GatewayApp:
         if reloads.take_early_hangup():
             self.hangup()
         await self.start(sockets, recovered)
+        if self.supervisor is not None:
+            self.supervisor.watch(self)
         reloader = asyncio.create_task(self._reload_forever(), name="reload")
         await stop.wait()
         log.info("shutting down")
+        if self.supervisor is not None:  # the workers stop accepting now too
+            self.supervisor.stop()
         reloader.cancel()
         await asyncio.gather(reloader, return_exceptions=True)
         await self.stop()

@@ -13,7 +13,8 @@ answers meet in ``<var_dir>/reload/``:
 
   ``request`` is the number the process read before it loaded the file, ``result`` is
   ``started``, ``loaded`` or ``refused`` (then ``error`` says why, with file, line and
-  key), and the master's file lists its ``workers``.
+  key), and the master's file lists its ``workers`` (those running now: it is rewritten
+  when one dies and when its replacement starts).
 
 The command waits until every process has answered its number (or a later one) and
 reports per process; a process that does not answer in time is named as such.
@@ -21,7 +22,11 @@ reports per process; a process that does not answer in time is named as such.
 Until a process's event loop takes SIGHUP over, :func:`hold_hangups` keeps one from
 killing it (the default action) and remembers it for :func:`take_early_hangup`: the
 master installs it before it forks, so a worker that is still starting when the master
-passes a reload on takes it once it runs.
+passes a reload on takes it once it runs. A worker the master starts later to replace
+one that died is a new program: it starts with SIGHUP blocked, installs this and only
+then unblocks it. It runs the policy the master runs then (handed over, not read from
+the file) and first reports the master's last outcome; if the master had a reload to do
+when it started, the master passes it SIGHUP once that is done.
 """
 
 from __future__ import annotations
@@ -42,8 +47,9 @@ from typing import Any
 from gateway.policy import DEFAULT_POLICY_PATH, Policy, PolicyError, load_policy_text
 
 __all__ = [
-    "ProcessStatus", "clear", "directory", "forget", "hold_hangups", "next_request", "read_policy",
-    "read_request", "read_status", "request_lock", "take_early_hangup", "write_status",
+    "ProcessStatus", "clear", "digest", "directory", "forget", "hold_hangups", "next_request", "policy_from_data",
+    "read_policy", "read_policy_data", "read_request", "read_status", "request_lock", "take_early_hangup",
+    "write_status",
 ]
 
 #: results a process reports
@@ -61,18 +67,43 @@ def read_policy(path: str | os.PathLike[str] | None, *, registry: Mapping[str, t
 
     :raises PolicyError: the file cannot be read or is invalid
     """
+    policy, data = read_policy_data(path, registry=registry)
+    return policy, digest(data)
+
+
+def read_policy_data(path: str | os.PathLike[str] | None, *, registry: Mapping[str, type]) -> tuple[Policy, bytes]:
+    """As :func:`read_policy`, with the bytes themselves (the master hands them to a worker
+    it starts later, so that the worker runs what the master runs).
+
+    :raises PolicyError: the file cannot be read or is invalid
+    """
     file = os.fspath(path) if path is not None else str(DEFAULT_POLICY_PATH)
     try:
         data = Path(file).read_bytes()
-        text = data.decode("utf-8")
     except OSError as exc:
         raise PolicyError(file, None, "<file>", f"cannot read policy: {exc.strerror or exc}") from None
+    return policy_from_data(data, path, registry=registry), data
+
+
+def policy_from_data(data: bytes, path: str | os.PathLike[str] | None, *, registry: Mapping[str, type]) -> Policy:
+    """The policy in ``data``, read from ``path`` (``None``: the embedded default).
+
+    :raises PolicyError: not UTF-8, or invalid
+    """
+    file = os.fspath(path) if path is not None else str(DEFAULT_POLICY_PATH)
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PolicyError(file, None, "<file>", f"not UTF-8: {exc.reason}") from None
     policy = load_policy_text(text, source=file, registry=registry)
     if path is None:  # as load_policy names it
         policy = dataclasses.replace(policy, source="<embedded default>")
-    return policy, hashlib.sha256(data).hexdigest()
+    return policy
+
+
+def digest(data: bytes) -> str:
+    """The SHA-256 of a policy file's bytes, as processes report it."""
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)
