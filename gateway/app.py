@@ -125,6 +125,7 @@ class GatewayApp:
             notify_queued=self._queued,
             take_claim=self._claimed if policy.delivery.enabled else None,
             counters=self.counters,
+            is_worker=self.role == "worker",
         )
         await runner.startup(policy.plugins, gateway=gateway)
         return gateway

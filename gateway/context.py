@@ -44,6 +44,10 @@ class Gateway:
     :attr:`notify_queued`: this process's scheduler delivers it from memory."""
     counters: Any = field(default=None, repr=False)
     """Event counters for the metrics endpoint (:class:`gateway.metrics.Counters`)."""
+    is_worker: bool = False
+    """This process is one of the master's workers (``[server] workers`` above 1). A
+    periodic job that one process of a node does for all (sending reports) is left to
+    the master and single processes."""
 
     async def run_in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking call (pyspf, dkimpy, clamd, password hashing) in the bounded pool.

@@ -10,8 +10,9 @@ Exactly once, across processes, nodes and restarts: before building a domain's r
 the reporter claims it in the state store (``dmarc:sent:<begin>:<domain>``, set only if
 absent). The claim becomes the "sent" mark once the mail is queued; a temporary failure
 (DNS, the queue) gives it back, so a later run tries again; a process that dies holding
-a claim loses it after :data:`CLAIM_TTL`. Every process of a gateway may run the timer:
-whichever claims first sends, the others find the mark.
+a claim loses it after :data:`CLAIM_TTL`. In a node the master (or the single process)
+runs the timer, not its workers; nodes sharing one store each run it: whichever claims
+first sends, the others find the mark.
 """
 
 from __future__ import annotations

@@ -418,7 +418,7 @@ class Plugin:
             return
         store = await self._stores.open(settings.state, Path(gateway.policy.server.var_dir))
         self._reporter = job = reporter(gateway, settings, store)
-        if settings.aggregate_reports:
+        if settings.aggregate_reports and not gateway.is_worker:  # the master sends for the node
             # Often enough that a report leaves soon after its period ends.
             interval = max(0.5, min(60.0, float(settings.report_period) / 4))
             self._tasks.append(asyncio.create_task(_report_forever(job, interval), name="dmarc-reports"))

@@ -172,3 +172,31 @@ def test_redact_keeps_domains_not_local_parts() -> None:
         b'From: "Ceo" <redacted@example.org>\r\nTo: redacted@b.example, "Bob" <redacted@c.example>\r\n'
         b"Message-ID: <redacted@mail.example.org>\r\nSubject: about redacted@b.example\r\n\r\n"
     )
+
+
+@pytest.mark.parametrize("is_worker", [False, True])
+def test_only_the_master_runs_the_report_timer(tmp_path: Path, is_worker: bool) -> None:
+    # With [server] workers, every process loads the plugin; the node's reports are sent
+    # by the master alone (the store's claim would stop a second copy, at the cost of a
+    # state round trip per worker and period).
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gateway.context import Gateway
+    from gateway.testing import prepare_policy
+    from plugins.data_dmarc import Plugin, Settings
+
+    policy = prepare_policy('[server]\nhostname = "mx.test.example"\n', tmp_path)
+    settings = Settings(aggregate_reports=True)
+
+    async def started() -> list[str]:
+        with ThreadPoolExecutor(2) as pool:
+            gateway = Gateway(policy=policy, runner=None, queue=None, executor=pool,  # type: ignore[arg-type]
+                              hostname="mx.test.example", is_worker=is_worker)
+            plugin = Plugin()
+            await plugin.gateway_startup(gateway=gateway, settings=settings)
+            try:
+                return sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("dmarc"))
+            finally:
+                await plugin.gateway_shutdown(settings=settings)
+
+    assert asyncio.run(started()) == ([] if is_worker else ["dmarc-reports"])
