@@ -6,18 +6,27 @@ system must tell apart: an answer (possibly empty: the name exists without recor
 type, NODATA), a name that does not exist (NXDOMAIN: permanent), and a failure to find out
 (SERVFAIL, timeout, no reachable server: temporary). Remote delivery, DNSBL and SPF all
 build on these.
+
+For ``gateway replay`` (docs/replay.md) the resolver :func:`make_resolver` returns is a
+:class:`RecordingResolver`: while a session is being captured (:data:`DNS_TAP` set in its
+task), every answer and failure is handed to the capture as well. A
+:class:`RecordedResolver` answers from such a record instead of the network.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ipaddress
 import logging
+from typing import Any, Callable, Mapping
 
 import dns.asyncresolver
 import dns.exception
+import dns.message
 import dns.name
 import dns.nameserver
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
@@ -27,6 +36,9 @@ __all__ = [
     "DnsError",
     "DnsNotFound",
     "DnsTemporaryError",
+    "DNS_TAP",
+    "RecordedResolver",
+    "RecordingResolver",
     "lookup",
     "make_resolver",
     "parse_nameserver",
@@ -84,6 +96,96 @@ def _parse_port(text: str, entry: str) -> int:
     return int(text)
 
 
+DnsTap = Callable[[str, str, str, "bytes | None"], None]
+DNS_TAP: contextvars.ContextVar[DnsTap | None] = contextvars.ContextVar("gateway_dns_tap", default=None)
+"""Set by a captured session's task: called with (name, type, outcome, response wire) for
+each lookup. Outcomes: ``answer``, ``noanswer``, ``nxdomain`` (with the response when
+dnspython kept it), ``timeout``, ``servfail``, ``error``."""
+
+
+def dns_key(qname: Any, rdtype: Any) -> tuple[str, str]:
+    """The record's key of a query: lower-case name without the final dot, type text."""
+    name = qname.to_text() if isinstance(qname, dns.name.Name) else str(qname)
+    kind = dns.rdatatype.to_text(rdtype) if isinstance(rdtype, int) else str(rdtype).upper()
+    return name.lower().rstrip("."), kind
+
+
+def _outcome(exc: BaseException) -> tuple[str, bytes | None]:
+    if isinstance(exc, dns.resolver.NXDOMAIN):
+        responses = (getattr(exc, "kwargs", None) or {}).get("responses") or {}
+        response = next(iter(responses.values()), None)
+        return "nxdomain", response.to_wire() if response is not None else None
+    if isinstance(exc, dns.resolver.NoAnswer):
+        response = (getattr(exc, "kwargs", None) or {}).get("response")
+        return "noanswer", response.to_wire() if isinstance(response, dns.message.Message) else None
+    if isinstance(exc, (dns.resolver.LifetimeTimeout, TimeoutError)):
+        return "timeout", None
+    if isinstance(exc, dns.resolver.NoNameservers):
+        return "servfail", None
+    return "error", None
+
+
+class RecordingResolver(dns.asyncresolver.Resolver):
+    """The gateway's resolver; hands each outcome to :data:`DNS_TAP` when one is set.
+
+    Costs one context-variable read per lookup when nothing is captured.
+    """
+
+    async def resolve(self, qname: Any, rdtype: Any = dns.rdatatype.A, *args: Any, **kwargs: Any) -> Any:
+        tap = DNS_TAP.get()
+        if tap is None:
+            return await super().resolve(qname, rdtype, *args, **kwargs)
+        name, kind = dns_key(qname, rdtype)
+        try:
+            answer = await super().resolve(qname, rdtype, *args, **kwargs)
+        except (dns.exception.DNSException, TimeoutError) as exc:
+            tap(name, kind, *_outcome(exc))
+            raise
+        tap(name, kind, "answer", answer.response.to_wire())
+        return answer
+
+
+class RecordedResolver:
+    """Answers lookups from recorded outcomes (see :data:`DNS_TAP`), never the network.
+
+    :attr:`session` holds the outcomes recorded in the session being replayed and is
+    asked first; then :attr:`everything` (what any session of the capture saw, since a
+    plugin's cache hid repeated lookups from later sessions). A query in neither goes to
+    ``live`` when given, else fails as a timeout would, counted in :attr:`missing`.
+    """
+
+    def __init__(self, everything: Mapping[tuple[str, str], tuple[str, bytes | None]], live: Any = None) -> None:
+        self.everything = everything
+        self.session: Mapping[tuple[str, str], tuple[str, bytes | None]] = {}
+        self.live = live
+        self.missing: list[tuple[str, str]] = []
+        self.lifetime = 5.0
+        self.timeout = 5.0
+
+    async def resolve(self, qname: Any, rdtype: Any = dns.rdatatype.A, *args: Any, **kwargs: Any) -> Any:
+        key = dns_key(qname, rdtype)
+        found = self.session.get(key) or self.everything.get(key)
+        if found is None:
+            if self.live is not None:
+                return await self.live.resolve(qname, rdtype, *args, **kwargs)
+            self.missing.append(key)
+            raise dns.resolver.LifetimeTimeout(timeout=0.0, errors=[])
+        outcome, wire = found
+        name = qname if isinstance(qname, dns.name.Name) else dns.name.from_text(str(qname))
+        response = dns.message.from_wire(wire) if wire is not None else None
+        if outcome == "answer" and response is not None:
+            return dns.resolver.Answer(name, dns.rdatatype.from_text(key[1]), dns.rdataclass.IN, response)
+        if outcome == "nxdomain":
+            raise dns.resolver.NXDOMAIN(qnames=[name], responses={name: response} if response else {})
+        if outcome == "noanswer":
+            if not kwargs.get("raise_on_no_answer", True) and response is not None:
+                return dns.resolver.Answer(name, dns.rdatatype.from_text(key[1]), dns.rdataclass.IN, response)
+            raise dns.resolver.NoAnswer(response=response) if response is not None else dns.resolver.NoAnswer()
+        if outcome == "servfail":
+            raise dns.resolver.NoNameservers(request=None, errors=[])
+        raise dns.resolver.LifetimeTimeout(timeout=0.0, errors=[])
+
+
 def make_resolver(settings: DnsSettings) -> dns.asyncresolver.Resolver:
     """A resolver for the policy's ``[dns]`` section.
 
@@ -95,7 +197,7 @@ def make_resolver(settings: DnsSettings) -> dns.asyncresolver.Resolver:
     :raises ValueError: a nameserver entry is malformed
     """
     if settings.nameservers:
-        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver = RecordingResolver(configure=False)
         servers: list[dns.nameserver.Nameserver | str] = []
         for entry in settings.nameservers:
             address, port = parse_nameserver(entry)
@@ -103,10 +205,10 @@ def make_resolver(settings: DnsSettings) -> dns.asyncresolver.Resolver:
         resolver.nameservers = servers
     else:
         try:
-            resolver = dns.asyncresolver.Resolver()
+            resolver = RecordingResolver()
         except dns.resolver.NoResolverConfiguration:
             log.warning("no nameserver in the system configuration; asking 127.0.0.1")
-            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver = RecordingResolver(configure=False)
             resolver.nameservers = ["127.0.0.1"]
     resolver.lifetime = float(settings.timeout)
     # One server's share of the lifetime; dnspython retries the others within it.

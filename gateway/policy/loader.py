@@ -26,6 +26,7 @@ from typing import TypeVar
 
 from gateway.policy.model import (
     AuthSettings,
+    CaptureSettings,
     Limits,
     ListenerSettings,
     DeliverySettings,
@@ -66,6 +67,7 @@ _SECTIONS: dict[str, type] = {
     "dns": DnsSettings,
     "delivery": DeliverySettings,
     "metrics": MetricsSettings,
+    "capture": CaptureSettings,
 }
 _TOP_LEVEL = (*_SECTIONS, "listeners", "routes", "plugins", "overrides")
 _OVERRIDE_KEYS = ("match", "disable", "plugins", "limits")
@@ -224,6 +226,7 @@ class _Loader:
             dns=self.section(data, DnsSettings, "dns"),
             delivery=self.section(data, DeliverySettings, "delivery"),
             metrics=self.section(data, MetricsSettings, "metrics"),
+            capture=self.section(data, CaptureSettings, "capture"),
             routes=routes,
             plugins=plugins,
             overrides=overrides,

@@ -30,6 +30,7 @@ from gateway.policy.units import Duration, IPNetwork, Size
 
 __all__ = [
     "AuthSettings",
+    "CaptureSettings",
     "DeliverySettings",
     "DnsSettings",
     "EtrnSettings",
@@ -249,6 +250,21 @@ class DnsSettings:
         (), "\"ip\" or \"ip:port\" entries; empty = /etc/resolv.conf"
     )
     timeout: Duration = setting(5.0, "time limit of one lookup", min=0.001)
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    """Recording of SMTP sessions for ``gateway replay``: ``[capture]`` (docs/replay.md).
+
+    Each session is written when it ends, as one JSON line in ``var_dir/capture/``
+    (files 0600), best effort: a full disk or a slow one drops records, never a session.
+    """
+
+    enabled: bool = setting(False, "record every SMTP session (off by default)")
+    headers_only: bool = setting(False, "keep only the header section of each message, not its body")
+    file_size: Size = setting(64 * 1024 * 1024, "start a new capture file past this size", min=1)
+    max_size: Size = setting(1024 * 1024 * 1024, "remove the oldest capture files past this total", min=1)
+    max_age: Duration = setting(7 * 86400.0, "remove capture files older than this", min=1)
 
 
 @dataclass(frozen=True)
@@ -512,6 +528,7 @@ class Policy:
     scoring: ScoringSettings = setting(ScoringSettings(), "score thresholds")
     dns: DnsSettings = setting(DnsSettings(), "resolver")
     metrics: MetricsSettings = setting(MetricsSettings(), "Prometheus endpoint")
+    capture: CaptureSettings = setting(CaptureSettings(), "session recording for gateway replay")
     delivery: DeliverySettings = setting(DeliverySettings(), "scheduler and delivery agents")
     routes: tuple[RouteSettings, ...] = setting((), "smarthost routes, first match wins")
     plugins: tuple[PluginEntry, ...] = setting((), "the ordered plugin chain")

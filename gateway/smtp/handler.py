@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import capture
 from gateway.context import Gateway
 from gateway.logs import QUEUE_ID, short
 from gateway.model import Envelope, Message, QueuedRecipient, Recipient, Session, StashKey, Transaction
@@ -230,7 +231,9 @@ class SmtpHandler:
         txn.queue_id = queue.new_id()
         token = QUEUE_ID.set(txn.queue_id)
         try:
-            return await self._data(session, scope, txn, Message(raw))
+            answer = await self._data(session, scope, txn, Message(raw))
+            capture.note_data(session, txn, raw)
+            return answer
         finally:
             QUEUE_ID.reset(token)
 
@@ -365,9 +368,11 @@ class SmtpHandler:
     def _note_quarantine(txn: Transaction, verdict: Verdict) -> None:
         if verdict.action is Action.QUARANTINE and QUARANTINE_REASON not in txn.stash:
             txn.stash[QUARANTINE_REASON] = f"{verdict.plugin}: {verdict.reason}"
+            capture.note_verdict("quarantine", verdict)
             log.info("quarantine by=%s reason=%s", verdict.plugin, short(verdict.reason))
 
     def _log_verdict(self, stage: str, verdict: Verdict, **extra: object) -> None:
+        capture.note_verdict(stage, verdict)
         counters = self.gateway.counters
         if counters is not None:
             counters.bump(counters.refused, (stage, verdict.action.value))

@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
+from gateway import capture
 from gateway.address import AddressError, parse_params, parse_path
 from gateway.logs import SESSION_ID, short
 from gateway.model import Recipient, Transaction
@@ -143,6 +144,7 @@ class GatewaySMTP(SMTP):
         self.txn: Transaction | None = None
         self.errors = 0
         self.auth_failures = 0
+        self.tap: Any = capture.NO_TAP
         self._commands: dict[str, Callable[[str], Awaitable[None]]] = {
             "HELO": self.cmd_helo,
             "EHLO": self.cmd_ehlo,
@@ -195,6 +197,7 @@ class GatewaySMTP(SMTP):
 
     async def reply(self, reply: Reply, *, bad: bool = False) -> None:
         """Send a reply; a protocol error spends one unit of the error budget."""
+        self.tap.reply(reply)
         self._writer.write(reply.wire())
         await self._writer.drain()
         if bad:
@@ -242,6 +245,7 @@ class GatewaySMTP(SMTP):
                 if self.sessions is not None and task is not None:
                     self.sessions.discard(task)
             return
+        self.tap = capture.start(self.handler, session)
         self._watchdog = Watchdog()
         try:
             async with asyncio.timeout(limits.session_timeout):
@@ -270,6 +274,7 @@ class GatewaySMTP(SMTP):
                 await asyncio.shield(self.handler.disconnect(session, scope))
             except asyncio.CancelledError:
                 pass
+            self.tap.finish(session)
             if self.sessions is not None and task is not None:
                 self.sessions.discard(task)
 
@@ -321,6 +326,7 @@ class GatewaySMTP(SMTP):
             except UnicodeDecodeError:
                 await self.reply(Reply(500, "5.5.2", "Invalid UTF-8 in command"), bad=True)
                 continue
+            self.tap.command(verb, arg)
             command = self._commands.get(verb)
             if command is None:
                 log.info("unrecognised command %s", short(verb, 20))
