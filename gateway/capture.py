@@ -116,7 +116,7 @@ class SessionTap:
         line = f"{verb} {arg[:_MAX_ARG]}" if arg else verb
         self.log.append([line, []])
         if verb == "MAIL":
-            self.txns.append({"mail": arg[:_MAX_ARG], "reply": "", "rcpts": [], "verdicts": [], "data": None})
+            self.txns.append({"mail": arg[:_MAX_ARG], "mail_reply": "", "reply": "", "rcpts": [], "verdicts": [], "data": None})
         elif verb == "RCPT" and self.txns:
             self.txns[-1]["rcpts"].append({"rcpt": arg[:_MAX_ARG], "reply": "", "verdicts": []})
 
@@ -128,8 +128,10 @@ class SessionTap:
         line, replies = self.log[-1]
         replies.append(text)
         verb = line.partition(" ")[0]
-        if self.txns and verb in ("MAIL", "DATA"):
-            self.txns[-1]["reply"] = text
+        if self.txns and verb == "MAIL":
+            self.txns[-1]["mail_reply"] = text
+        elif self.txns and verb == "DATA":
+            self.txns[-1]["reply"] = text  # the 354, then the final reply
         elif self.txns and verb == "RCPT" and self.txns[-1]["rcpts"]:
             self.txns[-1]["rcpts"][-1]["reply"] = text
 
