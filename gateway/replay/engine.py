@@ -103,7 +103,7 @@ class Replayer:
         self.specs = specs
         self.dns = dns
         live = make_resolver(policy.dns) if dns != "record" else None
-        self.resolver: Any = live if dns == "live" else RecordedResolver(everything or {}, live)
+        self.resolver: Any = live if dns == "live" else RecordedResolver(everything if everything is not None else {}, live)
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="replay")
         self.runner = HookRunner(specs, [entry.name for entry in self.policy.plugins])
         self.gateway = Gateway(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from gateway.hooks import PluginSpec
 from gateway.replay.engine import Replayer, dns_index
@@ -12,6 +12,9 @@ from gateway.replay.records import Damaged, read_records
 from gateway.replay.report import Report
 
 __all__ = ["compare", "replay_capture", "replay_records"]
+
+# Records read before their sessions replay (see replay_records).
+_READ_AHEAD = 256
 
 _GONE = Outcome("disconnect", "session", "core", "the session ended before this transaction")
 
@@ -35,6 +38,17 @@ def compare(report: Report, old_record: Mapping[str, Any], new_record: Mapping[s
                    old[i] if has_old and i < len(old) else None, later)
 
 
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 async def replay_records(
     policy: Any,
     specs: Mapping[str, PluginSpec],
@@ -49,13 +63,18 @@ async def replay_records(
     report = Report(policy.source, dns)
     async with Replayer(policy, specs, dns=dns, everything=everything, skip=skip) as replayer:
         report.skipped_plugins = list(replayer.skipped)
-        for item in items:
-            if isinstance(item, Damaged):
-                report.damaged.append(str(item))
-                continue
-            # Answers seen so far stand in for lookups a plugin's cache saved later sessions.
-            everything.update(dns_index(item))
-            compare(report, item, await replayer.replay(item), has_old=has_old)
+        for chunk in _chunks(items, _READ_AHEAD):
+            # The answers of the sessions read so far (and of the next few: sessions that
+            # overlapped in time are near each other) stand in for lookups a plugin's cache
+            # or its shared in-flight query saved a session.
+            for item in chunk:
+                if not isinstance(item, Damaged):
+                    everything.update(dns_index(item))
+            for item in chunk:
+                if isinstance(item, Damaged):
+                    report.damaged.append(str(item))
+                    continue
+                compare(report, item, await replayer.replay(item), has_old=has_old)
         report.missing_dns = sorted({f"{name} {rdtype}" for name, rdtype in replayer.missing_dns})
     return report
 

@@ -230,3 +230,13 @@ def test_greylisting_replays_against_fresh_state_never_the_real_one(recorded, dn
         ("bob@localhost", "newly refused", "tempfail", "rcpt_greylist"),
     ]
     assert not real.exists()
+
+
+def test_a_session_whose_lookups_a_plugin_cache_spared_replays_from_earlier_answers(recorded, dns) -> None:
+    records = [json.loads(line) for p in sorted(recorded.glob("*.jsonl")) for line in p.read_text().splitlines()]
+    last = records[-1]  # E: 127.0.0.3 again, connect_dnsbl answered from its cache
+    assert last["client"] == "127.0.0.3" and last["dns"] == []
+    # Without a cache in the replay too, E's lookups come from D's answers in the record.
+    uncached = policy(dns.port).replace('mode = "enforce"', 'mode = "enforce"\ncache_size = 0')
+    result = replay(uncached, recorded)
+    assert result["dns_not_in_record"] == [] and result["messages"] == []
