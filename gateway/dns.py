@@ -19,7 +19,7 @@ import asyncio
 import contextvars
 import ipaddress
 import logging
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 import dns.asyncresolver
 import dns.exception
@@ -106,7 +106,7 @@ dnspython kept it), ``timeout``, ``servfail``, ``error``."""
 def dns_key(qname: Any, rdtype: Any) -> tuple[str, str]:
     """The record's key of a query: lower-case name without the final dot, type text."""
     name = qname.to_text() if isinstance(qname, dns.name.Name) else str(qname)
-    kind = dns.rdatatype.to_text(rdtype) if isinstance(rdtype, int) else str(rdtype).upper()
+    kind = dns.rdatatype.to_text(dns.rdatatype.RdataType.make(rdtype)) if isinstance(rdtype, int) else str(rdtype).upper()
     return name.lower().rstrip("."), kind
 
 
@@ -169,21 +169,26 @@ class RecordedResolver:
             if self.live is not None:
                 return await self.live.resolve(qname, rdtype, *args, **kwargs)
             self.missing.append(key)
-            raise dns.resolver.LifetimeTimeout(timeout=0.0, errors=[])
+            raise dns.resolver.LifetimeTimeout(timeout=0.0, errors=[])  # type: ignore[no-untyped-call]
         outcome, wire = found
         name = qname if isinstance(qname, dns.name.Name) else dns.name.from_text(str(qname))
-        response = dns.message.from_wire(wire) if wire is not None else None
+        response = cast("dns.message.QueryMessage", dns.message.from_wire(wire)) if wire is not None else None
         if outcome == "answer" and response is not None:
             return dns.resolver.Answer(name, dns.rdatatype.from_text(key[1]), dns.rdataclass.IN, response)
         if outcome == "nxdomain":
-            raise dns.resolver.NXDOMAIN(qnames=[name], responses={name: response} if response else {})
+            raise dns.resolver.NXDOMAIN(  # type: ignore[no-untyped-call]
+                qnames=[name], responses={name: response} if response else {}
+            )
         if outcome == "noanswer":
             if not kwargs.get("raise_on_no_answer", True) and response is not None:
                 return dns.resolver.Answer(name, dns.rdatatype.from_text(key[1]), dns.rdataclass.IN, response)
-            raise dns.resolver.NoAnswer(response=response) if response is not None else dns.resolver.NoAnswer()
+            if response is None:
+                raise dns.resolver.NoAnswer()  # type: ignore[no-untyped-call]
+            raise dns.resolver.NoAnswer(response=response)  # type: ignore[no-untyped-call]
         if outcome == "servfail":
-            raise dns.resolver.NoNameservers(request=None, errors=[])
-        raise dns.resolver.LifetimeTimeout(timeout=0.0, errors=[])
+            request = dns.message.make_query(name, key[1])
+            raise dns.resolver.NoNameservers(request=request, errors=[])  # type: ignore[no-untyped-call]
+        raise dns.resolver.LifetimeTimeout(timeout=0.0, errors=[])  # type: ignore[no-untyped-call]
 
 
 def make_resolver(settings: DnsSettings) -> dns.asyncresolver.Resolver:

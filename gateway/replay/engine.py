@@ -71,8 +71,8 @@ def prepare_policy(policy: Any, state_dir: Path, skip: Iterable[str] = ()) -> tu
         if entry.name in skipped or entry.id in skipped:
             left_out.append(entry.id)
             continue
-        settings = entry.settings
-        if dataclasses.is_dataclass(settings) and any(f.name == "state" for f in dataclasses.fields(settings)):
+        settings: Any = entry.settings
+        if dataclasses.is_dataclass(settings) and not isinstance(settings, type) and any(f.name == "state" for f in dataclasses.fields(settings)):
             entry = dataclasses.replace(entry, settings=dataclasses.replace(settings, state="sqlite"))
         entries.append(entry)
     server = dataclasses.replace(policy.server, var_dir=state_dir, queue_dir=state_dir / "queue")

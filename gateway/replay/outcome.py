@@ -71,7 +71,7 @@ def _action(reply: str) -> str:
 def _refusal(verdicts: list[dict[str, Any]], stages: tuple[str, ...]) -> dict[str, Any] | None:
     for verdict in reversed(verdicts):
         if verdict.get("stage") in stages and verdict.get("action") in _REFUSALS:
-            return verdict
+            return dict(verdict)
     return None
 
 
@@ -106,14 +106,15 @@ def _transaction(txn: dict[str, Any]) -> Outcome:
     data = txn.get("data")
     score = data.get("score") if data else None
     if not accepted:
-        refused = [r for r in rcpts if r.get("reply")]
-        first = refused[0] if refused else {"reply": "", "verdicts": []}
-        verdict = _refusal(first.get("verdicts") or [], ("rcpt",))
-        action = "tempfail" if any(r["reply"].startswith("4") for r in refused) else "reject"
-        if verdict is not None:
-            return Outcome(action, "rcpt", verdict["plugin"], verdict["reason"], first["reply"])
-        by = "default-deny" if first["reply"].startswith("550 5.7.1 Recipient not accepted") else "core"
-        return Outcome(action, "rcpt", by, "", first["reply"])
+        answered = [r for r in rcpts if r.get("reply")]
+        head: dict[str, Any] = answered[0] if answered else {"reply": "", "verdicts": []}
+        found = _refusal(head.get("verdicts") or [], ("rcpt",))
+        action = "tempfail" if any(str(r["reply"]).startswith("4") for r in answered) else "reject"
+        reply_text = str(head["reply"])
+        if found is not None:
+            return Outcome(action, "rcpt", found["plugin"], found["reason"], reply_text)
+        by = "default-deny" if reply_text.startswith("550 5.7.1 Recipient not accepted") else "core"
+        return Outcome(action, "rcpt", by, "", reply_text)
     refused = [r for r in rcpts if r.get("reply") and not str(r["reply"]).startswith("2")]
     names = tuple(_address(r["rcpt"]) for r in refused)
     first = _refusal(refused[0].get("verdicts") or [], ("rcpt",)) if refused else None
