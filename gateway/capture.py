@@ -48,6 +48,8 @@ _FILE_SECONDS = 3600.0
 # Records waiting for the writer thread; past this the new ones are dropped.
 _MAX_PENDING_BYTES = 64 * 1024 * 1024
 _BATCH = 256
+# Commands kept per session (the last entry is replaced past it).
+_MAX_LOG = 2000
 # Client-supplied text kept per command.
 _MAX_ARG = 1024
 
@@ -114,7 +116,11 @@ class SessionTap:
         if verb == "AUTH":
             arg = arg.partition(" ")[0]
         line = f"{verb} {arg[:_MAX_ARG]}" if arg else verb
-        self.log.append([line, []])
+        if len(self.log) >= _MAX_LOG:  # a client looping on NOOP: keep the start and count
+            self.record["log_dropped"] = self.record.get("log_dropped", 0) + 1
+            self.log[-1] = [line, []]
+        else:
+            self.log.append([line, []])
         if verb == "MAIL":
             self.txns.append({"mail": arg[:_MAX_ARG], "mail_reply": "", "reply": "", "rcpts": [], "verdicts": [], "data": None})
         elif verb == "RCPT" and self.txns:

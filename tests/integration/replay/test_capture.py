@@ -14,7 +14,7 @@ from typing import Any
 from gateway import capture
 from gateway.passwords import hash_password
 from gateway.policy.model import CaptureSettings
-from tests.conftest import BASE_POLICY, MESSAGE, no_verify_context, wait_for
+from tests.conftest import BASE_POLICY, MESSAGE, RawClient, no_verify_context, wait_for
 
 CAPTURE = "\n[capture]\nenabled = true\n"
 
@@ -123,3 +123,20 @@ def test_files_rotate_by_size_and_the_oldest_go_past_max_size(tmp_path) -> None:
     kept = [json.loads(line)["n"] for p in sorted(files, key=lambda p: p.stat().st_mtime_ns)
             for line in p.read_text().splitlines()]
     assert kept == sorted(kept) and kept[-1] == 11 and kept[0] > 0
+
+
+def test_a_long_session_keeps_a_bounded_command_log(gateway_factory) -> None:
+    gw = gateway_factory(BASE_POLICY + CAPTURE)
+    c = RawClient(gw.port)
+    c.reply()
+    c.cmd("EHLO client.test.example")
+    for _ in range(2100):
+        c.send(b"NOOP\r\n")
+    for _ in range(2100):
+        c.reply()
+    c.cmd("QUIT")
+    c.close()
+    (record,) = wait_records(var_dir(gw), 1)
+    # The greeting, EHLO, 2100 NOOPs and QUIT: 2103 entries, the last one kept.
+    assert len(record["log"]) == 2000 and record["log_dropped"] == 103
+    assert record["log"][-1][0] == "QUIT"

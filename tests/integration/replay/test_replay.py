@@ -240,3 +240,14 @@ def test_a_session_whose_lookups_a_plugin_cache_spared_replays_from_earlier_answ
     uncached = policy(dns.port).replace('mode = "enforce"', 'mode = "enforce"\ncache_size = 0')
     result = replay(uncached, recorded)
     assert result["dns_not_in_record"] == [] and result["messages"] == []
+
+
+def test_a_changed_score_is_a_score_shift_not_a_change_of_outcome(recorded, dns) -> None:
+    text = policy(dns.port).replace("score = 3.0", "score = 5.5")
+    result = replay(text, recorded)
+    totals = result["totals"]
+    assert (totals["newly_refused"], totals["newly_accepted"], totals["other_changes"]) == (0, 0, 0)
+    assert (totals["score_shifts"], totals["score_shift_mean"]) == (1, 2.5)
+    assert result["groups"] == []
+    (message,) = result["messages"]
+    assert (message["change"], message["old"]["score"], message["new"]["score"]) == ("score", 3.0, 5.5)
