@@ -13,8 +13,6 @@ on the whole buffer with C-speed byte operations.
 from __future__ import annotations
 
 import asyncio
-import functools
-import re
 from dataclasses import dataclass
 
 from gateway.verdicts import Reply
@@ -122,23 +120,25 @@ async def read_data(
     return DataResult(raw, None, received)
 
 
-@functools.lru_cache(maxsize=8)
-def _long_line_pattern(max_content: int) -> re.Pattern[bytes]:
-    # Anchored at line starts: an unanchored pattern is retried at every offset, which
-    # made this check a third of the event loop's time under load.
-    return re.compile(rb"^[^\r\n]{%d}" % (max_content + 1), re.MULTILINE)
-
-
-#: Below this size the lines are measured by splitting (a few µs for a typical message,
-#: against tens for the pattern, which steps through every octet); above it the pattern
-#: keeps the work free of a list of one object per line.
-_SPLIT_BELOW = 64 * 1024
+#: Lines are measured by splitting at CRLF, in windows of this many octets (or twice the
+#: limit, if larger) so that a large message never becomes one list of all its lines.
+#: Splitting costs about 0.7 ms for 500 KiB, against 4.6 ms for a line-anchored pattern,
+#: which steps through every octet (a third of the CPU of a 500 KiB delivery).
+_WINDOW = 64 * 1024
 
 
 def _has_long_line(body: bytes, max_content: int) -> bool:
     """True if some line holds more than ``max_content`` octets before its CRLF."""
-    if len(body) <= max_content:
+    size = len(body)
+    if size <= max_content:
         return False
-    if len(body) < _SPLIT_BELOW:
-        return max(map(len, body.split(b"\r\n"))) > max_content
-    return _long_line_pattern(max_content).search(body) is not None
+    window = max(_WINDOW, 2 * (max_content + 2))
+    start = 0
+    while size - start > window:
+        end = body.rfind(b"\r\n", start, start + window)
+        if end == -1:  # no line end in a window longer than the limit
+            return True
+        if max(map(len, body[start:end].split(b"\r\n"))) > max_content:
+            return True
+        start = end + 2
+    return max(map(len, body[start:].split(b"\r\n"))) > max_content

@@ -3,8 +3,10 @@
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.smtp.data import REPLY_BARE_NEWLINE, REPLY_LINE_TOO_LONG, REPLY_TOO_BIG, read_data
+from gateway.smtp.data import REPLY_BARE_NEWLINE, REPLY_LINE_TOO_LONG, REPLY_TOO_BIG, _has_long_line, read_data
 
 
 def feed(chunks: list[bytes], **kwargs: int):
@@ -108,3 +110,17 @@ def test_a_long_line_is_found_anywhere_in_small_and_large_messages(lines: int, w
 def test_eof_mid_message() -> None:
     with pytest.raises(ConnectionResetError):
         feed([b"Subject: x\r\n\r\nunfinished"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=st.lists(st.integers(min_value=0, max_value=1200), min_size=1, max_size=200),
+    limit=st.sampled_from([10, 998, 70_000]),
+    repeat=st.sampled_from([1, 400]),
+)
+def test_long_line_check_agrees_with_measuring_every_line(lines: list[int], limit: int, repeat: int) -> None:
+    # Large messages are measured in windows: a line across a window's edge, a message
+    # of one huge line and a limit above the window size must all count as plain
+    # splitting counts them.
+    body = b"\r\n".join(b"x" * n for n in lines * repeat)
+    assert _has_long_line(body, limit) == (max(map(len, body.split(b"\r\n"))) > limit)
