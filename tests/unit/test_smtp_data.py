@@ -124,3 +124,11 @@ def test_long_line_check_agrees_with_measuring_every_line(lines: list[int], limi
     # splitting counts them.
     body = b"\r\n".join(b"x" * n for n in lines * repeat)
     assert _has_long_line(body, limit) == (max(map(len, body.split(b"\r\n"))) > limit)
+
+
+def test_a_line_longer_than_the_window_is_measured_whole() -> None:
+    long_line = b"x" * 70_000  # longer than one 64 KiB window, shorter than the limit
+    body = long_line + b"\r\n" + b"\r\n".join([b"y" * 70] * 2_000)
+    assert not _has_long_line(body, 100_000)
+    assert _has_long_line(body, 69_999)
+    assert _has_long_line(b"z" * 200_000, 100_000)
