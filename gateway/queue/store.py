@@ -16,7 +16,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from gateway.queue.damage import CorruptQueueFile, move_aside, read_envelope
 from gateway.queue.damage import check_fd as _check_fd
 from gateway.queue.dirsync import DirSync
 from gateway.queue.locks import is_locked, ofd_lock, open_locked
+from gateway.queue.recovery import clear_tmp, verify_area, verify_states
 
 __all__ = [
     "AREAS", "Claim", "CorruptQueueFile", "QueueStore", "QueuedMessage",
@@ -248,14 +248,9 @@ class QueueStore:
         if is_new:
             fsync_dir(self.root)
             fsync_dir(self.root.parent)
-        for entry in os.scandir(self.root / "tmp"):
-            log.debug("removing unfinished temporary file %s", entry.name)
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
-        found = {area: self._verify_area(area) for area in AREAS}
-        self._verify_states(found)
+        clear_tmp(self.root / "tmp")
+        found = {area: verify_area(self.root, area, self._move_aside) for area in AREAS}
+        verify_states(self.root, found, self._read_state, self._move_aside)
         self._committer.reopen()
         log.info("queue opened root=%s messages=%d quarantined=%d",
                  self.root, len(found["msg"]), len(found["quarantine"]))
@@ -291,45 +286,6 @@ class QueueStore:
         finally:
             os.close(fd)
         return True
-
-    def _verify_area(self, area: str) -> set[str]:
-        good: set[str] = set()
-        for entry in os.scandir(self._dir(area)):
-            try:
-                if not (_QID_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)):
-                    raise CorruptQueueFile(f"{entry.name!r} is not a queue file")
-                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    read_envelope(fd, entry.name, *_check_fd(fd, entry.name)[:2])
-                finally:
-                    os.close(fd)
-            except (CorruptQueueFile, OSError) as exc:
-                files = [Path(entry.path)]
-                if _QID_RE.fullmatch(entry.name) and (self.root / "state" / entry.name).exists():
-                    files.append(self.root / "state" / entry.name)  # they stay together
-                self._move_aside(entry.name, files, str(exc))
-            else:
-                good.add(entry.name)
-        return good
-
-    def _verify_states(self, found: dict[str, set[str]]) -> None:
-        is_changed = False
-        for entry in os.scandir(self.root / "state"):
-            qid = entry.name
-            area = next((a for a in AREAS if qid in found[a]), None)
-            if area is None:  # remove() unlinks the message first: this is garbage
-                log.warning("removing state file without a message qid=%s", qid)
-                os.unlink(entry.path)
-                is_changed = True
-                continue
-            try:
-                self._read_state(qid)
-            except (CorruptQueueFile, OSError) as exc:
-                # Without its state we could deliver twice: leave both to a human.
-                self._move_aside(qid, [self._path(area, qid), Path(entry.path)], str(exc))
-                found[area].discard(qid)
-        if is_changed:
-            fsync_dir(self.root / "state")
 
     def _move_aside(self, qid: str, files: list[Path], reason: str) -> None:
         if move_aside(self.root, qid, files, reason):
