@@ -15,10 +15,8 @@ to :class:`~gateway.smtp.handler.SmtpHandler`.
 from __future__ import annotations
 
 import asyncio
-import binascii
 import logging
 import ssl
-from base64 import b64decode
 from typing import Any, Awaitable, Callable
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
@@ -27,6 +25,7 @@ from gateway import capture
 from gateway.address import AddressError, parse_params, parse_path
 from gateway.logs import SESSION_ID, short
 from gateway.model import Recipient, Transaction
+from gateway.smtp.auth import auth_command
 from gateway.smtp.data import read_data
 from gateway.smtp.etrn import etrn, is_offered
 from gateway.smtp.handler import Answer, SmtpHandler
@@ -60,8 +59,6 @@ R_DEADLINE = Reply(421, "4.4.2", "Session time limit exceeded, closing connectio
 R_TOO_MANY_CONN = Reply(421, "4.7.0", "Too many connections, try again later")
 R_TOO_MANY_MSGS = Reply(421, "4.7.0", "Too many messages in one session, closing connection")
 R_NO_TLS = Reply(502, "5.5.1", "STARTTLS not available")
-R_NO_AUTH = Reply(502, "5.5.1", "AUTH not available")
-R_AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 R_OK = Reply(250, "2.0.0", "OK")
 
 # RFC 3207 §4: before TLS on a listener that requires it, only these may pass.
@@ -540,67 +537,6 @@ class GatewaySMTP(SMTP):
             raise _Close() from None
 
     async def cmd_auth(self, arg: str) -> None:
-        session = self.gsession
-        if not self.listener.auth:
-            await self.reply(R_NO_AUTH, bad=True)
-            return
-        if not session.has_tls:
-            await self.reply(R_AUTH_NEEDS_TLS)
-            return
-        if not session.is_esmtp or session.helo is None:
-            await self.reply(R_NEED_HELO, bad=True)
-            return
-        if session.is_authenticated:
-            await self.reply(Reply(503, "5.5.1", "Already authenticated"), bad=True)
-            return
-        if self.txn is not None:
-            await self.reply(Reply(503, "5.5.1", "AUTH not permitted during a mail transaction"), bad=True)
-            return
-        mechanism, _, initial = arg.partition(" ")
-        mechanism = mechanism.upper()
-        credentials = await self._credentials(mechanism, initial.strip())
-        if credentials is None:
-            return
-        login, password = credentials
-        answer = await self.handler.auth(session, self.scope, mechanism, login, password)
-        if not answer.reply.is_positive and answer.reply.code == 535:
-            self.auth_failures += 1
-            if self.auth_failures >= self.handler.policy.auth.max_failures:
-                await self.reply(answer.reply)
-                await self.reply(Reply(421, "4.7.0", "Too many authentication failures"))
-                raise _Close()
-        await self.answer(answer)
-
-    async def _challenge(self, prompt: bytes) -> bytes | None:
-        async with asyncio.timeout(self.scope.limits.idle_timeout):
-            value = await self.challenge_auth(prompt)
-        return None if not isinstance(value, bytes) else value
-
-    async def _credentials(self, mechanism: str, initial: str) -> tuple[str, str] | None:
-        """Collect (login, password) for PLAIN or LOGIN; ``None`` if already answered."""
-        try:
-            if mechanism == "PLAIN":
-                if initial:
-                    blob: bytes | None = b"" if initial == "=" else b64decode(initial, validate=True)
-                else:
-                    blob = await self._challenge(b"")
-                if blob is None:
-                    return None
-                parts = blob.split(b"\x00")
-                if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
-                    await self.reply(Reply(501, "5.5.2", "Malformed PLAIN credentials"), bad=True)
-                    return None
-                return parts[1].decode("utf-8"), parts[2].decode("utf-8")
-            if mechanism == "LOGIN":
-                user = b64decode(initial, validate=True) if initial else await self._challenge(b"Username:")
-                if user is None:
-                    return None
-                password = await self._challenge(b"Password:")
-                if password is None:
-                    return None
-                return user.decode("utf-8"), password.decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            await self.reply(Reply(501, "5.5.2", "Cannot decode credentials"), bad=True)
-            return None
-        await self.reply(Reply(504, "5.5.4", "Unrecognized authentication type"), bad=True)
-        return None
+        # RFC 4954; gateway/smtp/auth.py checks the command and collects the credentials.
+        if await auth_command(self, arg):
+            raise _Close()
