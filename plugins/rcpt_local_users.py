@@ -7,7 +7,8 @@ user (``[local] users`` and ``[[local.assign]]``) is accepted, and so is
 ``-``); anything else gets 550 5.1.1, so no bounce is ever owed for an unknown local
 user. A virtual domain (``[local] virtual``) accepts every local part when the user it
 maps to exists. A name of the aliases file (``[local] aliases``, exactly the local part)
-is accepted too. Other domains: no opinion.
+is accepted too, and so are ``abuse`` and ``MAILER-DAEMON`` (RFC 2142), which reach the
+postmaster's mailbox when no user or alias of that name exists. Other domains: no opinion.
 
 Put it after ``rcpt_relay``, which refuses routing tricks before a mailbox is looked up.
 Settings: ``allow_extensions`` (default true).
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 from gateway.context import Gateway
 from gateway.delivery.local.expand import current_aliases, is_alias
-from gateway.delivery.router import split_user
+from gateway.delivery.router import POSTMASTER_ROLES, split_user
 from gateway.hooks import hookimpl
 from gateway.model import Recipient
 from gateway.verdicts import Reply, Verdict
@@ -66,4 +67,6 @@ async def gateway_rcpt(rcpt: Recipient, gateway: Gateway, settings: Settings) ->
         return Verdict.accept(reason="local user")
     if await _is_alias(gateway, address.local):
         return Verdict.accept(reason="alias")
+    if address.local.lower() in POSTMASTER_ROLES:
+        return Verdict.accept(reason="role address, delivered to postmaster")
     return Verdict.reject(REPLY_UNKNOWN, reason="unknown local user")

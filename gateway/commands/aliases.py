@@ -45,6 +45,7 @@ def main(args: argparse.Namespace) -> int:
     from gateway.commands._common import load
     from gateway.delivery.local.aliases import AliasError, Resolver, load_aliases
     from gateway.delivery.local.expand import REQUIRED_NAMES, check_aliases
+    from gateway.delivery.router import POSTMASTER_ROLES
     from gateway.policy import PolicyError
 
     domains: tuple[str, ...] = ()
@@ -89,8 +90,12 @@ def main(args: argparse.Namespace) -> int:
         shown = "MAILER-DAEMON" if name == "mailer-daemon" else name
         if name in aliases.aliases:
             print(f"{shown}: alias")
+        elif users and name in users:
+            print(f"{shown}: local user")
+        elif users and name in POSTMASTER_ROLES:
+            print(f"{shown}: the postmaster's mailbox (neither an alias nor a local user)")
         elif users:
-            print(f"{shown}: {'local user' if name in users else 'NOWHERE (neither an alias nor a local user)'}")
+            print(f"{shown}: the mailbox of user {name} (always delivered)")
         else:
             print(f"{shown}: not an alias (a local user?)")
     return 0

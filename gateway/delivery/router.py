@@ -1,6 +1,7 @@
 """Built-in routing: where a queued recipient goes, from the policy alone.
 
-Order (qmail's, grown up): a local domain or bare ``postmaster`` goes to a local user;
+Order (qmail's, grown up): a local domain or bare ``postmaster`` goes to a local user
+(``abuse`` and ``MAILER-DAEMON`` without a user or alias of their own: the postmaster);
 a virtual domain goes to the user it maps to, with the local part as the extension
 (qmail virtualdomains); a ``[[routes]]`` entry (exact domain, then ``.suffix``, then
 ``*``) gives a smarthost, hold or discard; anything else goes to the domain's MX hosts.
@@ -14,7 +15,12 @@ from typing import Any
 from gateway.address import Address, AddressError
 from gateway.delivery.types import LocalRoute, MxRoute, Route, SmarthostRoute, SpecialRoute
 
-__all__ = ["domain_of", "holding_route", "is_held", "route_for", "split_user"]
+__all__ = ["POSTMASTER_ROLES", "domain_of", "holding_route", "is_held", "route_for", "split_user"]
+
+#: Role addresses (RFC 2142 ``abuse``; ``MAILER-DAEMON``, where replies to bounces go)
+#: that reach the postmaster's mailbox in a local domain when they are neither a local
+#: user nor an alias, as the aliases file every Unix MTA ships says.
+POSTMASTER_ROLES = frozenset({"abuse", "mailer-daemon"})
 
 
 def split_user(local: str, users: tuple[str, ...] | frozenset[str], delimiter: str) -> tuple[str, str]:
@@ -74,6 +80,9 @@ def route_for(address: str, policy: Any) -> Route:
     domain = parsed.domain_key
     local = policy.local
     if domain in local.domains:
+        name = parsed.local.lower()
+        if name in POSTMASTER_ROLES and name not in local.users:
+            return LocalRoute("postmaster", "", domain)  # an alias of that name expands first
         user, ext = split_user(parsed.local, local.users, local.extension_delimiter)
         return LocalRoute(user, ext, domain)
     if domain in local.virtual:

@@ -149,12 +149,14 @@ def expand_recipient(local: LocalSettings, local_part: str) -> list[Leaf] | None
 def startup_check(local: LocalSettings) -> list[str]:
     """Load and check the aliases file now; the warnings to log.
 
-    :returns: one message per required name (``postmaster``, ``abuse``,
-        ``MAILER-DAEMON``) that is neither a local user nor an alias
+    ``postmaster`` is always delivered (to the user of that name), and ``abuse`` and
+    ``MAILER-DAEMON`` reach the postmaster when neither a user nor an alias has their
+    name (:data:`gateway.delivery.router.POSTMASTER_ROLES`), so none of the
+    :data:`REQUIRED_NAMES` can go nowhere: the warnings are the aliases file's own.
+
     :raises AliasError: the file is unreadable or broken, or an alias loops (file,
         line and alias named)
     """
-    aliases = EMPTY
     warnings: list[str] = []
     if aliases_enabled(local):
         aliases = alias_table(local.aliases).load()
@@ -164,12 +166,6 @@ def startup_check(local: LocalSettings) -> list[str]:
             base=local.aliases.parent, delimiter=local.extension_delimiter,
         )
         check_aliases(aliases, resolve, warnings=warnings)
-    users = set(local.users)
-    for name in REQUIRED_NAMES:
-        if name not in users and name not in aliases.aliases:
-            shown = "MAILER-DAEMON" if name == "mailer-daemon" else name
-            where = "" if aliases_enabled(local) else " (no [local] aliases file)"
-            warnings.append(f"{shown} is neither a local user nor an alias: mail to it is refused{where}")
     return warnings
 
 
