@@ -5,7 +5,8 @@
 """
 
 from gateway.delivery.remote.agent import RemoteDeliveryAgent
-from gateway.delivery.remote.client import HostFailure, SmtpConnection, TlsFailure
+from gateway.delivery.remote.client import SmtpConnection
+from gateway.delivery.remote.failures import HostFailure, TlsFailure
 from gateway.delivery.remote.mx import Destination, resolve_destinations, resolve_host
 
 __all__ = [

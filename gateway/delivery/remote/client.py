@@ -6,7 +6,7 @@ STARTTLS (RFC 3207), AUTH PLAIN (RFC 4954), and mail transactions with PIPELININ
 Every network wait is bounded by the RFC 5321 §4.5.3.2 timeouts the policy sets.
 
 Failures of the session itself (connect, greeting, EHLO, TLS, AUTH, a lost connection)
-raise :class:`HostFailure`, a temporary failure that means "try another host"; a mail
+raise :class:`~gateway.delivery.remote.failures.HostFailure`, a temporary failure that means "try another host"; a mail
 loop raises :class:`~gateway.verdicts.PermanentFailure`. A transaction never raises:
 :meth:`SmtpConnection.send` returns one :class:`~gateway.delivery.types.Outcome` per
 recipient, keeping the remote reply so a bounce can quote it.
@@ -23,9 +23,11 @@ import ssl
 from collections.abc import Awaitable, Collection, Sequence
 from typing import Literal, TypeVar
 
+from gateway.delivery.remote.failures import HostFailure, StaleConnection, TlsFailure, as_temporary, tls_result_of
+from gateway.delivery.remote.wire import dot_stuffed, header_block, xtext
 from gateway.delivery.types import Outcome
 from gateway.model import Envelope, QueuedRecipient
-from gateway.verdicts import PermanentFailure, Reply, TemporaryFailure
+from gateway.verdicts import PermanentFailure, Reply
 from gateway.watchdog import Watchdog
 
 __all__ = ["HostFailure", "SmtpConnection", "StaleConnection", "TlsFailure", "as_temporary", "xtext"]
@@ -43,62 +45,6 @@ _QUIT_TIMEOUT = 5.0
 _STATUS_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _THROTTLE_RE = re.compile(r"too many|connection limit|rate limit|try again later", re.IGNORECASE)
-
-
-class HostFailure(TemporaryFailure):
-    """The session with this host failed; the next host may work.
-
-    ``reply`` is temporary (what recipients get if no host works); ``remote_reply`` is
-    what the host said, if it said anything.
-    """
-
-    def __init__(self, reply: Reply, remote_reply: Reply | None = None) -> None:
-        super().__init__(reply)
-        self.remote_reply = remote_reply
-
-
-class TlsFailure(HostFailure):
-    """STARTTLS was refused or the TLS handshake (or certificate check) failed."""
-
-
-class StaleConnection(Exception):
-    """A pooled connection failed its RSET: it died while idle and nothing of this
-    transaction reached the server; deliver on a new connection instead."""
-
-
-def as_temporary(reply: Reply, remote: str = "") -> Reply:
-    """``reply`` as a 4xx for deferring (a 5xx greeting is a host problem, not a bounce)."""
-    if reply.is_temporary:
-        return reply
-    status = "4" + reply.status[1:] if reply.status else "4.4.0"
-    said = f"{remote} said: " if remote else ""
-    return Reply(451, status, f"{said}{reply.code} {reply.text}"[:_MAX_TEXT])
-
-
-def xtext(value: str) -> str:
-    """RFC 3461 §4 xtext: ``+HH`` for ``+``, ``=``, controls, space and non-ASCII octets."""
-    out = []
-    for byte in value.encode("utf-8"):
-        if 33 <= byte <= 126 and byte not in (43, 61):
-            out.append(chr(byte))
-        else:
-            out.append(f"+{byte:02X}")
-    return "".join(out)
-
-
-def _dot_stuffed(message: bytes) -> bytes:
-    """RFC 5321 §4.5.2 transparency, plus the terminating ``CRLF.CRLF``."""
-    data = message.replace(b"\n.", b"\n..")
-    if data.startswith(b"."):
-        data = b"." + data
-    if data and not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    return data + b".\r\n"
-
-
-def _header_block(message: bytes) -> bytes:
-    end = message.find(b"\r\n\r\n")
-    return message if end < 0 else message[:end]
 
 
 class SmtpConnection:
@@ -128,6 +74,7 @@ class SmtpConnection:
         self.extensions: dict[str, str] = {}
         self.is_esmtp = False
         self.has_tls = False
+        self.tls_version = ""  # "TLSv1.3" once STARTTLS succeeded
         self.is_throttled = False  # 421 or "too many connections": back off this host
         self.transactions = 0
         self.greeting: Reply | None = None
@@ -322,7 +269,7 @@ class SmtpConnection:
             if reply.code == 421:
                 self._abort()
             text = f"{self.remote_name} refused STARTTLS: {reply.code} {reply.text}"
-            raise TlsFailure(Reply(451, "4.7.5", text[:_MAX_TEXT]), reply)
+            raise TlsFailure(Reply(451, "4.7.5", text[:_MAX_TEXT]), reply, result="starttls-not-supported")
         assert self._reader is not None and self._writer is not None
         # Anything already buffered was sent in clear before the handshake and must not be
         # taken as a reply protected by TLS (STARTTLS response injection, RFC 3207 §6).
@@ -337,8 +284,11 @@ class SmtpConnection:
         except (TimeoutError, OSError, ssl.SSLError, ssl.CertificateError) as exc:
             self._abort()
             detail = getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__
-            raise TlsFailure(Reply(451, "4.7.5", f"TLS with {self.remote_name} failed: {detail}")) from None
+            reply = Reply(451, "4.7.5", f"TLS with {self.remote_name} failed: {detail}")
+            raise TlsFailure(reply, result=tls_result_of(exc)) from None
         self.has_tls = True
+        ssl_object = self._writer.get_extra_info("ssl_object")
+        self.tls_version = (ssl_object.version() or "") if ssl_object is not None else ""
         await self.ehlo()
 
     async def auth_plain(self, user: str, password: str) -> None:
@@ -480,7 +430,7 @@ class SmtpConnection:
             text = f"conversion to 7 bit required but not supported ({self.remote_name} lacks 8BITMIME)"
             return Reply(554, "5.6.3", text)
         needs_utf8 = not all(word.isascii() for word in words)
-        if envelope.smtputf8 and not _header_block(message).isascii():
+        if envelope.smtputf8 and not header_block(message).isascii():
             needs_utf8 = True
         if needs_utf8 and not self.has_extension("SMTPUTF8"):
             # RFC 6531 §3.2: without SMTPUTF8 at the server the message cannot go as it is.
@@ -597,7 +547,7 @@ class SmtpConnection:
             if data_reply.code != 421:
                 await self.rset()
             return
-        data = _dot_stuffed(message)
+        data = dot_stuffed(message)
         for start in range(0, len(data), _CHUNK):
             await self._write(data[start:start + _CHUNK], timeout)
         # RFC 5321 §4.5.3.2.6: the server may take long to answer the final dot.
