@@ -52,6 +52,11 @@ class Counters:
     #: ``unsupported_uri`` for an address left out; ``deferred`` for a temporary failure;
     #: ``failure_sent``, ``failure_limited`` for failure reports)
     dmarc_reports: dict[str, int] = field(default_factory=dict)
+    #: transport security failures by (policy mode, result): an MTA-STS policy that could
+    #: not be fetched or parsed, an MX host it does not name, a certificate or STARTTLS
+    #: failure under it (RFC 8460 result types); counted by
+    #: :class:`gateway.delivery.remote.policy.TransportSecurity`
+    tls_failures: dict[tuple[str, str], int] = field(default_factory=dict)
     #: damaged queue files moved to ``corrupt/``; the queue store counts them
     #: (``QueueStore.moved_aside``), and :func:`own_counts` adds them in when reporting
     corrupt: int = 0
@@ -136,6 +141,13 @@ class GatewayCollector:
         for result, count in sorted(counters.dmarc_reports.items()):
             reports.add_metric([result], count)
         yield reports
+        tls = CounterMetricFamily(
+            "gateway_tls_policy_failures", "transport security failures, by policy mode and result (RFC 8460 types)",
+            labels=["mode", "result"],
+        )
+        for (mode, result), count in sorted(counters.tls_failures.items()):
+            tls.add_metric([mode, result], count)
+        yield tls
         size, oldest = self._queue_shape()
         yield GaugeMetricFamily("gateway_queue_messages", "messages in the queue", value=size)
         yield GaugeMetricFamily("gateway_queue_oldest_seconds", "age of the oldest queued message", value=oldest)

@@ -87,7 +87,7 @@ class Dispatcher:
             )
             remote = RemoteDeliveryAgent(
                 policy, make_resolver(policy.dns), hostname=gateway.hostname, share=self.share,
-                primary=self.primary,
+                primary=self.primary, counters=gateway.counters,
             )
             agents = self._agents[id(gateway)] = (local, remote)
         return agents

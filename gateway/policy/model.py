@@ -287,7 +287,14 @@ class DeliverySettings:
     tls: Literal["none", "opportunistic", "required", "verify"] = setting(
         "opportunistic", "STARTTLS towards MX hosts"
     )
-    tls_ca_file: Path | None = setting(None, "CA bundle for tls = \"verify\" (default: the system's)")
+    tls_ca_file: Path | None = setting(
+        None, "CA bundle for tls = \"verify\" and MTA-STS (MX certificates, policy fetch); default: the system's"
+    )
+    mta_sts: bool = setting(True, "apply the MTA-STS policies (RFC 8461) of recipient domains to MX delivery")
+    mta_sts_https_port: int = setting(
+        443, "port of the MTA-STS policy fetch; RFC 8461 says 443, another port is for tests", min=1, max=65535
+    )
+    mta_sts_timeout: Duration = setting(10.0, "limit for one MTA-STS policy fetch over HTTPS", min=0.001)
     connect_timeout: Duration = setting(30.0, "TCP connect and 220 greeting", min=0.001)
     command_timeout: Duration = setting(300.0, "MAIL, RCPT (RFC 5321 4.5.3.2: 5m)", min=0.001)
     data_timeout: Duration = setting(600.0, "after the final dot (RFC 5321 4.5.3.2.6: 10m)", min=0.001)

@@ -5,6 +5,9 @@ domain's hosts (:mod:`gateway.delivery.remote.mx`); for a smarthost it resolves 
 itself. It tries the addresses in order until one takes the transaction, applying the TLS
 mode (none / opportunistic / required / verify) and AUTH for smarthosts, reuses idle
 connections, bounds the connections per destination, and backs off a host that said 421.
+For MX routes it first asks :class:`~gateway.delivery.remote.policy.TransportSecurity`
+what the destination's TLS must look like (an MTA-STS policy), enforces that answer and
+hands back how it went.
 
 It returns one :class:`~gateway.delivery.types.Outcome` per recipient and never raises
 for a delivery problem: the scheduler turns deferred into a retry and failed into a bounce.
@@ -19,12 +22,15 @@ import os
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import dns.asyncresolver
 
-from gateway.delivery.remote.client import HostFailure, SmtpConnection, StaleConnection, TlsFailure
+from gateway.delivery.remote.client import SmtpConnection
+from gateway.delivery.remote.failures import HostFailure, StaleConnection, TlsFailure
 from gateway.delivery.remote.mx import Destination, parse_address_literal, resolve_destinations, resolve_host
+from gateway.delivery.remote.policy import TlsOutcome, TransportPolicy, TransportSecurity
 from gateway.delivery.types import MxRoute, Outcome, SmarthostRoute
 from gateway.logs import short
 from gateway.model import Envelope, QueuedRecipient
@@ -73,6 +79,8 @@ class RemoteDeliveryAgent:
     :param share: how many gateway processes deliver (``[server] workers``); each
         takes that part of ``destination_concurrency``, so the total stays the limit
     :param primary: this is the master, which takes the remainder of that split
+    :param counters: the process's :class:`~gateway.metrics.Counters` (TLS policy failures)
+    :param cache_dir: where MTA-STS policies are kept; default ``<var_dir>/mta-sts``
     """
 
     def __init__(
@@ -87,8 +95,14 @@ class RemoteDeliveryAgent:
         max_transactions: int = 100,
         share: int = 1,
         primary: bool = True,
+        counters: Any = None,
+        cache_dir: Path | None = None,
     ) -> None:
         self.policy = policy
+        #: answers "what must this destination's TLS look like?" (MTA-STS)
+        self.security = TransportSecurity(
+            policy.delivery, resolver, cache_dir or Path(policy.server.var_dir) / "mta-sts", counters=counters
+        )
         #: how many gateway processes split ``destination_concurrency`` (workers)
         self.share = max(1, share)
         #: the master, which also takes what the split leaves over
@@ -138,7 +152,9 @@ class RemoteDeliveryAgent:
         auth: _Auth | None = None
         try:
             if isinstance(route, SmarthostRoute):
+                # MTA-STS is about a domain's MX hosts; a smarthost is our own choice.
                 mode, name = route.tls, route.host
+                transport = TransportPolicy(route.host)
                 auth = self._credentials(route)
                 destinations = await resolve_host(route.host, self.resolver, port=route.port)
             else:
@@ -146,6 +162,7 @@ class RemoteDeliveryAgent:
                 destinations = await resolve_destinations(
                     route.domain, self.resolver, port=settings.smtp_port, local_names={self.hostname}
                 )
+                transport = await self.security.policy_for(route.domain)
         except GatewayError as exc:
             status: Literal["failed", "deferred"] = (
                 "failed" if isinstance(exc, PermanentFailure) else "deferred"
@@ -158,7 +175,7 @@ class RemoteDeliveryAgent:
         try:
             await limit.semaphore.acquire()
             try:
-                return await self._try_hosts(destinations, mode, auth, envelope, recipients, message)
+                return await self._try_hosts(destinations, mode, transport, auth, envelope, recipients, message)
             finally:
                 limit.semaphore.release()
         finally:
@@ -197,7 +214,8 @@ class RemoteDeliveryAgent:
     async def _try_hosts(
         self,
         destinations: Sequence[Destination],
-        mode: str,
+        configured: str,
+        transport: TransportPolicy,
         auth: _Auth | None,
         envelope: Envelope,
         recipients: list[QueuedRecipient],
@@ -212,20 +230,36 @@ class RemoteDeliveryAgent:
                 last, last_host = hold[1], dest.host
                 log.debug("remote: skipping %s, backed off", dest)
                 continue
+            mode = configured
+            if transport.is_sts:
+                if transport.allows(dest.host):
+                    mode = transport.mode
+                else:
+                    # RFC 8461 §4.1: an MX host the policy does not name.
+                    text = f"MX host {dest.host} is not named by the MTA-STS policy of {transport.domain}"
+                    self.security.record(TlsOutcome(transport, dest.host, "mx-mismatch", detail=text))
+                    if transport.is_enforced:
+                        last, last_host = Reply(451, "4.7.5", text), ""
+                        continue
             try:
-                conn = await self._session(dest, mode, auth)
+                conn = await self._session(dest, mode, auth, configured, transport)
                 try:
                     outcomes = await conn.send(envelope, recipients, message)
                 except StaleConnection as exc:
                     # It died while idle; this transaction never reached the server.
                     log.debug("remote: pooled connection to %s is stale (%s), opening a new one", dest, exc)
                     await conn.close()
-                    conn = await self._connect(dest, mode, auth)
+                    conn = await self._connect(dest, mode, auth, configured, transport)
                     outcomes = await conn.send(envelope, recipients, message)
             except HostFailure as exc:
                 # Who said it: the host, when it answered (a 4xx greeting, an AUTH 535);
                 # nobody but us when there was no answer (refused, timed out, TLS broke).
                 last, last_host = exc.reply, dest.host if exc.remote_reply is not None else ""
+                if isinstance(exc, TlsFailure) and mode == "sts-enforce":
+                    # RFC 8461 §5: under enforce, never this host without verified TLS.
+                    self.security.record(TlsOutcome(transport, dest.host, exc.result, detail=exc.reply.text))
+                    text = f"{exc.reply.text}; the MTA-STS policy of {transport.domain} requires verified TLS"
+                    last = Reply(451, "4.7.5", text[:1000])
                 log.info(
                     "remote to %s: %d recipient(s) host failed: %s",
                     dest, len(recipients), short(exc.reply, 300),
@@ -236,7 +270,11 @@ class RemoteDeliveryAgent:
                     "remote to %s: %d recipient(s) failed: %s", dest, len(recipients), short(exc.reply, 300)
                 )
                 return {r.address: Outcome("failed", exc.reply, dest.host) for r in recipients}
-            self._log_outcomes(dest, conn, outcomes)
+            if transport.is_sts and not conn.tls_verdict:
+                conn.tls_verdict = "success" if transport.allows(dest.host) else "mx-mismatch"
+            if transport.is_sts and conn.tls_verdict == "success":
+                self.security.record(TlsOutcome(transport, dest.host, "success", conn.tls_version))
+            self._log_outcomes(dest, conn, outcomes, transport if transport.is_sts else mode)
             if conn.is_throttled:
                 self._back_off(dest, conn.last_reply or Reply(421, "4.3.2", "closing"))
             await self._release(_key(dest, mode, auth), conn)
@@ -246,14 +284,16 @@ class RemoteDeliveryAgent:
 
     @staticmethod
     def _log_outcomes(
-        dest: Destination, conn: SmtpConnection, outcomes: dict[str, Outcome]
+        dest: Destination, conn: SmtpConnection, outcomes: dict[str, Outcome], policy: object
     ) -> None:
         states = [o.status for o in outcomes.values()]
         counts = {s: states.count(s) for s in ("delivered", "deferred", "failed")}
         last = list(outcomes.values())[-1].reply if outcomes else ""
+        # The TLS version, the policy applied (an MTA-STS mode and id, or the tls setting)
+        # and what came of it.
         log.info(
-            "remote to %s%s: %d recipient(s) delivered=%d deferred=%d failed=%d: %s",
-            dest, " (TLS)" if conn.has_tls else "", len(outcomes),
+            "remote to %s tls=%s policy=%s result=%s: %d recipient(s) delivered=%d deferred=%d failed=%d: %s",
+            dest, conn.tls_version or "none", policy, conn.tls_verdict or "-", len(outcomes),
             counts["delivered"], counts["deferred"], counts["failed"], short(last, 300),
         )
 
@@ -266,16 +306,36 @@ class RemoteDeliveryAgent:
 
     # -- sessions, TLS, AUTH --------------------------------------------------------------
 
-    async def _session(self, dest: Destination, mode: str, auth: _Auth | None) -> SmtpConnection:
+    async def _session(
+        self, dest: Destination, mode: str, auth: _Auth | None, configured: str, transport: TransportPolicy
+    ) -> SmtpConnection:
         """A ready connection to ``dest``: from the idle pool, or newly set up."""
         conn = await self._take_idle(_key(dest, mode, auth))
         if conn is not None:
             conn.remote_name = dest.host
             return conn
-        return await self._connect(dest, mode, auth)
+        return await self._connect(dest, mode, auth, configured, transport)
 
-    async def _connect(self, dest: Destination, mode: str, auth: _Auth | None) -> SmtpConnection:
-        """A new connection to ``dest``, set up (EHLO, STARTTLS, AUTH) and ready."""
+    async def _connect(
+        self, dest: Destination, mode: str, auth: _Auth | None, configured: str, transport: TransportPolicy
+    ) -> SmtpConnection:
+        """A new connection to ``dest``, set up (EHLO, STARTTLS, AUTH) and ready.
+
+        ``mode`` is the TLS mode for this host: ``configured`` (the policy's ``tls``),
+        or the transport policy's ``sts-enforce`` / ``sts-testing``.
+        """
+        if mode == "sts-testing":
+            # RFC 8461 §5: testing checks what enforce would, reports, and delivers anyway
+            # as the configured mode allows.
+            try:
+                conn = await self._open(dest, mode, auth, use_tls=True)
+                conn.tls_verdict = "success"
+                return conn
+            except TlsFailure as exc:
+                self.security.record(TlsOutcome(transport, dest.host, exc.result, detail=exc.reply.text))
+                conn = await self._connect(dest, configured, auth, configured, transport)
+                conn.tls_verdict = exc.result
+                return conn
         try:
             return await self._open(dest, mode, auth, use_tls=mode != "none")
         except TlsFailure as exc:
@@ -303,10 +363,12 @@ class RemoteDeliveryAgent:
             if use_tls and conn.has_extension("STARTTLS"):
                 server_name = dest.address if parse_address_literal(dest.host) else dest.host
                 timeout = float(settings.connect_timeout)
-                await conn.starttls(self._context(mode), server_name, timeout=timeout)
-            elif mode in ("required", "verify"):
+                # MTA-STS (RFC 8461 §4.2): the certificate must be valid for the MX host name.
+                context = self._context("verify" if mode.startswith("sts-") else mode)
+                await conn.starttls(context, server_name, timeout=timeout)
+            elif mode in ("required", "verify", "sts-enforce", "sts-testing"):
                 text = f"TLS required but {dest.host} does not offer STARTTLS"
-                raise TlsFailure(Reply(451, "4.7.5", text))
+                raise TlsFailure(Reply(451, "4.7.5", text), result="starttls-not-supported")
             if auth is not None:
                 if not conn.has_tls:  # RFC 4954 §4: credentials only over a protected channel
                     raise HostFailure(Reply(451, "4.7.0", f"not sending AUTH to {dest.host} without TLS"))

@@ -75,6 +75,9 @@ class SmtpConnection:
         self.is_esmtp = False
         self.has_tls = False
         self.tls_version = ""  # "TLSv1.3" once STARTTLS succeeded
+        # What the agent's transport policy made of this session's TLS ("success", or an
+        # RFC 8460 result type); kept with the connection when it is pooled.
+        self.tls_verdict = ""
         self.is_throttled = False  # 421 or "too many connections": back off this host
         self.transactions = 0
         self.greeting: Reply | None = None

@@ -1,0 +1,263 @@
+"""Transport security: what must this destination's TLS look like, and how did it go?
+
+The remote agent asks :meth:`TransportSecurity.policy_for` once per MX delivery and gets
+one :class:`TransportPolicy`: its ``mode`` is
+
+- ``none``: nothing published (or nothing usable): the agent's ``delivery.tls`` applies;
+- ``sts-testing``: an MTA-STS policy in ``testing`` mode (RFC 8461 §5): deliver as
+  without it, but check what it asks and log and count what would have failed;
+- ``sts-enforce``: only to MX hosts the policy names, only over STARTTLS with a
+  certificate that chains to a trusted CA and names the MX host; otherwise the mail waits.
+
+(DANE, RFC 7672, will be another mode of the same answer, decided here from TLSA records.)
+
+After each attempt the agent hands back a :class:`TlsOutcome` (:meth:`TransportSecurity.record`),
+which is logged and counted in ``Counters.tls_failures``; TLS reports (RFC 8460) will be
+built from the same records.
+
+Policies come from :mod:`gateway.delivery.remote.mta_sts`: the TXT ``id`` is looked up at
+most once per TXT TTL (at most :data:`RECHECK` seconds) per domain, the policy is fetched
+only when the ``id`` differs from the cached one or the cached one expired, and a cached
+policy still within its ``max_age`` is used when the TXT lookup or the fetch fails
+(RFC 8461 §5.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import dns.asyncresolver
+
+from gateway.delivery.remote.mta_sts import (
+    PolicyCache,
+    PolicyFetchError,
+    PolicyInvalid,
+    StsPolicy,
+    fetch_policy,
+    is_domain,
+    parse_policy,
+    parse_record,
+    policy_url,
+)
+from gateway.dns import DnsError, DnsNotFound, lookup
+from gateway.policy.model import DeliverySettings
+
+__all__ = ["RECHECK", "TlsOutcome", "TransportPolicy", "TransportSecurity"]
+
+log = logging.getLogger("gateway.delivery.remote.policy")
+
+Mode = Literal["none", "sts-testing", "sts-enforce"]
+
+#: longest time an answer is kept in memory before the TXT record is asked again
+RECHECK = 300.0
+#: how long a failed fetch (or a policy that did not parse) is not tried again
+FETCH_RETRY = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class TransportPolicy:
+    """The answer for one destination domain.
+
+    :param domain: the recipient domain
+    :param mode: ``none``, ``sts-testing`` or ``sts-enforce``
+    :param mx: the MX host patterns the policy allows (``mx1.example.com``, ``*.example.com``)
+    :param policy_id: the ``id`` of the TXT record the policy was fetched for
+    :param expires: ``time.time()`` when the policy's ``max_age`` runs out
+    :param problem: why there is no policy although one was announced (an RFC 8460 type:
+        ``sts-policy-fetch-error``, ``sts-policy-invalid``, ``sts-webpki-invalid``)
+    :param detail: in words: where the answer came from, or what went wrong
+    """
+
+    domain: str
+    mode: Mode = "none"
+    mx: tuple[str, ...] = ()
+    policy_id: str = ""
+    expires: float = 0.0
+    problem: str = ""
+    detail: str = ""
+
+    @property
+    def is_enforced(self) -> bool:
+        return self.mode == "sts-enforce"
+
+    @property
+    def is_sts(self) -> bool:
+        return self.mode in ("sts-testing", "sts-enforce")
+
+    def allows(self, host: str) -> bool:
+        """Whether mail may go to MX ``host`` under this policy (any host without one)."""
+        if not self.is_sts:
+            return True
+        return StsPolicy("enforce", self.mx, 0).allows(host)
+
+    def __str__(self) -> str:
+        return f"{self.mode} id={self.policy_id}" if self.is_sts else self.mode
+
+
+@dataclass(frozen=True, slots=True)
+class TlsOutcome:
+    """How TLS went with one host under a policy (one per connection attempt or delivery).
+
+    :param result: ``success``, or what failed: an RFC 8460 result type
+        (``starttls-not-supported``, ``certificate-expired``, ``certificate-host-mismatch``,
+        ``certificate-not-trusted``, ``validation-failure``) or ``mx-mismatch`` (the MX
+        host is not one the policy names)
+    """
+
+    policy: TransportPolicy
+    host: str
+    result: str
+    tls_version: str = ""
+    detail: str = ""
+    when: float = field(default_factory=time.time)
+
+    @property
+    def is_failure(self) -> bool:
+        return self.result != "success"
+
+
+@dataclass(slots=True)
+class _Known:
+    policy: TransportPolicy
+    until: float  # loop time
+
+
+class TransportSecurity:
+    """Answers "what must this destination's TLS look like?" for the remote agent.
+
+    :param settings: ``[delivery]``: ``mta_sts``, ``mta_sts_https_port``, ``mta_sts_timeout``,
+        ``tls_ca_file``
+    :param resolver: the gateway's resolver (TXT records, and ``mta-sts.<domain>``)
+    :param cache_dir: where policies are kept (``<var_dir>/mta-sts``); ``None``: memory only
+    :param counters: the process's :class:`~gateway.metrics.Counters`, for ``tls_failures``
+    """
+
+    def __init__(
+        self,
+        settings: DeliverySettings,
+        resolver: dns.asyncresolver.Resolver,
+        cache_dir: Path | None = None,
+        *,
+        counters: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.resolver = resolver
+        self.cache = PolicyCache(cache_dir)
+        self.counters = counters
+        self._known: dict[str, _Known] = {}
+        self._pending: dict[str, asyncio.Future[TransportPolicy]] = {}
+
+    async def policy_for(self, domain: str) -> TransportPolicy:
+        """The policy to apply to mail for ``domain`` now (never raises)."""
+        domain = domain.lower().rstrip(".")
+        if not self.settings.mta_sts or not is_domain(domain):
+            return TransportPolicy(domain, detail="MTA-STS off" if not self.settings.mta_sts else "")
+        loop = asyncio.get_running_loop()
+        known = self._known.get(domain)
+        if known is not None and known.until > loop.time():
+            return known.policy
+        pending = self._pending.get(domain)
+        if pending is not None:  # one lookup for every delivery to the domain at once
+            return await asyncio.shield(pending)
+        future: asyncio.Future[TransportPolicy] = loop.create_future()
+        self._pending[domain] = future
+        try:
+            try:
+                policy, ttl = await self.discover(domain)
+            except Exception as exc:  # a boundary: a bug here must not stop delivery
+                log.exception("MTA-STS of %s: lookup failed", domain)
+                policy, ttl = TransportPolicy(domain, problem="sts-policy-fetch-error", detail=str(exc)[:200]), 60.0
+            self._known[domain] = _Known(policy, loop.time() + ttl)
+            future.set_result(policy)
+            return policy
+        finally:
+            del self._pending[domain]
+            if not future.done():
+                future.cancel()
+
+    async def discover(self, domain: str) -> tuple[TransportPolicy, float]:
+        """Look the policy up afresh (TXT, cache, fetch); the answer and how long to keep it.
+
+        ``gateway tls check`` calls this directly; deliveries use :meth:`policy_for`.
+        """
+        settings = self.settings
+        cached = await self.cache.load(domain)
+        if cached is not None and not cached.is_fresh():
+            cached = None
+        try:
+            answer = await lookup(self.resolver, f"_mta-sts.{domain}", "TXT")
+        except DnsError as exc:
+            if not isinstance(exc, DnsNotFound) and cached is None:
+                log.info("MTA-STS of %s: TXT lookup failed (%s), no cached policy", domain, exc)
+            return self._from_cache(domain, cached, f"TXT lookup: {exc}"), 60.0 if cached is None else RECHECK
+        if answer is None:
+            return self._from_cache(domain, cached, "no _mta-sts TXT record"), RECHECK
+        ttl = min(float(answer.rrset.ttl), RECHECK) if answer.rrset is not None else RECHECK
+        texts = [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+        try:
+            policy_id = parse_record(texts)
+        except PolicyInvalid as exc:
+            return self._from_cache(domain, cached, f"_mta-sts TXT: {exc}"), ttl
+        if cached is not None and cached.policy_id == policy_id:
+            return self._answer(domain, cached, "cached"), ttl
+        url = policy_url(domain, settings.mta_sts_https_port)
+        try:
+            text = await fetch_policy(
+                domain, self.resolver, port=settings.mta_sts_https_port, ca_file=settings.tls_ca_file,
+                timeout=float(settings.mta_sts_timeout),
+            )
+            policy = parse_policy(text, policy_id, time.time())
+        except (PolicyFetchError, PolicyInvalid) as exc:
+            problem = exc.result if isinstance(exc, PolicyFetchError) else "sts-policy-invalid"
+            self.count("none", problem)
+            if cached is not None:
+                log.warning(
+                    "MTA-STS of %s: %s (%s): %s; keeping the cached policy id=%s",
+                    domain, problem, url, exc, cached.policy_id,
+                )
+                return self._answer(domain, cached, f"cached; {problem}: {exc}"), min(ttl, FETCH_RETRY)
+            # RFC 8461 §3.2, §5: a policy that cannot be fetched or parsed is as if none.
+            log.warning("MTA-STS of %s: %s (%s): %s; delivering as if it had no policy", domain, problem, url, exc)
+            return TransportPolicy(domain, problem=problem, detail=str(exc)[:300]), min(ttl, FETCH_RETRY)
+        await self.cache.store(domain, text, policy)
+        log.info("MTA-STS of %s: fetched policy id=%s mode=%s max_age=%d", domain, policy_id, policy.mode, policy.max_age)
+        return self._answer(domain, policy, "fetched"), ttl
+
+    @staticmethod
+    def _answer(domain: str, policy: StsPolicy, detail: str) -> TransportPolicy:
+        mode: Mode = "sts-enforce" if policy.mode == "enforce" else "sts-testing" if policy.mode == "testing" else "none"
+        return TransportPolicy(domain, mode, policy.mx, policy.policy_id, policy.expires, detail=detail)
+
+    def _from_cache(self, domain: str, cached: StsPolicy | None, why: str) -> TransportPolicy:
+        # RFC 8461 §5.1: a cached policy stays in force until its max_age, whatever DNS says.
+        if cached is not None:
+            return self._answer(domain, cached, f"cached; {why}")
+        return TransportPolicy(domain, detail=why)
+
+    # -- outcomes -------------------------------------------------------------------------
+
+    def count(self, mode: str, result: str) -> None:
+        if self.counters is not None:
+            self.counters.bump(self.counters.tls_failures, (mode, result))
+
+    def record(self, outcome: TlsOutcome) -> None:
+        """Log and count how TLS went with a host under ``outcome.policy``."""
+        if not outcome.is_failure:
+            return
+        policy = outcome.policy
+        self.count(policy.mode, outcome.result)
+        if policy.is_enforced:
+            log.warning(
+                "MTA-STS enforce for %s: %s %s (%s); not delivering there",
+                policy.domain, outcome.host, outcome.result, outcome.detail,
+            )
+        elif policy.mode == "sts-testing":
+            log.warning(
+                "MTA-STS testing for %s: %s %s (%s); delivering anyway (enforce would not)",
+                policy.domain, outcome.host, outcome.result, outcome.detail,
+            )
