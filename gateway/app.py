@@ -107,6 +107,7 @@ class GatewayApp:
         self.counters = Counters()
         self.hook_stats = HookStats()
         self.metrics_server: Any = None
+        self.console: Any = None  # gateway.console.Console, when [console] enabled
         self._reporter: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -235,6 +236,10 @@ class GatewayApp:
             self.metrics_server = await asyncio.to_thread(start_metrics_server, self, metrics.address, metrics.port)
         elif metrics.enabled:  # the master's endpoint adds this worker's counts
             self._reporter = asyncio.create_task(report_forever(self), name="metrics-report")
+        if self.policy.console.enabled and self.role != "worker":
+            from gateway.console import start_console
+
+            self.console = await start_console(self)
         self.is_serving = True
         log.info("gateway started hostname=%s pid=%d", self.policy.server.hostname, os.getpid())
 
@@ -356,6 +361,8 @@ class GatewayApp:
         """Stop accepting, let sessions finish within ``grace``, close the queue."""
         for listener in self.listeners.values():
             await listener.stop_accepting()
+        if self.console is not None:
+            await self.console.stop()
         await asyncio.gather(*(l.drain(grace) for l in self.listeners.values()))
         if self.scheduler is not None:
             await self.scheduler.stop(grace)

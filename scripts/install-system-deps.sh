@@ -13,6 +13,8 @@
 #   opendkim-tools            an independent DKIM verifier (opendkim-testmsg)
 #   dovecot-core              Dovecot's auth service (AUTH and user lookups for submission)
 #   iproute2, util-linux      ip and unshare, for the private network namespace that test uses
+#   chromium, chromium-driver headless Chromium and its chromedriver, for the web console's
+#                             browser tests (selenium drives /usr/bin/chromedriver)
 set -eu
 need() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
 missing=""
@@ -28,6 +30,8 @@ need opendkim-testmsg || missing="$missing opendkim-tools"
 need dovecot || missing="$missing dovecot-core"
 need ip || missing="$missing iproute2"
 need unshare || missing="$missing util-linux"
+need chromium || missing="$missing chromium"
+need chromedriver || missing="$missing chromium-driver"
 [ -z "$missing" ] && exit 0
 echo "install-system-deps: installing$missing with apt-get" >&2
 SUDO=""

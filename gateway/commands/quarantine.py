@@ -29,7 +29,7 @@ from typing import Any
 
 from gateway.commands._common import load
 
-__all__ = ["register"]
+__all__ = ["delete", "describe", "register", "release"]
 
 AREA = "quarantine"
 
@@ -55,7 +55,12 @@ def _when(epoch: float) -> str:
     return datetime.datetime.fromtimestamp(epoch).isoformat(timespec="seconds")
 
 
-def _row(store: Any, qid: str) -> dict[str, Any]:
+def describe(store: Any, qid: str) -> dict[str, Any]:
+    """A quarantined message's envelope facts (``list --json`` prints these; the web
+    console shows them).
+
+    :raises FileNotFoundError: no such message in the quarantine
+    """
     item = store.load(qid, AREA)
     env = item.envelope
     return {
@@ -72,7 +77,7 @@ def _row(store: Any, qid: str) -> dict[str, Any]:
 
 
 def _list(store: Any, as_json: bool) -> int:
-    rows = [_row(store, qid) for qid in store.ids(AREA)]
+    rows = [describe(store, qid) for qid in store.ids(AREA)]
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -87,7 +92,7 @@ def _show(store: Any, qid: str, raw: bool) -> int:
     data = store.read_message(qid, AREA)
     out = sys.stdout.buffer
     if not raw:
-        row = _row(store, qid)
+        row = describe(store, qid)
         lines = [
             f"Queue-ID: {row['id']}",
             f"Arrived: {row['arrived']}",
@@ -103,6 +108,23 @@ def _show(store: Any, qid: str, raw: bool) -> int:
     out.write(data)
     out.flush()
     return 0
+
+
+def release(store: Any, qid: str) -> None:
+    """Move a quarantined message, untouched, into the queue for delivery.
+
+    :raises FileNotFoundError: no such message in the quarantine
+    :raises FileExistsError: the queue holds that queue id already
+    """
+    store.move(qid, AREA, "msg")
+
+
+def delete(store: Any, qid: str) -> None:
+    """Remove a quarantined message for good.
+
+    :raises FileNotFoundError: no such message in the quarantine
+    """
+    store.remove(qid, AREA)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -125,10 +147,10 @@ def main(args: argparse.Namespace) -> int:
         if args.action == "show":
             return _show(store, args.id, args.raw)
         if args.action == "release":
-            store.move(args.id, AREA, "msg")
+            release(store, args.id)
             print(f"released {args.id} into the queue")
             return 0
-        store.remove(args.id, AREA)
+        delete(store, args.id)
         print(f"deleted {args.id}")
         return 0
     except FileNotFoundError:

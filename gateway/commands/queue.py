@@ -112,7 +112,12 @@ def register(sub: Any) -> None:
     queue.set_defaults(func=main)
 
 
-def _row(store: Any, qid: str, area: str, policy: Any) -> dict[str, Any]:
+def describe(store: Any, qid: str, area: str, policy: Any) -> dict[str, Any]:
+    """A message's facts and each recipient's state, as ``list --json`` prints them.
+
+    :raises FileNotFoundError: no such message (delivered meanwhile)
+    :raises CorruptQueueFile: its file or state is damaged
+    """
     from gateway.delivery.router import holding_route
 
     item = store.load(qid, area)
@@ -153,7 +158,7 @@ def _list(store: Any, area: str, as_json: bool, policy: Any) -> int:
     rows = []
     for qid in store.ids(area):
         try:
-            rows.append(_row(store, qid, area, policy))
+            rows.append(describe(store, qid, area, policy))
         except FileNotFoundError:
             continue  # delivered meanwhile
         except CorruptQueueFile as exc:
@@ -203,20 +208,37 @@ def _stat(store: Any, as_json: bool) -> int:
     return 0
 
 
+CHANGES = ("hold", "release", "retry", "delete")
+"""What :func:`change` does to a queued message."""
+
+
+def change(store: Any, qid: str, action: str) -> None:
+    """Hold, release, retry or delete one queued message. After a release or a retry,
+    the caller wakes the scheduler (``store.trigger(qid)``, or its own scheduler).
+
+    :raises FileNotFoundError: no such message
+    :raises ValueError: a malformed queue id, or an unknown action
+    :raises CorruptQueueFile: its file or state is damaged
+    """
+    if action not in CHANGES:
+        raise ValueError(f"unknown queue action {action!r}")
+    if action == "delete":
+        store.remove(qid)
+        return
+    item = store.load(qid)
+    if action == "hold":
+        store.update_state(qid, item.envelope, held=True)
+    elif action == "release":
+        store.update_state(qid, item.envelope, held=False, next_try=time.time())
+    else:  # retry
+        store.update_state(qid, item.envelope, next_try=time.time())
+
+
 def _change(store: Any, qids: list[str], action: str) -> int:
     status = 0
     for qid in qids:
         try:
-            if action == "delete":
-                store.remove(qid)
-            else:
-                item = store.load(qid)
-                if action == "hold":
-                    store.update_state(qid, item.envelope, held=True)
-                elif action == "release":
-                    store.update_state(qid, item.envelope, held=False, next_try=time.time())
-                else:  # retry
-                    store.update_state(qid, item.envelope, next_try=time.time())
+            change(store, qid, action)
         except (FileNotFoundError, ValueError):
             print(f"gateway: no message {qid} in the queue", file=sys.stderr)
             status = 1

@@ -27,6 +27,7 @@ from typing import TypeVar
 from gateway.policy.model import (
     AuthSettings,
     CaptureSettings,
+    ConsoleSettings,
     Limits,
     ListenerSettings,
     DeliverySettings,
@@ -68,6 +69,7 @@ _SECTIONS: dict[str, type] = {
     "delivery": DeliverySettings,
     "metrics": MetricsSettings,
     "capture": CaptureSettings,
+    "console": ConsoleSettings,
 }
 _TOP_LEVEL = (*_SECTIONS, "listeners", "routes", "plugins", "overrides")
 _OVERRIDE_KEYS = ("match", "disable", "plugins", "limits")
@@ -227,6 +229,7 @@ class _Loader:
             delivery=self.section(data, DeliverySettings, "delivery"),
             metrics=self.section(data, MetricsSettings, "metrics"),
             capture=self.section(data, CaptureSettings, "capture"),
+            console=self.section(data, ConsoleSettings, "console"),
             routes=routes,
             plugins=plugins,
             overrides=overrides,

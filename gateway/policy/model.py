@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from gateway.policy.console import ConsoleSettings
 from gateway.policy.schema import setting
 from gateway.policy.units import Duration, IPNetwork, Size
 
 __all__ = [
     "AuthSettings",
     "CaptureSettings",
+    "ConsoleSettings",
     "DeliverySettings",
     "DnsSettings",
     "EtrnSettings",
@@ -536,6 +538,7 @@ class Policy:
     dns: DnsSettings = setting(DnsSettings(), "resolver")
     metrics: MetricsSettings = setting(MetricsSettings(), "Prometheus endpoint")
     capture: CaptureSettings = setting(CaptureSettings(), "session recording for gateway replay")
+    console: ConsoleSettings = setting(ConsoleSettings(), "the web console")
     delivery: DeliverySettings = setting(DeliverySettings(), "scheduler and delivery agents")
     routes: tuple[RouteSettings, ...] = setting((), "smarthost routes, first match wins")
     plugins: tuple[PluginEntry, ...] = setting((), "the ordered plugin chain")

@@ -23,6 +23,7 @@ from gateway.policy.schema import build
 # Keys whose value in the shipped file is deliberately not the schema's default.
 DIFFERENT = {
     "auth.users_file": "the embedded policy names var/users; the schema's default is no file",
+    "console.enabled": "make run serves the console on loopback; a policy file has it off unless it says so",
 }
 _HEADER = re.compile(r"^\[\[?\s*([A-Za-z0-9_.\"-]+?)\s*\]\]?")
 _KEY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*=")

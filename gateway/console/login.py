@@ -1,0 +1,86 @@
+"""Login and logout, rate-limited per client address."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from gateway.console.server import COOKIE, LOGIN_COOKIE, login_token, login_token_ok, redirect
+
+if TYPE_CHECKING:
+    from gateway.console.server import Console
+    from gateway.console.sessions import Session
+
+__all__ = ["add_routes"]
+
+log = logging.getLogger(__name__)
+
+ADMIN = "admin"
+"""The scope of an admin session (every page of this slice)."""
+
+
+def _cookie(response: web.StreamResponse, name: str, value: str, max_age: float | None = None) -> None:
+    response.set_cookie(name, value, path="/", secure=True, httponly=True, samesite="Strict",
+                        max_age=None if max_age is None else int(max_age))
+
+
+def add_routes(console: Console, app: web.Application) -> None:
+    """``/``, ``/login`` (GET, POST) and ``/logout`` (POST)."""
+
+    def login_page(request: web.Request, status: int = 200, error: str = "") -> web.Response:
+        token = login_token(console)
+        response = console.render("login.html", None, status=status, csrf=token, error=error)
+        _cookie(response, LOGIN_COOKIE, token)
+        return response
+
+    async def home(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPSeeOther("/quarantine")
+
+    async def show_login(request: web.Request) -> web.StreamResponse:
+        if console.sessions.get(request.cookies.get(COOKIE)) is not None:
+            raise web.HTTPSeeOther("/quarantine")
+        return login_page(request)
+
+    async def do_login(request: web.Request) -> web.StreamResponse:
+        client = request.remote or "?"
+        wait = console.limiter.retry_after(client)
+        if wait:
+            log.warning("console: login refused, too many failures client=%s", client)
+            response = login_page(request, 429, f"Too many failed logins from your address: "
+                                  f"try again in {math.ceil(wait / 60)} minutes.")
+            response.headers["Retry-After"] = str(math.ceil(wait))
+            return response
+        form = await request.post()
+        if not login_token_ok(console, request, form.get("csrf")):
+            raise web.HTTPForbidden(text="missing or wrong CSRF token (reload the login page)\n")
+        login, password = form.get("login"), form.get("password")
+        if not isinstance(login, str) or not isinstance(password, str) or len(login) > 200 or len(password) > 1024:
+            raise web.HTTPBadRequest(text="login and password expected\n")
+        async with console._hashing:
+            is_admin = await console.in_thread(console.admins.check, login, password)
+        if not is_admin:
+            console.limiter.failed(client)
+            log.warning("console: login failed login=%r client=%s", login[:64], client)
+            return login_page(request, 401, "Wrong login or password.")
+        token, _ = console.sessions.create(login, ADMIN)
+        log.info("console: login login=%s client=%s", login, client)
+        response = redirect("/quarantine")
+        _cookie(response, COOKIE, token, console.settings.session_lifetime)
+        response.del_cookie(LOGIN_COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
+        return response
+
+    @console.requires(ADMIN)
+    async def logout(request: web.Request, session: Session) -> web.StreamResponse:
+        console.sessions.end(request.cookies.get(COOKIE))
+        log.info("console: logout login=%s", session.login)
+        response = redirect("/login")
+        response.del_cookie(COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
+        return response
+
+    app.router.add_get("/", home)
+    app.router.add_get("/login", show_login)
+    app.router.add_post("/login", do_login)
+    app.router.add_post("/logout", logout)

@@ -1,0 +1,117 @@
+"""The quarantine pages: list (newest first), search, text preview, release, delete.
+
+Release and delete are :func:`gateway.commands.quarantine.release` and ``delete``, as
+``gateway quarantine release|delete`` does them; a released message is handed to this
+process's scheduler at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from gateway.commands import quarantine as commands
+from gateway.console.listing import age, head_of, matches
+from gateway.console.preview import preview
+from gateway.console.server import QID_RE, redirect
+from gateway.queue.damage import CorruptQueueFile
+
+if TYPE_CHECKING:
+    from gateway.console.server import Console
+    from gateway.console.sessions import Session
+
+__all__ = ["add_routes"]
+
+log = logging.getLogger(__name__)
+
+AREA = "quarantine"
+PAGE = 50
+FIELDS = ("any", "sender", "recipient", "subject")
+
+
+def rows(store: Any, needle: str, field: str) -> list[dict[str, Any]]:
+    """The quarantined messages matching the search, newest first (thread pool)."""
+    found = []
+    for qid in reversed(store.ids(AREA)):
+        try:
+            row = commands.describe(store, qid)
+            row.update(head_of(store, qid, AREA))
+        except (FileNotFoundError, CorruptQueueFile):
+            continue  # released or deleted meanwhile, or damaged
+        sender, recipients, subject = row["sender"], " ".join(row["recipients"]), row["Subject"]
+        fields = {"sender": (sender,), "recipient": (recipients,), "subject": (subject,),
+                  "any": (sender, recipients, subject, row["reason"])}[field]
+        if matches(needle, *fields):
+            row["age"] = age(datetime.datetime.fromisoformat(row["arrived"]).timestamp())
+            found.append(row)
+    return found
+
+
+def message(store: Any, qid: str) -> tuple[dict[str, Any], Any]:
+    """A quarantined message's facts and its text preview (thread pool)."""
+    row = commands.describe(store, qid)
+    return row, preview(store.read_message(qid, AREA))
+
+
+def _qid(request: web.Request) -> str:
+    qid = request.match_info["qid"]
+    if not QID_RE.fullmatch(qid):
+        raise web.HTTPNotFound(text="no such message\n")
+    return qid
+
+
+def add_routes(console: Console, app: web.Application) -> None:
+    """``/quarantine``, ``/quarantine/{qid}`` and its ``release`` and ``delete`` POSTs."""
+    admin = console.requires("admin")
+
+    @admin
+    async def listing(request: web.Request, session: Session) -> web.StreamResponse:
+        needle = request.query.get("q", "")[:200]
+        field = request.query.get("field", "any")
+        field = field if field in FIELDS else "any"
+        try:
+            page = max(1, int(request.query.get("page", "1")))
+        except ValueError:
+            page = 1
+        found = await console.in_thread(rows, console.store, needle, field)
+        pages = max(1, -(-len(found) // PAGE))
+        page = min(page, pages)
+        done, done_id = request.query.get("done", ""), request.query.get("id", "")
+        notice = f"{done_id}: {done}" if done in ("released", "deleted") and QID_RE.fullmatch(done_id) else ""
+        return console.render(
+            "quarantine.html", session, rows=found[(page - 1) * PAGE: page * PAGE], total=len(found),
+            q=needle, field=field, fields=FIELDS, page=page, pages=pages, notice=notice,
+        )
+
+    @admin
+    async def show(request: web.Request, session: Session) -> web.StreamResponse:
+        qid = _qid(request)
+        try:
+            row, shown = await console.in_thread(message, console.store, qid)
+        except (FileNotFoundError, ValueError, CorruptQueueFile):
+            raise web.HTTPNotFound(text="no such message in the quarantine\n") from None
+        return console.render("message.html", session, row=row, preview=shown)
+
+    @admin
+    async def act(request: web.Request, session: Session) -> web.StreamResponse:
+        qid, action = _qid(request), request.match_info["action"]
+        try:
+            if action == "release":
+                await console.in_thread(commands.release, console.store, qid)
+                console.wake(qid)
+            else:
+                await console.in_thread(commands.delete, console.store, qid)
+        except (FileNotFoundError, ValueError):
+            raise web.HTTPNotFound(text="no such message in the quarantine\n") from None
+        except FileExistsError:
+            raise web.HTTPConflict(text="that queue id is in the queue already\n") from None
+        done = "released" if action == "release" else "deleted"
+        log.info("console: %s from the quarantine qid=%s login=%s", done, qid, session.login)
+        return redirect(f"/quarantine?done={done}&id={qid}")
+
+    app.router.add_get("/quarantine", listing)
+    app.router.add_get("/quarantine/{qid}", show)
+    app.router.add_post(r"/quarantine/{qid}/{action:release|delete}", act)
