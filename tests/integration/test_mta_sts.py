@@ -344,3 +344,44 @@ def test_the_fetch_is_bounded_to_64_kib(harness: Harness, https: PolicyServer, d
     https.policies["sts.test.example"] += "z"
     with pytest.raises(PolicyFetchError, match="larger than"):
         asyncio.run(fetch())
+
+
+# -- gateway tls check --------------------------------------------------------------------------
+
+
+def test_tls_check_prints_the_mx_hosts_the_policy_and_the_verdict(
+    dns_server: DnsTestServer, https: PolicyServer, ca: TestCA, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli import main
+    from tests.processes import write_policy
+
+    extra = f"""
+[dns]
+nameservers = ["127.0.0.1:{dns_server.port}"]
+timeout = "2s"
+[delivery]
+tls_ca_file = "{ca.ca_file}"
+mta_sts_https_port = {https.port}
+"""
+    policy = write_policy(tmp_path, free_port(), extra=extra)
+    https.policies["two.test.example"] = policy_text("enforce", "mx2.test.example")
+    assert main(["tls", "check", "two.test.example", "--policy", str(policy)]) == 0
+    out = capsys.readouterr().out
+    assert " 10 mx1.test.example [127.0.0.1]" in out and " 20 mx2.test.example [127.0.0.2]" in out
+    assert "MTA-STS: id=1 mode=enforce (fetched)" in out
+    assert "verdict: mx1.test.example: skip: not named by the policy" in out
+    assert "verdict: mx2.test.example: deliver only over STARTTLS with a certificate valid for mx2.test.example" in out
+    assert not (tmp_path / "var" / "mta-sts").exists()  # a check writes nothing
+
+    https.policies["sts.test.example"] = policy_text("enforce", "*.elsewhere.example")
+    assert main(["tls", "check", "sts.test.example", "--policy", str(policy)]) == 1
+    assert "mail would wait (451 4.7.5)" in capsys.readouterr().out
+
+    https.policies["sts.test.example"] = "garbage"
+    dns_server.set_zone(ZONE.replace("id=20261205", "id=9"))
+    assert main(["tls", "check", "sts.test.example", "--policy", str(policy)]) == 0
+    out = capsys.readouterr().out
+    assert "MTA-STS: sts-policy-invalid: line 1 is not 'key: value'" in out
+    assert "verdict: mx1.test.example: deliver, tls = opportunistic" in out
+    assert main(["tls", "check", "plain.test.example", "--policy", str(policy)]) == 0
+    assert "MTA-STS: none (no _mta-sts TXT record)" in capsys.readouterr().out

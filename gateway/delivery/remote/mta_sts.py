@@ -311,8 +311,9 @@ class PolicyCache:
     of one. Reads and writes are small and run in a thread (:meth:`load`, :meth:`store`).
     """
 
-    def __init__(self, directory: Path | None) -> None:
+    def __init__(self, directory: Path | None, *, is_writable: bool = True) -> None:
         self.directory = directory
+        self.is_writable = is_writable  # False: read what is cached, never write (gateway tls check)
 
     def _path(self, domain: str) -> Path | None:
         if self.directory is None or not is_domain(domain):
@@ -327,7 +328,7 @@ class PolicyCache:
     async def store(self, domain: str, text: str, policy: StsPolicy) -> None:
         """Keep ``policy`` (parsed from ``text``) for ``domain``."""
         path = self._path(domain)
-        if path is not None:
+        if path is not None and self.is_writable:
             record = {"id": policy.policy_id, "fetched": policy.fetched, "policy": text}
             await asyncio.to_thread(_store_sync, path, json.dumps(record).encode("utf-8"))
 

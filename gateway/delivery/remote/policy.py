@@ -191,10 +191,12 @@ class TransportSecurity:
             cached = None
         try:
             answer = await lookup(self.resolver, f"_mta-sts.{domain}", "TXT")
+        except DnsNotFound:
+            answer = None
         except DnsError as exc:
-            if not isinstance(exc, DnsNotFound) and cached is None:
+            if cached is None:
                 log.info("MTA-STS of %s: TXT lookup failed (%s), no cached policy", domain, exc)
-            return self._from_cache(domain, cached, f"TXT lookup: {exc}"), 60.0 if cached is None else RECHECK
+            return self._from_cache(domain, cached, f"TXT lookup: {exc}"), FETCH_RETRY
         if answer is None:
             return self._from_cache(domain, cached, "no _mta-sts TXT record"), RECHECK
         ttl = min(float(answer.rrset.ttl), RECHECK) if answer.rrset is not None else RECHECK

@@ -1,0 +1,113 @@
+"""``gateway tls check DOMAIN``: what remote delivery would do for a destination's TLS."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_DESCRIPTION = """\
+Look up DOMAIN as remote delivery does and print what it would do: the MX hosts
+(and their addresses), the _mta-sts TXT record, the MTA-STS policy (fetched now over
+HTTPS from mta-sts.DOMAIN, or the one in the gateway's cache under
+var_dir/mta-sts when that is still valid and has the same id), its mode, and the
+verdict for each MX host: whether mail may go there and what its TLS must be.
+Nothing is written (the cache is only read) and no SMTP connection is made.
+Exit status: 0 when mail can go somewhere, 1 when it would wait (an enforce policy
+naming none of the MX hosts, or the MX lookup failed), 2 for an invalid policy file.
+"""
+
+
+def register(sub: Any) -> None:
+    tls = sub.add_parser(
+        "tls", help="transport security of remote delivery (MTA-STS)",
+        description="Transport security of remote delivery: MTA-STS (RFC 8461).",
+    )
+    commands = tls.add_subparsers(dest="tls_command", required=True, metavar="ACTION")
+    check = commands.add_parser(
+        "check", help="print the MX hosts, the MTA-STS policy and the verdict for a domain",
+        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("domain", help="the recipient domain")
+    check.add_argument("--policy", help="policy file (default: the embedded default)")
+    check.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from gateway.commands._common import load
+    from gateway.policy import PolicyError
+
+    try:
+        policy, _ = load(args.policy)
+    except PolicyError as exc:
+        print(f"gateway tls: invalid policy: {exc}", file=sys.stderr)
+        return 2
+    lines, status = asyncio.run(_check(policy, args.domain.lower().rstrip(".")))
+    print("\n".join(lines))
+    return status
+
+
+async def _check(policy: Any, domain: str) -> tuple[list[str], int]:
+    from gateway.delivery.remote.mta_sts import PolicyCache
+    from gateway.delivery.remote.mx import resolve_destinations
+    from gateway.delivery.remote.policy import TransportSecurity
+    from gateway.dns import make_resolver
+    from gateway.verdicts import GatewayError
+
+    settings = policy.delivery
+    resolver = make_resolver(policy.dns)
+    lines = [f"domain: {domain}"]
+    try:
+        destinations = await resolve_destinations(
+            domain, resolver, port=settings.smtp_port, local_names={policy.server.hostname}
+        )
+    except GatewayError as exc:
+        lines.append(f"MX: {exc.reply.code} {exc.reply.status} {exc.reply.text}")
+        return lines, 1
+    hosts: dict[str, list[str]] = {}
+    preference: dict[str, int] = {}
+    for dest in destinations:
+        hosts.setdefault(dest.host, []).append(dest.address)
+        preference[dest.host] = dest.preference
+    for host, addresses in hosts.items():
+        lines.append(f"MX: {preference[host]:>3} {host} [{', '.join(addresses)}]")
+    if not settings.mta_sts:
+        lines.append("MTA-STS: off ([delivery] mta_sts = false)")
+        lines.append(f"verdict: every MX host, tls = {settings.tls}")
+        return lines, 0
+    security = TransportSecurity(settings, resolver)
+    security.cache = PolicyCache(Path(policy.server.var_dir) / "mta-sts", is_writable=False)
+    transport, _ = await security.discover(domain)
+    if transport.is_sts:
+        expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(transport.expires))
+        lines.append(f"MTA-STS: id={transport.policy_id} mode={transport.mode.removeprefix('sts-')}"
+                     f" ({transport.detail}), valid until {expires}")
+        lines.append(f"MTA-STS mx: {', '.join(transport.mx)}")
+    elif transport.problem:
+        lines.append(f"MTA-STS: {transport.problem}: {transport.detail}; treated as no policy (RFC 8461 §5)")
+    else:
+        lines.append(f"MTA-STS: none ({transport.detail or 'no policy'})")
+    allowed = 0
+    for host in hosts:
+        if not transport.is_sts:
+            verdict = f"deliver, tls = {settings.tls}"
+            allowed += 1
+        elif transport.allows(host):
+            allowed += 1
+            verdict = (
+                f"deliver only over STARTTLS with a certificate valid for {host}"
+                if transport.is_enforced else
+                f"deliver; a missing STARTTLS or a certificate not valid for {host} is logged (testing)"
+            )
+        elif transport.is_enforced:
+            verdict = "skip: not named by the policy"
+        else:
+            verdict = "deliver; not named by the policy, which is logged (testing)"
+        lines.append(f"verdict: {host}: {verdict}")
+    if not allowed:
+        lines.append("verdict: mail would wait (451 4.7.5): no MX host the policy allows")
+        return lines, 1
+    return lines, 0
