@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import sys
 import time
 from typing import Any, Iterator
@@ -61,9 +62,11 @@ def restored() -> Iterator[None]:
     root = logging.getLogger()
     saved = (root.handlers[:], root.level, logging._srcfile, logging.logThreads,  # type: ignore[attr-defined]
              logging.logMultiprocessing)
+    factory = logging.getLogRecordFactory()
     try:
         yield
     finally:
+        logging.setLogRecordFactory(factory)
         root.handlers[:], root.level = saved[0], saved[1]
         logging._srcfile, logging.logThreads, logging.logMultiprocessing = saved[2:]  # type: ignore[attr-defined]
 
@@ -89,3 +92,34 @@ def test_configure_writes_ids_and_skips_lookups_no_line_shows(restored: None) ->
     assert f" gateway[{seen[0].process}] " in line
     # No caller (file, line, function), thread or process name was looked up.
     assert (seen[0].lineno, seen[0].threadName, seen[0].processName) == (0, None, None)
+
+
+def test_configured_records_carry_what_the_standard_record_does(restored: None) -> None:
+    logs.configure("info", stream=io.StringIO())
+    args = ("gateway.smtp.handler", logging.INFO, "(unknown file)", 0, "rcpt to=<%s> accepted by=%s",
+            ("a@b", "rcpt_relay"), None)
+    s, q = SESSION_ID.set("S1-1"), QUEUE_ID.set("Q1")
+    try:
+        ours = logging.getLogRecordFactory()(*args)
+    finally:
+        SESSION_ID.reset(s)
+        QUEUE_ID.reset(q)
+    theirs = logging.LogRecord(*args)
+    skip = {"created", "msecs", "relativeCreated"}
+    assert {k: v for k, v in vars(ours).items() if k not in skip | {"session", "queue", "taskName"}} == {
+        k: v for k, v in vars(theirs).items() if k not in skip | {"taskName"}}
+    assert (ours.session, ours.queue, ours.getMessage()) == ("S1-1", "Q1", "rcpt to=<a@b> accepted by=rcpt_relay")
+    assert abs(ours.created - theirs.created) < 1 and 0 <= ours.msecs < 1000
+    # A mapping as the only argument, as LogRecord takes it; a real path's names.
+    record = logging.getLogRecordFactory()("x", logging.WARNING, "/a/b/mod.py", 3, "%(k)s", ({"k": 1},), None)
+    assert (record.getMessage(), record.filename, record.module, record.levelname) == ("1", "mod.py", "mod", "WARNING")
+
+
+def test_a_forked_child_logs_its_own_process_id(restored: None) -> None:
+    logs.configure("info", stream=io.StringIO())
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if its records carry its own id
+        record = logging.getLogRecordFactory()("x", logging.INFO, "(unknown file)", 0, "m", (), None)
+        os._exit(0 if record.process == os.getpid() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
