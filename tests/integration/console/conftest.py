@@ -44,8 +44,8 @@ domains = ["localhost"]
 users = ["postmaster", "alice", "bob"]
 
 [delivery]
-retry_base = "200ms"
-retry_max = "1s"
+retry_base = "{retry_base}"
+retry_max = "{retry_max}"
 poll_interval = "200ms"
 
 [console]
@@ -56,22 +56,23 @@ admins_file = "{admins}"
 """
 
 
-def console_policy(workdir: Path, extra: str = "") -> str:
+def console_policy(workdir: Path, extra: str = "", retry_base: str = "200ms", retry_max: str = "1s") -> str:
     """The test policy with the console on a free port and the admin ``ops`` (``PASSWORD``)."""
     admins = workdir / "console-admins"
     admins.write_text(f"{ADMIN}:{hash_password(PASSWORD)}\n")
-    return POLICY.format(admins=admins, extra=extra)
+    return POLICY.format(admins=admins, extra=extra, retry_base=retry_base, retry_max=retry_max)
 
 
 @pytest.fixture
 def console_gateway(tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
-    """Start a gateway with the console on a policy: ``start(extra_toml, specs=None)``."""
+    """Start a gateway with the console on a policy: ``start(extra_toml, specs=None, **delivery)``
+    (``retry_base``, ``retry_max``)."""
     started: list[Any] = []
 
-    def start(extra: str = "", specs: Any = None) -> RunningGateway:
+    def start(extra: str = "", specs: Any = None, **delivery: str) -> RunningGateway:
         workdir = tmp_path / f"gw{len(started)}"
         workdir.mkdir()
-        context = running_gateway(console_policy(workdir, extra), workdir, specs=specs)
+        context = running_gateway(console_policy(workdir, extra, **delivery), workdir, specs=specs)
         gw = context.__enter__()
         started.append(context)
         assert gw.app is not None and gw.app.console is not None, "the console did not start"
