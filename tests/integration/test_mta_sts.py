@@ -385,3 +385,67 @@ mta_sts_https_port = {https.port}
     assert "verdict: mx1.test.example: deliver, tls = opportunistic" in out
     assert main(["tls", "check", "plain.test.example", "--policy", str(policy)]) == 0
     assert "MTA-STS: none (no _mta-sts TXT record)" in capsys.readouterr().out
+
+
+# -- in the running gateway ----------------------------------------------------------------------
+
+
+def test_the_gateway_holds_mail_for_an_enforce_domain_and_counts_why(
+    gateway_factory: Any, dns_server: DnsTestServer, https: PolicyServer, ca: TestCA, port: int
+) -> None:
+    """The scheduler's agent has the policy cache in var_dir and the process's counters:
+    mail to an enforce domain whose MX lost STARTTLS stays queued, and /metrics says why."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.conftest import MESSAGE as TEXT
+    from tests.conftest import smtp, wait_for
+
+    https.policies["sts.test.example"] = policy_text("enforce", "mx1.test.example")
+    policy = f"""
+[server]
+hostname = "gw.test.example"
+[[listeners]]
+name = "smtp"
+tls = "none"
+[local]
+domains = ["gw.test.example"]
+users = ["postmaster"]
+[relay]
+clients = ["127.0.0.0/8"]
+[dns]
+nameservers = ["127.0.0.1:{dns_server.port}"]
+timeout = "2s"
+[delivery]
+smtp_port = {port}
+tls_ca_file = "{ca.ca_file}"
+mta_sts_https_port = {https.port}
+retry_base = "200ms"
+retry_max = "500ms"
+poll_interval = "200ms"
+[metrics]
+enabled = true
+port = 0
+[[plugins]]
+name = "rcpt_relay"
+"""
+    with mx_peer(port) as stripped:  # no STARTTLS: a downgrade
+        gw = gateway_factory(policy)
+        with smtp(gw.port) as client:
+            assert client.sendmail("a@src.example", ["b@sts.test.example"], TEXT) == {}
+        metrics_port = gw.app.metrics_server.server_address[1]
+
+        def failures() -> float:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+                text = response.read().decode()
+            return sum(
+                s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "gateway_tls_policy_failures_total"
+                and s.labels == {"mode": "sts-enforce", "result": "starttls-not-supported"}
+            )
+
+        assert wait_for(lambda: failures() >= 2, timeout=15)  # the first attempt and a retry
+        assert stripped.messages == [] and len(gw.queue_ids()) == 1
+        assert (Path(gw.policy.server.var_dir) / "mta-sts" / "sts.test.example.json").exists()
+        assert len(https.requests) == 1  # the retry used the cached policy

@@ -270,11 +270,14 @@ class RemoteDeliveryAgent:
                     "remote to %s: %d recipient(s) failed: %s", dest, len(recipients), short(exc.reply, 300)
                 )
                 return {r.address: Outcome("failed", exc.reply, dest.host) for r in recipients}
-            if transport.is_sts and not conn.tls_verdict:
-                conn.tls_verdict = "success" if transport.allows(dest.host) else "mx-mismatch"
-            if transport.is_sts and conn.tls_verdict == "success":
-                self.security.record(TlsOutcome(transport, dest.host, "success", conn.tls_version))
-            self._log_outcomes(dest, conn, outcomes, transport if transport.is_sts else mode)
+            result = ""
+            if transport.is_sts:
+                # Under testing, an MX host the policy does not name went by delivery.tls.
+                # Under enforce a connection exists only once its certificate was verified.
+                result = (conn.tls_verdict or "success") if mode == transport.mode else "mx-mismatch"
+                if result == "success":
+                    self.security.record(TlsOutcome(transport, dest.host, result, conn.tls_version))
+            self._log_outcomes(dest, conn, outcomes, transport if transport.is_sts else mode, result)
             if conn.is_throttled:
                 self._back_off(dest, conn.last_reply or Reply(421, "4.3.2", "closing"))
             await self._release(_key(dest, mode, auth), conn)
@@ -284,7 +287,7 @@ class RemoteDeliveryAgent:
 
     @staticmethod
     def _log_outcomes(
-        dest: Destination, conn: SmtpConnection, outcomes: dict[str, Outcome], policy: object
+        dest: Destination, conn: SmtpConnection, outcomes: dict[str, Outcome], policy: object, result: str
     ) -> None:
         states = [o.status for o in outcomes.values()]
         counts = {s: states.count(s) for s in ("delivered", "deferred", "failed")}
@@ -293,7 +296,7 @@ class RemoteDeliveryAgent:
         # and what came of it.
         log.info(
             "remote to %s tls=%s policy=%s result=%s: %d recipient(s) delivered=%d deferred=%d failed=%d: %s",
-            dest, conn.tls_version or "none", policy, conn.tls_verdict or "-", len(outcomes),
+            dest, conn.tls_version or "none", policy, result or "-", len(outcomes),
             counts["delivered"], counts["deferred"], counts["failed"], short(last, 300),
         )
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from gateway.delivery.remote.mta_sts import (
     PolicyInvalid,
     StsPolicy,
     fetch_policy,
+    https_context,
     is_domain,
     parse_policy,
     parse_record,
@@ -151,6 +153,7 @@ class TransportSecurity:
         self.counters = counters
         self._known: dict[str, _Known] = {}
         self._pending: dict[str, asyncio.Future[TransportPolicy]] = {}
+        self._context: ssl.SSLContext | None = None
 
     async def policy_for(self, domain: str) -> TransportPolicy:
         """The policy to apply to mail for ``domain`` now (never raises)."""
@@ -209,9 +212,11 @@ class TransportSecurity:
             return self._answer(domain, cached, "cached"), ttl
         url = policy_url(domain, settings.mta_sts_https_port)
         try:
+            if self._context is None:
+                self._context = await https_context(settings.tls_ca_file)
             text = await fetch_policy(
-                domain, self.resolver, port=settings.mta_sts_https_port, ca_file=settings.tls_ca_file,
-                timeout=float(settings.mta_sts_timeout),
+                domain, self.resolver, port=settings.mta_sts_https_port, timeout=float(settings.mta_sts_timeout),
+                context=self._context,
             )
             policy = parse_policy(text, policy_id, time.time())
         except (PolicyFetchError, PolicyInvalid) as exc:
