@@ -47,10 +47,13 @@ two      IN MX  20 mx2.test.example.
 _mta-sts.two IN TXT "v=STSv1; id=1"
 mta-sts.two  IN A   127.0.0.1
 plain    IN MX  10 mx1.test.example.
+xn--bcher-kva IN MX 10 mx1.test.example.
+_mta-sts.xn--bcher-kva IN TXT "v=STSv1; id=7;"
+mta-sts.xn--bcher-kva  IN A   127.0.0.1
 """
 
 MX_NAMES = ("mx1.test.example", "mx2.test.example")
-POLICY_NAMES = ("mta-sts.sts.test.example", "mta-sts.two.test.example")
+POLICY_NAMES = ("mta-sts.sts.test.example", "mta-sts.two.test.example", "mta-sts.xn--bcher-kva.test.example")
 
 
 def policy_text(mode: str, *mx: str, max_age: int = 86400) -> str:
@@ -449,3 +452,14 @@ name = "rcpt_relay"
         assert stripped.messages == [] and len(gw.queue_ids()) == 1
         assert (Path(gw.policy.server.var_dir) / "mta-sts" / "sts.test.example.json").exists()
         assert len(https.requests) == 1  # the retry used the cached policy
+
+
+def test_an_internationalized_domain_is_looked_up_by_its_a_labels(
+    harness: Harness, https: PolicyServer, port: int
+) -> None:
+    https.policies["xn--bcher-kva.test.example"] = policy_text("enforce", "mx1.test.example")
+    with mx_peer(port) as stripped:
+        got = harness.deliver(MxRoute("bücher.test.example"), "b@bücher.test.example")
+        assert status_of(got) == {("deferred", 451, "4.7.5")}
+        assert stripped.messages == []
+    assert https.requests == [("mta-sts.xn--bcher-kva.test.example", "/.well-known/mta-sts.txt")]

@@ -123,6 +123,16 @@ class TlsOutcome:
         return self.result != "success"
 
 
+def _a_labels(domain: str) -> str:
+    """``domain`` in ASCII (IDNA A-labels), as DNS and the policy's host name have it."""
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain  # not a name we can look up: no policy
+
+
 @dataclass(slots=True)
 class _Known:
     policy: TransportPolicy
@@ -157,7 +167,7 @@ class TransportSecurity:
 
     async def policy_for(self, domain: str) -> TransportPolicy:
         """The policy to apply to mail for ``domain`` now (never raises)."""
-        domain = domain.lower().rstrip(".")
+        domain = _a_labels(domain.lower().rstrip("."))
         if not self.settings.mta_sts or not is_domain(domain):
             return TransportPolicy(domain, detail="MTA-STS off" if not self.settings.mta_sts else "")
         loop = asyncio.get_running_loop()
@@ -166,7 +176,13 @@ class TransportSecurity:
             return known.policy
         pending = self._pending.get(domain)
         if pending is not None:  # one lookup for every delivery to the domain at once
-            return await asyncio.shield(pending)
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not pending.cancelled() or (task is not None and task.cancelling()):
+                    raise
+                return await self.policy_for(domain)  # the task that looked it up was cancelled
         future: asyncio.Future[TransportPolicy] = loop.create_future()
         self._pending[domain] = future
         try:
