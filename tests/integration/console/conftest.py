@@ -46,7 +46,7 @@ users = ["postmaster", "alice", "bob"]
 [delivery]
 retry_base = "{retry_base}"
 retry_max = "{retry_max}"
-poll_interval = "200ms"
+poll_interval = "{poll_interval}"
 
 [console]
 enabled = true
@@ -56,17 +56,20 @@ admins_file = "{admins}"
 """
 
 
-def console_policy(workdir: Path, extra: str = "", retry_base: str = "200ms", retry_max: str = "1s") -> str:
+def console_policy(
+    workdir: Path, extra: str = "", retry_base: str = "200ms", retry_max: str = "1s", poll_interval: str = "200ms",
+) -> str:
     """The test policy with the console on a free port and the admin ``ops`` (``PASSWORD``)."""
     admins = workdir / "console-admins"
     admins.write_text(f"{ADMIN}:{hash_password(PASSWORD)}\n")
-    return POLICY.format(admins=admins, extra=extra, retry_base=retry_base, retry_max=retry_max)
+    return POLICY.format(admins=admins, extra=extra, retry_base=retry_base, retry_max=retry_max, poll_interval=poll_interval,
+    )
 
 
 @pytest.fixture
 def console_gateway(tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
     """Start a gateway with the console on a policy: ``start(extra_toml, specs=None, **delivery)``
-    (``retry_base``, ``retry_max``)."""
+    (``retry_base``, ``retry_max``, ``poll_interval``)."""
     started: list[Any] = []
 
     def start(extra: str = "", specs: Any = None, **delivery: str) -> RunningGateway:

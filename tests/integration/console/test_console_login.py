@@ -155,7 +155,7 @@ def test_the_embedded_default_serves_the_console_with_a_first_start_password(tmp
 
 def test_gateway_run_logs_the_console_address(tmp_path: Path) -> None:
     """The address is printed at start-up (the log on standard error); not the password."""
-    from tests.processes import free_port, gateway_env, start_gateway, stop_gateway, write_policy
+    from tests.processes import free_port, start_gateway, stop_gateway, write_policy
 
     port, console_port = free_port(), free_port()
     policy = write_policy(tmp_path, port, extra=f"[console]\nenabled = true\nport = {console_port}\n")

@@ -14,8 +14,9 @@ from tests.integration.console.conftest import click, console_url, log_in, page_
 from tests.processes import free_port
 
 # held.example waits for a flush (a route with hold = true); slow.example's smarthost
-# does not answer, so its mail is deferred, and with retry_base = 1h it stays so until
-# someone acts.
+# does not answer, so its mail is deferred, and with retry_base = 1h (and no rescan of
+# the queue for an hour) it stays so until someone acts: a release or a retry must wake
+# the scheduler itself.
 CHAIN = """
 [relay]
 domains = ["held.example", "slow.example"]
@@ -63,7 +64,7 @@ def act(browser: Any, gw: RunningGateway, qid: str, action: str) -> None:
 def test_an_admin_filters_holds_releases_retries_and_deletes_queued_mail(
     console_gateway: Callable[..., RunningGateway], browser: Any,
 ) -> None:
-    gw = console_gateway(CHAIN.format(port=free_port()), retry_base="1h", retry_max="2h")
+    gw = console_gateway(CHAIN.format(port=free_port()), retry_base="1h", retry_max="2h", poll_interval="1h")
     send(gw, "carol@example.org", "x@held.example", "Waiting for ETRN")
     send(gw, "dave@example.org", "y@slow.example", "Stuck")
     assert wait_for(lambda: len(gw.queue_ids()) == 2, timeout=10)
