@@ -463,3 +463,24 @@ def test_an_internationalized_domain_is_looked_up_by_its_a_labels(
         assert status_of(got) == {("deferred", 451, "4.7.5")}
         assert stripped.messages == []
     assert https.requests == [("mta-sts.xn--bcher-kva.test.example", "/.well-known/mta-sts.txt")]
+
+
+def test_a_cached_policy_is_refreshed_before_it_runs_out(harness: Harness, https: PolicyServer, port: int) -> None:
+    """RFC 8461 §5.1: a policy a day old (or half its max_age) is fetched again with the same
+    id, so a renewed max_age keeps it in force; until then the cache answers."""
+    import json
+    import time
+
+    https.policies["sts.test.example"] = policy_text("enforce", "mx1.test.example", max_age=604800)
+    with mx_peer(port) as stripped:
+        harness.deliver(MxRoute("sts.test.example"), "b@sts.test.example")
+        harness.deliver(MxRoute("sts.test.example"), "b@sts.test.example")
+        assert len(https.requests) == 1
+        entry = harness.cache / "sts.test.example.json"
+        record = json.loads(entry.read_text())
+        record["fetched"] = time.time() - 86400 - 60  # fetched a day ago
+        entry.write_text(json.dumps(record))
+        https.policies["sts.test.example"] = policy_text("testing", "mx1.test.example", max_age=604800)
+        assert harness.deliver(MxRoute("sts.test.example"), "b@sts.test.example")["b@sts.test.example"].status == "delivered"
+        assert len(https.requests) == 2 and len(stripped.messages) == 1
+        assert json.loads(entry.read_text())["fetched"] > time.time() - 60

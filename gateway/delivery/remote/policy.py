@@ -17,9 +17,9 @@ built from the same records.
 
 Policies come from :mod:`gateway.delivery.remote.mta_sts`: the TXT ``id`` is looked up at
 most once per TXT TTL (at most :data:`RECHECK` seconds) per domain, the policy is fetched
-only when the ``id`` differs from the cached one or the cached one expired, and a cached
-policy still within its ``max_age`` is used when the TXT lookup or the fetch fails
-(RFC 8461 §5.1).
+when the ``id`` differs from the cached one, the cached one expired, or it is due for a
+refresh (a day old, or half its ``max_age``), and a cached policy still within its
+``max_age`` is used when the TXT lookup or the fetch fails (RFC 8461 §5.1).
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ Mode = Literal["none", "sts-testing", "sts-enforce"]
 RECHECK = 300.0
 #: how long a failed fetch (or a policy that did not parse) is not tried again
 FETCH_RETRY = 60.0
+#: a cached policy is fetched again, same id or not, once it is this old (or half its
+#: max_age), so a long max_age is renewed before it runs out (RFC 8461 §5.1)
+REFRESH = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,11 @@ class TlsOutcome:
     @property
     def is_failure(self) -> bool:
         return self.result != "success"
+
+
+def _is_due(policy: StsPolicy) -> bool:
+    """Whether a cached policy should be fetched again although its id is unchanged."""
+    return time.time() - policy.fetched >= min(REFRESH, policy.max_age / 2)
 
 
 def _a_labels(domain: str) -> str:
@@ -224,7 +232,7 @@ class TransportSecurity:
             policy_id = parse_record(texts)
         except PolicyInvalid as exc:
             return self._from_cache(domain, cached, f"_mta-sts TXT: {exc}"), ttl
-        if cached is not None and cached.policy_id == policy_id:
+        if cached is not None and cached.policy_id == policy_id and not _is_due(cached):
             return self._answer(domain, cached, "cached"), ttl
         url = policy_url(domain, settings.mta_sts_https_port)
         try:
