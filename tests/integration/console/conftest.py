@@ -176,12 +176,19 @@ class PlainClient:
         self.opener = urllib.request.build_opener(
             urllib.request.HTTPSHandler(context=context), urllib.request.HTTPCookieProcessor(self.jar), _NoRedirect,
         )
+        self.bare = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _NoRedirect)
 
-    def request(self, path: str, form: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
-        """``(status, headers, body)`` of a GET, or of a POST of ``form``."""
+    def request(
+        self, path: str, form: dict[str, str] | None = None, *, cookie: str | None = None,
+    ) -> tuple[int, dict[str, str], str]:
+        """``(status, headers, body)`` of a GET, or of a POST of ``form``; ``cookie``: send
+        this Cookie header instead of the jar's."""
         data = urllib.parse.urlencode(form).encode() if form is not None else None
+        request = urllib.request.Request(console_url(self.gw, path), data=data)
+        if cookie is not None:
+            request.add_unredirected_header("Cookie", cookie)
         try:
-            with self.opener.open(console_url(self.gw, path), data=data, timeout=20) as response:
+            with (self.opener if cookie is None else self.bare).open(request, timeout=20) as response:
                 return response.status, dict(response.headers), response.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, dict(exc.headers), exc.read().decode()

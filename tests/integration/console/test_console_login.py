@@ -98,6 +98,23 @@ def test_a_post_without_its_csrf_token_is_refused(
     assert client.request("/logout", {"csrf": token})[0] == 303
 
 
+def test_every_page_checks_the_sessions_scope(console_gateway: Callable[..., RunningGateway]) -> None:
+    """A logged-in session of another scope (end users, a later slice) gets no admin page."""
+    gw = console_gateway()
+    assert gw.app is not None
+    console = gw.app.console
+
+    async def user_session() -> tuple[str, str]:
+        token, session = console.sessions.create("alice", "user")
+        return token, session.csrf
+
+    token, csrf = gw.call(user_session())
+    client = PlainClient(gw)
+    for path in ("/quarantine", "/queue", "/quarantine/ABC123"):
+        assert client.request(path, cookie=f"__Host-console={token}")[0] == 403, path
+    assert client.request("/queue/ABC123/delete", {"csrf": csrf}, cookie=f"__Host-console={token}")[0] == 403
+
+
 def test_every_page_forbids_scripts_and_remote_content(console_gateway: Callable[..., RunningGateway]) -> None:
     gw = console_gateway()
     client = PlainClient(gw)
