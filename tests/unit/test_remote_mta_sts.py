@@ -10,6 +10,9 @@ from gateway.delivery.remote.mta_sts import PolicyInvalid, mx_matches, parse_pol
 def test_the_record_gives_its_id() -> None:
     assert parse_record(["v=STSv1; id=20160831085700Z;"]) == "20160831085700Z"
     assert parse_record(["v=spf1 -all", "v=STSv1;id=abc ; ext=1"]) == "abc"
+    assert parse_record(["v=STSv1 ; id=x1"]) == "x1"  # RFC 8461 §3.1 allows space before ";"
+    with pytest.raises(PolicyInvalid):
+        parse_record(["v=STSv10; id=1"])
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,7 @@ _WELL_KNOWN = "/.well-known/mta-sts.txt"
 _MAX_HEADER_LINE = 8 * 1024
 _MAX_HEADERS = 100
 _ID_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
+_VERSION_RE = re.compile(r"^v=STSv1[ \t]*(;|$)")  # RFC 8461 §3.1: sts-version *WSP ";"
 _FIELD_RE = re.compile(r"^([A-Za-z0-9_.-]+):[ \t]*(.*?)[ \t]*$")
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)+[a-z0-9-]{1,63}$")
 
@@ -119,7 +120,7 @@ def parse_record(texts: list[str]) -> str:
     :raises PolicyInvalid: none, several, or a malformed one (then the domain has no
         usable policy)
     """
-    records = [t for t in texts if t.startswith("v=STSv1;") or t == "v=STSv1"]
+    records = [t for t in texts if _VERSION_RE.match(t)]
     if not records:
         raise PolicyInvalid("no v=STSv1 TXT record")
     if len(records) > 1:
