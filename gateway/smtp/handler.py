@@ -238,25 +238,43 @@ class SmtpHandler:
             QUEUE_ID.reset(token)
 
     async def _data(self, session: Session, scope: Any, txn: Transaction, message: Message) -> Answer:
-        dscope = self._data_scope(scope, txn)
-        kwargs = dict(session=session, txn=txn, message=message, gateway=self.gateway)
-        log.info(
-            "data from=<%s> rcpts=%d size=%d", short(txn.sender), len(txn.recipients), message.size
-        )
-        verdict = await self.runner.first_verdict("gateway_data", dscope.plugins, **kwargs)
-        if verdict is None:
-            verdict = self._score(session, txn)
-        if verdict is not None:
-            self._note_quarantine(txn, verdict)
-            if verdict.is_refusal:
-                self._log_verdict("data", verdict)
-                return _answer(verdict, verdict.reply)
-        verdict = await self.runner.first_verdict("gateway_queue", dscope.plugins, **kwargs)
-        if verdict is not None:
-            self._note_quarantine(txn, verdict)
-            if verdict.is_refusal:
-                self._log_verdict("queue", verdict)
-                return _answer(verdict, verdict.reply)
+        # The message's arrival (sender, recipient count, size) is said by the line that
+        # ends its story here: 'queued ...' for mail accepted, else 'data from=...' just
+        # before the refusal or failure line (or on the way out, cancelled).
+        is_told = False
+        try:
+            dscope = self._data_scope(scope, txn)
+            kwargs = dict(session=session, txn=txn, message=message, gateway=self.gateway)
+            verdict = await self.runner.first_verdict("gateway_data", dscope.plugins, **kwargs)
+            if verdict is None:
+                verdict = self._score(session, txn)
+            if verdict is not None:
+                self._note_quarantine(txn, verdict)
+                if verdict.is_refusal:
+                    is_told = self._log_arrival(txn, message)
+                    self._log_verdict("data", verdict)
+                    return _answer(verdict, verdict.reply)
+            verdict = await self.runner.first_verdict("gateway_queue", dscope.plugins, **kwargs)
+            if verdict is not None:
+                self._note_quarantine(txn, verdict)
+                if verdict.is_refusal:
+                    is_told = self._log_arrival(txn, message)
+                    self._log_verdict("queue", verdict)
+                    return _answer(verdict, verdict.reply)
+            answer = await self._commit(session, txn, message)
+            is_told = True
+            return answer
+        finally:
+            if not is_told:
+                self._log_arrival(txn, message)
+
+    @staticmethod
+    def _log_arrival(txn: Transaction, message: Message) -> bool:
+        log.info("data from=<%s> rcpts=%d size=%d", short(txn.sender), len(txn.recipients), message.size)
+        return True
+
+    async def _commit(self, session: Session, txn: Transaction, message: Message) -> Answer:
+        """Queue the message (and its copies); the 250 only once it is durable."""
         envelope = Envelope.from_transaction(session, txn)
         reason = txn.stash.get(QUARANTINE_REASON)
         area = "msg"
@@ -267,15 +285,23 @@ class SmtpHandler:
         copies = self._copies(txn, envelope) if area == "msg" else []
         queue = self.gateway.queue
         take_claim = self.gateway.take_claim if area == "msg" else None
-        # The copies share the message's group commit; the 250 depends on the message alone.
-        results = await asyncio.gather(
-            queue.commit(txn.queue_id, envelope, message, area=area, take_claim=take_claim),
-            *(queue.commit(qid, copy, message) for qid, copy in copies),
-            return_exceptions=True,
-        )
+        commit = queue.commit(txn.queue_id, envelope, message, area=area, take_claim=take_claim)
+        results: list[Any]
+        if copies:
+            # The copies share the message's group commit; the 250 depends on the message alone.
+            results = await asyncio.gather(
+                commit, *(queue.commit(qid, copy, message) for qid, copy in copies), return_exceptions=True
+            )
+        else:  # the common case, without gather's task and future
+            try:
+                await commit
+                results = [None]
+            except Exception as exc:  # noqa: BLE001 - as gather(return_exceptions=True) gives it
+                results = [exc]
         failure = results[0]
         if isinstance(failure, BaseException):
             await self._drop_copies(copies, results[1:])
+            self._log_arrival(txn, message)
             if isinstance(failure, TemporaryFailure):
                 log.error("queue commit failed: %s", failure)
                 return Answer(failure.reply)
@@ -291,9 +317,10 @@ class SmtpHandler:
             counters.queued_bytes += message.size
             counters.quarantined += area == "quarantine"
         log.info(
-            "queued from=<%s> to=%s size=%d area=%s score=%.1f",
+            "queued from=<%s> to=%s rcpts=%d size=%d area=%s score=%.1f",
             short(txn.sender),
             ",".join(f"<{short(r.address, 80)}>" for r in txn.recipients[:10]),
+            len(txn.recipients),
             message.size,
             area,
             txn.results.total + session.results.total,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import smtplib
 import time
 
 import pytest
 
+from gateway.logreport import LogReport
 from tests.conftest import BASE_POLICY, MESSAGE, RawClient, smtp, wait_for
 
 
@@ -307,3 +309,49 @@ def test_rset_clears_the_transaction(gateway, raw) -> None:
     assert c.cmd("VRFY alice")[0] == 252
     assert c.cmd("QUIT")[0] == 221
     assert c.is_closed()
+
+
+def _session_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "gateway.smtp.handler"]
+
+
+def test_an_accepted_message_is_logged_once_per_event_its_arrival_in_the_queued_line(
+    gateway, raw, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        c = raw()
+        assert c.cmd("HELO client.test.example")[0] == 250
+        assert c.cmd("MAIL FROM:<a@example.org>")[0] == 250
+        assert c.cmd("RCPT TO:<alice@localhost>")[0] == 250
+        assert c.cmd("RCPT TO:<bob@localhost>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        assert c.cmd(b"Subject: x\r\n\r\nhi\r\n.")[0] == 250
+        assert c.cmd("QUIT")[0] == 221
+        assert wait_for(lambda: any(line.startswith("disconnect ") for line in _session_lines(caplog)))
+    lines = _session_lines(caplog)
+    assert [line.split(" ", 1)[0] for line in lines] == [
+        "connect", "helo", "mail", "rcpt", "rcpt", "queued", "disconnect"
+    ]
+    size = len(b"Subject: x\r\n\r\nhi\r\n")
+    assert lines[5] == f"queued from=<a@example.org> to=<alice@localhost>,<bob@localhost> rcpts=2 size={size} area=msg score=0.0"
+    # gateway report still reads it: one message received, its sender and size.
+    report = LogReport()
+    report.feed(f"2026-12-05 12:00:00,000 gateway[1] INFO gateway.smtp.handler session=S1 queue=Q1 {lines[5]}")
+    assert report.summary()["messages"] == {
+        "received": 1, "bytes": size, "quarantined": 0, "generated": 0, "in_queue_at_end": 1,
+    }
+
+
+def test_a_message_refused_after_data_is_logged_with_its_arrival_before_the_refusal(
+    gateway_factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = gateway_factory(BASE_POLICY + "\n[scoring]\nreject = 0.0\n")
+    with caplog.at_level(logging.INFO), smtp(gateway.port) as client:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            client.sendmail("a@example.org", ["alice@localhost"], MESSAGE)
+        assert refused.value.smtp_code == 550
+    lines = _session_lines(caplog)
+    data = [line for line in lines if line.startswith("data ")]
+    assert data[0] == f"data from=<a@example.org> rcpts=1 size={len(MESSAGE)}"
+    assert data[1].startswith("data reject by=scoring reply='550 5.7.1 Message rejected as spam'")
+    assert not any(line.startswith("queued ") for line in lines)
