@@ -145,7 +145,7 @@ def nameservers(settings: DnsSettings) -> list[tuple[str, int]]:
         if isinstance(server, str):
             out.append((server, 53))
         else:
-            out.append((str(server.address), int(getattr(server, "port", 53))))
+            out.append((str(getattr(server, "address", server)), int(getattr(server, "port", 53))))
     return out
 
 

@@ -159,7 +159,7 @@ def gateway_rcpt(
                 return Verdict.reject(REPLY_RESTRICTED, reason=f"{who} may not send to {domain}")
     if settings.protect_recipients and address.domain:
         target = f"{address.local}@{address.domain_key}"
-        rules = [rule for rule in settings.protect_recipients if _address_matches(target, rule.recipients)]
-        if rules and not any(rule.allows(session, str(txn.sender), client) for rule in rules):
+        protecting = [rule for rule in settings.protect_recipients if _address_matches(target, rule.recipients)]
+        if protecting and not any(rule.allows(session, str(txn.sender), client) for rule in protecting):
             return Verdict.reject(REPLY_PROTECTED, reason=f"{target} is protected")
     return None

@@ -233,8 +233,9 @@ class Dispatcher:
             envelope=envelope, recipients=rcpts, route=route, message=msg, gateway=gateway,
         )
         if verdict is not None and verdict.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCONNECT):
-            status = "failed" if verdict.action is Action.REJECT else "deferred"
-            return dict.fromkeys(addresses, Outcome(status, verdict.reply))
+            if verdict.action is Action.REJECT:
+                return dict.fromkeys(addresses, Outcome("failed", verdict.reply))
+            return dict.fromkeys(addresses, Outcome("deferred", verdict.reply))
         data = msg.as_bytes() if msg.is_modified else message
         local, remote = self._agents_for(gateway)
         try:

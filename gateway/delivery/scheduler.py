@@ -342,12 +342,12 @@ class Scheduler:
             # Usually :meth:`_remove` has closed it already. Closing the file's last
             # descriptor may free its inode and blocks, a filesystem write that must not
             # run on the event loop; the shield lets it finish if this attempt is cancelled.
-            lock = self._locks.pop(qid, None)
-            if lock is not None:
+            left = self._locks.pop(qid, None)
+            if left is not None:
                 try:
-                    await asyncio.shield(gateway.run_in_thread(os.close, lock))
+                    await asyncio.shield(gateway.run_in_thread(os.close, left))
                 except RuntimeError:  # the thread pool is shut down: close it here
-                    os.close(lock)
+                    os.close(left)
 
     async def _remove(self, qid: str) -> None:
         """Remove ``qid`` from the queue and release its delivery lock with it (the lock

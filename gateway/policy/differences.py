@@ -86,7 +86,7 @@ def _changed(old: object, new: object, keys: frozenset[str] | None) -> tuple[str
     """``"key old -> new"`` for the fields of two settings objects that differ."""
     if not dataclasses.is_dataclass(old) or not dataclasses.is_dataclass(new):
         return () if old == new else (f"{format_value(old)} -> {format_value(new)}",)
-    kinds = _unit_kinds(type(old))
+    kinds = _unit_kinds(typing.cast(type, type(old)))
     out = []
     for f in dataclasses.fields(old):
         if keys is not None and f.name not in keys:

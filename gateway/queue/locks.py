@@ -40,7 +40,7 @@ def is_locked(fd: int) -> bool:
     """Whether any open file description holds a lock on the file behind ``fd`` that
     would keep out a write lock (this descriptor's own excepted); takes nothing."""
     got = fcntl.fcntl(fd, _F_OFD_GETLK, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
-    return struct.unpack(_FLOCK, got)[0] != fcntl.F_UNLCK
+    return bool(struct.unpack(_FLOCK, got)[0] != fcntl.F_UNLCK)
 
 
 def open_locked(path: str | Path, qid: str, *, wait: bool) -> int:

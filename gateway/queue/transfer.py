@@ -36,7 +36,9 @@ from typing import IO, Any, Iterator, Literal
 
 from gateway.model import Envelope, QueuedRecipient
 from gateway.queue.committer import fsync_dir, write_all
-from gateway.queue.store import _QID_RE, AREAS, CorruptQueueFile, QueueStore, _check_fd
+from gateway.queue.damage import QID_RE as _QID_RE
+from gateway.queue.damage import check_fd as _check_fd
+from gateway.queue.store import AREAS, CorruptQueueFile, QueueStore
 
 __all__ = ["ExportResult", "ImportResult", "TransferError", "export_queue", "import_queue"]
 

@@ -337,17 +337,18 @@ class LocalDeliveryAgent:
         account = route.account
         if account is not None:
             # A user directory's entry (Dovecot's userdb) stands in for an assign line.
-            assign = LocalAssign(user, account.home, account.uid, account.gid)
-            return _Target(user, Path(os.path.abspath(account.home)), assign, local, route.domain or domain)
+            entry = LocalAssign(user, account.home, account.uid, account.gid)
+            return _Target(user, Path(os.path.abspath(account.home)), entry, local, route.domain or domain)
         assign = next((a for a in settings.assign if a.user.lower() == user), None)
         if assign is not None and assign.home != Path():
             home = Path(os.path.abspath(assign.home))
         else:
-            home = self._homes.get(user)  # the policy is this agent's for good
-            if home is None:
+            known = self._homes.get(user)  # the policy is this agent's for good
+            if known is None:
                 if len(self._homes) >= _MAX_HOMES:
                     self._homes.clear()
-                home = self._homes[user] = Path(os.path.abspath(settings.mail_root / user))
+                known = self._homes[user] = Path(os.path.abspath(settings.mail_root / user))
+            home = known
         return _Target(user, home, assign, local, route.domain or domain)
 
     async def _deliver(
