@@ -147,6 +147,11 @@ def _split_local(text: str) -> tuple[str, str]:
 def _parse_mailbox(text: str, *, utf8: bool) -> Address:
     if _CONTROL.search(text):
         raise AddressError("control character in address")
+    return _parse_checked_mailbox(text, utf8=utf8)
+
+
+def _parse_checked_mailbox(text: str, *, utf8: bool) -> Address:
+    """:func:`_parse_mailbox` of a text without control characters."""
     if not utf8 and not text.isascii():
         raise AddressError("non-ASCII address without SMTPUTF8")
     local, domain = _split_local(text)
@@ -193,7 +198,7 @@ def parse_path(text: str, *, allow_null: bool, allow_postmaster: bool, utf8: boo
         raise AddressError("garbage after path")
     if len(inner.encode("utf-8")) + 2 > MAX_PATH:
         raise AddressError("path too long")
-    if _CONTROL.search(inner):
+    if _CONTROL.search(inner):  # _parse_mailbox need not look again
         raise AddressError("control character in address")
     if not inner:
         if not allow_null:
@@ -210,11 +215,21 @@ def parse_path(text: str, *, allow_null: bool, allow_postmaster: bool, utf8: boo
             _check_domain(hop[1:], utf8)
     if allow_postmaster and inner.lower() == "postmaster":
         return Address(inner, ""), rest.strip(" ")
-    return _parse_mailbox(inner, utf8=utf8), rest.strip(" ")
+    return _parse_checked_mailbox(inner, utf8=utf8), rest.strip(" ")
 
 
 def _closing_bracket(text: str) -> int:
     """Index of the ``>`` closing the path, honouring quoted local parts."""
+    end = text.find(">")
+    if end > 0 and '"' not in text[:end]:  # nothing quoted before it: the first one closes
+        if "<" in text[1:end]:
+            raise AddressError("nested angle bracket")
+        return end
+    return _closing_bracket_quoted(text)
+
+
+def _closing_bracket_quoted(text: str) -> int:
+    # Character by character: a quoted local part may hold ">" and "<".
     in_quote = False
     i = 1
     while i < len(text):

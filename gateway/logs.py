@@ -162,7 +162,9 @@ def configure(level: str = "info", stream: object = None) -> None:
 
 def short(text: object, limit: int = 120) -> str:
     """Client-supplied text made safe and short for a log line."""
-    s = str(text)
-    s = s.encode("ascii", "backslashreplace").decode("ascii")
-    s = "".join(c if 32 <= ord(c) < 127 else "?" for c in s)
+    s = text if type(text) is str else str(text)
+    # Printable ASCII (nearly every address and name) is already what the rest makes of it.
+    if not (s.isascii() and s.isprintable()):
+        s = s.encode("ascii", "backslashreplace").decode("ascii")
+        s = "".join(c if 32 <= ord(c) < 127 else "?" for c in s)
     return s if len(s) <= limit else s[: limit - 3] + "..."

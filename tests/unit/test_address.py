@@ -1,7 +1,12 @@
 """RFC 5321 path and parameter parsing."""
 
-import pytest
+from typing import Callable
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway import address
 from gateway.address import Address, AddressError, decode_xtext, parse_params, parse_path
 
 
@@ -96,3 +101,15 @@ def test_xtext() -> None:
 def test_domain_key_is_lowercase() -> None:
     assert rcpt("<User@Example.ORG>").domain_key == "example.org"
     assert rcpt("<User@Example.ORG>").local == "User"
+
+
+def _outcome(find: Callable[[str], int], text: str) -> object:
+    try:
+        return find(text)
+    except AddressError as exc:
+        return str(exc)
+
+
+@given(st.text(alphabet='<>"\\ab@. :', max_size=30).map(lambda t: "<" + t))
+def test_the_closing_bracket_found_without_a_quote_is_the_one_the_full_scan_finds(text: str) -> None:
+    assert _outcome(address._closing_bracket, text) == _outcome(address._closing_bracket_quoted, text)

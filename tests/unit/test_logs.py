@@ -10,6 +10,8 @@ import time
 from typing import Any, Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway import logs
 from gateway.logs import FORMAT, QUEUE_ID, SESSION_ID, LineFormatter
@@ -123,3 +125,17 @@ def test_a_forked_child_logs_its_own_process_id(restored: None) -> None:
         os._exit(0 if record.process == os.getpid() else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _short_as_before(text: object, limit: int = 120) -> str:
+    s = str(text)
+    s = s.encode("ascii", "backslashreplace").decode("ascii")
+    s = "".join(c if 32 <= ord(c) < 127 else "?" for c in s)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+@given(st.one_of(st.text(), st.text(alphabet=st.characters(max_codepoint=0x7F)), st.integers()),
+       st.integers(min_value=3, max_value=200))
+def test_short_makes_what_it_always_made(text: object, limit: int) -> None:
+    # Printable ASCII takes a short cut; everything else the whole way.
+    assert logs.short(text, limit) == _short_as_before(text, limit)
