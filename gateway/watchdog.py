@@ -45,6 +45,21 @@ class Watchdog:
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("Watchdog.wait() needs a task")
+        self.start(task, seconds)
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if self.is_timeout(task):
+                raise TimeoutError from None
+            raise
+        finally:
+            self._task, self._deadline = None, None
+
+    def start(self, task: asyncio.Task[Any], seconds: float) -> None:
+        """Begin a wait of ``task`` for at most ``seconds``, for a caller that awaits
+        itself, without :meth:`wait`'s coroutine (a session's command reads): it must
+        turn a cancellation for which :meth:`is_timeout` is true into
+        :class:`TimeoutError`, and call :meth:`stop` however the wait ends."""
         deadline = self._loop.time() + seconds
         self._task, self._deadline = task, deadline
         handle = self._handle
@@ -52,16 +67,18 @@ class Watchdog:
             if handle is not None:
                 handle.cancel()
             self._handle = self._loop.call_at(deadline, self._fire)
-        try:
-            return await awaitable
-        except asyncio.CancelledError:
-            if self._is_expired:
-                self._is_expired = False
-                if task.uncancel() == 0:
-                    raise TimeoutError from None
-            raise
-        finally:
-            self._task, self._deadline = None, None
+
+    def stop(self) -> None:
+        """The wait begun by :meth:`start` is over."""
+        self._task, self._deadline = None, None
+
+    def is_timeout(self, task: asyncio.Task[Any]) -> bool:
+        """Whether ``task``'s cancellation, caught during a wait, is this watchdog's
+        (and no other cancellation is pending): the wait took too long."""
+        if self._is_expired:
+            self._is_expired = False
+            return task.uncancel() == 0
+        return False
 
     def close(self) -> None:
         """Drop the timer (the session is over)."""

@@ -47,12 +47,22 @@ class Answer:
     close: bool = False
 
 
+ANSWER_SENDER_OK = Answer(Reply(250, "2.1.0", "Sender OK"))
+ANSWER_RCPT_OK = Answer(Reply(250, "2.1.5", "Recipient OK"))
+ANSWER_RCPT_DENIED = Answer(REPLY_RCPT_DENIED)
+
+
 def _answer(verdict: Verdict, default: Reply) -> Answer:
     if verdict.action is Action.DISCONNECT:
         return Answer(verdict.reply, close=True)
     if verdict.action in (Action.REJECT, Action.TEMPFAIL):
         return Answer(verdict.reply)
     return Answer(default)
+
+
+@functools.lru_cache(maxsize=16)
+def _helo_answer(hostname: str) -> Answer:
+    return Answer(Reply(250, "", hostname))
 
 
 @functools.lru_cache(maxsize=4096)  # clients come back; parsing is a tenth of open_session
@@ -71,6 +81,7 @@ class SmtpHandler:
         self.listener = listener
         self.runner = gateway.runner
         self.policy = gateway.policy
+        self._relay_clients: dict[str, bool] = {}  # client address -> in [relay] clients
 
     # -- session -----------------------------------------------------------
 
@@ -84,10 +95,21 @@ class SmtpHandler:
             local_ip=str(local[0]) if local else "",
             local_port=int(local[1]) if local else 0,
         )
-        ip = _client_ip(peer_ip)
-        session.is_relay_client = any(ip in net for net in self.policy.relay.clients)
+        session.is_relay_client = self._is_relay_client(peer_ip)
         scope = self.policy.scope(listener=self.listener.name, client_ip=peer_ip)
         return session, scope
+
+    def _is_relay_client(self, peer_ip: str) -> bool:
+        # Remembered per address for this policy's life (a handler's): a network test
+        # costs microseconds a session, and clients come back.
+        known = self._relay_clients.get(peer_ip)
+        if known is None:
+            ip = _client_ip(peer_ip)
+            known = any(ip in net for net in self.policy.relay.clients)
+            if len(self._relay_clients) >= 4096:
+                self._relay_clients.clear()
+            self._relay_clients[peer_ip] = known
+        return known
 
     async def connect(self, session: Session, scope: Any) -> Answer | None:
         """Run the connect hooks; ``None`` means greet the client."""
@@ -118,7 +140,7 @@ class SmtpHandler:
             return _answer(verdict, verdict.reply)
         session.helo = name
         log.info("helo name=%s esmtp=%s", short(name), session.is_esmtp)
-        return Answer(Reply(250, "", self.gateway.hostname))
+        return _helo_answer(self.gateway.hostname)
 
     async def auth(
         self, session: Session, scope: Any, mechanism: str, login: str, password: str
@@ -181,7 +203,7 @@ class SmtpHandler:
                 self._log_verdict("mail", verdict, sender=txn.sender)
                 return _answer(verdict, verdict.reply)
         log.info("mail from=<%s> size=%s", short(txn.sender), txn.params.size)
-        return Answer(Reply(250, "2.1.0", "Sender OK"))
+        return ANSWER_SENDER_OK
 
     async def rcpt(self, session: Session, scope: Any, txn: Transaction, rcpt: Recipient) -> Answer:
         rscope = scope.for_recipient_domain(rcpt.address.domain_key) if rcpt.address.domain else scope
@@ -198,12 +220,12 @@ class SmtpHandler:
         if verdict is None or verdict.action is Action.QUARANTINE:
             # Default deny: nobody vouched for this recipient.
             log.info("rcpt to=<%s> refused by=default-deny", short(rcpt.address))
-            return Answer(REPLY_RCPT_DENIED)
+            return ANSWER_RCPT_DENIED
         if verdict.action is Action.ACCEPT:
             rcpt.accepted_by = verdict.plugin
             txn.recipients.append(rcpt)
             log.info("rcpt to=<%s> accepted by=%s", short(rcpt.address), verdict.plugin)
-            return Answer(Reply(250, "2.1.5", "Recipient OK"))
+            return ANSWER_RCPT_OK
         self._log_verdict("rcpt", verdict, rcpt=rcpt.address)
         return _answer(verdict, verdict.reply)
 

@@ -15,6 +15,7 @@ to :class:`~gateway.smtp.handler.SmtpHandler`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 from typing import Any, Awaitable, Callable
@@ -60,9 +61,16 @@ R_TOO_MANY_CONN = Reply(421, "4.7.0", "Too many connections, try again later")
 R_TOO_MANY_MSGS = Reply(421, "4.7.0", "Too many messages in one session, closing connection")
 R_NO_TLS = Reply(502, "5.5.1", "STARTTLS not available")
 R_OK = Reply(250, "2.0.0", "OK")
+R_GO_AHEAD = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+R_BYE = Reply(221, "2.0.0", "Bye")
 
 # RFC 3207 §4: before TLS on a listener that requires it, only these may pass.
 ALLOWED_BEFORE_TLS = frozenset({"EHLO", "HELO", "NOOP", "QUIT", "STARTTLS", "RSET"})
+
+
+@functools.lru_cache(maxsize=16)
+def _greeting(hostname: str) -> Reply:
+    return Reply(220, "", f"{hostname} ESMTP")
 
 
 class ConnectionTracker:
@@ -142,22 +150,7 @@ class GatewaySMTP(SMTP):
         self.errors = 0
         self.auth_failures = 0
         self.tap: Any = capture.NO_TAP
-        self._commands: dict[str, Callable[[str], Awaitable[None]]] = {
-            "HELO": self.cmd_helo,
-            "EHLO": self.cmd_ehlo,
-            "MAIL": self.cmd_mail,
-            "RCPT": self.cmd_rcpt,
-            "DATA": self.cmd_data,
-            "RSET": self.cmd_rset,
-            "NOOP": self.cmd_noop,
-            "QUIT": self.cmd_quit,
-            "VRFY": self.cmd_vrfy,
-            "EXPN": self.cmd_expn,
-            "HELP": self.cmd_help,
-            "STARTTLS": self.cmd_starttls,
-            "AUTH": self.cmd_auth,
-            "ETRN": self.cmd_etrn,
-        }
+        self._task: asyncio.Task[Any]  # the session's, set when it starts
 
     # -- plumbing ----------------------------------------------------------
 
@@ -196,7 +189,14 @@ class GatewaySMTP(SMTP):
         """Send a reply; a protocol error spends one unit of the error budget."""
         self.tap.reply(reply)
         self._writer.write(reply.wire())
-        await self._writer.drain()
+        # StreamWriter.drain() (two coroutines) only when it has something to do: the
+        # client is not reading (writing paused), or the connection is gone or going,
+        # where it raises. We are the stream's protocol: these flags are ours.
+        if (
+            self._paused or self._connection_lost  # type: ignore[attr-defined]
+            or self.transport is None or self.transport.is_closing()
+        ):
+            await self._writer.drain()
         if bad:
             self.errors += 1
             if self.errors >= self.scope.limits.max_bad_commands:
@@ -244,13 +244,15 @@ class GatewaySMTP(SMTP):
             return
         self.tap = capture.start(self.handler, session)
         self._watchdog = Watchdog()
+        assert task is not None
+        self._task = task
         try:
             async with asyncio.timeout(limits.session_timeout):
                 refusal = await self.handler.connect(session, scope)
                 if refusal is not None:
                     await self.reply(refusal.reply)
                     return
-                await self.reply(Reply(220, "", f"{self.hostname} ESMTP"))
+                await self.reply(_greeting(self.hostname))
                 await self._command_loop()
         except _Close:
             pass
@@ -283,17 +285,27 @@ class GatewaySMTP(SMTP):
 
     async def _read_line(self, timeout: float) -> bytes | None:
         """One command line; ``None`` when it was too long (already drained)."""
-        wait = self._watchdog.wait
+        # The watchdog's start/stop rather than its wait(): a coroutine less a command.
+        dog, task = self._watchdog, self._task
+        dog.start(task, timeout)
         try:
-            return await wait(self._reader.readuntil(b"\n"), timeout)
+            return await self._reader.readuntil(b"\n")
+        except asyncio.CancelledError:
+            if dog.is_timeout(task):
+                raise TimeoutError from None
+            raise
         except asyncio.LimitOverrunError as exc:
+            dog.stop()
             await self._reader.read(exc.consumed)
+            wait = dog.wait
             while True:
                 try:
                     await wait(self._reader.readuntil(b"\n"), timeout)
                     return None
                 except asyncio.LimitOverrunError as more:
                     await self._reader.read(more.consumed)
+        finally:
+            dog.stop()
 
     async def _command_loop(self) -> None:
         limits = self.scope.limits
@@ -324,7 +336,7 @@ class GatewaySMTP(SMTP):
                 await self.reply(Reply(500, "5.5.2", "Invalid UTF-8 in command"), bad=True)
                 continue
             self.tap.command(verb, arg)
-            command = self._commands.get(verb)
+            command = _COMMANDS.get(verb)
             if command is None:
                 log.info("unrecognised command %s", short(verb, 20))
                 await self.reply(R_UNRECOGNISED, bad=True)
@@ -332,7 +344,7 @@ class GatewaySMTP(SMTP):
             if self.listener.require_tls and not self.gsession.has_tls and verb not in ALLOWED_BEFORE_TLS:
                 await self.reply(R_NEED_TLS, bad=True)
                 continue
-            await command(arg)
+            await command(self, arg)
 
     # -- commands ----------------------------------------------------------
 
@@ -451,7 +463,7 @@ class GatewaySMTP(SMTP):
             await self.reply(R_NO_VALID_RCPT)
             return
         limits = self.scope.limits
-        await self.reply(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
+        await self.reply(R_GO_AHEAD)
         self.txn = None
         try:
             result = await read_data(
@@ -486,7 +498,7 @@ class GatewaySMTP(SMTP):
         await self.reply(R_OK)
 
     async def cmd_quit(self, arg: str) -> None:
-        await self.reply(Reply(221, "2.0.0", "Bye"))
+        await self.reply(R_BYE)
         raise _Close()
 
     async def cmd_vrfy(self, arg: str) -> None:
@@ -540,3 +552,22 @@ class GatewaySMTP(SMTP):
         # RFC 4954; gateway/smtp/auth.py checks the command and collects the credentials.
         if await auth_command(self, arg):
             raise _Close()
+
+
+# The command table, built once (not per connection): the verb and the method answering it.
+_COMMANDS: dict[str, Callable[[GatewaySMTP, str], Awaitable[None]]] = {
+    "HELO": GatewaySMTP.cmd_helo,
+    "EHLO": GatewaySMTP.cmd_ehlo,
+    "MAIL": GatewaySMTP.cmd_mail,
+    "RCPT": GatewaySMTP.cmd_rcpt,
+    "DATA": GatewaySMTP.cmd_data,
+    "RSET": GatewaySMTP.cmd_rset,
+    "NOOP": GatewaySMTP.cmd_noop,
+    "QUIT": GatewaySMTP.cmd_quit,
+    "VRFY": GatewaySMTP.cmd_vrfy,
+    "EXPN": GatewaySMTP.cmd_expn,
+    "HELP": GatewaySMTP.cmd_help,
+    "STARTTLS": GatewaySMTP.cmd_starttls,
+    "AUTH": GatewaySMTP.cmd_auth,
+    "ETRN": GatewaySMTP.cmd_etrn,
+}
