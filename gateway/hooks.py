@@ -9,6 +9,7 @@ policy's plugin chain, awaiting coroutines under each entry's time budget.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import importlib
 import inspect
 import logging
@@ -120,10 +121,9 @@ class HookStats:
         counts = self.buckets.get(key)
         if counts is None:
             counts = self.buckets[key] = [0] * len(LATENCY_BUCKETS)
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if elapsed <= bound:
-                counts[i] += 1
-                break
+        i = bisect.bisect_left(LATENCY_BUCKETS, elapsed)  # the first bound >= elapsed
+        if i < len(counts):
+            counts[i] += 1
 
 
 class HookRunner:
@@ -141,6 +141,9 @@ class HookRunner:
         self.objects: dict[str, object] = {}
         self._impls: dict[str, dict[str, _Impl]] = {}
         self.stats = stats if stats is not None else HookStats()
+        # (hook, id(entries)) -> (entries, the entries implementing it with their impl);
+        # the entries tuple is kept so that its id cannot be reused while cached.
+        self._chains: dict[tuple[str, int], tuple[Sequence[Any], tuple[tuple[Any, _Impl], ...]]] = {}
         for name in dict.fromkeys(names):
             obj = specs[name].instantiate()
             self.pm.register(obj, name=name)
@@ -156,6 +159,20 @@ class HookRunner:
 
     def implements(self, name: str, hook: str) -> bool:
         return hook in self._impls.get(name, {})
+
+    def _chain(self, hook: str, entries: Sequence[Any]) -> tuple[tuple[Any, _Impl], ...]:
+        """The entries of ``entries`` that implement ``hook``, in order, with their
+        implementation: found once per chain (a scope's tuple), not at every call."""
+        key = (hook, id(entries))
+        cached = self._chains.get(key)
+        if cached is not None and cached[0] is entries:
+            return cached[1]
+        pairs = tuple(
+            (entry, impl) for entry in entries if (impl := self._impls[entry.name].get(hook)) is not None
+        )
+        if type(entries) is tuple and len(self._chains) < 4096:  # scopes' chains live as long as us
+            self._chains[key] = (entries, pairs)
+        return pairs
 
     async def _call(self, entry: Any, impl: _Impl, kwargs: Mapping[str, Any]) -> Any:
         args = [entry.settings if a == "settings" else kwargs[a] for a in impl.argnames]
@@ -174,14 +191,14 @@ class HookRunner:
         ``on_error``: ``tempfail`` (fail closed) or ``continue`` (fail open). A plugin
         in ``observe`` mode is run and logged but its verdict is not acted on.
         """
-        for entry in entries:
-            impl = self._impls[entry.name].get(hook)
-            if impl is None:
-                continue
+        for entry, impl in self._chain(hook, entries):
             key = (entry.id, hook)
             started = time.perf_counter()
-            try:
-                result = await self._call(entry, impl, kwargs)
+            try:  # _call's work, without its coroutine
+                result = impl.function(*[entry.settings if a == "settings" else kwargs[a] for a in impl.argnames])
+                if result is not None and not isinstance(result, Verdict) and inspect.isawaitable(result):
+                    async with asyncio.timeout(entry.timeout):
+                        result = await result
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # boundary: a plugin must never kill the session
@@ -246,10 +263,7 @@ class HookRunner:
 
     async def call_all(self, hook: str, entries: Sequence[Any], **kwargs: Any) -> None:
         """Run an "always runs" hook for every entry; errors are logged, not raised."""
-        for entry in entries:
-            impl = self._impls[entry.name].get(hook)
-            if impl is None:
-                continue
+        for entry, impl in self._chain(hook, entries):
             try:
                 await self._call(entry, impl, kwargs)
             except asyncio.CancelledError:
