@@ -14,10 +14,11 @@ import importlib
 import inspect
 import logging
 import time
+import types
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from types import ModuleType
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Coroutine, Generator, Iterable, Mapping, Sequence
 
 import pluggy
 
@@ -126,6 +127,29 @@ class HookStats:
             counts[i] += 1
 
 
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], waiting: Any) -> Generator[Any, Any, Any]:
+    """Go on with ``coro``, already started and now waiting on ``waiting`` (what its
+    first step yielded), as ``await coro`` would have: what the task sends or throws in
+    goes to ``coro``, what ``coro`` yields goes to the task."""
+    while True:
+        try:
+            value = yield waiting
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # a cancellation, above all: coro's to handle
+            try:
+                waiting = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                waiting = coro.send(value)
+            except StopIteration as done:
+                return done.value
+
+
 class HookRunner:
     """Calls the hook implementations of a plugin chain in policy order.
 
@@ -196,7 +220,17 @@ class HookRunner:
             started = time.perf_counter()
             try:  # _call's work, without its coroutine
                 result = impl.function(*[entry.settings if a == "settings" else kwargs[a] for a in impl.argnames])
-                if result is not None and not isinstance(result, Verdict) and inspect.isawaitable(result):
+                if type(result) is types.CoroutineType:
+                    # Most answer without waiting (a set lookup, a cache): run the
+                    # coroutine's first step here, and only one that waits gets a timer.
+                    try:
+                        waiting = result.send(None)
+                    except StopIteration as done:
+                        result = done.value
+                    else:
+                        async with asyncio.timeout(entry.timeout):
+                            result = await _resume(result, waiting)
+                elif result is not None and not isinstance(result, Verdict) and inspect.isawaitable(result):
                     async with asyncio.timeout(entry.timeout):
                         result = await result
             except asyncio.CancelledError:

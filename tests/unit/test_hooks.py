@@ -180,3 +180,59 @@ def test_route_plugin_failure_defers_instead_of_the_built_in_route() -> None:
     with pytest.raises(TemporaryFailure) as raised:
         _route(runner, [entry("defers", on_error="continue"), entry("routes")])  # its answer, not an error
     assert raised.value.reply.status == "4.4.3"
+
+
+def test_a_coroutine_that_answers_without_waiting_gets_no_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    timers = []
+    real_timeout = asyncio.timeout
+
+    def counting_timeout(delay):
+        timers.append(delay)
+        return real_timeout(delay)
+
+    monkeypatch.setattr(asyncio, "timeout", counting_timeout)
+
+    async def quick(sender):
+        return REJECT
+
+    async def waits(sender):
+        await asyncio.sleep(0.01)
+        return Verdict.accept()
+
+    specs = {"quick": module("quick", gateway_mail=quick), "waits": module("waits", gateway_mail=waits)}
+    runner = HookRunner(specs, ["quick", "waits"])
+    assert run(runner, (entry("quick"),)).plugin == "quick"
+    assert timers == []
+    verdict = run(runner, (entry("waits", timeout=7.0),))
+    assert (verdict.action, verdict.plugin, timers) == (Action.ACCEPT, "waits", [7.0])
+
+
+def test_a_coroutine_that_waits_sees_a_cancellation_of_the_session() -> None:
+    seen = []
+
+    async def waits(sender):
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    async def session(runner):
+        task = asyncio.create_task(runner.first_verdict("gateway_mail", (entry("waits"),), session=None, txn=None,
+                                                        sender=None, gateway=None))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(session(HookRunner({"waits": module("waits", gateway_mail=waits)}, ["waits"])))
+    assert seen == ["cancelled"]
+
+
+def test_a_coroutine_that_raises_after_waiting_fails_closed() -> None:
+    async def fails(sender):
+        await asyncio.sleep(0)
+        raise RuntimeError("lost the scanner")
+
+    verdict = run(HookRunner({"fails": module("fails", gateway_mail=fails)}, ["fails"]), (entry("fails"),))
+    assert verdict.action is Action.TEMPFAIL and verdict.plugin == "fails"
