@@ -6,6 +6,7 @@ gateway works on those, never on the raw command text.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -147,11 +148,16 @@ def _split_local(text: str) -> tuple[str, str]:
 def _parse_mailbox(text: str, *, utf8: bool) -> Address:
     if _CONTROL.search(text):
         raise AddressError("control character in address")
-    return _parse_checked_mailbox(text, utf8=utf8)
+    return _parse_checked_mailbox(text, utf8)
 
 
-def _parse_checked_mailbox(text: str, *, utf8: bool) -> Address:
-    """:func:`_parse_mailbox` of a text without control characters."""
+@functools.lru_cache(maxsize=4096)
+def _parse_checked_mailbox(text: str, utf8: bool) -> Address:
+    """:func:`_parse_mailbox` of a text without control characters.
+
+    Remembered (addresses are immutable): the same senders and recipients come back,
+    and a message's addresses are parsed again after the queue (delivery, routing).
+    A text that fails raises again each time."""
     if not utf8 and not text.isascii():
         raise AddressError("non-ASCII address without SMTPUTF8")
     local, domain = _split_local(text)
@@ -215,7 +221,7 @@ def parse_path(text: str, *, allow_null: bool, allow_postmaster: bool, utf8: boo
             _check_domain(hop[1:], utf8)
     if allow_postmaster and inner.lower() == "postmaster":
         return Address(inner, ""), rest.strip(" ")
-    return _parse_checked_mailbox(inner, utf8=utf8), rest.strip(" ")
+    return _parse_checked_mailbox(inner, utf8), rest.strip(" ")
 
 
 def _closing_bracket(text: str) -> int:

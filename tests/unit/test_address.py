@@ -113,3 +113,10 @@ def _outcome(find: Callable[[str], int], text: str) -> object:
 @given(st.text(alphabet='<>"\\ab@. :', max_size=30).map(lambda t: "<" + t))
 def test_the_closing_bracket_found_without_a_quote_is_the_one_the_full_scan_finds(text: str) -> None:
     assert _outcome(address._closing_bracket, text) == _outcome(address._closing_bracket_quoted, text)
+
+
+def test_a_remembered_address_is_the_same_and_a_bad_one_fails_every_time() -> None:
+    assert rcpt("<User@Example.org>", utf8=True) == Address.parse("User@Example.org") == Address("User", "Example.org")
+    for _ in range(2):
+        with pytest.raises(AddressError):
+            rcpt("<bad..dots@example.org>")
