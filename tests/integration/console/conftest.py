@@ -153,9 +153,19 @@ def click(driver: Any, element: Any) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
 
+    from selenium.common.exceptions import WebDriverException
+
     old = driver.find_element(By.TAG_NAME, "html")
     element.click()
-    wait_until(driver, expected_conditions.staleness_of(old))
+    gone = expected_conditions.staleness_of(old)
+
+    def is_gone(d: Any) -> bool:
+        try:
+            return bool(gone(d))
+        except WebDriverException:  # mid-navigation: "Node ... does not belong to the document"
+            return False  # ask again: once the old page is gone it is reported stale
+
+    wait_until(driver, is_gone)
     wait_until(driver, lambda d: d.execute_script("return document.readyState") == "complete")
 
 
