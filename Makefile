@@ -18,6 +18,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	sh scripts/install-system-deps.sh
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: $(STAMP)

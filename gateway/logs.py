@@ -128,7 +128,7 @@ class LineFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         record.message = record.getMessage()
         record.asctime = self.formatTime(record)
-        line = "%s gateway[%d] %s %s session=%s queue=%s %s" % (
+        line = "%s gateway[%s] %s %s session=%s queue=%s %s" % (
             record.asctime, record.process, record.levelname, record.name,
             getattr(record, "session", "-"), getattr(record, "queue", "-"), record.message,
         )
@@ -152,7 +152,7 @@ def configure(level: str = "info", stream: object = None) -> None:
     root.setLevel(level.upper())
     # No line shows the caller's file and line, the thread or the process name: the
     # logging module's documented switches spare each record looking them up.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
     logging.setLogRecordFactory(_make_record)
