@@ -81,6 +81,9 @@ def gateway_policy(root: Path, case: str, port: int, workdir: Path, workers: int
     limits = data["limits"]
     limits["max_connections_per_ip"] = limits["max_connections"]
     data.setdefault("local", {})["mail_root"] = str(workdir / "mail")
+    for section in ("console", "metrics"):  # its other listeners: free ports, as the SMTP one
+        if data.get(section, {}).get("enabled"):
+            data[section]["port"] = free_port()
     if case == "relay":
         data.setdefault("relay", {})["clients"] = ["127.0.0.0/8"]
         data["routes"] = [{"domain": "*", "host": HOST, "port": sink_port, "tls": "none"}]
