@@ -11,8 +11,9 @@ import base64
 import hashlib
 import hmac
 import os
+from pathlib import Path
 
-__all__ = ["hash_password", "verify_password"]
+__all__ = ["hash_password", "read_users_file", "verify_password"]
 
 _LN, _R, _P = 14, 8, 1
 
@@ -50,3 +51,21 @@ def verify_password(password: str, hashed: str) -> bool:
     except (ValueError, KeyError):
         return False
     return hmac.compare_digest(actual, expected)
+
+
+def read_users_file(path: Path) -> dict[str, str]:
+    """Parse a users file (``login:hash`` lines, as ``gateway passwd`` prints them; blank
+    lines and ``#`` comments skipped) into login -> hash.
+
+    :raises ValueError: a line is not ``login:hash``, naming the file and line number
+    """
+    users: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        login, sep, hashed = line.partition(":")
+        if not sep or not login or not hashed.startswith("$"):
+            raise ValueError(f"{path}:{number}: expected login:hash")
+        users[login] = hashed
+    return users

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gateway.context import Gateway
 from gateway.hooks import hookimpl
-from gateway.passwords import verify_password
+from gateway.passwords import read_users_file, verify_password
 from gateway.verdicts import Reply, Verdict
 
 __all__ = ["Plugin", "Settings", "read_users"]
@@ -35,20 +35,11 @@ class Settings:
 
 
 def read_users(path: Path) -> dict[str, str]:
-    """Parse a users file into login -> hash.
+    """Parse a users file into login -> hash (:func:`gateway.passwords.read_users_file`).
 
     :raises ValueError: a line is not ``login:hash``, naming the line number
     """
-    users: dict[str, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        login, sep, hashed = line.partition(":")
-        if not sep or not login or not hashed.startswith("$"):
-            raise ValueError(f"{path}:{number}: expected login:hash")
-        users[login] = hashed
-    return users
+    return read_users_file(path)
 
 
 class Plugin:

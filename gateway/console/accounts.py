@@ -17,9 +17,9 @@ import os
 import secrets
 from pathlib import Path
 
-from gateway.passwords import hash_password, verify_password
+from gateway.passwords import hash_password, read_users_file, verify_password
 
-__all__ = ["Admins", "ensure_first_admin", "read_admins"]
+__all__ = ["Admins", "ensure_first_admin"]
 
 log = logging.getLogger(__name__)
 
@@ -30,23 +30,6 @@ FIRST_LOGIN = "admin"
 def _dummy_hash() -> str:
     """Checked against when the login is unknown, so both cases cost the same scrypt."""
     return hash_password(secrets.token_urlsafe(16))
-
-
-def read_admins(path: Path) -> dict[str, str]:
-    """Parse ``login:hash`` lines; blank lines and ``#`` comments are skipped.
-
-    :raises ValueError: a line is not ``login:hash``, naming the line number
-    """
-    admins: dict[str, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        login, sep, hashed = line.partition(":")
-        if not sep or not login or not hashed.startswith("$"):
-            raise ValueError(f"{path}:{number}: expected login:hash")
-        admins[login] = hashed
-    return admins
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -98,7 +81,7 @@ class Admins:
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
             try:
-                self._admins = read_admins(self.path)
+                self._admins = read_users_file(self.path)
             except (OSError, ValueError, UnicodeDecodeError) as exc:
                 log.error("console: admins file unusable, nobody can log in: %s", exc)
                 self._admins = {}
