@@ -178,6 +178,13 @@ class Plugin:
             self._keys[path] = key
         return key
 
+    async def _sealer(self, gateway: Gateway, settings: Settings) -> tuple[str, bytes, tuple[str, ...]]:
+        """What both kinds of seal are made with: our authserv-id, the key, the headers."""
+        assert settings.key_file is not None
+        ours = settings.authserv_id or gateway.hostname or gateway.policy.server.effective_hostname()
+        key = await self._key(gateway, Path(settings.key_file))
+        return ours, key, tuple(h.lower() for h in settings.headers)
+
     @hookimpl
     async def gateway_startup(self, gateway: Gateway, settings: Settings) -> None:
         check_order([entry.name for entry in gateway.policy.plugins])
@@ -204,9 +211,7 @@ class Plugin:
         if found is None:
             log.info("txn=%s not sealed: the incoming ARC chain was not verified (no arc= result)", txn.id)
             return None
-        ours = settings.authserv_id or gateway.hostname or gateway.policy.server.effective_hostname()
-        key = await self._key(gateway, Path(settings.key_file))
-        headers = tuple(h.lower() for h in settings.headers)
+        ours, key, headers = await self._sealer(gateway, settings)
         try:
             made = await gateway.run_in_thread(
                 _seal_in_thread, message, ours, found, settings.domain, settings.selector, key, headers
@@ -239,9 +244,7 @@ class Plugin:
         forwards = [r.address for r in recipients if is_forward(envelope, r, message, local_domains)]
         if not forwards:
             return None
-        ours = settings.authserv_id or gateway.hostname or gateway.policy.server.effective_hostname()
-        key = await self._key(gateway, Path(settings.key_file))
-        headers = tuple(h.lower() for h in settings.headers)
+        ours, key, headers = await self._sealer(gateway, settings)
         try:
             made = await gateway.run_in_thread(
                 _seal_forward_in_thread, message, ours, settings.domain, settings.selector, key, headers
