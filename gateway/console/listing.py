@@ -1,14 +1,21 @@
-"""Reading queue files for the console's pages: run in the thread pool only."""
+"""Reading queue files for the console's pages (run in the thread pool only), and
+cutting a list into pages."""
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 from gateway.console.preview import header_summary
 
-__all__ = ["age", "head_of", "matches"]
+__all__ = ["PAGE", "age", "head_of", "matches", "page_of"]
+
+T = TypeVar("T")
+
+PAGE = 50
+"""Rows on one list page."""
 
 HEAD_BYTES = 32 * 1024
 """How much of a message is read for its Subject on a list page."""
@@ -42,3 +49,15 @@ def matches(needle: str, *haystack: str) -> bool:
     """Case-insensitive substring search over some fields; an empty needle matches."""
     needle = needle.strip().lower()
     return not needle or any(needle in (h or "").lower() for h in haystack)
+
+
+def page_of(query: Mapping[str, str], found: Sequence[T]) -> tuple[Sequence[T], int, int]:
+    """The rows of the page ``query`` asks for (``page=N``, 1 if absent or bad, the last
+    if past the end), that page's number and the number of pages."""
+    try:
+        page = max(1, int(query.get("page", "1")))
+    except ValueError:
+        page = 1
+    pages = max(1, -(-len(found) // PAGE))
+    page = min(page, pages)
+    return found[(page - 1) * PAGE: page * PAGE], page, pages

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from gateway.commands import quarantine as commands
-from gateway.console.listing import age, head_of, matches
+from gateway.console.listing import age, head_of, matches, page_of
 from gateway.console.preview import preview
 from gateway.console.server import QID_RE, redirect
 from gateway.queue.damage import CorruptQueueFile
@@ -28,7 +28,6 @@ __all__ = ["add_routes"]
 log = logging.getLogger(__name__)
 
 AREA = "quarantine"
-PAGE = 50
 FIELDS = ("any", "sender", "recipient", "subject")
 
 
@@ -72,17 +71,12 @@ def add_routes(console: Console, app: web.Application) -> None:
         needle = request.query.get("q", "")[:200]
         field = request.query.get("field", "any")
         field = field if field in FIELDS else "any"
-        try:
-            page = max(1, int(request.query.get("page", "1")))
-        except ValueError:
-            page = 1
         found = await console.in_thread(rows, console.store, needle, field)
-        pages = max(1, -(-len(found) // PAGE))
-        page = min(page, pages)
+        shown, page, pages = page_of(request.query, found)
         done, done_id = request.query.get("done", ""), request.query.get("id", "")
         notice = f"{done_id}: {done}" if done in ("released", "deleted") and QID_RE.fullmatch(done_id) else ""
         return console.render(
-            "quarantine.html", session, rows=found[(page - 1) * PAGE: page * PAGE], total=len(found),
+            "quarantine.html", session, rows=shown, total=len(found),
             q=needle, field=field, fields=FIELDS, page=page, pages=pages, notice=notice,
         )
 

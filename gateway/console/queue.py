@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from gateway.commands import queue as commands
-from gateway.console.listing import age, head_of, matches
+from gateway.console.listing import age, head_of, matches, page_of
 from gateway.console.server import QID_RE, redirect
 from gateway.queue.damage import CorruptQueueFile
 
@@ -21,7 +21,6 @@ __all__ = ["add_routes"]
 
 log = logging.getLogger(__name__)
 
-PAGE = 50
 STATES = ("any", "held", "deferred", "pending")
 """held: by an operator or a route; deferred: tried and waiting; pending: not tried yet."""
 
@@ -65,17 +64,12 @@ def add_routes(console: Console, app: web.Application) -> None:
         recipient = request.query.get("recipient", "")[:200]
         state = request.query.get("state", "any")
         state = state if state in STATES else "any"
-        try:
-            page = max(1, int(request.query.get("page", "1")))
-        except ValueError:
-            page = 1
         found = await console.in_thread(rows, console.store, console.policy, sender, recipient, state)
-        pages = max(1, -(-len(found) // PAGE))
-        page = min(page, pages)
+        shown, page, pages = page_of(request.query, found)
         done, done_id = request.query.get("done", ""), request.query.get("id", "")
         notice = f"{done_id}: {done}" if done in commands.CHANGES and QID_RE.fullmatch(done_id) else ""
         return console.render(
-            "queue.html", session, rows=found[(page - 1) * PAGE: page * PAGE], total=len(found),
+            "queue.html", session, rows=shown, total=len(found),
             sender=sender, recipient=recipient, state=state, states=STATES, page=page, pages=pages,
             notice=notice, actions=commands.CHANGES,
         )
