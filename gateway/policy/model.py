@@ -528,6 +528,7 @@ class Policy:
         return scope
 
 
+@functools.lru_cache(maxsize=4096)  # per connection, twice (scope, per-IP limit); clients come back
 def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address(text)
