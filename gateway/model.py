@@ -10,12 +10,12 @@ from __future__ import annotations
 import enum
 import itertools
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from gateway.address import Address
+from gateway.message import Message
 
 __all__ = [
     "Envelope",
@@ -218,172 +218,6 @@ class Transaction:
     stash: Stash = field(default_factory=Stash)
     results: Results = field(default_factory=Results)
     copies: list[QueueCopy] = field(default_factory=list)
-
-
-_HEADER_NAME = re.compile(rb"^[!-9;-~]+$")
-
-
-class Message:
-    """The message as data and queue hooks see it.
-
-    Backed by the raw bytes as received (CRLF line ends, dot-unstuffed). Headers are
-    parsed once, on first use. Plugins never rewrite the bytes: they queue header
-    additions and removals, and the queue writes the final form once, at commit.
-    """
-
-    __slots__ = ("_raw", "_header_end", "_headers", "_prepend", "_removed", "_body")
-
-    def __init__(self, raw: bytes) -> None:
-        self._raw = raw
-        self._header_end: int | None = None
-        self._headers: list[tuple[str, bytes, int, int]] | None = None
-        self._prepend: list[bytes] = []
-        self._removed: set[int] = set()
-        self._body: bytes | None = None
-
-    @property
-    def size(self) -> int:
-        """Size of the message as received, in octets."""
-        return len(self._raw)
-
-    @property
-    def raw(self) -> bytes:
-        """The message exactly as received (no added headers)."""
-        return self._raw
-
-    @property
-    def is_modified(self) -> bool:
-        """True once a header was prepended or removed, or the body replaced."""
-        return bool(self._prepend or self._removed) or self._body is not None
-
-    @property
-    def body(self) -> bytes:
-        """The body as it will be queued: :meth:`replace_body`'s, else the received one."""
-        if self._body is not None:
-            return self._body
-        return self._raw[self.body_offset :]
-
-    def replace_body(self, body: bytes) -> None:
-        """Queue ``body`` (CRLF line ends) in place of the received body.
-
-        For queue plugins that must change the content (a footer): the header block
-        stays as received (apart from :meth:`prepend_header` / :meth:`remove_headers`),
-        so every byte a plugin did not mean to change is kept.
-        """
-        self._body = bytes(body)
-
-    def _parse(self) -> list[tuple[str, bytes, int, int]]:
-        if self._headers is not None:
-            return self._headers
-        raw = self._raw
-        if raw.startswith(b"\r\n"):
-            end = 0
-        else:
-            end = raw.find(b"\r\n\r\n")
-            end = len(raw) if end < 0 else end + 2
-        self._header_end = end
-        headers: list[tuple[str, bytes, int, int]] = []
-        pos = 0
-        while pos < end:
-            nl = raw.find(b"\r\n", pos, end)
-            line_end = end if nl < 0 else nl + 2
-            line = raw[pos:line_end]
-            if line[:1] in (b" ", b"\t") and headers:
-                name, _, start, _ = headers[-1]
-                headers[-1] = (name, raw[start:line_end], start, line_end)
-            else:
-                name_b, colon, _ = line.partition(b":")
-                if colon and _HEADER_NAME.match(name_b):
-                    headers.append((name_b.decode("ascii").lower(), line, pos, line_end))
-                else:
-                    # Not a header: the header block ends here (no blank line).
-                    self._header_end = pos
-                    break
-            pos = line_end
-        self._headers = headers
-        return headers
-
-    def header_values(self, name: str) -> list[str]:
-        """Unfolded values of every header called ``name`` (case-insensitive)."""
-        name = name.lower()
-        out = []
-        for i, (hname, line, _, _) in enumerate(self._parse()):
-            if hname == name and i not in self._removed:
-                value = line.partition(b":")[2]
-                text = value.decode("utf-8", "surrogateescape")
-                out.append(re.sub(r"\r\n[ \t]", " ", text).strip())
-        return out
-
-    def header_names(self) -> list[str]:
-        return [h[0] for i, h in enumerate(self._parse()) if i not in self._removed]
-
-    def prepend_header(self, name: str, value: str) -> None:
-        """Add ``Name: value`` above the existing headers.
-
-        The value may be folded with ``\\n`` + whitespace; any other CR or LF is
-        refused, so client-supplied text can never inject a header.
-        """
-        if not _HEADER_NAME.match(name.encode("ascii", "replace")):
-            raise ValueError(f"invalid header name {name!r}")
-        lines = value.split("\n")
-        for extra in lines[1:]:
-            if not extra[:1] in (" ", "\t"):
-                raise ValueError("header continuation lines must start with whitespace")
-        if any("\r" in line for line in lines):
-            raise ValueError("CR in header value")
-        text = f"{name}: " + "\r\n".join(lines) + "\r\n"
-        self._prepend.append(text.encode("utf-8"))
-
-    def remove_headers(self, name: str, predicate: Any = None) -> int:
-        """Remove received headers called ``name`` (those ``predicate(value)`` is true for).
-
-        :returns: how many were removed
-        """
-        name = name.lower()
-        count = 0
-        for i, (hname, line, _, _) in enumerate(self._parse()):
-            if hname != name or i in self._removed:
-                continue
-            value = line.partition(b":")[2].decode("utf-8", "surrogateescape").strip()
-            if predicate is None or predicate(value):
-                self._removed.add(i)
-                count += 1
-        return count
-
-    @property
-    def body_offset(self) -> int:
-        """Offset of the body in :attr:`raw` (after the blank line, if any)."""
-        self._parse()
-        assert self._header_end is not None
-        end = self._header_end
-        if self._raw[end : end + 2] == b"\r\n":
-            return end + 2
-        return end
-
-    def chunks(self) -> list[bytes | memoryview]:
-        """The final message (added headers first) as a list of buffers for writing."""
-        out: list[bytes | memoryview] = list(reversed(self._prepend))
-        view = memoryview(self._raw)
-        if not self._removed and self._body is None:
-            out.append(view)
-            return out
-        stop = len(self._raw) if self._body is None else self.body_offset
-        pos = 0
-        for i, (_, _, start, end) in enumerate(self._parse()):
-            if i in self._removed:
-                out.append(view[pos:start])
-                pos = end
-        out.append(view[pos:stop])
-        if self._body is not None:
-            assert self._header_end is not None
-            if stop == self._header_end:
-                out.append(b"\r\n")  # the received message had no blank line
-            out.append(self._body)
-        return out
-
-    def as_bytes(self) -> bytes:
-        """The final message as one bytes object (copies: prefer :meth:`chunks`)."""
-        return b"".join(bytes(c) for c in self.chunks())
 
 
 class RecipientState(enum.Enum):
