@@ -25,6 +25,7 @@ from gateway.delivery.notices import Notifier, expire_pending
 from gateway.delivery.records import StateRecorder
 from gateway.delivery.router import is_held
 from gateway.logs import QUEUE_ID, short
+from gateway.content import Content
 from gateway.model import Envelope, Message, QueuedRecipient, RecipientState
 from gateway.queue.damage import CorruptQueueFile
 from gateway.verdicts import TemporaryFailure
@@ -287,11 +288,11 @@ class Scheduler:
 
     # -- one attempt -------------------------------------------------------
 
-    def _open_attempt(self, qid: str) -> tuple[int, QueuedMessage, bytes | None] | None:
+    def _open_attempt(self, qid: str) -> tuple[int, QueuedMessage, Content | None] | None:
         """In a pool thread: lock ``qid``, load it and, when it is due and not held, read
         its message, all in one hand-over from the event loop.
 
-        :returns: (the lock's descriptor, the message, its bytes or None), or None while
+        :returns: (the lock's descriptor, the message, its content or None), or None while
             another process or an export holds the message
         :raises FileNotFoundError: when the message is gone, or was damaged and is now
             in ``corrupt/``
@@ -306,7 +307,7 @@ class Scheduler:
                 self.queue.set_aside(qid, "msg", str(exc))
                 raise FileNotFoundError(errno.ENOENT, f"qid={qid} is damaged") from exc
             is_due = item.next_try <= time.time() + 1 or self._stopping
-            message = self.queue.read_body(fd, item) if is_due and not item.held else None
+            message = self.queue.content(fd, item) if is_due and not item.held else None
         except BaseException:
             os.close(fd)
             raise
@@ -323,7 +324,7 @@ class Scheduler:
         claim = self._claims.pop(qid, None)
         try:
             if claim is not None:
-                opened: tuple[int, QueuedMessage, bytes | None] | None = claim.fd, claim.item, claim.message
+                opened: tuple[int, QueuedMessage, Content | None] | None = claim.fd, claim.item, claim.message
             else:
                 opened = await gateway.run_in_thread(self._open_attempt, qid)
         except FileNotFoundError:
@@ -363,7 +364,7 @@ class Scheduler:
         else:
             self.forget(qid)
 
-    async def _attempt_locked(self, gateway: Gateway, item: QueuedMessage, message: bytes | None) -> None:
+    async def _attempt_locked(self, gateway: Gateway, item: QueuedMessage, content: Content | None) -> None:
         policy = gateway.policy
         qid = item.qid
         released = self._released.pop(qid, [])
@@ -384,9 +385,11 @@ class Scheduler:
         if pending and not (ready or flushed) and not is_due:
             self._later(qid, item.next_try)
             return
+        message: bytes | None = None
         if ready or flushed:
-            if message is None:  # a flush of a message not yet due
-                message = await gateway.run_in_thread(self.queue.read_message, qid)
+            if content is None:  # a flush of a message not yet due
+                content = await gateway.run_in_thread(self.queue.content, self._locks[qid], item)
+            message = content.read() if content.is_in_memory else await gateway.run_in_thread(content.read)
             if await self._dispatch.deliver(gateway, qid, envelope, ready + flushed, message):
                 self.forget(qid)
                 log.info("done: removed from the queue")

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from gateway.content import Content
 from gateway.verdicts import Reply, TemporaryFailure
 
 __all__ = [
@@ -96,6 +97,12 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[int | None]
     is_kept: bool = False  # hand the open, locked descriptor to the caller
+    # A spooled message (GWQ2): ``data`` goes at ``base`` and ``first_line`` at 0 of
+    # tmp/<qid>, which is the spool itself, or, with ``source_fd``, a new file that
+    # starts as a copy of the source's first ``base`` octets (a copy of the message).
+    first_line: bytes | None = None
+    base: int = 0
+    source_fd: int = -1
     fd: int = -1
     owned: str | None = None  # the file this job created: in tmp/, then in its area
     error: TemporaryFailure | None = None
@@ -170,7 +177,10 @@ class Committer:
         self._lock = threading.Lock()  # guards _thread and _is_closing
         self._is_closing = False
 
-    async def commit(self, qid: str, area: str, data: list[Buffer], *, keep: bool = False) -> int | None:
+    async def commit(
+        self, qid: str, area: str, data: list[Buffer], *, keep: bool = False,
+        first_line: bytes | None = None, base: int = 0, source_fd: int = -1,
+    ) -> int | None:
         """Write ``data`` to ``<area>/<qid>`` durably; return once it is on stable storage.
 
         :param qid: the queue id, already validated; also the temporary file's name
@@ -179,12 +189,16 @@ class Committer:
         :param keep: lock the file (with the ``lock`` function given to the committer)
             before it is published and return its descriptor, open for reading and
             writing; the caller closes it
+        :param first_line: for a spooled message: ``tmp/<qid>`` exists already (the
+            spool, ``base`` octets long); ``data`` is written after them and
+            ``first_line`` over its start. With ``source_fd``, ``tmp/<qid>`` is new and
+            starts as an in-kernel copy of that file's first ``base`` octets instead
         :returns: the kept descriptor, or None when ``keep`` is false
         :raises TemporaryFailure: 452 4.3.1 when the disk is full, 451 4.3.0 on any
             other failure or after :meth:`close`; no file is left behind
         """
         loop = asyncio.get_running_loop()
-        job = _Job(qid, area, data, loop, loop.create_future(), keep)
+        job = _Job(qid, area, data, loop, loop.create_future(), keep, first_line, base, source_fd)
         self._hand_over(job)
         try:
             return await job.future
@@ -334,9 +348,19 @@ class Committer:
         """Create ``tmp/<qid>``, write the job's data and fdatasync it (any thread)."""
         try:
             path = f"{self._tmp}/{job.qid}"
-            job.fd = os.open(path, _KEPT_FILE if job.is_kept else NEW_FILE, 0o600)
+            if job.first_line is not None and job.source_fd < 0:  # the spool, written already
+                job.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            else:
+                job.fd = os.open(path, _KEPT_FILE if job.is_kept else NEW_FILE, 0o600)
             job.owned = path
-            write_all(job.fd, job.data)
+            if job.first_line is not None:
+                if job.source_fd >= 0:
+                    Content.of_file(job.source_fd, [(0, job.base)]).write_to(job.fd)
+                os.lseek(job.fd, job.base, os.SEEK_SET)
+                write_all(job.fd, job.data)
+                os.pwrite(job.fd, job.first_line, 0)
+            else:
+                write_all(job.fd, job.data)
             if job.is_kept:
                 os.fdatasync(job.fd)
                 self._lock_kept(job.fd)  # before the rename: nobody else sees it unlocked

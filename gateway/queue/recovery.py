@@ -47,7 +47,7 @@ def verify_area(root: Path, area: str, move_aside: MoveAside) -> set[str]:
                 raise CorruptQueueFile(f"{entry.name!r} is not a queue file")
             fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                read_envelope(fd, entry.name, *check_fd(fd, entry.name)[:2])
+                read_envelope(fd, entry.name, check_fd(fd, entry.name))
             finally:
                 os.close(fd)
         except (CorruptQueueFile, OSError) as exc:

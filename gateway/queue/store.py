@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from gateway.content import Content
 from gateway.model import Envelope, Message, QueuedRecipient
 from gateway.queue.committer import (
     NEW_FILE,
@@ -36,8 +37,10 @@ from gateway.queue.damage import MAGIC as _MAGIC
 from gateway.queue.damage import QID_RE as _QID_RE
 from gateway.queue.damage import CorruptQueueFile, move_aside, read_envelope
 from gateway.queue.damage import check_fd as _check_fd
+from gateway.queue.damage import spool_line
 from gateway.queue.dirsync import DirSync
 from gateway.queue.locks import is_locked, ofd_lock, open_locked
+from gateway.queue.spool import Spool
 from gateway.queue.recovery import clear_tmp, verify_area, verify_states
 
 __all__ = [
@@ -48,35 +51,41 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 AREAS = ("msg", "quarantine")  # the directories that hold whole messages
+_READ_AT_ONCE = 256 * 1024  # a queued message up to this size is read whole for delivery
 
 
 @dataclass(frozen=True, slots=True)
 class QueuedMessage:
     """One queued message, its state overlay applied (``envelope.recipients`` come
-    from ``state/<qid>`` when that exists). The message is ``message_size`` octets at
-    ``message_offset`` in ``path``."""
+    from ``state/<qid>`` when that exists). The message is the ``extents`` (offset,
+    length) of ``path``, in order: one in a GWQ1 file, two in a spooled (GWQ2) one."""
 
     qid: str
     area: str
     envelope: Envelope
     path: Path
-    message_offset: int
-    message_size: int
+    extents: tuple[tuple[int, int], ...]
     held: bool
     next_try: float
     attempts: int
+
+    @property
+    def message_size(self) -> int:
+        """The message's size in octets."""
+        return sum(length for _, length in self.extents)
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
     """A message this process just committed, still in hand: its file's descriptor,
     holding the delivery lock (:meth:`QueueStore.lock_delivery`) since before the file
-    was published, the message as :meth:`QueueStore.load` would give it, and its bytes.
-    The first delivery attempt starts from it without going back to the disk."""
+    was published, the message as :meth:`QueueStore.load` would give it, and its octets
+    (in memory, or for a spooled message the extents of ``fd``). The first delivery
+    attempt starts from it without going back to the disk."""
 
     fd: int
     item: QueuedMessage
-    message: bytes
+    message: Content
 
 
 # Queue ids are process-wide (two stores on one directory in one process never collide).
@@ -313,20 +322,29 @@ class QueueStore:
         4 of a counter."""
         return _next_id()
 
+    def spool(self) -> Spool:
+        """A new spool file in ``tmp/`` for a message too large to hold in memory, with
+        the queue id it will have (:meth:`commit` it with ``spool=``)."""
+        return Spool(os.fspath(self.root / "tmp"), self.new_id())
+
     async def commit(
         self, qid: str, envelope: Envelope, message: Message, *, area: str = "msg",
-        take_claim: Callable[[Claim], None] | None = None,
+        take_claim: Callable[[Claim], None] | None = None, spool: Spool | None = None,
     ) -> None:
         """Store a message durably: when this returns it survives a crash or power loss.
 
-        :param qid: a queue id from :meth:`new_id`
+        :param qid: a queue id from :meth:`new_id`, or the spool's
         :param envelope: the envelope; in quarantine its ``quarantine_reason`` is set.
             With ``take_claim`` it becomes the claim's and the caller must not change it
-        :param message: the message, written as :meth:`Message.chunks` gives it
+        :param message: the message, written as :meth:`Message.chunks` gives it, or for
+            a spooled message as :meth:`Message.final_content` gives it
         :param area: ``"msg"`` or ``"quarantine"``
         :param take_claim: hold the delivery lock from before the file is published and
             hand this function a :class:`Claim` for this process's first attempt
             (``"msg"`` only), before returning; it closes the claim's descriptor
+        :param spool: where ``message`` was received (:meth:`spool`): with the spool's
+            queue id its file becomes the queue file (handed over: the spool only closes
+            it); with another (a copy) a new file starts as an in-kernel copy of it
         :raises TemporaryFailure: 452 4.3.1 when the disk is full, 451 4.3.0 on any
             other failure or after :meth:`close`; no file is left behind
         """
@@ -336,6 +354,9 @@ class QueueStore:
         if take_claim is not None and area != "msg":
             raise ValueError("only a message in msg/ can be claimed for delivery")
         env = json.dumps(envelope.to_dict(), separators=(",", ":")).encode("utf-8")
+        if spool is not None and message.is_spooled:
+            await self._commit_spooled(qid, area, env, message, spool, envelope, take_claim)
+            return
         chunks = message.chunks()
         size = sum(memoryview(c).nbytes for c in chunks)
         head = b"%s %d %d\n" % (_MAGIC, len(env), size) + env + b"\n"
@@ -344,11 +365,43 @@ class QueueStore:
             return
         # Handed over with no await in between: a cancelled caller cannot drop the lock.
         item = QueuedMessage(
-            qid=qid, area=area, envelope=envelope, path=path,
-            message_offset=len(head), message_size=size,
+            qid=qid, area=area, envelope=envelope, path=path, extents=((len(head), size),),
             held=False, next_try=envelope.arrived, attempts=0,
         )
-        take_claim(Claim(fd, item, b"".join(chunks)))
+        take_claim(Claim(fd, item, Content.of_bytes(b"".join(chunks))))
+
+    async def _commit_spooled(
+        self, qid: str, area: str, env: bytes, message: Message, spool: Spool, envelope: Envelope,
+        take_claim: Callable[[Claim], None] | None,
+    ) -> None:
+        """GWQ2: the octets as received stay where the spool wrote them; the final header
+        block, a replaced body if any, and the envelope go after them."""
+        head = message.final_head()
+        base = spool.data_offset + spool.size
+        body = message.body_content()
+        if body.is_in_memory:  # replaced by a plugin: written after the header block
+            new_body = body.read()
+            body_extent = (base + len(head), len(new_body))
+        else:
+            new_body = b""
+            body_extent = (spool.data_offset + message.body_offset, message.size - message.body_offset)
+        extents = ((base, len(head)), body_extent)
+        env_offset = base + len(head) + len(new_body)
+        line = spool_line(env_offset, len(env), extents)
+        is_in_place = qid == spool.qid
+        if is_in_place:
+            spool.hand_over()
+        fd = await self._committer.commit(
+            qid, area, [head, new_body, env, b"\n"], keep=take_claim is not None,
+            first_line=line, base=base, source_fd=-1 if is_in_place else spool.fd,
+        )
+        if fd is None or take_claim is None:
+            return
+        item = QueuedMessage(
+            qid=qid, area=area, envelope=envelope, path=self._path(area, qid), extents=extents,
+            held=False, next_try=envelope.arrived, attempts=0,
+        )
+        take_claim(Claim(fd, item, Content.of_file(fd, extents)))
 
     async def close(self) -> None:
         """Let the commits already handed over finish, then stop the committer thread.
@@ -377,8 +430,8 @@ class QueueStore:
         if fd is None:
             with open(path, "rb") as f:
                 return self.load(qid, area, fd=f.fileno())
-        header_len, env_len, msg_len = _check_fd(fd, qid)
-        envelope = read_envelope(fd, qid, header_len, env_len)
+        layout = _check_fd(fd, qid)
+        envelope = read_envelope(fd, qid, layout)
         state = self._read_state(qid)
         next_try, attempts, is_held = envelope.arrived, 0, False
         if state is not None:
@@ -386,8 +439,7 @@ class QueueStore:
             next_try, attempts, is_held = state["next_try"], state["attempts"], state["held"]
         return QueuedMessage(
             qid=qid, area=area, envelope=envelope, path=path,
-            message_offset=header_len + env_len + 1, message_size=msg_len,
-            held=is_held, next_try=next_try, attempts=attempts,
+            extents=layout.extents, held=is_held, next_try=next_try, attempts=attempts,
         )
 
     def read_message(self, qid: str, area: str = "msg") -> bytes:
@@ -399,17 +451,27 @@ class QueueStore:
         :raises CorruptQueueFile: when the file is damaged
         """
         with open(self._path(area, qid), "rb") as f:
-            header_len, env_len, msg_len = _check_fd(f.fileno(), qid)
-            f.seek(header_len + env_len + 1)
-            return f.read(msg_len)
+            layout = _check_fd(f.fileno(), qid)
+            try:
+                return Content.of_file(f.fileno(), layout.extents).read()
+            except OSError as exc:
+                raise CorruptQueueFile(f"qid={qid}: {exc}") from exc
 
     @staticmethod
-    def read_body(fd: int, item: QueuedMessage) -> bytes:
-        """The message bytes of ``item`` (from :meth:`load`) through its open file ``fd``."""
-        data = os.pread(fd, item.message_size, item.message_offset)
-        if len(data) != item.message_size:
-            raise CorruptQueueFile(f"qid={item.qid}: message shorter than its header says")
-        return data
+    def content(fd: int, item: QueuedMessage) -> Content:
+        """The message of ``item`` (from :meth:`load`) in its open file ``fd``, unread:
+        valid while ``fd`` is open. Messages up to 256 KiB are read into memory at once
+        (one ``pread``), larger ones stay extents of the file.
+
+        :raises CorruptQueueFile: when the file is shorter than its header says
+        """
+        content = Content.of_file(fd, item.extents)
+        if content.size > _READ_AT_ONCE:
+            return content
+        try:
+            return Content.of_bytes(content.read())
+        except OSError as exc:
+            raise CorruptQueueFile(f"qid={item.qid}: {exc}") from exc
 
     def _read_state(self, qid: str) -> dict[str, Any] | None:
         """The parsed ``state/<qid>`` (recipients as objects), or None if absent."""

@@ -297,8 +297,8 @@ def _import_one(
             while chunk := member.read(_CHUNK):
                 digest.update(chunk)
                 write_all(fd, [chunk])
-            header_len, env_len, _ = _check_fd(fd, origin)
-            Envelope.from_dict(json.loads(os.pread(fd, env_len, header_len)))
+            layout = _check_fd(fd, origin)
+            Envelope.from_dict(json.loads(os.pread(fd, layout.env_length, layout.env_offset)))
             checked = _check_state(state) if state is not None else None
             os.fdatasync(fd)
         finally:

@@ -64,8 +64,8 @@ def test_a_claim_is_the_message_as_loaded_and_holds_its_delivery_lock(store: Que
     asyncio.run(run())
     (claim,) = claims
     assert claim.item == store.load(qid)  # what an attempt would have read from disk
-    assert claim.message == store.read_message(qid)
-    assert claim.message.startswith(b"Received: from client by gateway\r\n")
+    assert claim.message.read() == store.read_message(qid)
+    assert claim.message.read().startswith(b"Received: from client by gateway\r\n")
     assert store.lock_delivery(qid) is None  # nobody else may start on it
     os.close(claim.fd)
     fd = store.lock_delivery(qid)

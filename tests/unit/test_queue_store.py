@@ -117,8 +117,9 @@ def test_commit_then_load_round_trip(store: QueueStore) -> None:
     assert data.startswith(b"Authentication-Results: gw.example.net; spf=softfail\r\nReceived: ")
     assert b"X-Drop" not in data
     with open(loaded.path, "rb") as f:
-        f.seek(loaded.message_offset)
-        assert f.read() == data
+        ((offset, size),) = loaded.extents
+        f.seek(offset)
+        assert f.read() == data and size == len(data)
     assert loaded.message_size == len(data)
     assert store.ids() == [qid]
     assert oct(os.stat(loaded.path).st_mode & 0o777) == "0o600"

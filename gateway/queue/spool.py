@@ -1,0 +1,111 @@
+"""A large message spooled into the queue while it arrives: :class:`Spool`.
+
+Past ``[limits] spool_threshold`` the DATA phase stops holding the message in memory and
+appends it, as it is read and checked, to ``tmp/<qid>`` in the queue, behind a first line
+of fixed length (:data:`~gateway.queue.damage.SPOOL_LINE`) left blank for now. If the
+message is accepted, :meth:`~gateway.queue.QueueStore.commit` appends the final header
+block and the envelope to that same file, writes the first line (``GWQ2``, see
+``docs/queue.md``), fdatasyncs it and renames it into ``msg/``: the body is never copied.
+If not (refused, too big, the client gone, the disk full), :meth:`Spool.close` removes it.
+A crash leaves it in ``tmp/``, which :meth:`~gateway.queue.QueueStore.open` empties: the
+file is never taken for a message, since only a commit's rename publishes it.
+
+Writes run on a thread, so a slow disk never holds up the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+
+from gateway.content import Content
+from gateway.queue.damage import SPOOL_LINE
+
+__all__ = ["Spool"]
+
+log = logging.getLogger(__name__)
+
+_PLACEHOLDER = b"GWQ2-SPOOLING".ljust(SPOOL_LINE - 1) + b"\n"  # never parses as a header
+_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+class Spool:
+    """One message being received into ``<tmp_dir>/<qid>``.
+
+    :param tmp_dir: the queue's ``tmp/`` directory
+    :param qid: the queue id the message will have if it is queued
+    """
+
+    def __init__(self, tmp_dir: str, qid: str) -> None:
+        self.qid = qid
+        self.path = f"{tmp_dir}/{qid}"
+        self.fd = -1
+        #: octets of the message written so far
+        self.size = 0
+        self._is_handed_over = False
+
+    @property
+    def data_offset(self) -> int:
+        """Where the message starts in the file."""
+        return SPOOL_LINE
+
+    async def write(self, data: bytes) -> None:
+        """Append ``data`` to the message (on a thread).
+
+        :raises OSError: from the disk (``ENOSPC`` when it is full); nothing is kept
+            that a later write could mistake for the message
+        """
+        if data:
+            await asyncio.to_thread(self._write, data)
+
+    def _write(self, data: bytes) -> None:
+        if self.fd < 0:
+            self.fd = os.open(self.path, _FLAGS, 0o600)
+            _pwrite_all(self.fd, _PLACEHOLDER, 0)
+        _pwrite_all(self.fd, data, SPOOL_LINE + self.size)
+        self.size += len(data)
+
+    def content(self) -> Content:
+        """The octets received, as they are in the file (valid until :meth:`close`)."""
+        return Content.of_file(self.fd, [(SPOOL_LINE, self.size)]) if self.fd >= 0 else Content()
+
+    def hand_over(self) -> None:
+        """The queue's committer owns the file from now on (it publishes it, or removes
+        it if the commit fails): :meth:`close` only closes the descriptor."""
+        self._is_handed_over = True
+
+    def close(self) -> None:
+        """Close the file and, unless it was handed to the queue, remove it. Freeing a
+        large file's blocks is a filesystem write: it runs on a thread when an event
+        loop is running."""
+        fd, self.fd = self.fd, -1
+        path = None if self._is_handed_over else self.path
+        if fd < 0:  # never created
+            return
+        try:
+            asyncio.get_running_loop().run_in_executor(None, _close_and_remove, fd, path)
+        except RuntimeError:  # no loop: here and now
+            _close_and_remove(fd, path)
+
+
+def _close_and_remove(fd: int, path: str | None) -> None:
+    if fd >= 0:
+        os.close(fd)
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                log.error("cannot remove spool file %s: %s", path, exc)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        view, offset = view[n:], offset + n
