@@ -16,6 +16,13 @@ Rules that hold for every filtering hook:
 - A plugin that raises or times out gets its entry's ``on_error`` answer: ``tempfail``
   (451 4.3.0, fail closed, the default) or ``continue`` (fail open); either way the
   session goes on and the failure is logged with the plugin's name.
+- An ``async def`` implementation marked :func:`gateway.hooks.independent` (as the
+  content scanners' ``gateway_data`` are) runs at the same time as the independent
+  implementations next to it in the chain; it makes its changes after
+  ``await gateway.hooks.wait_for_turn()``, so verdicts, results and headers come out in
+  chain order as if the plugins had run one at a time, and the first verdict still
+  stops the chain (the later plugins still running are cancelled). An implementation
+  not so marked waits for everything before it and holds back everything after it.
 """
 
 from __future__ import annotations
@@ -220,6 +227,11 @@ def gateway_data(
     Called once per message with at least one accepted recipient. After the last
     plugin, the core sums the scores (``txn.results``) against the policy's scoring
     thresholds. If nothing refuses, the queue hooks run and the message is committed.
+    Consecutive implementations marked :func:`gateway.hooks.independent` (``data_clamav``,
+    ``data_spamd``, ``data_rspamd``) scan the message at the same time; verdicts and
+    changes still follow the chain's order. A large message may be spooled to disk
+    (``message.is_spooled``): read it with ``message.content.stream()`` or
+    ``message.head``, not ``message.raw``, which loads all of it into memory.
 
     :param session: the session
     :param txn: the transaction; ``txn.queue_id`` is already assigned

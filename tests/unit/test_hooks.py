@@ -1,4 +1,5 @@
-"""The ordered async hook runner: policy order, first verdict, failures, observe mode."""
+"""The ordered async hook runner: policy order, first verdict, failures, observe mode,
+independent plugins at the same time."""
 
 import asyncio
 import types
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from gateway.hooks import PLUGIN_ERROR_REPLY, HookRunner, NoSettings, PluginSpec, hookimpl
+from gateway.hooks import PLUGIN_ERROR_REPLY, HookRunner, NoSettings, PluginSpec, hookimpl, independent, wait_for_turn
 from gateway.policy.model import PluginEntry
 from gateway.verdicts import Action, Reply, TemporaryFailure, Verdict
 
@@ -236,3 +237,131 @@ def test_a_coroutine_that_raises_after_waiting_fails_closed() -> None:
 
     verdict = run(HookRunner({"fails": module("fails", gateway_mail=fails)}, ["fails"]), (entry("fails"),))
     assert verdict.action is Action.TEMPFAIL and verdict.plugin == "fails"
+
+
+# Independent plugins (gateway.hooks.independent): scanners waiting on their daemons together.
+
+
+def scanner(name: str, events: list, delay: float, answer=None, *, fail: bool = False):
+    """An independent plugin: 'waits on its daemon' for ``delay``, then, in its turn,
+    records that it applied its findings and answers ``answer``."""
+
+    async def gateway_mail(sender):
+        events.append(("start", name))
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            events.append(("cancelled", name))
+            raise
+        events.append(("scanned", name))
+        if fail:
+            raise RuntimeError(f"{name} broke")
+        await wait_for_turn()
+        events.append(("applied", name))
+        return answer
+
+    return module(name, gateway_mail=independent(gateway_mail))
+
+
+def runner_of(*specs: PluginSpec) -> HookRunner:
+    return HookRunner({s.name: s for s in specs}, [s.name for s in specs])
+
+
+def test_independent_plugins_run_at_the_same_time_and_apply_in_chain_order() -> None:
+    events: list = []
+    runner = runner_of(scanner("a", events, 0.06), scanner("b", events, 0.02), scanner("c", events, 0.0))
+    assert run(runner, (entry("a"), entry("b"), entry("c"))) is None
+    starts = [e for e in events[:3]]
+    assert sorted(starts) == [("start", "a"), ("start", "b"), ("start", "c")]  # all began before any scan ended
+    assert [n for what, n in events if what == "scanned"] == ["c", "b", "a"]  # the quickest answered first
+    assert [n for what, n in events if what == "applied"] == ["a", "b", "c"]  # changes in chain order
+
+
+def test_a_dependent_plugin_is_a_barrier() -> None:
+    events: list = []
+
+    async def reads_stash(sender):  # not independent: sees what a and b did, before d starts
+        events.append(("start", "c"))
+        events.append(("applied", "c"))
+
+    specs = [scanner("a", events, 0.02), scanner("b", events, 0.0), module("c", gateway_mail=reads_stash),
+             scanner("d", events, 0.0), scanner("e", events, 0.01)]
+    run(runner_of(*specs), tuple(entry(s.name) for s in specs))
+    c = events.index(("start", "c"))
+    assert {("applied", "a"), ("applied", "b")} <= set(events[:c])
+    assert ("start", "d") not in events[:c] and ("start", "e") not in events[:c]
+    assert [n for what, n in events if what == "applied"] == ["a", "b", "c", "d", "e"]
+
+
+def test_the_first_verdict_in_chain_order_wins_and_cancels_the_later_ones() -> None:
+    events: list = []
+    specs = [
+        scanner("a", events, 0.0),
+        scanner("b", events, 0.05, REJECT),
+        scanner("c", events, 0.0, Verdict.tempfail(Reply(451, "4.7.1", "later"))),  # answers first
+        scanner("d", events, 10.0),
+    ]
+    verdict = run(runner_of(*specs), tuple(entry(s.name) for s in specs))
+    assert (verdict.action, verdict.plugin) == (Action.REJECT, "b")
+    assert ("cancelled", "d") in events
+    assert ("applied", "c") not in events  # its turn never came
+    assert [n for what, n in events if what == "applied"] == ["a", "b"]
+
+
+def test_observe_mode_and_on_error_apply_per_entry_in_a_group() -> None:
+    events: list = []
+    specs = [scanner("watch", events, 0.01, REJECT), scanner("broken", events, 0.0, fail=True),
+             scanner("last", events, 0.0, Verdict.accept())]
+    runner = runner_of(*specs)
+    closed = run(runner, (entry("watch", mode="observe"), entry("broken"), entry("last")))
+    assert (closed.action, closed.plugin, closed.reply) == (Action.TEMPFAIL, "broken", PLUGIN_ERROR_REPLY)
+    opened = run(runner, (entry("watch", mode="observe"), entry("broken", on_error="continue"), entry("last")))
+    assert (opened.action, opened.plugin) == (Action.ACCEPT, "last")
+    assert runner.stats.errors[("broken", "gateway_mail")] == 2
+
+
+def test_a_failure_after_the_deciding_plugin_is_never_looked_at() -> None:
+    events: list = []
+    runner = runner_of(scanner("a", events, 0.03, REJECT), scanner("b", events, 0.0, fail=True))
+    verdict = run(runner, (entry("a"), entry("b")))
+    assert (verdict.action, verdict.plugin) == (Action.REJECT, "a")
+    assert ("b", "gateway_mail") not in runner.stats.errors
+
+
+def test_each_entry_keeps_its_own_timeout_and_waiting_for_a_turn_is_not_counted() -> None:
+    events: list = []
+    runner = runner_of(scanner("slow", events, 10.0), scanner("quick", events, 0.0, REJECT))
+    # slow overruns its 0.3 s; quick answered at once but waits 0.3 s for its turn, longer
+    # than its own 0.1 s budget: that wait is not quick's time.
+    verdict = run(runner, (entry("slow", timeout=0.3, on_error="continue"), entry("quick", timeout=0.1)))
+    assert (verdict.action, verdict.plugin) == (Action.REJECT, "quick")
+    closed = run(runner, (entry("slow", timeout=0.05), entry("quick", timeout=0.1)))
+    assert (closed.action, closed.plugin) == (Action.TEMPFAIL, "slow")
+
+
+def test_a_cancelled_session_cancels_every_independent_plugin() -> None:
+    events: list = []
+    runner = runner_of(scanner("a", events, 10.0), scanner("b", events, 10.0))
+
+    async def session():
+        task = asyncio.create_task(runner.first_verdict("gateway_mail", (entry("a"), entry("b")), session=None,
+                                                        txn=None, sender=None, gateway=None))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(session())
+    assert {("cancelled", "a"), ("cancelled", "b")} <= set(events)
+
+
+def test_wait_for_turn_outside_a_group_returns_at_once() -> None:
+    events: list = []
+    runner = runner_of(scanner("alone", events, 0.0, REJECT))
+    assert run(runner, (entry("alone"),)).plugin == "alone"
+    asyncio.run(wait_for_turn())
+
+
+def test_only_a_coroutine_can_be_independent() -> None:
+    with pytest.raises(TypeError, match="async def"):
+        independent(lambda sender: None)
