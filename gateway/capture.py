@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.dns import DNS_TAP
-from gateway.model import Session, Transaction
+from gateway.model import Message, Session, Transaction
 from gateway.verdicts import Reply, Verdict
 
 __all__ = ["CAPTURE_VERSION", "CaptureWriter", "SessionTap", "flush", "note_data", "note_verdict", "start"]
@@ -172,15 +172,17 @@ class SessionTap:
         else:
             self.txns[-1]["verdicts"].append(entry)
 
-    def data(self, session: Session, txn: Transaction, raw: bytes) -> None:
+    def data(self, session: Session, txn: Transaction, message: Message) -> None:
         if not self.txns:
             return
+        # A spooled message is read back whole only when whole messages are kept.
+        raw = message.head if self.headers_only else message.raw
         results = [
             {"plugin": r.plugin, "score": r.score, "reason": r.reason[:_MAX_ARG]}
             for holder in (session.results, txn.results) for r in holder
         ]
         self.txns[-1]["data"] = {
-            "size": len(raw), "headers_only": self.headers_only,
+            "size": message.size, "headers_only": self.headers_only,
             "message": header_section(raw) if self.headers_only else raw,
             "score": txn.results.total + session.results.total, "results": results,
             "queue_id": txn.queue_id,
@@ -215,11 +217,11 @@ def note_verdict(stage: str, verdict: Verdict) -> None:
         tap.verdict(stage, verdict)
 
 
-def note_data(session: Session, txn: Transaction, raw: bytes) -> None:
+def note_data(session: Session, txn: Transaction, message: Message) -> None:
     """The message of the current transaction and its score, after the chain ran."""
     tap = _CURRENT.get()
     if tap is not None:
-        tap.data(session, txn, raw)
+        tap.data(session, txn, message)
 
 
 def _encode(value: Any) -> str:

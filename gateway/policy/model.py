@@ -126,6 +126,9 @@ class Limits:
     max_message_size: Size = setting(
         25 * 1024**2, 'largest message accepted (SIZE), e.g. "25MB"', min=1
     )
+    spool_threshold: Size = setting(
+        256 * 1024, "a message past this size goes to the queue's disk as it arrives, not memory", min=0
+    )
     max_recipients: int = setting(100, "recipients per transaction", min=1)
     max_command_line: int = setting(
         512, "command line length incl. CRLF (RFC 5321 §4.5.3.1.4)", min=512

@@ -199,7 +199,13 @@ class Committer:
         """
         loop = asyncio.get_running_loop()
         job = _Job(qid, area, data, loop, loop.create_future(), keep, first_line, base, source_fd)
-        self._hand_over(job)
+        try:
+            self._hand_over(job)
+        except TemporaryFailure:
+            if first_line is not None and source_fd < 0:  # the spool was ours to remove
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{self._tmp}/{qid}")
+            raise
         try:
             return await job.future
         except asyncio.CancelledError:

@@ -15,12 +15,13 @@ import ipaddress
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from gateway import capture
 from gateway.context import Gateway
 from gateway.logs import QUEUE_ID, short
 from gateway.model import Envelope, Message, QueuedRecipient, Recipient, Session, StashKey, Transaction
+from gateway.queue.spool import Spool
 from gateway.verdicts import Action, Reply, TemporaryFailure, Verdict
 
 __all__ = ["Answer", "SmtpHandler"]
@@ -247,19 +248,36 @@ class SmtpHandler:
             return scope.for_recipient_domain(domains.pop())
         return scope
 
-    async def data(self, session: Session, scope: Any, txn: Transaction, raw: bytes) -> Answer:
-        """Run data hooks, scoring and queue hooks; commit; answer 250 only once durable."""
+    @property
+    def new_spool(self) -> Callable[[], Spool] | None:
+        """Makes the spool file DATA writes a large message to (the queue's), if any."""
         queue = self.gateway.queue
-        txn.queue_id = queue.new_id()
+        return None if queue is None else queue.spool
+
+    async def data(self, session: Session, scope: Any, txn: Transaction, raw: bytes | Spool) -> Answer:
+        """Run data hooks, scoring and queue hooks; commit; answer 250 only once durable.
+
+        :param raw: the message as received, or the spool it was received into (closed
+            here, and removed unless the message was queued from it)
+        """
+        spool: Spool | None = None
+        if isinstance(raw, Spool):
+            spool, message, txn.queue_id = raw, Message(raw.content()), raw.qid
+        else:
+            message, txn.queue_id = Message(raw), self.gateway.queue.new_id()
         token = QUEUE_ID.set(txn.queue_id)
         try:
-            answer = await self._data(session, scope, txn, Message(raw))
-            capture.note_data(session, txn, raw)
+            answer = await self._data(session, scope, txn, message, spool)
+            capture.note_data(session, txn, message)
             return answer
         finally:
             QUEUE_ID.reset(token)
+            if spool is not None:
+                spool.close()
 
-    async def _data(self, session: Session, scope: Any, txn: Transaction, message: Message) -> Answer:
+    async def _data(
+        self, session: Session, scope: Any, txn: Transaction, message: Message, spool: Spool | None = None
+    ) -> Answer:
         # The message's arrival (sender, recipient count, size) is said by the line that
         # ends its story here: 'queued ...' for mail accepted, else 'data from=...' just
         # before the refusal or failure line (or on the way out, cancelled).
@@ -283,7 +301,7 @@ class SmtpHandler:
                     is_told = self._log_arrival(txn, message)
                     self._log_verdict("queue", verdict)
                     return _answer(verdict, verdict.reply)
-            answer = await self._commit(session, txn, message)
+            answer = await self._commit(session, txn, message, spool)
             is_told = True
             return answer
         finally:
@@ -295,7 +313,7 @@ class SmtpHandler:
         log.info("data from=<%s> rcpts=%d size=%d", short(txn.sender), len(txn.recipients), message.size)
         return True
 
-    async def _commit(self, session: Session, txn: Transaction, message: Message) -> Answer:
+    async def _commit(self, session: Session, txn: Transaction, message: Message, spool: Spool | None) -> Answer:
         """Queue the message (and its copies); the 250 only once it is durable."""
         envelope = Envelope.from_transaction(session, txn)
         reason = txn.stash.get(QUARANTINE_REASON)
@@ -307,12 +325,13 @@ class SmtpHandler:
         copies = self._copies(txn, envelope) if area == "msg" else []
         queue = self.gateway.queue
         take_claim = self.gateway.take_claim if area == "msg" else None
-        commit = queue.commit(txn.queue_id, envelope, message, area=area, take_claim=take_claim)
+        commit = queue.commit(txn.queue_id, envelope, message, area=area, take_claim=take_claim, spool=spool)
         results: list[Any]
         if copies:
             # The copies share the message's group commit; the 250 depends on the message alone.
             results = await asyncio.gather(
-                commit, *(queue.commit(qid, copy, message) for qid, copy in copies), return_exceptions=True
+                commit, *(queue.commit(qid, copy, message, spool=spool) for qid, copy in copies),
+                return_exceptions=True,
             )
         else:  # the common case, without gather's task and future
             try:

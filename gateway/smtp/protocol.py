@@ -472,17 +472,20 @@ class GatewaySMTP(SMTP):
                 max_line_length=limits.max_line_length,
                 timeout=limits.data_timeout,
                 watchdog=self._watchdog,
+                spool_threshold=limits.spool_threshold,
+                new_spool=self.handler.new_spool,
             )
         except TimeoutError:
             log.info("timeout during DATA client=%s", self.gsession.peer_ip)
             await self._try_reply(R_IDLE)
             raise _Close() from None
-        if result.error is not None or result.raw is None:
+        message = result.raw if result.spool is None else result.spool
+        if result.error is not None or message is None:
             log.info("data refused: %s", result.error)
             await self.reply(result.error or R_SYNTAX)
             return
         self.gsession.transactions += 1
-        answer = await self.handler.data(self.gsession, self.scope, txn, result.raw)
+        answer = await self.handler.data(self.gsession, self.scope, txn, message)
         if answer.reply.is_positive:
             self.errors = 0
         await self.answer(answer)
