@@ -4,7 +4,9 @@ One request per connection (``Connection: close``), a ``Content-Length`` body ea
 way, everything bounded: the status line and headers by the stream's line limit, the
 body by ``max_body``. That is all rspamd's ``/checkv2`` needs, and it avoids a
 dependency (aiohttp) for a single POST. Chunked answers are read too, because a proxy
-in front of the daemon may send them.
+in front of the daemon may send them. A request body given as a
+:class:`~gateway.content.Content` (a message, perhaps spooled to disk) is sent as it is
+read, a chunk at a time, never whole in memory.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import re
 
-from plugins._scanner import ScannerError, close_stream, open_stream
+from gateway.content import Content
+from plugins._scanner import ScannerError, close_stream, open_stream, send_content
 
 __all__ = ["HttpResponse", "http_request"]
 
@@ -69,7 +72,7 @@ async def http_request(
     method: str,
     path: str,
     headers: list[tuple[str, str]],
-    body: bytes,
+    body: bytes | Content,
     *,
     connect_timeout: float,
     timeout: float,
@@ -82,7 +85,7 @@ async def http_request(
     :param method: ``GET`` or ``POST``
     :param path: the request target (``/checkv2``)
     :param headers: extra request headers, in order (repeated names allowed)
-    :param body: the request body
+    :param body: the request body; a :class:`Content` is sent as it is read
     :param connect_timeout: longest wait for the connection
     :param timeout: longest wait for the answer once connected
     :param max_body: the largest answer body accepted
@@ -92,12 +95,15 @@ async def http_request(
     host = "localhost" if address.startswith(("/", "unix:")) else address
     request = (
         f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
-        f"Content-Length: {len(body)}\r\n"
+        f"Content-Length: {len(body)}\r\n"  # a Content's len is its size
     ).encode("ascii", "replace") + _header_lines(headers) + b"\r\n"
     try:
         async with asyncio.timeout(timeout):
             writer.write(request)
-            writer.write(body)
+            if isinstance(body, Content):
+                await send_content(writer, body)
+            else:
+                writer.write(body)
             await writer.drain()
             status_line = (await reader.readuntil(b"\r\n")).rstrip(b"\r\n")
             found = _STATUS.match(status_line)

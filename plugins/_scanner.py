@@ -8,7 +8,13 @@ start-up checks.
 
 All network I/O here is native asyncio with an explicit timeout: no blocking socket
 ever runs on the event loop, and no thread of the gateway's pool is held while a
-daemon takes its time.
+daemon takes its time. A message goes to a daemon as it is read
+(:func:`send_content`): a message spooled to disk is never whole in memory, and a
+daemon that reads slowly holds back the reading.
+
+The three scanners' ``gateway_data`` hooks are :func:`gateway.hooks.independent`: next
+to one another in a chain they scan a message at the same time, and each makes its
+changes after ``await wait_for_turn()``, in chain order.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import contextlib
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
+from gateway.content import CHUNK, Content
 from gateway.context import Gateway
 from gateway.model import Message
 from gateway.verdicts import Reply, Verdict
@@ -34,6 +41,7 @@ __all__ = [
     "open_stream",
     "parse_address",
     "scanner_unavailable",
+    "send_content",
     "skip_if_too_big",
     "spam_headers",
     "unavailable_consequence",
@@ -175,6 +183,30 @@ async def close_stream(writer: asyncio.StreamWriter) -> None:
     with contextlib.suppress(OSError, TimeoutError):
         async with asyncio.timeout(1.0):
             await writer.wait_closed()
+
+
+async def send_content(
+    writer: asyncio.StreamWriter, content: Content, *, frame: Callable[[int], bytes] | None = None,
+    chunk_size: int = CHUNK,
+) -> None:
+    """Write ``content`` to a daemon as it is read, a chunk at a time.
+
+    A spooled message is read from its file on a thread, chunk by chunk, and each chunk
+    is drained before the next is read: memory holds a chunk and the socket's buffer,
+    never the message.
+
+    :param writer: the daemon's connection (the caller's timeout bounds the whole send)
+    :param content: the octets to send (:attr:`gateway.message.Message.content`)
+    :param frame: what goes before each chunk, given its length (clamd's INSTREAM
+        length prefix); ``None``: nothing
+    :param chunk_size: the largest chunk
+    :raises OSError: the connection failed (the daemon may have closed it)
+    """
+    async for chunk in content.stream(chunk_size):
+        if frame is not None:
+            writer.write(frame(len(chunk)))
+        writer.write(chunk)
+        await writer.drain()
 
 
 def scanner_unavailable(

@@ -6,8 +6,11 @@ WARNING says what that means: every message will get 451, or pass unscanned with
 for ``gateway check --probe``) and ``gateway_data`` (scans each message).
 
 The message, as received, is streamed to clamd at ``address`` (a Unix socket path, or
-``host:port`` for TCP) within ``connect_timeout`` and ``scan_timeout``. clamd parses the
-MIME structure itself, so attachments and inline parts are both scanned.
+``host:port`` for TCP) within ``connect_timeout`` and ``scan_timeout``, a chunk at a time
+as it is read (a message spooled to disk is never loaded whole). clamd parses the
+MIME structure itself, so attachments and inline parts are both scanned. The hook is
+:func:`~gateway.hooks.independent`: next to ``data_spamd`` or ``data_rspamd`` in the
+chain, the scans run at the same time, and the verdict still follows the chain's order.
 
 - Infected: with ``action = "reject"`` (the default) the message is refused with
   ``554 5.7.1 Virus found: <signature>``; with ``action = "quarantine"`` it is accepted
@@ -42,8 +45,9 @@ import struct
 from dataclasses import dataclass
 from typing import Literal
 
+from gateway.content import Content
 from gateway.context import Gateway
-from gateway.hooks import hookimpl
+from gateway.hooks import hookimpl, independent, wait_for_turn
 from gateway.model import Message
 from gateway.policy import Duration, Size, setting
 from gateway.probe import Probes, startup_probe
@@ -55,6 +59,7 @@ from plugins._scanner import (
     close_stream,
     open_stream,
     scanner_unavailable,
+    send_content,
     skip_if_too_big,
     unavailable_consequence,
 )
@@ -66,7 +71,7 @@ log = logging.getLogger(f"plugins.{NAME}")
 
 REPLY_UNAVAILABLE = Reply(451, "4.7.1", "Virus scanner unavailable, try again later")
 DEFAULT_PORT = 3310
-_CHUNK = 64 * 1024
+_CHUNK = 256 * 1024  # INSTREAM chunks; clamd takes any size up to its StreamMaxLength
 _MAX_REPLY = 4096  # "stream: <signature> FOUND" is short; bound what we read
 
 
@@ -114,21 +119,21 @@ def parse_clamd_reply(reply: bytes) -> ClamdAnswer:
     raise ScannerError(f"clamd answered {text[:200]!r}")
 
 
-async def _exchange(address: str, settings: Settings, command: bytes, payload: bytes | None) -> bytes:
+def _length_prefix(length: int) -> bytes:
+    return struct.pack("!L", length)
+
+
+async def _exchange(address: str, settings: Settings, command: bytes, payload: Content | None) -> bytes:
     """Send one ``z``-command (NUL-terminated, RFC-less clamd protocol) and read the answer."""
     reader, writer = await open_stream(address, DEFAULT_PORT, settings.connect_timeout)
     try:
         async with asyncio.timeout(settings.scan_timeout):
             writer.write(command)
             if payload is not None:
-                # INSTREAM: <length:uint32 big-endian><data> chunks, then a zero length.
-                view = memoryview(payload)
-                for start in range(0, len(view), _CHUNK):
-                    part = view[start : start + _CHUNK]
-                    writer.write(struct.pack("!L", len(part)))
-                    writer.write(part)
-                    await writer.drain()
-                writer.write(struct.pack("!L", 0))
+                # INSTREAM: <length:uint32 big-endian><data> chunks as they are read, then
+                # a zero length.
+                await send_content(writer, payload, frame=_length_prefix, chunk_size=_CHUNK)
+                writer.write(_length_prefix(0))
             await writer.drain()
             answer = await reader.readuntil(b"\0")
     except TimeoutError:
@@ -146,14 +151,15 @@ async def _exchange(address: str, settings: Settings, command: bytes, payload: b
     return answer[:-1][:_MAX_REPLY]
 
 
-async def clamd_instream(data: bytes, settings: Settings) -> ClamdAnswer:
+async def clamd_instream(data: bytes | Content, settings: Settings) -> ClamdAnswer:
     """Scan ``data`` with clamd's INSTREAM command.
 
-    :param data: the bytes to scan (the whole message)
+    :param data: what to scan (the whole message: ``message.content``), sent as it is read
     :param settings: where clamd is and how long to wait
     :raises ScannerError: clamd is unreachable, too slow, or reported an error
     """
-    return parse_clamd_reply(await _exchange(settings.address, settings, b"zINSTREAM\0", data))
+    payload = data if isinstance(data, Content) else Content.of_bytes(data)
+    return parse_clamd_reply(await _exchange(settings.address, settings, b"zINSTREAM\0", payload))
 
 
 async def clamd_ping(settings: Settings) -> str:
@@ -181,13 +187,16 @@ async def gateway_probe(settings: Settings, probes: Probes) -> None:
 
 
 @hookimpl
+@independent
 async def gateway_data(message: Message, gateway: Gateway, settings: Settings) -> Verdict | None:
     if skip_if_too_big(log, NAME, message, settings.max_size):
         return None
     try:
-        answer = await clamd_instream(message.raw, settings)
+        answer = await clamd_instream(message.content, settings)
     except ScannerError as exc:
+        await wait_for_turn()
         return scanner_unavailable(log, NAME, exc, settings.on_scanner_error, REPLY_UNAVAILABLE)
+    await wait_for_turn()  # changes and decisions in chain order (gateway.hooks.independent)
     if answer.signature is None:
         log.debug("%s: clean", NAME)
         if settings.add_header:

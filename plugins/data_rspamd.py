@@ -10,7 +10,11 @@ what the SMTP session knows as request headers: ``IP``, ``Helo``, ``From``, one 
 per recipient, ``Queue-Id``, ``User`` (authenticated sessions only), ``MTA-Name``,
 ``TLS-Version``/``TLS-Cipher`` and, if set, ``settings_id`` as ``Settings-ID``. The
 client is a small HTTP/1.1 client on asyncio streams (``plugins/_http.py``), under
-``connect_timeout`` and ``scan_timeout``.
+``connect_timeout`` and ``scan_timeout``; the message is the body, with its
+``Content-Length``, written a chunk at a time as it is read (a message spooled to disk
+is never loaded whole). The hook is :func:`~gateway.hooks.independent`: beside
+``data_clamav`` or ``data_spamd`` in the chain, the scans run at the same time and the
+outcome follows the chain's order.
 
 rspamd answers with an action, which this plugin maps through its settings to one of
 ``reject`` (550 5.7.1), ``tempfail`` (451 4.7.1), ``quarantine``, ``rewrite_subject``
@@ -57,8 +61,9 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
+from gateway.content import Content
 from gateway.context import Gateway
-from gateway.hooks import hookimpl
+from gateway.hooks import hookimpl, independent, wait_for_turn
 from gateway.model import Message, Session, Transaction
 from gateway.policy import Duration, Size, setting
 from gateway.probe import Probes, startup_probe
@@ -139,10 +144,10 @@ def request_headers(session: Session, txn: Transaction, hostname: str, settings:
     return headers
 
 
-async def rspamd_check(data: bytes, headers: list[tuple[str, str]], settings: Settings) -> RspamdReply:
+async def rspamd_check(data: bytes | Content, headers: list[tuple[str, str]], settings: Settings) -> RspamdReply:
     """Ask rspamd about ``data``.
 
-    :param data: the message
+    :param data: the message (``message.content``), sent as it is read
     :param headers: the request headers (see :func:`request_headers`)
     :param settings: where rspamd is and how long to wait
     :raises ScannerError: rspamd is unreachable, too slow, or answered an error
@@ -210,6 +215,7 @@ async def gateway_probe(settings: Settings, probes: Probes) -> None:
 
 
 @hookimpl
+@independent
 async def gateway_data(
     session: Session, txn: Transaction, message: Message, gateway: Gateway, settings: Settings
 ) -> Verdict | None:
@@ -217,9 +223,11 @@ async def gateway_data(
         return None
     headers = request_headers(session, txn, gateway.hostname, settings)
     try:
-        reply = await rspamd_check(message.raw, headers, settings)
+        reply = await rspamd_check(message.content, headers, settings)
     except ScannerError as exc:
+        await wait_for_turn()
         return scanner_unavailable(log, NAME, exc, settings.on_scanner_error, REPLY_UNAVAILABLE)
+    await wait_for_turn()  # changes and decisions in chain order (gateway.hooks.independent)
     outcome, reason = decide(reply, settings)
     log.info("%s: action=%r score=%s outcome=%s symbols=%s", NAME, reply.action, format_score(reply.score),
              outcome, ",".join(reply.symbols[:20]))

@@ -10,8 +10,11 @@ The message goes to spamd at ``address`` (``host:port``, or a Unix socket path) 
 as spamd's ``User`` header when set. SpamAssassin learns the client's address from the
 topmost ``Received:`` header, which this gateway only adds at queue time, so the copy
 sent to spamd carries the same ``Received:`` line ``queue_received_header`` will write
-(the queued message is not changed by it). With spamd's answer (score, its
-``required_score``, the rules that hit):
+(the queued message is not changed by it). The message is sent as it is read, a chunk
+at a time, after that line (a message spooled to disk is never loaded whole). The hook
+is :func:`~gateway.hooks.independent`: beside ``data_clamav`` or ``data_rspamd`` in the
+chain, the scans run at the same time and the outcome follows the chain's order. With
+spamd's answer (score, its ``required_score``, the rules that hit):
 
 - ``add_headers`` (default true): ``X-Spam-Status: Yes|No, score=.. required=..
   tests=..`` and ``X-Spam-Score``, plus ``X-Spam-Flag: YES`` for spam; copies of these
@@ -43,8 +46,9 @@ import logging
 import re
 from dataclasses import dataclass
 
+from gateway.content import Content
 from gateway.context import Gateway
-from gateway.hooks import hookimpl
+from gateway.hooks import hookimpl, independent, wait_for_turn
 from gateway.model import Message, Session, Transaction
 from gateway.policy import Duration, Size, setting
 from gateway.probe import Probes, startup_probe
@@ -59,6 +63,7 @@ from plugins._scanner import (
     format_score,
     open_stream,
     scanner_unavailable,
+    send_content,
     skip_if_too_big,
     spam_headers,
     threshold_verdict,
@@ -127,11 +132,15 @@ def parse_spamd_response(head: bytes, body: bytes) -> SpamResult:
     raise ScannerError("spamd's answer has no Spam header")
 
 
-async def _exchange(request: bytes, settings: Settings) -> tuple[bytes, bytes]:
+async def _exchange(request: bytes, settings: Settings, message: Content | None = None) -> tuple[bytes, bytes]:
+    """Send ``request`` (the command and its headers) and ``message`` as it is read; the
+    answer's head and body."""
     reader, writer = await open_stream(settings.address, DEFAULT_PORT, settings.connect_timeout)
     try:
         async with asyncio.timeout(settings.scan_timeout):
             writer.write(request)
+            if message is not None:
+                await send_content(writer, message)
             await writer.drain()
             head = await reader.readuntil(b"\r\n\r\n")
             length = 0
@@ -160,18 +169,19 @@ async def _exchange(request: bytes, settings: Settings) -> tuple[bytes, bytes]:
     return head, body
 
 
-async def spamd_symbols(data: bytes, settings: Settings) -> SpamResult:
+async def spamd_symbols(data: bytes | Content, settings: Settings) -> SpamResult:
     """Score ``data`` with spamd's SYMBOLS command.
 
-    :param data: the message as spamd should see it (CRLF line ends)
+    :param data: the message as spamd should see it (CRLF line ends), sent as it is read
     :param settings: where spamd is, the user, and how long to wait
     :raises ScannerError: spamd is unreachable, too slow, or reported an error
     """
-    head = b"SYMBOLS SPAMC/1.5\r\nContent-length: %d\r\n" % len(data)
+    content = data if isinstance(data, Content) else Content.of_bytes(data)
+    head = b"SYMBOLS SPAMC/1.5\r\nContent-length: %d\r\n" % content.size
     user = re.sub(r"[^A-Za-z0-9@._+\-]", "", settings.user)
     if user:
         head += b"User: %s\r\n" % user.encode("ascii")
-    answer_head, body = await _exchange(head + b"\r\n" + data, settings)
+    answer_head, body = await _exchange(head + b"\r\n", settings, content)
     return parse_spamd_response(answer_head, body)
 
 
@@ -201,6 +211,7 @@ async def gateway_probe(settings: Settings, probes: Probes) -> None:
 
 
 @hookimpl
+@independent
 async def gateway_data(
     session: Session, txn: Transaction, message: Message, gateway: Gateway, settings: Settings
 ) -> Verdict | None:
@@ -211,9 +222,11 @@ async def gateway_data(
     )
     trace = ("Received: " + received.replace("\n", "\r\n") + "\r\n").encode("utf-8", "replace")
     try:
-        result = await spamd_symbols(trace + message.raw, settings)
+        result = await spamd_symbols(Content.join(trace, message.content), settings)
     except ScannerError as exc:
+        await wait_for_turn()
         return scanner_unavailable(log, NAME, exc, settings.on_scanner_error, REPLY_UNAVAILABLE)
+    await wait_for_turn()  # changes and decisions in chain order (gateway.hooks.independent)
     required = result.required if settings.tag_score is None else settings.tag_score
     log.info("%s: score=%s required=%s tests=%s", NAME, format_score(result.score),
              format_score(required), ",".join(result.tests[:20]))

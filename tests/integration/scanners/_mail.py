@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import email
 import email.policy
 import email.utils
 import os
+import random
 import subprocess
 import sys
 from email.message import EmailMessage, Message
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
+from gateway.address import Address
+from gateway.content import Content
+from gateway.message import Message as GatewayMessage
+from gateway.model import Recipient, Session, Transaction
 from gateway.testing import RunningGateway
 from tests.conftest import BASE_POLICY, plugin_specs, smtp
 from tests.integration.scanners.conftest import EICAR, GTUBE
@@ -105,3 +113,74 @@ def policy_file(gw: RunningGateway, tmp_path: Path) -> str:
     path = tmp_path / "cli-policy.toml"
     path.write_text(f'[server]\nqueue_dir = "{gw.policy.server.queue_dir}"\n')
     return str(path)
+
+
+class WholeReadForbidden(GatewayMessage):
+    """A spooled message that fails the test if a plugin loads it whole into memory
+    (``raw``, ``body``, ``as_bytes``): our own object, made strict, not a daemon's mock."""
+
+    __slots__ = ()
+
+    @property
+    def raw(self) -> bytes:
+        raise AssertionError("the plugin read the whole spooled message into memory (message.raw)")
+
+    @property
+    def body(self) -> bytes:
+        raise AssertionError("the plugin read the whole spooled body into memory (message.body)")
+
+    def as_bytes(self) -> bytes:
+        raise AssertionError("the plugin read the whole spooled message into memory (as_bytes)")
+
+
+@contextlib.contextmanager
+def spooled(data: bytes, directory: Path) -> Iterator[WholeReadForbidden]:
+    """``data`` as a message spooled to a file (between other octets, as in a spool
+    file), for the hooks to read from disk."""
+    path = directory / "spool"
+    path.write_bytes(b"#" * 4096 + data + b"not part of the message")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        message = WholeReadForbidden(Content.of_file(fd, [(4096, len(data))]))
+        assert message.is_spooled
+        yield message
+    finally:
+        os.close(fd)
+
+
+def big(marker: bytes, size: int, *, at_end: bool = True) -> bytes:
+    """A plain-text message of about ``size`` octets with ``marker`` (EICAR, GTUBE) on
+    a line of its own at the end of its body (or at the start)."""
+    msg = _base("The big report")
+    msg.set_content("See below.\n", cte="7bit")
+    head = _wire(msg)
+    line = b"lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod 0123\r\n"
+    filler = line * (size // len(line))
+    return head + (filler + marker + b"\r\n" if at_end else marker + b"\r\n" + filler)
+
+
+def session_and_txn() -> tuple[Session, Transaction]:
+    """A session and transaction such as the SMTP front end makes: one recipient."""
+    session = Session(peer_ip="192.0.2.7", peer_port=4000, listener="smtp", helo="client.example")
+    txn = Transaction(sender=Address("sender", "example.org"), queue_id="Q1")
+    txn.recipients.append(Recipient(Address("alice", "localhost")))
+    return session, txn
+
+
+def big_attachment_then(marker: bytes, size: int) -> bytes:
+    """A multipart message of about ``size`` octets: a base64 attachment, then a short
+    text part holding ``marker`` (GTUBE): a scanner that reads text parts sees it only
+    after the whole attachment."""
+    head = (
+        b"From: Sender Name <sender@example.org>\r\nTo: Alice <alice@localhost>\r\n"
+        b"Subject: The big report\r\nDate: " + email.utils.formatdate(localtime=True).encode() + b"\r\n"
+        b"Message-ID: " + email.utils.make_msgid(domain="example.org").encode() + b"\r\n"
+        b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="part-boundary"\r\n\r\n'
+    )
+    data = base64.encodebytes(random.Random(1).randbytes(size * 3 // 4)).replace(b"\n", b"\r\n")
+    return (
+        head + b"--part-boundary\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"data.bin\"\r\n\r\n"
+        + data + b"--part-boundary\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+        + marker + b"\r\n--part-boundary--\r\n"
+    )

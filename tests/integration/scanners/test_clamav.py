@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import pytest
 
 from plugins import data_clamav
 from tests.integration.scanners._mail import (
+    big,
     cli,
     clean,
     eicar_attached,
@@ -17,9 +21,10 @@ from tests.integration.scanners._mail import (
     policy_file,
     queued,
     send,
+    spooled,
     start,
 )
-from tests.integration.scanners.conftest import Clamd
+from tests.integration.scanners.conftest import EICAR, Clamd
 from tests.processes import free_port
 
 VIRUS = "5.7.1 Virus found: "
@@ -137,3 +142,35 @@ def test_malformed_address_stops_start_up(gateway_factory) -> None:
 def test_scan_budget_over_the_entry_timeout_stops_start_up(gateway_factory, clamd_daemon: Clamd) -> None:
     with pytest.raises(ValueError, match=r"data_clamav.*must be shorter than the entry's timeout 10s"):
         start(gateway_factory, data_clamav, address=clamd_daemon.socket, timeout="10s")
+
+
+def _scan_spooled(data: bytes, clamd_daemon: Clamd, tmp_path: Path) -> tuple[object, int]:
+    """data_clamav's hook on ``data`` spooled to a file; its verdict and the peak of
+    memory allocated while it ran."""
+    settings = data_clamav.Settings(address=clamd_daemon.socket, max_size=len(data))
+    with spooled(data, tmp_path) as message:
+        message.header_values("Subject")  # the head is parsed (and in memory) before the hooks
+        tracemalloc.start()
+        try:
+            verdict = asyncio.run(data_clamav.gateway_data(message, SimpleNamespace(hostname="mx.test.example"), settings))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    return verdict, peak
+
+
+def test_a_spooled_message_is_streamed_to_clamd_from_its_file(clamd_daemon: Clamd, tmp_path: Path) -> None:
+    # 3.5 MB (under the fixture clamd's StreamMaxLength of 4M) with EICAR on its last
+    # line: clamd saw all of it, read from the file a chunk at a time, and the message was
+    # never in memory (the spooled message fails on raw/body/as_bytes; the peak is far
+    # below its size).
+    data = big(EICAR, 3_500_000)
+    verdict, peak = _scan_spooled(data, clamd_daemon, tmp_path)
+    assert verdict is not None and verdict.reply.code == 554
+    assert verdict.reply.text.startswith("Virus found: Eicar-Test-Signature-Body")
+    assert peak < len(data) // 4, f"{peak} octets allocated scanning a {len(data)}-octet spooled message"
+
+
+def test_a_clean_spooled_message_passes(clamd_daemon: Clamd, tmp_path: Path) -> None:
+    verdict, _ = _scan_spooled(big(b"nothing to see here", 3_500_000), clamd_daemon, tmp_path)
+    assert verdict is None

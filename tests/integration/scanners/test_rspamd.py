@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+from gateway.verdicts import Action
 from plugins import data_rspamd
-from tests.integration.scanners._mail import clean, gtube, queued, send, start
-from tests.integration.scanners.conftest import Rspamd
+from tests.integration.scanners._mail import big_attachment_then, clean, gtube, queued, send, session_and_txn, spooled, start
+from tests.integration.scanners.conftest import GTUBE, Rspamd
 from tests.processes import free_port
 
 UNAVAILABLE = "4.7.1 Spam scanner unavailable"
@@ -111,3 +116,17 @@ def test_message_over_max_size_is_not_scanned(gateway_factory, rspamd_daemon: Rs
     gw = start(gateway_factory, data_rspamd, address=rspamd_daemon.address, max_size=len(data) - 1)
     assert send(gw, data)[0] == 250
     assert "X-Spam-Status" not in queued(gw)
+
+
+def test_a_spooled_message_is_streamed_to_rspamd_from_its_file(rspamd_daemon: Rspamd, tmp_path: Path) -> None:
+    # 3 MB, GTUBE in a text part after a large attachment: rspamd read the whole body
+    # (its Content-Length), written as it was read from the file, and the message was
+    # never loaded whole (the spooled message fails on raw/body/as_bytes).
+    data = big_attachment_then(GTUBE, 3_000_000)
+    session, txn = session_and_txn()
+    settings = data_rspamd.Settings(address=rspamd_daemon.address, max_size=len(data))
+    with spooled(data, tmp_path) as message:
+        verdict = asyncio.run(data_rspamd.gateway_data(session, txn, message, SimpleNamespace(hostname="mx.test.example"),
+                                                       settings))
+    assert verdict is not None and verdict.action is Action.REJECT and verdict.reply.code == 550
+    assert "rspamd action 'reject'" in verdict.reason

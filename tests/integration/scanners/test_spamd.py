@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+from gateway.verdicts import Action
 from plugins import data_spamd
-from tests.integration.scanners._mail import cli, clean, gtube, policy_file, queued, send, start
-from tests.integration.scanners.conftest import Spamd
+from tests.integration.scanners._mail import (
+    big, cli, clean, gtube, policy_file, queued, send, session_and_txn, spooled, start,
+)
+from tests.integration.scanners.conftest import GTUBE, Spamd
 from tests.processes import free_port
 
 UNAVAILABLE = "4.7.1 Spam scanner unavailable"
@@ -96,3 +101,20 @@ def test_message_over_max_size_is_not_scanned(gateway_factory, spamd_daemon: Spa
     gw = start(gateway_factory, data_spamd, address=spamd_daemon.address, reject_score=5.0, max_size=len(data) - 1)
     assert send(gw, data)[0] == 250
     assert "X-Spam-Status" not in queued(gw)
+
+
+def test_a_spooled_message_is_streamed_to_spamd_from_its_file(spamd_daemon: Spamd, tmp_path: Path) -> None:
+    # 3 MB with GTUBE at the top of the body (SpamAssassin reads the first part of a
+    # body), sent after the Received line as it is read from the file: spamd counted the
+    # Content-length it was told, and the message was never loaded whole (the spooled
+    # message fails on raw/body/as_bytes).
+    data = big(GTUBE, 3_000_000, at_end=False)
+    session, txn = session_and_txn()
+    settings = data_spamd.Settings(address=spamd_daemon.address, max_size=len(data), reject_score=10.0,
+                                   scan_timeout=60.0)
+    with spooled(data, tmp_path) as message:
+        verdict = asyncio.run(data_spamd.gateway_data(session, txn, message, SimpleNamespace(hostname="mx.test.example"),
+                                                      settings))
+        head = message.final_head()
+    assert verdict is not None and verdict.action is Action.REJECT and verdict.reply.code == 550
+    assert b"X-Spam-Status: Yes, " in head and b"GTUBE" in head
