@@ -17,7 +17,8 @@ any more) and ignore.
 
 IP lists are asked in parallel at connect (RFC 5782: reversed IPv4 octets, IPv6 nibbles),
 the HELO name at HELO, the MAIL FROM domain at MAIL, the hosts of URLs in the decoded text
-parts at DATA (at most ``body_max_domains`` from the first ``body_scan_size`` octets). The A
+parts at DATA (at most ``body_max_domains`` from the first ``body_scan_size`` octets, the only
+part of the message read, in the thread pool, even when it is spooled to disk). The A
 record says how a name is listed; for reject and tempfail the TXT record is fetched and the
 reply names the list and adds that text, sanitised and cut short. Answers are kept in one LRU
 cache of ``cache_size`` entries for their TTL (at most ``max_ttl``), negative ones for the SOA
@@ -243,6 +244,13 @@ def _note(results: Results, items: Iterable[Listing], settings: Settings) -> Non
         results.add(NAME, score, f"{what} listed at {item.zone} ({item.code}): {item.action}")
 
 
+def _body_domains_in_thread(message: Message, settings: Settings) -> list[str]:
+    # Only the first body_scan_size octets are read (from disk, for a spooled message).
+    return extract_body_domains(
+        message.content.head(settings.body_scan_size), settings.body_scan_size, settings.body_max_domains
+    )
+
+
 def _is_exempt(session: Session) -> bool:
     return session.is_relay_client or session.is_authenticated or ALLOW_LISTED in session.stash
 
@@ -398,9 +406,7 @@ class Plugin:
         zones = [zone for zone in settings.zones if zone.type == "domain" and "body" in zone.targets]
         if not zones or _is_exempt(session) or settings.body_scan_size <= 0:
             return None
-        domains = await gateway.run_in_thread(
-            extract_body_domains, message.raw, settings.body_scan_size, settings.body_max_domains
-        )
+        domains = await gateway.run_in_thread(_body_domains_in_thread, message, settings)
         found = await self._ask(gateway, settings, _domain_jobs(settings, "body", domains))
         _findings(txn.stash, TXN_FINDINGS).set("body", found)
         _note(txn.results, found, settings)

@@ -1,6 +1,7 @@
 """ARC verification (RFC 8617): does the chain of intermediaries' seals hold?
 
-Hook: ``gateway_data``. Reads the message's ARC sets as received (``message.raw``) and
+Hook: ``gateway_data``. Reads the message's ARC sets as received (``message.raw``, in the
+thread pool) and
 checks, in this order (RFC 8617 §5.2):
 
 1. structure: at most 50 sets (§4.2.1), every instance from 1 to the highest present
@@ -19,6 +20,11 @@ only ever adds trust). Stashes an :class:`ArcVerdict` under :data:`ARC_RESULT`, 
 every set's sealer and the results its ARC-Authentication-Results reports:
 ``data_dmarc`` (after this plugin) reads it for ``trusted_arc_sealers``. Counts each
 verdict in ``gateway_auth_results_total{method="arc"}``. Decides nothing.
+
+**Cost of a large message.** A message without ARC fields costs nothing (its headers are
+in memory). With a chain, dkimpy needs the whole message in memory: reading the chain and
+verifying it each load it in the thread pool, never on the event loop (from the file, for
+a message spooled to disk), and let it go during the key lookups in between.
 
 Settings: ``min_key_bits`` (default 1024, RFC 8301), ``check_outbound`` (default false:
 mail from relay clients and authenticated users is not verified).
@@ -97,6 +103,15 @@ async def _fetch_records(gateway: Gateway, names: frozenset[str]) -> dict[str, b
     return out
 
 
+def _read_chain_in_thread(message: Message) -> ArcChain:
+    # message.raw reads a spooled message from disk: here, never on the event loop.
+    return read_chain_in_thread(message.raw)
+
+
+def _verify_chain_in_thread(message: Message, records: dict[str, bytes | None], min_key_bits: int) -> tuple[str, str]:
+    return verify_chain_in_thread(message.raw, records, min_key_bits)
+
+
 def _record(txn: Transaction, gateway: Gateway, verdict: ArcVerdict) -> None:
     comment = ""
     if verdict.sets:
@@ -113,11 +128,10 @@ async def gateway_data(
 ) -> None:
     if not settings.check_outbound and (session.is_relay_client or session.is_authenticated):
         return None
-    raw = message.raw
     if not _ARC_FIELDS.intersection(message.header_names()):
         chain = ArcChain()  # the common case: no thread hop for a message without ARC fields
     else:
-        chain = await gateway.run_in_thread(read_chain_in_thread, raw)
+        chain = await gateway.run_in_thread(_read_chain_in_thread, message)
     if chain.error:
         verdict = ArcVerdict("fail", chain.error)
     elif not chain.sets:
@@ -127,7 +141,9 @@ async def gateway_data(
         if isinstance(records, str):
             verdict = ArcVerdict("fail", records, chain.sets)
         else:
-            result, reason = await gateway.run_in_thread(verify_chain_in_thread, raw, records, settings.min_key_bits)
+            result, reason = await gateway.run_in_thread(
+                _verify_chain_in_thread, message, records, settings.min_key_bits
+            )
             verdict = ArcVerdict(result, reason, chain.sets)
     _record(txn, gateway, verdict)
     if verdict.result == "none":

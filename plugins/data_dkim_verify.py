@@ -21,6 +21,12 @@ The same results, with the selector and algorithm, are stashed under :data:`DKIM
 The plugin decides nothing: ``data_dmarc`` (after it in the chain) acts on aligned
 results, and ``queue_authentication_results`` writes the header.
 
+**Cost of a large message.** dkimpy needs the whole message in memory: each step that
+uses it (reading the signatures, then verifying them once the keys are in) loads it in
+the thread pool, never on the event loop, and lets it go before the key lookups; a
+message spooled to disk is read from the file at each step, so a signed message costs
+its size in memory twice, briefly, and an unsigned one once.
+
 Settings: ``max_signatures`` (default 5: later signatures are ignored, bounding the work
 a hostile message can cause), ``min_key_bits`` (default 1024, RFC 8301),
 ``check_outbound`` (default false: mail from relay clients and authenticated users is
@@ -110,6 +116,15 @@ async def _fetch_keys(gateway: Gateway, names: set[str]) -> dict[str, list[bytes
     return out
 
 
+def _parse_signatures_in_thread(message: Message, limit: int) -> tuple[list[SignatureInfo], int]:
+    # message.raw reads a spooled message from disk: here, never on the event loop.
+    return parse_signatures_in_thread(message.raw, limit)
+
+
+def _verify_in_thread(message: Message, keys: dict[int, tuple[str, bytes]], min_key_bits: int) -> dict[int, tuple[str, str]]:
+    return verify_in_thread(message.raw, keys, min_key_bits)
+
+
 def _auth_result(info: SignatureInfo, result: str, reason: str) -> AuthResult:
     props = [("header.d", info.domain)]
     if info.identity:
@@ -124,8 +139,7 @@ async def gateway_data(
 ) -> None:
     if not settings.check_outbound and (session.is_relay_client or session.is_authenticated):
         return None
-    raw = message.raw
-    infos, total = await gateway.run_in_thread(parse_signatures_in_thread, raw, settings.max_signatures)
+    infos, total = await gateway.run_in_thread(_parse_signatures_in_thread, message, settings.max_signatures)
     if total > len(infos):
         log.info("txn=%s %d DKIM signatures, verifying the first %d", txn.id, total, len(infos))
     if not infos:
@@ -152,7 +166,7 @@ async def gateway_data(
         else:
             keys[info.index] = (info.algorithm, _pick_key(answer))
     if keys:
-        outcome.update(await gateway.run_in_thread(verify_in_thread, raw, keys, settings.min_key_bits))
+        outcome.update(await gateway.run_in_thread(_verify_in_thread, message, keys, settings.min_key_bits))
 
     found = []
     for info in infos:

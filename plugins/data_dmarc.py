@@ -488,7 +488,7 @@ class Plugin:
         failure = Failure(
             outcome.domain, session.peer_ip, txn.sender.domain_key, dkim, spf,
             redact("; ".join(found).encode("ascii", "replace")).decode("ascii"), delivery,
-            redact(message.raw[: message.body_offset]), time.time(),
+            redact(message.head), time.time(),
         )
         try:
             self._failures.put_nowait((failure, outcome.policy_domain, record.ruf, settings.failure_report_limit))

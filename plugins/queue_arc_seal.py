@@ -41,6 +41,11 @@ record is what receivers fetch. Place the plugin after ``queue_footer`` and
 ``queue_received_header``. Signing runs in the thread pool; a sealing failure is the
 entry's ``on_error`` (by default 451 4.3.0).
 
+**Cost of a large message.** dkimpy seals bytes in memory: the final message (read from
+the file, for a message spooled to disk) is joined in the thread pool, never on the event
+loop, and copied once more with our Authentication-Results in place: about twice its
+size in memory while a message is sealed.
+
 Settings: ``domain`` and ``selector`` (required to seal; empty: the plugin does
 nothing), ``key_file``, ``authserv_id`` (default empty: the gateway's hostname, as
 ``queue_authentication_results``), ``when`` (default ``changed``), ``headers`` (default

@@ -26,6 +26,11 @@ more than they occur, so that a second From added in transit breaks the signatur
 Signing runs in the thread pool. Place it after ``queue_authentication_results`` and
 before ``queue_received_header``.
 
+**Cost of a large message.** dkimpy signs bytes in memory: the final message is joined
+(read from the file, for a message spooled to disk) in the thread pool, never on the
+event loop, and held there while it is signed: its size in memory, once per message
+signed.
+
 Settings: ``domains`` (default none: sign nothing), ``headers`` (default From, To, Cc,
 Subject, Date, Message-ID, MIME-Version, Content-Type, Content-Transfer-Encoding,
 Reply-To, In-Reply-To, References, List-Unsubscribe, List-Unsubscribe-Post),

@@ -26,6 +26,11 @@ the footer, or every receiver sees a broken signature (start-up refuses the othe
 mail signed elsewhere should leave that mail to an ``inbound``/``outbound`` choice
 that excludes it. The work (parsing and re-encoding) runs in the thread pool.
 
+**Cost of a large message.** The footer needs the decoded text parts, so for mail it
+changes the body is read into memory in the thread (for a message spooled to disk, one
+read of the body; the header block is already in memory) and the new body is held
+until the message is queued.
+
 Settings: ``text`` (default empty: add nothing), ``html``, ``direction`` (default
 ``outbound``), ``marker_header`` (default ``X-Footer-Added``).
 """
@@ -72,9 +77,10 @@ def footer_texts(settings: Settings) -> FooterText:
 
 
 def footer_message_in_thread(message: Message, footer: FooterText) -> Result | None:
-    """Parse and re-encode off the event loop (the body may be megabytes)."""
-    raw = message.raw
-    return add_footer(raw[: message.body_offset], message.body, footer)
+    """Parse and re-encode off the event loop (the body may be megabytes). The header
+    block is the one in memory; the body is read here, once (from disk, for a spooled
+    message), never the whole message besides."""
+    return add_footer(message.head, message.body, footer)
 
 
 def check_order(names: list[str]) -> None:
