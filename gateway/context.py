@@ -8,6 +8,7 @@ old policy finish under it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +54,11 @@ class Gateway:
         """Run a blocking call (pyspf, dkimpy, clamd, password hashing) in the bounded pool.
 
         The pool is shared by all sessions, so one slow library call never stalls the
-        event loop, and many never grow threads without bound.
+        event loop, and many never grow threads without bound. The call runs in a copy of
+        the caller's context, as with :func:`asyncio.to_thread`: the session's log ids and
+        capture (:data:`gateway.dns.DNS_TAP`, so SPF's lookups are recorded) go along,
+        and what the call sets stays in its copy.
         """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        return await loop.run_in_executor(self.executor, call)

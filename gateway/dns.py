@@ -11,6 +11,11 @@ For ``gateway replay`` (docs/replay.md) the resolver :func:`make_resolver` retur
 :class:`RecordingResolver`: while a session is being captured (:data:`DNS_TAP` set in its
 task), every answer and failure is handed to the capture as well. A
 :class:`RecordedResolver` answers from such a record instead of the network.
+
+Libraries that resolve on their own in the thread pool (pyspf) ask the gateway's
+resolver for its :meth:`~RecordingResolver.blocking` view: the same servers and limits,
+recording in the same form (the pool carries the session's context along), or, for a
+recorded one, the same record.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import asyncio
 import contextvars
 import ipaddress
 import logging
-from typing import Any, Callable, Mapping, cast
+from functools import cached_property
+from typing import Any, Callable, Mapping, Protocol, cast
 
 import dns.asyncresolver
 import dns.exception
@@ -33,6 +39,7 @@ import dns.resolver
 from gateway.policy.model import DnsSettings
 
 __all__ = [
+    "BlockingResolver",
     "DnsError",
     "DnsNotFound",
     "DnsTemporaryError",
@@ -125,6 +132,23 @@ def _outcome(exc: BaseException) -> tuple[str, bytes | None]:
     return "error", None
 
 
+class BlockingResolver(Protocol):
+    """A resolver for code in the thread pool: ``dns.resolver.Resolver``'s ``resolve``."""
+
+    lifetime: float
+
+    def resolve(self, qname: Any, rdtype: Any = dns.rdatatype.A, *args: Any, **kwargs: Any) -> dns.resolver.Answer:
+        """As ``dns.resolver.Resolver.resolve``: blocks until the answer or the failure."""
+        ...
+
+
+# Configuration a blocking view shares with its asynchronous resolver (besides the servers).
+_SHARED_SETTINGS = (
+    "domain", "search", "use_search_by_default", "ndots", "rotate", "retry_servfail", "timeout", "lifetime",
+    "edns", "ednsflags", "ednsoptions", "payload", "flags", "keyring", "keyname", "keyalgorithm",
+)
+
+
 class RecordingResolver(dns.asyncresolver.Resolver):
     """The gateway's resolver; hands each outcome to :data:`DNS_TAP` when one is set.
 
@@ -135,13 +159,46 @@ class RecordingResolver(dns.asyncresolver.Resolver):
         tap = DNS_TAP.get()
         if tap is None:
             return await super().resolve(qname, rdtype, *args, **kwargs)
-        name, kind = dns_key(qname, rdtype)
+        key = dns_key(qname, rdtype)
         try:
             answer = await super().resolve(qname, rdtype, *args, **kwargs)
         except (dns.exception.DNSException, TimeoutError) as exc:
-            tap(name, kind, *_outcome(exc))
+            tap(*key, *_outcome(exc))
             raise
-        tap(name, kind, "answer", answer.response.to_wire())
+        tap(*key, "answer", answer.response.to_wire())
+        return answer
+
+    @cached_property
+    def _blocking(self) -> _BlockingRecordingResolver:
+        view = _BlockingRecordingResolver(configure=False)
+        for attr in _SHARED_SETTINGS:
+            setattr(view, attr, getattr(self, attr))
+        view.nameservers = list(self.nameservers)
+        return view
+
+    def blocking(self) -> BlockingResolver:
+        """A blocking resolver asking the same servers within the same limits, recording
+        to :data:`DNS_TAP` in the same form, for a library that runs in the thread pool
+        (``Gateway.run_in_thread`` carries the tap along). One per resolver, shared by the
+        pool's threads (dnspython keeps no per-query state on it); reads no file.
+        """
+        return self._blocking
+
+
+class _BlockingRecordingResolver(dns.resolver.Resolver):
+    """:class:`RecordingResolver`'s blocking view."""
+
+    def resolve(self, qname: Any, rdtype: Any = dns.rdatatype.A, *args: Any, **kwargs: Any) -> dns.resolver.Answer:
+        tap = DNS_TAP.get()
+        if tap is None:
+            return super().resolve(qname, rdtype, *args, **kwargs)
+        key = dns_key(qname, rdtype)
+        try:
+            answer = super().resolve(qname, rdtype, *args, **kwargs)
+        except (dns.exception.DNSException, TimeoutError) as exc:
+            tap(*key, *_outcome(exc))
+            raise
+        tap(*key, "answer", answer.response.to_wire())
         return answer
 
 
@@ -151,7 +208,9 @@ class RecordedResolver:
     :attr:`session` holds the outcomes recorded in the session being replayed and is
     asked first; then :attr:`everything` (what any session of the capture saw, since a
     plugin's cache hid repeated lookups from later sessions). A query in neither goes to
-    ``live`` when given, else fails as a timeout would, counted in :attr:`missing`.
+    ``live`` (a :class:`RecordingResolver`) when given, else fails as a timeout would,
+    counted in :attr:`missing`. :meth:`blocking` answers from the same record, for
+    libraries in the thread pool.
     """
 
     def __init__(self, everything: Mapping[tuple[str, str], tuple[str, bytes | None]], live: Any = None) -> None:
@@ -162,36 +221,89 @@ class RecordedResolver:
         self.lifetime = 5.0
         self.timeout = 5.0
 
-    async def resolve(self, qname: Any, rdtype: Any = dns.rdatatype.A, *args: Any, **kwargs: Any) -> Any:
-        key = dns_key(qname, rdtype)
+    def find(self, key: tuple[str, str]) -> tuple[str, bytes | None] | None:
+        """The recorded outcome of ``key``; ``None``: ask :attr:`live`.
+
+        :raises dns.resolver.LifetimeTimeout: not in the record and no live resolver
+            (counted in :attr:`missing`)
+        """
         found = self.session.get(key) or self.everything.get(key)
-        if found is None:
-            if self.live is not None:
-                return await self.live.resolve(qname, rdtype, *args, **kwargs)
+        if found is None and self.live is None:
             self.missing.append(key)
             raise dns.resolver.LifetimeTimeout(timeout=0.0, errors=[])  # type: ignore[no-untyped-call]
-        outcome, wire = found
-        name = qname if isinstance(qname, dns.name.Name) else dns.name.from_text(str(qname))
-        response = cast("dns.message.QueryMessage", dns.message.from_wire(wire)) if wire is not None else None
-        if outcome == "answer" and response is not None:
-            return dns.resolver.Answer(name, dns.rdatatype.from_text(key[1]), dns.rdataclass.IN, response)
-        if outcome == "nxdomain":
-            raise dns.resolver.NXDOMAIN(  # type: ignore[no-untyped-call]
-                qnames=[name], responses={name: response} if response else {}
-            )
-        if outcome == "noanswer":
-            if not kwargs.get("raise_on_no_answer", True) and response is not None:
-                return dns.resolver.Answer(name, dns.rdatatype.from_text(key[1]), dns.rdataclass.IN, response)
-            if response is None:
-                raise dns.resolver.NoAnswer()  # type: ignore[no-untyped-call]
-            raise dns.resolver.NoAnswer(response=response)  # type: ignore[no-untyped-call]
-        if outcome == "servfail":
-            request = dns.message.make_query(name, key[1])
-            raise dns.resolver.NoNameservers(request=request, errors=[])  # type: ignore[no-untyped-call]
-        raise dns.resolver.LifetimeTimeout(timeout=0.0, errors=[])  # type: ignore[no-untyped-call]
+        return found
+
+    async def resolve(self, qname: Any, rdtype: Any = dns.rdatatype.A, *args: Any, **kwargs: Any) -> Any:
+        key = dns_key(qname, rdtype)
+        found = self.find(key)
+        if found is None:
+            return await self.live.resolve(qname, rdtype, *args, **kwargs)
+        return _replayed(qname, key, found, raise_on_no_answer=kwargs.get("raise_on_no_answer", True))
+
+    @cached_property
+    def _blocking(self) -> _BlockingRecordedResolver:
+        return _BlockingRecordedResolver(self, self.live.blocking() if self.live is not None else None)
+
+    def blocking(self) -> BlockingResolver:
+        """A blocking view of this record: the same lookup table and :attr:`missing`
+        list; queries the record lacks go to the live resolver's blocking view."""
+        return self._blocking
 
 
-def make_resolver(settings: DnsSettings) -> dns.asyncresolver.Resolver:
+class _BlockingRecordedResolver:
+    """:class:`RecordedResolver`'s blocking view."""
+
+    def __init__(self, record: RecordedResolver, live: BlockingResolver | None) -> None:
+        self._record = record
+        self._live = live
+
+    @property
+    def lifetime(self) -> float:
+        return self._record.lifetime
+
+    @lifetime.setter
+    def lifetime(self, value: float) -> None:
+        self._record.lifetime = value
+
+    def resolve(self, qname: Any, rdtype: Any = dns.rdatatype.A, *args: Any, **kwargs: Any) -> dns.resolver.Answer:
+        key = dns_key(qname, rdtype)
+        found = self._record.find(key)
+        if found is None:
+            assert self._live is not None  # find() raised otherwise
+            return self._live.resolve(qname, rdtype, *args, **kwargs)
+        return _replayed(qname, key, found, raise_on_no_answer=kwargs.get("raise_on_no_answer", True))
+
+
+def _replayed(
+    qname: Any, key: tuple[str, str], found: tuple[str, bytes | None], *, raise_on_no_answer: bool
+) -> dns.resolver.Answer:
+    """The answer recorded as ``found`` for ``key``, or the exception recorded, raised.
+
+    :raises dns.exception.DNSException: as the resolver did when the record was made
+    """
+    outcome, wire = found
+    name = qname if isinstance(qname, dns.name.Name) else dns.name.from_text(str(qname))
+    response = cast("dns.message.QueryMessage", dns.message.from_wire(wire)) if wire is not None else None
+    if outcome in ("answer", "noanswer") and response is not None:
+        answer = dns.resolver.Answer(name, dns.rdatatype.from_text(key[1]), dns.rdataclass.IN, response)
+        # A recorded empty answer (asked with raise_on_no_answer=False, as SPF does)
+        # raises for a caller that wants NoAnswer, as the resolver would have.
+        if answer.rrset is not None or not raise_on_no_answer:
+            return answer
+        raise dns.resolver.NoAnswer(response=response)  # type: ignore[no-untyped-call]
+    if outcome == "nxdomain":
+        raise dns.resolver.NXDOMAIN(  # type: ignore[no-untyped-call]
+            qnames=[name], responses={name: response} if response else {}
+        )
+    if outcome == "noanswer":
+        raise dns.resolver.NoAnswer()  # type: ignore[no-untyped-call]
+    if outcome == "servfail":
+        request = dns.message.make_query(name, key[1])
+        raise dns.resolver.NoNameservers(request=request, errors=[])  # type: ignore[no-untyped-call]
+    raise dns.resolver.LifetimeTimeout(timeout=0.0, errors=[])  # type: ignore[no-untyped-call]
+
+
+def make_resolver(settings: DnsSettings) -> RecordingResolver:
     """A resolver for the policy's ``[dns]`` section.
 
     With ``nameservers`` set, only those are asked (each at its own port); otherwise the

@@ -10,6 +10,10 @@ changes. The override keeps pyspf's contract: a list of values (addresses, ``(pr
 exchange)`` pairs, PTR names, TXT string tuples), ``[]`` for no data, ``spf.TempError``
 for a failure to find out, and the void-lookup limit of RFC 7208 §4.6.4.
 
+The resolver is the blocking view of the gateway's own (``gateway.resolver.blocking()``,
+see ``gateway/dns.py``): under capture it records each lookup for ``gateway replay``, and
+in a replay it answers from the record.
+
 Everything here blocks: it runs in the gateway's thread pool (``gateway.run_in_thread``).
 """
 
@@ -20,12 +24,10 @@ from typing import Any
 
 import dns.exception
 import dns.name
-import dns.nameserver
-import dns.rdatatype
 import dns.resolver
 import spf
 
-from gateway.dns import parse_nameserver
+from gateway.dns import BlockingResolver, make_resolver
 from gateway.policy.model import DnsSettings
 
 __all__ = ["SpfQuery", "make_sync_resolver"]
@@ -35,29 +37,15 @@ MAX_VOID_LOOKUPS = 2
 _QTYPES = frozenset({"A", "AAAA", "MX", "PTR", "TXT"})
 
 
-def make_sync_resolver(settings: DnsSettings) -> dns.resolver.Resolver:
-    """A blocking resolver for the policy's ``[dns]`` section (as :func:`gateway.dns.make_resolver`).
+def make_sync_resolver(settings: DnsSettings) -> BlockingResolver:
+    """A blocking resolver for the policy's ``[dns]`` section, for a gateway without a
+    resolver of its own: :func:`gateway.dns.make_resolver`'s blocking view.
 
     :param settings: the ``[dns]`` section: nameservers (empty: the system's) and the
         time limit of one lookup
     :raises ValueError: a nameserver entry is malformed
     """
-    if settings.nameservers:
-        resolver = dns.resolver.Resolver(configure=False)
-        servers: list[dns.nameserver.Nameserver | str] = []
-        for entry in settings.nameservers:
-            address, port = parse_nameserver(entry)
-            servers.append(dns.nameserver.Do53Nameserver(address, port))
-        resolver.nameservers = servers
-    else:
-        try:
-            resolver = dns.resolver.Resolver()
-        except dns.resolver.NoResolverConfiguration:
-            resolver = dns.resolver.Resolver(configure=False)
-            resolver.nameservers = ["127.0.0.1"]
-    resolver.lifetime = float(settings.timeout)
-    resolver.timeout = min(float(resolver.timeout), float(settings.timeout))
-    return resolver
+    return make_resolver(settings).blocking()
 
 
 class _OutOfTime(spf.TempError):  # type: ignore[misc]
@@ -67,14 +55,14 @@ class _OutOfTime(spf.TempError):  # type: ignore[misc]
 class SpfQuery(spf.query):  # type: ignore[misc]  # pyspf ships no type hints
     """One pyspf check whose DNS lookups go to ``resolver`` and end by ``deadline``.
 
-    :param resolver: the blocking resolver to ask (shared by threads: dnspython's
-        ``Resolver.resolve`` keeps no per-query state on the object)
+    :param resolver: the blocking resolver to ask (shared by threads: it keeps no
+        per-query state on the object)
     :param deadline: ``time.monotonic()`` value after which lookups give temperror;
         this caps the whole check (pyspf's own ``querytime`` defaults to 20 s)
     :param kwargs: ``spf.query`` arguments (``i``, ``s``, ``h``, ``receiver``, ``strict``)
     """
 
-    def __init__(self, resolver: dns.resolver.Resolver, deadline: float, **kwargs: Any) -> None:
+    def __init__(self, resolver: BlockingResolver, deadline: float, **kwargs: Any) -> None:
         # querytime=0: pyspf's clock is not used; our deadline bounds every lookup.
         super().__init__(querytime=0, **kwargs)
         self._resolver = resolver

@@ -9,8 +9,9 @@ At MAIL FROM the plugin checks the sender's domain (the "mailfrom" identity, RFC
 ``postmaster@<helo>``), unless ``check_helo_for_null_sender`` is false. Relay clients
 and authenticated sessions are not checked. pyspf does the evaluation, with its limits
 of §4.6.4 (10 DNS-querying terms, 2 void lookups), in the gateway's thread pool; its
-lookups go to the policy's resolver (see ``plugins/_spf_dns.py``) and the whole check
-ends after ``max_time`` with temperror.
+lookups go to the gateway's resolver (its blocking view, see ``plugins/_spf_dns.py``:
+under ``[capture]`` they are recorded, and ``gateway replay`` answers them from the
+record) and the whole check ends after ``max_time`` with temperror.
 
 Each result leads to the action its setting names: ``fail_action`` (default
 ``reject``: 550 5.7.23, RFC 7372, with the domain's ``exp=`` explanation when
@@ -38,12 +39,12 @@ import time
 from dataclasses import dataclass, replace
 from typing import Literal
 
-import dns.resolver
 import spf
 
 from gateway.address import Address
 from gateway.authres import AuthResult, add_result
 from gateway.context import Gateway
+from gateway.dns import BlockingResolver
 from gateway.hooks import hookimpl
 from gateway.model import Message, Session, StashKey, Transaction
 from gateway.policy import Duration, setting
@@ -152,7 +153,7 @@ def _identity(sender: str, helo: str) -> tuple[Literal["mailfrom", "helo"], str,
 
 
 def check_spf(
-    resolver: dns.resolver.Resolver,
+    resolver: BlockingResolver,
     client_ip: str,
     sender: str,
     helo: str,
@@ -279,17 +280,21 @@ def received_spf(result: SpfResult) -> str:
 
 
 class Plugin:
-    """Holds one blocking resolver per ``[dns]`` configuration it has seen."""
+    """Asks the blocking view of the gateway's resolver; keeps one of its own per
+    ``[dns]`` configuration only for a gateway that has none."""
 
     def __init__(self) -> None:
-        self._resolvers: dict[DnsSettings, dns.resolver.Resolver] = {}
+        self._resolvers: dict[DnsSettings, BlockingResolver] = {}
 
-    def _resolver(self, gateway: Gateway) -> dns.resolver.Resolver:
+    def _resolver(self, gateway: Gateway) -> BlockingResolver:
+        if gateway.resolver is not None:
+            # The gateway's own: recorded under capture, answered from the record in replay.
+            resolver: BlockingResolver = gateway.resolver.blocking()
+            return resolver
         settings = gateway.policy.dns
-        resolver = self._resolvers.get(settings)
-        if resolver is None:
-            resolver = self._resolvers[settings] = make_sync_resolver(settings)
-        return resolver
+        if settings not in self._resolvers:
+            self._resolvers[settings] = make_sync_resolver(settings)
+        return self._resolvers[settings]
 
     @hookimpl
     async def gateway_startup(self, gateway: Gateway) -> None:

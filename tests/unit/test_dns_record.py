@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import dns.exception
+import dns.resolver
 import pytest
 
 from gateway.dns import DNS_TAP, DnsNotFound, DnsTemporaryError, RecordedResolver, lookup, make_resolver
@@ -82,3 +84,42 @@ def test_a_recorded_answer_is_found_by_name_object_or_text_and_type_number(rdtyp
         return [r.to_text() for r in await replay.resolve("host.test", "A")]
 
     assert asyncio.run(run()) == ["192.0.2.7"]
+
+
+def _blocking_outcome(resolver: Any, name: str, rdtype: str) -> Any:
+    """As pyspf's lookups ask (plugins/_spf_dns.py): an empty answer is not raised."""
+    try:
+        answer = resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+    except dns.resolver.NXDOMAIN:
+        return "not found"
+    except dns.exception.DNSException:
+        return "temporary"
+    return sorted(r.to_text() for r in answer.rrset) if answer.rrset is not None else None
+
+
+def test_the_blocking_view_records_and_replays_alike() -> None:
+    # The view libraries in the thread pool use (SPF): recorded in the async form, and
+    # replayed from the record by both the blocking and the asynchronous resolver.
+    recorded: list[list[Any]] = []
+    with DnsTestServer(ZONE) as server:
+        server.fail("broken.test")
+        server.drop("slow.test")
+        blocking = make_resolver(dns_settings(server.port, timeout=0.5)).blocking()
+        token = DNS_TAP.set(lambda *entry: recorded.append(list(entry)))
+        try:
+            seen = [_blocking_outcome(blocking, name, rdtype) for name, rdtype in QUERIES]
+        finally:
+            DNS_TAP.reset(token)
+    assert seen == [["192.0.2.7"], ['"v=spf1 -all"'], None, "not found", "temporary", "temporary"]
+    assert [entry[:3] for entry in recorded] == [
+        ["host.test", "A", "answer"], ["host.test", "TXT", "answer"], ["host.test", "MX", "answer"],
+        ["nothing.test", "A", "nxdomain"], ["broken.test", "A", "servfail"], ["slow.test", "A", "timeout"],
+    ]
+
+    record = RecordedResolver({(name, rdtype): (kind, wire) for name, rdtype, kind, wire in recorded})
+    assert [_blocking_outcome(record.blocking(), name, rdtype) for name, rdtype in QUERIES] == seen
+    assert _blocking_outcome(record.blocking(), "other.test", "A") == "temporary"
+    assert record.missing == [("other.test", "A")]
+    # The empty MX answer, asked by an asynchronous caller that wants NoAnswer, is one.
+    again = asyncio.run(outcome(record, "host.test", "MX"))
+    assert again is None
