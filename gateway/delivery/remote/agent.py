@@ -27,10 +27,12 @@ from typing import Any, Literal
 
 import dns.asyncresolver
 
+from gateway.content import Content
 from gateway.delivery.remote.client import SmtpConnection
 from gateway.delivery.remote.failures import HostFailure, StaleConnection, TlsFailure
 from gateway.delivery.remote.mx import Destination, parse_address_literal, resolve_destinations, resolve_host
 from gateway.delivery.remote.policy import TlsOutcome, TransportPolicy, TransportSecurity
+from gateway.delivery.remote.wire import Outgoing, outgoing
 from gateway.delivery.types import MxRoute, Outcome, SmarthostRoute
 from gateway.logs import short
 from gateway.model import Envelope, QueuedRecipient
@@ -136,14 +138,15 @@ class RemoteDeliveryAgent:
         envelope: Envelope,
         recipients: list[QueuedRecipient],
         route: MxRoute | SmarthostRoute,
-        message: bytes,
+        message: bytes | Content,
     ) -> dict[str, Outcome]:
         """Try to deliver ``message`` to ``recipients`` (all on ``route``) in one transaction.
 
         :param envelope: sender and transaction parameters (BODY, SMTPUTF8, RET, ENVID)
         :param recipients: the recipients still to deliver for this route
         :param route: where they go: the MX hosts of a domain, or a smarthost
-        :param message: the whole message, CRLF line ends, not dot-stuffed
+        :param message: the whole message, CRLF line ends, not dot-stuffed; a message on
+            disk is streamed to each host from the file, never read whole into memory
         :returns: an outcome for every recipient address
         """
         if not recipients:
@@ -171,11 +174,13 @@ class RemoteDeliveryAgent:
                 "remote to %s: %d recipient(s) %s: %s", name, len(recipients), status, short(exc.reply, 300)
             )
             return {r.address: Outcome(status, exc.reply) for r in recipients}
+        # What MAIL needs to know (8-bit? ASCII headers?) is learned once, not per host.
+        prepared = await outgoing(message)
         limit = self._limit(route.key)
         try:
             await limit.semaphore.acquire()
             try:
-                return await self._try_hosts(destinations, mode, transport, auth, envelope, recipients, message)
+                return await self._try_hosts(destinations, mode, transport, auth, envelope, recipients, prepared)
             finally:
                 limit.semaphore.release()
         finally:
@@ -219,7 +224,7 @@ class RemoteDeliveryAgent:
         auth: _Auth | None,
         envelope: Envelope,
         recipients: list[QueuedRecipient],
-        message: bytes,
+        message: Outgoing,
     ) -> dict[str, Outcome]:
         last = Reply(451, "4.4.0", "no remote host could be reached")
         last_host = ""

@@ -23,8 +23,9 @@ import ssl
 from collections.abc import Awaitable, Collection, Sequence
 from typing import Literal, TypeVar
 
+from gateway.content import CHUNK, Content
 from gateway.delivery.remote.failures import HostFailure, StaleConnection, TlsFailure, as_temporary, tls_result_of
-from gateway.delivery.remote.wire import dot_stuffed, header_block, xtext
+from gateway.delivery.remote.wire import DotStuffer, Outgoing, outgoing, xtext
 from gateway.delivery.types import Outcome
 from gateway.model import Envelope, QueuedRecipient
 from gateway.verdicts import PermanentFailure, Reply
@@ -40,7 +41,6 @@ T = TypeVar("T")
 _MAX_LINE = 4096
 _MAX_REPLY_LINES = 100
 _MAX_TEXT = 1000
-_CHUNK = 64 * 1024
 _QUIT_TIMEOUT = 5.0
 _STATUS_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: +|$)")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -367,25 +367,30 @@ class SmtpConnection:
     # -- transaction ---------------------------------------------------------------
 
     async def send(
-        self, envelope: Envelope, recipients: Sequence[QueuedRecipient], message: bytes
+        self, envelope: Envelope, recipients: Sequence[QueuedRecipient], message: bytes | Content | Outgoing
     ) -> dict[str, Outcome]:
         """One mail transaction; an outcome for every recipient.
 
-        ``message`` is the whole message with CRLF line ends, not yet dot-stuffed.
+        ``message`` is the whole message with CRLF line ends, not yet dot-stuffed: in
+        memory, or on disk (a :class:`~gateway.content.Content`), which is then sent in
+        chunks as it is read; :func:`~gateway.delivery.remote.wire.outgoing` makes it an
+        :class:`Outgoing` (a file read through once) unless the caller did already.
 
         :raises StaleConnection: a pooled connection (:meth:`reuse`) turned out dead
-            before the server saw any of this transaction; nothing else is raised
+            before the server saw any of this transaction
+        :raises OSError: a message on disk that is not yet an :class:`Outgoing` could
+            not be read, before anything was sent; nothing else is raised
         """
         recipients = list({r.address: r for r in recipients}.values())
         outcomes: dict[str, Outcome] = {}
-        is_8bit = not message.isascii()
-        refusal = self._refusal(envelope, recipients, message, is_8bit)
+        message = await outgoing(message)
+        refusal = self._refusal(envelope, recipients, message)
         if refusal is not None:
             self._settle(outcomes, recipients, refusal)
             return outcomes
         self.transactions += 1
         try:
-            await self._transaction(envelope, recipients, message, is_8bit, outcomes)
+            await self._transaction(envelope, recipients, message, outcomes)
         except HostFailure as exc:
             self._settle(outcomes, recipients, exc.reply)
         if self.is_throttled:
@@ -415,7 +420,7 @@ class SmtpConnection:
             outcomes.setdefault(rcpt.address, Outcome(status, reply, self.remote_name, relayed))
 
     def _refusal(
-        self, envelope: Envelope, recipients: Sequence[QueuedRecipient], message: bytes, is_8bit: bool
+        self, envelope: Envelope, recipients: Sequence[QueuedRecipient], message: Outgoing
     ) -> Reply | None:
         """Why this server cannot take this message at all, decided before sending anything."""
         words = [envelope.sender, *(r.address for r in recipients)]
@@ -424,16 +429,16 @@ class SmtpConnection:
             # Parsed at the edge already; never let a stray CRLF become an SMTP command.
             return Reply(501, "5.1.3", "control characters in the envelope")
         limit = self.size_limit
-        if limit and len(message) > limit:
+        if limit and message.size > limit:
             # RFC 1870 §6.1: do not send what the server already said it will refuse.
-            text = f"message size {len(message)} exceeds the limit of {self.remote_name} ({limit})"
+            text = f"message size {message.size} exceeds the limit of {self.remote_name} ({limit})"
             return Reply(552, "5.3.4", text)
-        if is_8bit and not self.has_extension("8BITMIME"):
+        if message.is_8bit and not self.has_extension("8BITMIME"):
             # RFC 6152 §3: never send 8-bit data to a server without 8BITMIME.
             text = f"conversion to 7 bit required but not supported ({self.remote_name} lacks 8BITMIME)"
             return Reply(554, "5.6.3", text)
         needs_utf8 = not all(word.isascii() for word in words)
-        if envelope.smtputf8 and not header_block(message).isascii():
+        if envelope.smtputf8 and not message.is_header_ascii:
             needs_utf8 = True
         if needs_utf8 and not self.has_extension("SMTPUTF8"):
             # RFC 6531 §3.2: without SMTPUTF8 at the server the message cannot go as it is.
@@ -441,11 +446,11 @@ class SmtpConnection:
             return Reply(553, "5.6.7", text)
         return None
 
-    def _mail_command(self, envelope: Envelope, message: bytes, is_8bit: bool) -> str:
+    def _mail_command(self, envelope: Envelope, message: Outgoing) -> str:
         params = []
         if self.has_extension("SIZE"):
-            params.append(f"SIZE={len(message)}")
-        if self.has_extension("8BITMIME") and (is_8bit or envelope.body.upper() == "8BITMIME"):
+            params.append(f"SIZE={message.size}")
+        if self.has_extension("8BITMIME") and (message.is_8bit or envelope.body.upper() == "8BITMIME"):
             params.append("BODY=8BITMIME")
         if envelope.smtputf8 and self.has_extension("SMTPUTF8"):
             params.append("SMTPUTF8")
@@ -470,11 +475,10 @@ class SmtpConnection:
         self,
         envelope: Envelope,
         recipients: list[QueuedRecipient],
-        message: bytes,
-        is_8bit: bool,
+        message: Outgoing,
         outcomes: dict[str, Outcome],
     ) -> None:
-        mail = self._mail_command(envelope, message, is_8bit)
+        mail = self._mail_command(envelope, message)
         rcpts = [self._rcpt_command(r) for r in recipients]
         timeout = self.command_timeout
         rcpt_replies: list[Reply] = []
@@ -550,10 +554,27 @@ class SmtpConnection:
             if data_reply.code != 421:
                 await self.rset()
             return
-        data = dot_stuffed(message)
-        for start in range(0, len(data), _CHUNK):
-            await self._write(data[start:start + _CHUNK], timeout)
+        await self._send_data(message.content, timeout)
         # RFC 5321 §4.5.3.2.6: the server may take long to answer the final dot.
         final = await self._read_reply(self.data_timeout)
         self._settle(outcomes, accepted, final)
 
+    async def _send_data(self, content: Content, timeout: float) -> None:
+        """The message, dot-stuffed chunk by chunk as it is read (from disk on a thread),
+        each chunk written under ``timeout`` and drained, then the final dot.
+
+        Once the first octet is out, nothing but the whole message may follow on this
+        connection: if the message cannot be read, or the attempt is cancelled, the
+        connection is dropped (never pooled, never ended with a dot that would deliver
+        half a message)."""
+        stuffer = DotStuffer()
+        try:
+            async for chunk in content.stream(CHUNK):
+                await self._write(stuffer.feed(chunk), timeout)
+        except OSError as exc:  # reading the queued message failed (the network's are HostFailure)
+            self._abort()
+            raise HostFailure(Reply(451, "4.3.0", f"cannot read the queued message: {exc.strerror or exc}")) from exc
+        except BaseException:
+            self._abort()
+            raise
+        await self._write(stuffer.end(), timeout)
