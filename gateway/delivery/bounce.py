@@ -8,7 +8,9 @@ message (RFC 6522) for any number of recipients that share a fate, in three part
 2. the machine-readable ``message/delivery-status`` (RFC 3464), or
    ``message/global-delivery-status`` (RFC 6533) when an address is UTF-8;
 3. the original message (``message/rfc822``) or only its header block
-   (``text/rfc822-headers``), per RET and the size limit.
+   (``text/rfc822-headers``), per RET and the size limit: above ``max_original``
+   (256 KiB) only the header block goes back, whatever RET asks (RFC 3461 §4.3 lets an
+   MTA return less), and of a message on disk only that much is read.
 
 The result is a :class:`Notice` with the null reverse-path, ready to queue. The
 caller picks its recipient: the original sender by default, the postmaster (via
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Literal, Sequence
 
+from gateway.content import Content
 from gateway.delivery.types import Outcome
 from gateway.model import Envelope, QueuedRecipient
 
@@ -112,7 +115,7 @@ def build_dsn(
     kind: Kind,
     envelope: Envelope,
     items: Sequence[tuple[QueuedRecipient, Outcome]],
-    original: bytes,
+    original: bytes | Content,
     *,
     reporting_mta: str,
     queue_id: str,
@@ -126,7 +129,8 @@ def build_dsn(
     :param kind: which notice: ``failure``, ``delay`` or ``success``
     :param envelope: the original message's envelope (arrival, ENVID, RET, SMTPUTF8)
     :param items: each reported recipient with the outcome that decided it
-    :param original: the original message as queued (CRLF line ends)
+    :param original: the original message as queued (CRLF line ends); on disk, only
+        as much is read as the notice returns (blocking: call this in a thread then)
     :param reporting_mta: our host name, for From, Message-ID and Reporting-MTA
     :param queue_id: the original's queue id, for the postmaster's benefit
     :param now: the time of the last attempt (defaults to the current time)
@@ -149,10 +153,14 @@ def build_dsn(
     boundary = f"{qid}.{int(now)}.{uuid.uuid4().hex}/{mta}"
     boundary = re.sub(r"[^0-9A-Za-z'()+_,./:=?-]", "_", boundary)[:70]
 
+    size = len(original)
+    if isinstance(original, Content):
+        # Only the header block of a large message goes back: it ends within the limit.
+        original = original.read() if size <= max_original else original.head(max_original + 4)
     original = re.sub(rb"\r?\n", b"\r\n", original)
     full = (
         envelope.ret == "FULL" if kind == "success" else envelope.ret != "HDRS"
-    ) and len(original) <= max_original
+    ) and size <= max_original
     included = original if full else _header_block(original, max_original)
     if included and not included.endswith(b"\r\n"):
         included += b"\r\n"

@@ -6,12 +6,15 @@ import email
 import email.policy
 from email.message import EmailMessage, Message
 
+from pathlib import Path
+
 import pytest
 
 from gateway.delivery.bounce import Kind, Notice, build_dsn, wants_notice
 from gateway.delivery.types import Outcome
 from gateway.model import Envelope, QueuedRecipient
 from gateway.verdicts import Reply
+from tests.streaming import big_message, file_content, no_whole_reads
 
 MTA = "gw.example.com"
 ARRIVED = 1_700_000_000.0
@@ -252,6 +255,31 @@ def test_oversized_original_returns_only_the_headers() -> None:
     assert parts[2].get_content_type() == "text/rfc822-headers"
     assert "Message-ID: <lunch.1@example.org>" in parts[2].get_content()
     assert b"SECRET-BODY-LINE" not in notice.message
+
+
+@pytest.mark.parametrize("ret", ["FULL", ""])
+def test_large_original_on_disk_returns_its_headers_and_reads_no_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ret: str
+) -> None:
+    """A 6 MB queued message, even with RET=FULL: only its header block goes back, and
+    only the head of the file is read (issue #17)."""
+    message = big_message()
+    with no_whole_reads(monkeypatch) as reads, file_content(tmp_path, message) as content:
+        notice = _dsn("failure", [_failed("bob@example.net")], _envelope(ret=ret), original=content)
+    assert reads == []
+    parts = _parts(_parse(notice))
+    assert parts[2].get_content_type() == "text/rfc822-headers"
+    assert "Message-ID: <large.streaming@example.org>" in parts[2].get_content()
+    assert len(notice.message) < 16 * 1024
+    assert notice.message.count(b"<large.streaming@example.org>") == 3  # In-Reply-To, References, part 3
+
+
+def test_small_original_on_disk_is_returned_whole(tmp_path: Path) -> None:
+    with file_content(tmp_path, ORIGINAL) as content:
+        notice = _dsn("failure", [_failed("bob@example.net")], original=content)
+    parts = _parts(_parse(notice))
+    assert parts[2].get_content_type() == "message/rfc822"
+    assert b"SECRET-BODY-LINE" in notice.message
 
 
 # --- delay and success notices ------------------------------------------------------
