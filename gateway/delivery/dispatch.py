@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.address import AddressError
+from gateway.content import Content
 from gateway.delivery.expansion import expand_pending, target_route
 from gateway.delivery.notices import owes_nothing
 from gateway.delivery.records import StateRecorder
@@ -33,7 +34,7 @@ __all__ = ["Dispatcher", "delivery_id"]
 
 log = logging.getLogger("gateway.delivery.scheduler")
 
-ForwardFunction = Callable[[str, list[str], bytes], Awaitable[Any]]
+ForwardFunction = Callable[[str, list[str], Content], Awaitable[Any]]
 
 
 def delivery_id(qid: str, envelope: Envelope, rcpt: QueuedRecipient) -> str:
@@ -131,9 +132,12 @@ class Dispatcher:
         return route if route is not None else route_for(rcpt.address, gateway.policy)
 
     async def deliver(
-        self, gateway: Gateway, qid: str, envelope: Envelope, pending: list[QueuedRecipient], message: bytes
+        self, gateway: Gateway, qid: str, envelope: Envelope, pending: list[QueuedRecipient], message: Content
     ) -> bool:
         """Deliver every pending recipient, each route's group in parallel.
+
+        ``message`` is the queued message: in memory, or extents of the queue file the
+        caller keeps open (and delivery-locked) until this returns. Agents stream it.
 
         Each group's results are written to the queue as soon as that group is done:
         the shorter the time between a peer's 250 and our record of it, the smaller
@@ -219,7 +223,7 @@ class Dispatcher:
 
     async def _deliver_group(
         self, gateway: Gateway, qid: str, envelope: Envelope, route: Route,
-        rcpts: list[QueuedRecipient], message: bytes,
+        rcpts: list[QueuedRecipient], message: Content,
     ) -> dict[str, Outcome]:
         addresses = [r.address for r in rcpts]
         if isinstance(route, SpecialRoute):
@@ -236,7 +240,8 @@ class Dispatcher:
             if verdict.action is Action.REJECT:
                 return dict.fromkeys(addresses, Outcome("failed", verdict.reply))
             return dict.fromkeys(addresses, Outcome("deferred", verdict.reply))
-        data = msg.as_bytes() if msg.is_modified else message
+        # Headers a plugin added go before the body still on disk: nothing is read whole.
+        data = msg.final_content() if msg.is_modified else message
         local, remote = self._agents_for(gateway)
         try:
             if isinstance(route, TargetRoute):
@@ -262,7 +267,7 @@ class Dispatcher:
 
     async def _deliver_local(
         self, gateway: Gateway, agent: Any, qid: str, envelope: Envelope, rcpt: QueuedRecipient,
-        route: LocalRoute, data: bytes,
+        route: LocalRoute, data: Content,
     ) -> Outcome:
         local = gateway.policy.local
         # A user directory's route (route.account) vouches for a user [local] does not list.

@@ -9,11 +9,13 @@ with VERP each recipient's notice goes to its own return address.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
+from gateway.content import Content
 from gateway.delivery.bounce import build_dsn, wants_notice
 from gateway.delivery.types import Outcome
 from gateway.delivery.verp import for_recipient
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
     from gateway.queue import QueueStore
 
 __all__ = [
-    "DOUBLE_BOUNCE_NOTE", "EXPIRED", "Notifier", "expire_pending", "owes_nothing", "recorded_outcome",
+    "DOUBLE_BOUNCE_NOTE", "EXPIRED", "Notifier", "Original", "expire_pending", "owes_nothing", "recorded_outcome",
     "reply_from_line", "unreported",
 ]
 
@@ -41,6 +43,8 @@ _REPLY_LINE = re.compile(r"^(\d{3})(?: ([245]\.\d{1,3}\.\d{1,3}))?(?: (.*))?$")
 
 #: Queues a generated message: ``inject(sender, recipients, message, *, body, smtputf8, notes)``.
 Inject = Callable[..., Awaitable[str]]
+#: The message a notice returns, or how to get it when one is owed.
+Original = Content | Callable[[], Awaitable[Content]]
 
 
 def unreported(envelope: Envelope) -> tuple[list[QueuedRecipient], list[QueuedRecipient]]:
@@ -114,7 +118,7 @@ def reply_from_line(line: str, *, whole: bool = False) -> Reply:
 class Notifier:
     """Queues the notices a message's recorded state owes.
 
-    :param queue: the queue (to read the message a notice returns)
+    :param queue: the queue
     :param inject: queues a generated message and schedules it (the scheduler's)
     """
 
@@ -131,11 +135,14 @@ class Notifier:
         return f"postmaster@{domain}"
 
     async def queue_owed(
-        self, gateway: Gateway, qid: str, envelope: Envelope, message: bytes | None, now: float,
+        self, gateway: Gateway, qid: str, envelope: Envelope, message: Original, now: float,
         *, final: bool = False,
     ) -> bool:
         """Queue the DSNs this state owes; returns True if a flag changed.
 
+        :param message: the queued message (a large one on disk: a notice reads only
+            what it returns, at most its header block), or a coroutine function that
+            gets it, called only when a notice is owed
         :param final: the message is removed next: flags set without a notice queued
             need no record, and False is returned for them
         """
@@ -155,8 +162,8 @@ class Notifier:
         for kind, rcpts in owed:
             wanted = [r for r in rcpts if wants_notice(r, kind)]  # type: ignore[arg-type]
             if wanted:
-                if message is None:
-                    message = await gateway.run_in_thread(self.queue.read_message, qid)
+                if not isinstance(message, Content):
+                    message = await message()
                 await self._send(gateway, qid, kind, envelope, wanted, message, now)
             for r in rcpts:
                 if kind == "delay":
@@ -167,7 +174,7 @@ class Notifier:
 
     async def _send(
         self, gateway: Gateway, qid: str, kind: str, envelope: Envelope,
-        rcpts: list[QueuedRecipient], message: bytes, now: float,
+        rcpts: list[QueuedRecipient], message: Content, now: float,
     ) -> None:
         if envelope.verp and envelope.sender and len(rcpts) > 1:
             # VERP: each recipient's notice goes to its own return address.
@@ -188,12 +195,14 @@ class Notifier:
             to = self._postmaster(gateway)
             notes = [dict(DOUBLE_BOUNCE_NOTE)]
         items = [(r, recorded_outcome(r)) for r in rcpts]
-        notice = build_dsn(
-            kind,  # type: ignore[arg-type]
+        make = functools.partial(
+            build_dsn, kind,  # type: ignore[arg-type]
             envelope, items, message,
             reporting_mta=gateway.hostname, queue_id=qid, now=now,
             retry_until=envelope.arrived + gateway.policy.delivery.queue_lifetime, to=to,
         )
+        # A message on disk: the part returned (its header block) is read on a thread.
+        notice = make() if message.is_in_memory else await gateway.run_in_thread(make)
         new = await self.inject(
             notice.sender, [notice.recipient], notice.message,
             body=notice.body, smtputf8=notice.smtputf8, notes=notes,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.delivery.dispatch import Dispatcher
 from gateway.delivery.flush import FlushTarget, matching_messages, parse_target
-from gateway.delivery.notices import Notifier, expire_pending
+from gateway.delivery.notices import Notifier, Original, expire_pending
 from gateway.delivery.records import StateRecorder
 from gateway.delivery.router import is_held
 from gateway.logs import QUEUE_ID, short
@@ -265,8 +265,11 @@ class Scheduler:
 
     # -- generated mail ------------------------------------------------------
 
-    async def _forward(self, sender: str, recipients: list[str], message: bytes) -> None:
-        await self.inject(sender, recipients, message)
+    async def _forward(self, sender: str, recipients: list[str], message: Content) -> None:
+        # A forward is queued as a new message, which the queue writes from memory: one on
+        # disk is read whole here, on a thread (a rare path: .qmail and .forward forwards).
+        data = message.read() if message.is_in_memory else await self.app.gateway.run_in_thread(message.read)
+        await self.inject(sender, recipients, data)
 
     async def inject(
         self, sender: str, recipients: list[str], message: bytes, *,
@@ -385,16 +388,20 @@ class Scheduler:
         if pending and not (ready or flushed) and not is_due:
             self._later(qid, item.next_try)
             return
-        message: bytes | None = None
         if ready or flushed:
             if content is None:  # a flush of a message not yet due
                 content = await gateway.run_in_thread(self.queue.content, self._locks[qid], item)
-            message = content.read() if content.is_in_memory else await gateway.run_in_thread(content.read)
-            if await self._dispatch.deliver(gateway, qid, envelope, ready + flushed, message):
+            # Delivery streams the content (a large one stays in the locked file).
+            if await self._dispatch.deliver(gateway, qid, envelope, ready + flushed, content):
                 self.forget(qid)
                 log.info("done: removed from the queue")
                 return
             attempts += 1
+
+        async def load() -> Content:  # what a notice returns, when nothing was delivered
+            return await gateway.run_in_thread(self.queue.content, self._locks[qid], item)
+
+        original: Original = content if content is not None else load
         if now - envelope.arrived >= policy.delivery.queue_lifetime:
             # Held recipients expire too: a held route is not a licence to keep mail
             # forever (docs/queue.md, "Hold and flush").
@@ -411,7 +418,7 @@ class Scheduler:
             # try, the attempts and the flags of recipients nobody is told about are not
             # written (each write is two flushes). A notice queued is recorded before the
             # message goes: a crash in between must not send it twice.
-            if await self._notifier.queue_owed(gateway, qid, envelope, message, now, final=True):
+            if await self._notifier.queue_owed(gateway, qid, envelope, original, now, final=True):
                 await self._records.save(qid, envelope)
             await self._remove(qid)
             self.forget(qid)
@@ -419,6 +426,6 @@ class Scheduler:
             return
         # A disk that refuses this write does not stop the back-off (records.py).
         await self._records.save(qid, envelope, next_try=next_try, attempts=attempts)
-        if await self._notifier.queue_owed(gateway, qid, envelope, message, now):
+        if await self._notifier.queue_owed(gateway, qid, envelope, original, now):
             await self._records.save(qid, envelope)
         self._later(qid, next_try)

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from gateway.content import Content
 from gateway.delivery.local import LOOP_REPLY, NO_MAILBOX, LocalDeliveryAgent
 from gateway.delivery.local.agent import program_environment
 from gateway.delivery.types import LocalRoute, Outcome
@@ -36,8 +37,8 @@ class Forwards:
         self.calls: list[tuple[str, list[str], bytes]] = []
         self.error = error
 
-    async def __call__(self, sender: str, addresses: list[str], message: bytes) -> None:
-        self.calls.append((sender, addresses, message))
+    async def __call__(self, sender: str, addresses: list[str], message: Content) -> None:
+        self.calls.append((sender, addresses, message.read()))
         if self.error is not None:
             raise self.error
 

@@ -8,10 +8,12 @@ import os
 import re
 import stat
 import threading
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
+from gateway.content import Content
 from gateway.delivery.local import maildir as maildir_mod
 from gateway.delivery.local.maildir import (
     Confinement,
@@ -20,7 +22,9 @@ from gateway.delivery.local.maildir import (
     open_directory,
     unique_name,
 )
+from gateway.delivery.local.quota import Quota, Usage, deliver_with_quota, read_usage
 from gateway.verdicts import TemporaryFailure
+from tests.streaming import big_message, file_content, no_whole_reads
 
 MESSAGE = b"Return-Path: <a@example.org>\r\nSubject: hi\r\n\r\nbody\r\n"
 NAME_RE = re.compile(r"^\d+\.M\d+P\d+Q\d+\.[^/:]+$")
@@ -213,3 +217,37 @@ def test_file_synced_then_linked_then_new_synced_before_returning(tmp_path: Path
     events.append("returned")
     assert events == ["write", "fsync file", "link tmp->new", "fsync new", "returned"]
     assert (maildir / "new" / name).read_bytes() == MESSAGE
+
+
+# -- a large message on disk (issue #17) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("with_quota", [False, True])
+def test_large_message_on_disk_is_copied_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_quota: bool
+) -> None:
+    """Return-Path and Delivered-To from memory, then the queued message copied from its
+    file: the Maildir file is exact, the message is never read whole, and this process
+    allocates far less than the message (the copy is the kernel's)."""
+    message = big_message()
+    lines = b"Return-Path: <a@example.org>\r\nDelivered-To: alice@example.org\r\n"
+    maildir = tmp_path / "Maildir"
+    with no_whole_reads(monkeypatch) as reads, file_content(tmp_path, message) as content:
+        delivered = Content.join(lines, content)
+        tracemalloc.start()
+        try:
+            if with_quota:
+                deliver_with_quota(
+                    maildir, delivered, quota=Quota(storage=100 * 1024 * 1024), bounce=False, hostname="h"
+                )
+            else:
+                deliver_maildir(maildir, delivered, hostname="h")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert reads == []
+    assert peak < len(message) // 8, peak
+    (name,) = os.listdir(maildir / "new")
+    assert (maildir / "new" / name).read_bytes() == lines + message
+    if with_quota:
+        assert read_usage(maildir) == Usage(len(lines) + len(message), 1)

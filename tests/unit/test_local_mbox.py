@@ -12,11 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from gateway.content import CHUNK, Content
 from gateway.delivery.local import mbox as mbox_mod
 from gateway.delivery.local.maildir import Confinement
-from gateway.delivery.local.mbox import deliver_mbox, from_line, mboxrd_quote
+from gateway.delivery.local.mbox import MboxrdQuoter, deliver_mbox, from_line, mboxrd_quote
 from gateway.verdicts import TemporaryFailure
+from tests.streaming import big_message, file_content, no_whole_reads, reference_mboxrd
 
 WHEN = 1700000000.0  # Tue Nov 14 22:13:20 2023 UTC
 MESSAGE = b"Subject: hi\r\n\r\nFrom here\r\n>From there\r\nnot From\r\n"
@@ -170,3 +174,59 @@ def test_confined_refuses_symlink_and_hard_link(tmp_path: Path) -> None:
 def test_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(TemporaryFailure):
         deliver_mbox(tmp_path / "no" / "mbox", MESSAGE, sender="", when=WHEN)
+
+
+# -- streaming (issue #17) ------------------------------------------------------------------
+
+_MBOX_TEXT = st.binary(max_size=60).map(lambda b: bytes(b"\r\n>From x"[x % 9] for x in b))
+
+
+@given(_MBOX_TEXT, st.lists(st.integers(min_value=0, max_value=10_000), max_size=8))
+def test_quoting_in_any_pieces_is_the_whole_message_quoted(message: bytes, cuts: list[int]) -> None:
+    points = sorted({c % (len(message) + 1) for c in cuts})
+    quoter = MboxrdQuoter()
+    out = [p for a, b in zip([0, *points], [*points, len(message)]) for p in quoter.feed(message[a:b])]
+    assert b"".join([*out, *quoter.end()]) == reference_mboxrd(message)
+    assert mboxrd_quote(message) == reference_mboxrd(message)
+
+
+def test_quoter_holds_no_long_run_of_quote_marks() -> None:
+    """A hostile line of '>' is counted, not kept, while it may still become '>>>From '."""
+    quoter = MboxrdQuoter()
+    for _ in range(64):
+        assert list(quoter.feed(b">" * 65536)) == []
+    pieces = [*quoter.feed(b"From x\r\n"), *quoter.end()]
+    assert max(len(p) for p in pieces) <= CHUNK  # handed out in bounded pieces
+    assert b"".join(pieces) == b">" + b">" * (64 * 65536) + b"From x\n\n"
+
+
+def test_large_message_on_disk_is_quoted_as_streamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines that read as separators, cut by chunk boundaries ('Fr|om ', '>>F|rom', a CR
+    and its LF apart), are quoted as in the whole message; nothing is read whole."""
+    message = big_message()
+    path = tmp_path / "mbox"
+    with no_whole_reads(monkeypatch) as reads, file_content(tmp_path, message) as content:
+        deliver_mbox(path, content, sender="a@example.org", when=WHEN)
+    assert reads == []
+    data = path.read_bytes()
+    separator = from_line("a@example.org", WHEN).encode()
+    assert data == separator + reference_mboxrd(message)
+    assert b"\n>From split after 'Fr'\n" in data and b"\n>>>From quoted, split" in data
+
+
+def test_failed_read_of_the_message_truncates_back(tmp_path: Path) -> None:
+    """The queued message cannot be read half-way (a damaged file): what was appended
+    is taken back."""
+    path = tmp_path / "mbox"
+    deliver_mbox(path, MESSAGE, sender="a@example.org", when=WHEN)
+    before = path.read_bytes()
+    message = big_message()
+    source = tmp_path / "short"
+    source.write_bytes(message[: len(message) // 2])  # the file ends early
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        with pytest.raises(TemporaryFailure):
+            deliver_mbox(path, Content.of_file(fd, [(0, len(message))]), sender="b@example.org", when=WHEN)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == before

@@ -17,6 +17,7 @@ from gateway.delivery.local.program import (
     classify_exit,
     run_program,
 )
+from tests.streaming import big_message, file_content, no_whole_reads
 
 MESSAGE = b"Subject: hi\r\n\r\nbody\r\n"
 NOBODY = 65534
@@ -181,3 +182,33 @@ def test_cancellation_kills_the_program(tmp_path: Path) -> None:
         return False
 
     assert asyncio.run(main()), "the program outlived the cancelled delivery"
+
+
+# -- a large message on disk (issue #17) ----------------------------------------------------
+
+
+def test_large_message_on_disk_is_fed_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The program reads exactly the message; it is never read whole into memory."""
+    message = big_message()
+    out = tmp_path / "stdin"
+    with no_whole_reads(monkeypatch) as reads, file_content(tmp_path, message) as content:
+        result = asyncio.run(
+            run_program(f"cat > {out}", content, env={}, cwd=tmp_path, uid=None, gid=None, timeout=60)
+        )
+    assert result.status == "delivered", result
+    assert reads == []
+    assert out.read_bytes() == message
+
+
+def test_program_that_stops_reading_a_large_message_is_not_waited_for(tmp_path: Path) -> None:
+    """A program that takes a few octets and exits 0 has delivered: the rest is not
+    pushed at it (nor does the feeding wait for the time-out)."""
+    message = big_message()
+    out = tmp_path / "head"
+    with file_content(tmp_path, message) as content:
+        result = asyncio.run(
+            run_program(f"head -c 10 > {out}", content, env={}, cwd=tmp_path, uid=None, gid=None, timeout=60)
+        )
+    assert result.status == "delivered", result
+    assert out.read_bytes() == message[:10]
+

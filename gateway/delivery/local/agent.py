@@ -19,6 +19,12 @@ created when missing, and an extension without a ``.qmail`` file for it goes to 
 user's default delivery (the directory accepted the address at RCPT).
 
 File I/O runs through the ``run_in_thread`` callable; the event loop never blocks.
+
+The message is a :class:`~gateway.content.Content`: for a large one, extents of the
+queue file. Mailboxes and programs get it without a whole copy in memory (a Maildir
+file is filled by an in-kernel copy, an mbox and a program's input a chunk at a time),
+and the loop check reads only the header block. A forward is queued anew as a whole
+message, read into memory for that (a rare path).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from gateway.content import Content
 from gateway.delivery.local.dotqmail import NO_MAILBOX, DotQmail, Instruction, load_dotqmail
 from gateway.delivery.local.maildir import Confinement, deliver_maildir, mailbox_error, open_directory
 from gateway.delivery.local.mbox import deliver_mbox, from_line
@@ -52,7 +59,7 @@ _INTERNAL = Reply(451, "4.3.0", "local delivery failed: internal error")
 _MAX_WHERE = 200
 _MAX_HOMES = 10_000  # mail-root homes remembered per agent (a policy's life)
 
-ForwardFunction = Callable[[str, list[str], bytes], Awaitable[None]]
+ForwardFunction = Callable[[str, list[str], Content], Awaitable[None]]
 """``forward(sender, addresses, message)``: queue ``message`` anew for ``addresses``."""
 
 
@@ -129,7 +136,8 @@ def _is_safe_user(user: str) -> bool:
     return bool(user) and user not in (".", "..") and "/" not in user and "\0" not in user
 
 
-def _has_delivered_to(message: bytes, recipient: str) -> bool:
+def _has_delivered_to(message: Content, recipient: str) -> bool:
+    """Whether the header block has ``Delivered-To: recipient`` (only the head is read)."""
     wanted = recipient.lower()
     for value in Message(message).header_values("delivered-to"):
         if value.strip().strip("<>").lower() == wanted:
@@ -239,7 +247,7 @@ class LocalDeliveryAgent:
         self._homes: dict[str, Path] = {}  # user -> home under mail_root
 
     async def deliver(
-        self, envelope: Envelope, recipient: str, route: LocalRoute, message: bytes,
+        self, envelope: Envelope, recipient: str, route: LocalRoute, message: bytes | Content,
         *, delivery_id: str | None = None,
     ) -> Outcome:
         """Deliver ``message`` to one local recipient.
@@ -247,14 +255,15 @@ class LocalDeliveryAgent:
         :param envelope: the queued envelope (sender, for Return-Path and forwards)
         :param recipient: the recipient address, ``local@domain``
         :param route: the local route: user, extension, domain
-        :param message: the queued message, CRLF line ends
+        :param message: the queued message, CRLF line ends (in memory, or on disk)
         :param delivery_id: stable for this (message, recipient): Maildir deliveries use
             it as the file name, so a retry after a crash cannot deliver a second copy
         :returns: ``delivered`` (250), ``deferred`` (4xx: retry) or ``failed`` (5xx: bounce)
         """
         where: list[str] = []
+        content = message if isinstance(message, Content) else Content.of_bytes(message)
         outcome = await _outcome_of(
-            self._deliver(envelope, recipient, route, message, where, delivery_id), "local delivery", recipient
+            self._deliver(envelope, recipient, route, content, where, delivery_id), "local delivery", recipient
         )
         log.info(
             "local delivery to=%s user=%s ext=%r status=%s where=%s reply=%r",
@@ -264,7 +273,7 @@ class LocalDeliveryAgent:
         return outcome
 
     async def deliver_target(
-        self, envelope: Envelope, recipient: str, route: TargetRoute, message: bytes,
+        self, envelope: Envelope, recipient: str, route: TargetRoute, message: bytes | Content,
         *, delivery_id: str | None = None,
     ) -> Outcome:
         """Deliver ``message`` to one program or mailbox file an alias or ``.forward`` named.
@@ -279,8 +288,9 @@ class LocalDeliveryAgent:
         :returns: as :meth:`deliver`
         """
         where: list[str] = []
+        content = message if isinstance(message, Content) else Content.of_bytes(message)
         outcome = await _outcome_of(
-            self._deliver_target(envelope, recipient, route, message, where, delivery_id),
+            self._deliver_target(envelope, recipient, route, content, where, delivery_id),
             "alias target delivery", recipient,
         )
         log.info(
@@ -290,10 +300,10 @@ class LocalDeliveryAgent:
         return outcome
 
     async def _deliver_target(
-        self, envelope: Envelope, recipient: str, route: TargetRoute, message: bytes,
+        self, envelope: Envelope, recipient: str, route: TargetRoute, message: Content,
         where: list[str], delivery_id: str | None,
     ) -> Outcome:
-        if _has_delivered_to(message, recipient):
+        if await self._is_looping(message, recipient):
             return Outcome("failed", LOOP_REPLY)
         local, _, domain = recipient.rpartition("@")
         if route.owner:
@@ -307,7 +317,7 @@ class LocalDeliveryAgent:
         when = time.time()
         dtline = _header_line("Delivered-To", recipient).replace("\n", "\r\n").encode()
         rpline = _header_line("Return-Path", f"<{envelope.sender}>").replace("\n", "\r\n").encode()
-        delivered = rpline + dtline + message
+        delivered = Content.join(rpline, dtline, message)
         if route.kind == "program":
             env = program_environment(
                 sender=envelope.sender, recipient=recipient, user=target.user, home=target.home,
@@ -356,19 +366,19 @@ class LocalDeliveryAgent:
         envelope: Envelope,
         recipient: str,
         route: LocalRoute,
-        message: bytes,
+        message: Content,
         where: list[str],
         delivery_id: str | None = None,
     ) -> Outcome:
         settings = self._policy.local
         target = self._target(recipient, route)
-        if _has_delivered_to(message, recipient):
+        if await self._is_looping(message, recipient):
             return Outcome("failed", LOOP_REPLY)
         when = time.time()
         dtline = _header_line("Delivered-To", recipient).replace("\n", "\r\n").encode()
         rpline = _header_line("Return-Path", f"<{envelope.sender}>").replace("\n", "\r\n").encode()
-        forwarded = dtline + message
-        delivered = rpline + forwarded
+        forwarded = Content.join(dtline, message)
+        delivered = Content.join(rpline, forwarded)
         limit = settings.quota.limit_for(target.user, target.domain)
         quota = Quota(limit.storage, limit.messages) if limit is not None else None
         # The home, the instruction file and, without one, the default mailbox: one
@@ -413,6 +423,12 @@ class LocalDeliveryAgent:
             where.append("forward " + " ".join(forwards))
         return self._success(where)
 
+    async def _is_looping(self, message: Content, recipient: str) -> bool:
+        """:func:`_has_delivered_to`; the head of a message on disk is read on a thread."""
+        if message.is_in_memory:
+            return _has_delivered_to(message, recipient)
+        return bool(await self._thread(_has_delivered_to, message, recipient))
+
     @staticmethod
     def _success(where: list[str]) -> Outcome:
         text = "delivered to " + (", ".join(where) or "nowhere (no delivery lines)")
@@ -431,7 +447,7 @@ class LocalDeliveryAgent:
     async def _mailbox(
         self,
         instruction: Instruction,
-        message: bytes,
+        message: Content,
         sender: str,
         when: float,
         confine: Confinement | None,
@@ -443,7 +459,7 @@ class LocalDeliveryAgent:
     def _mailbox_now(
         self,
         instruction: Instruction,
-        message: bytes,
+        message: Content,
         sender: str,
         when: float,
         confine: Confinement | None,
@@ -455,17 +471,17 @@ class LocalDeliveryAgent:
         if instruction.kind == "maildir" and quota is not None:
             # Maildir++ quota (docs/local-delivery.md): checked and counted in maildirsize.
             deliver_with_quota(
-                instruction.path, [message], quota=quota,
+                instruction.path, message, quota=quota,
                 bounce=self._policy.local.quota.over_quota == "bounce",
                 hostname=self._hostname, confine=confine, name=name,
             )
         elif instruction.kind == "maildir":
-            deliver_maildir(instruction.path, [message], hostname=self._hostname, confine=confine, name=name)
+            deliver_maildir(instruction.path, message, hostname=self._hostname, confine=confine, name=name)
         else:
             deliver_mbox(instruction.path, message, sender=sender, when=when, confine=confine)
 
     def _prepare(
-        self, target: _Target, route: LocalRoute, delivered: bytes, sender: str, when: float,
+        self, target: _Target, route: LocalRoute, delivered: Content, sender: str, when: float,
         name: str | None, quota: Quota | None,
     ) -> tuple[DotQmail | None, Confinement | None, str | None]:
         """In a pool thread: make the home, find who files are written for and the
@@ -549,7 +565,7 @@ class LocalDeliveryAgent:
         return uid, gid, target.home if _can_enter(info, uid, gid) else Path("/")
 
     async def _program(
-        self, command: str, message: bytes, env: dict[str, str], target: _Target
+        self, command: str, message: Content, env: dict[str, str], target: _Target
     ) -> ProgramResult:
         identity = await self._thread(self._program_identity, target)
         uid, gid, cwd = identity if identity is not None else (None, None, target.home)

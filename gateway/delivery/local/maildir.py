@@ -2,7 +2,9 @@
 
 A message is written to ``tmp/<unique>``, synced, hard-linked into ``new/<unique>``
 and the ``new/`` directory synced, so a reader never sees a partial message and a
-crash leaves at worst a stray file in ``tmp/``.
+crash leaves at worst a stray file in ``tmp/``. A message on disk (a
+:class:`~gateway.content.Content` of the queue file) is copied into ``tmp/`` by the
+kernel (``copy_file_range``), never through this process's memory.
 
 This module also holds :func:`open_directory`, which :mod:`mbox` shares: when the
 gateway runs as root and delivers on behalf of another user (a path named in that
@@ -21,11 +23,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
 
+from gateway.content import Content
 from gateway.verdicts import Reply, TemporaryFailure
 
-__all__ = ["Confinement", "deliver_maildir", "mailbox_error", "open_directory", "unique_name"]
+__all__ = ["Confinement", "Octets", "deliver_maildir", "mailbox_error", "octets_size", "open_directory", "unique_name"]
+
+#: A message as delivery writes it: buffers in order, or a :class:`Content`.
+Octets = Union[Content, Sequence[bytes]]
 
 _counter = itertools.count(1)
 _counter_lock = threading.Lock()
@@ -145,8 +151,27 @@ def _mkdir_owned(name: str, dir_fd: int, confine: Confinement | None) -> bool:
     return True
 
 
-def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
-    """Write every chunk, looping over short writes."""
+def octets_size(chunks: Octets) -> int:
+    """How many octets ``chunks`` holds."""
+    if isinstance(chunks, Content):
+        return chunks.size
+    return sum(len(c) for c in chunks)
+
+
+def _write_all(fd: int, chunks: Octets) -> None:
+    """Write every chunk, looping over short writes; a :class:`Content`'s file parts are
+    copied in the kernel."""
+    if isinstance(chunks, Content):
+        if not chunks.is_in_memory:
+            chunks.write_to(fd)
+            return
+        chunks = [bytes(c) for c in chunks.chunks()]
+    if len(chunks) > 1:
+        # One system call for the lines we add and a message in memory.
+        data = memoryview(b"".join(chunks))
+        while data:
+            data = data[os.write(fd, data):]
+        return
     for chunk in chunks:
         view = memoryview(chunk)
         while view:
@@ -156,7 +181,7 @@ def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
 
 def deliver_maildir(
     directory: Path,
-    chunks: Sequence[bytes],
+    chunks: Octets,
     *,
     hostname: str,
     confine: Confinement | None = None,
@@ -167,7 +192,8 @@ def deliver_maildir(
     :param directory: the Maildir; it and its ``tmp``, ``new``, ``cur`` are created
         (0o700) when missing, but not its parent
     :param chunks: the message, already with Return-Path and Delivered-To, in any line
-        ending (Maildir stores what it is given)
+        ending (Maildir stores what it is given): buffers, or a :class:`Content` whose
+        file parts are copied in the kernel
     :param hostname: this host's name, for the unique file name
     :param confine: deliver for another user while root (see :class:`Confinement`)
     :param name: a caller-chosen unique name that makes the delivery idempotent: when a
@@ -190,7 +216,7 @@ def deliver_maildir(
 def _deliver_in(
     maildir_fd: int,
     fds: list[int],
-    chunks: Sequence[bytes],
+    chunks: Octets,
     hostname: str,
     confine: Confinement | None,
     chosen: str | None = None,

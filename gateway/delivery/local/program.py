@@ -15,6 +15,11 @@ other groups. Its exit code decides the outcome as in qmail-local:
 
 The first line of what the program printed (stdout and stderr, at most 4 KiB kept)
 becomes the reply text, so a program can explain a refusal.
+
+The message is fed to the program's standard input a chunk at a time, read from disk
+when it is there, each chunk written once the pipe has taken the last (flow control),
+so a large message never sits whole in memory; a program that stops reading (exits, or
+closes its input) simply gets no more.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from gateway.content import CHUNK, Content
 from gateway.delivery.types import Outcome
 from gateway.verdicts import Reply
 
@@ -120,6 +126,16 @@ class _ProgramProtocol(asyncio.SubprocessProtocol):
         self.output = bytearray()
         self.exited: asyncio.Future[None] = loop.create_future()
         self.output_closed: asyncio.Future[None] = loop.create_future()
+        #: set while the input pipe takes more (cleared while its buffer is full)
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.input_closed = False
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         room = OUTPUT_LIMIT - len(self.output)
@@ -131,17 +147,37 @@ class _ProgramProtocol(asyncio.SubprocessProtocol):
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         # fd 0 closing early (the program did not read all its input) is no error of
         # ours: the exit code decides.
+        if fd == 0:
+            self.input_closed = True
+            self.writable.set()  # a feeder waiting for room stops waiting
         if fd == 1 and not self.output_closed.done():
             self.output_closed.set_result(None)
 
     def process_exited(self) -> None:
         if not self.exited.done():
             self.exited.set_result(None)
+        self.writable.set()  # nobody will read more
+
+
+async def _feed(stdin: asyncio.WriteTransport, protocol: _ProgramProtocol, message: Content) -> None:
+    """Write ``message`` to the program's input a chunk at a time, each once the pipe
+    has room, until it is all written or the program stops taking it; then close."""
+    try:
+        if message.is_in_memory:  # bounded already: one write, as it always was
+            stdin.write(message.read())
+            return
+        async for chunk in message.stream(CHUNK):
+            await protocol.writable.wait()
+            if protocol.input_closed or protocol.exited.done() or stdin.is_closing():
+                return
+            stdin.write(chunk)
+    finally:
+        stdin.close()  # flushes what is buffered, then closes: the program sees EOF
 
 
 async def run_program(
     command: str,
-    message: bytes,
+    message: bytes | Content,
     *,
     env: Mapping[str, str],
     cwd: Path,
@@ -152,7 +188,8 @@ async def run_program(
     """Run ``command`` through ``/bin/sh -c`` with ``message`` on standard input.
 
     :param command: the shell command (a ``.qmail`` ``|`` line without the bar)
-    :param message: what the program reads on standard input
+    :param message: what the program reads on standard input (a message on disk is
+        read and fed in chunks)
     :param env: variables added to the clean environment (only ``PATH`` is preset)
     :param cwd: the working directory (the user's home)
     :param uid: run as this uid when the gateway is root (ignored otherwise); callers
@@ -190,9 +227,10 @@ async def run_program(
     try:
         stdin = transport.get_pipe_transport(0)
         assert isinstance(stdin, asyncio.WriteTransport)
-        stdin.write(message)
-        stdin.close()  # flushes what is buffered, then closes: the program sees EOF
+        content = message if isinstance(message, Content) else Content.of_bytes(message)
         async with asyncio.timeout(timeout):
+            # A program that neither reads nor exits is bounded by the same time-out.
+            await _feed(stdin, protocol, content)
             # shield: a time-out must cancel our wait, not the future itself.
             await asyncio.shield(protocol.exited)
             try:

@@ -20,13 +20,14 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from gateway.delivery.local.maildir import (
     Confinement,
+    Octets,
     _already_delivered,
     deliver_maildir,
     mailbox_error,
+    octets_size,
     open_directory,
     unique_name,
 )
@@ -243,7 +244,7 @@ def add_usage(root_fd: int, size: int, count: int, confine: Confinement | None =
 
 def deliver_with_quota(
     directory: Path,
-    chunks: Sequence[bytes],
+    chunks: Octets,
     *,
     quota: Quota,
     bounce: bool,
@@ -258,7 +259,7 @@ def deliver_with_quota(
     :raises TemporaryFailure: over quota (unless ``bounce``), or any delivery failure
     :raises PermanentFailure: over quota with ``bounce``
     """
-    size = sum(len(c) for c in chunks)
+    size = octets_size(chunks)
     root = quota_root(directory)
     try:
         root_fd = open_directory(root, confine=confine, create=True)
