@@ -266,13 +266,11 @@ class Scheduler:
     # -- generated mail ------------------------------------------------------
 
     async def _forward(self, sender: str, recipients: list[str], message: Content) -> None:
-        # A forward is queued as a new message, which the queue writes from memory: one on
-        # disk is read whole here, on a thread (a rare path: .qmail and .forward forwards).
-        data = message.read() if message.is_in_memory else await self.app.gateway.run_in_thread(message.read)
-        await self.inject(sender, recipients, data)
+        # Queued as a new message: one on disk is copied in the kernel, never read whole.
+        await self.inject(sender, recipients, message)
 
     async def inject(
-        self, sender: str, recipients: list[str], message: bytes, *,
+        self, sender: str, recipients: list[str], message: bytes | Content, *,
         body: str = "7BIT", smtputf8: bool = False, notes: list[dict[str, Any]] | None = None,
     ) -> str:
         """Queue a locally generated message (forward, bounce) and schedule it."""

@@ -97,12 +97,12 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[int | None]
     is_kept: bool = False  # hand the open, locked descriptor to the caller
-    # A spooled message (GWQ2): ``data`` goes at ``base`` and ``first_line`` at 0 of
-    # tmp/<qid>, which is the spool itself, or, with ``source_fd``, a new file that
-    # starts as a copy of the source's first ``base`` octets (a copy of the message).
+    # A GWQ2 file: ``data`` goes at ``base`` and ``first_line`` at 0 of tmp/<qid>, which
+    # is the spool itself, or, with ``source``, a new file whose octets from the end of
+    # the first line are an in-kernel copy of that content (a copy of the message).
     first_line: bytes | None = None
     base: int = 0
-    source_fd: int = -1
+    source: Content | None = None
     fd: int = -1
     owned: str | None = None  # the file this job created: in tmp/, then in its area
     error: TemporaryFailure | None = None
@@ -179,7 +179,7 @@ class Committer:
 
     async def commit(
         self, qid: str, area: str, data: list[Buffer], *, keep: bool = False,
-        first_line: bytes | None = None, base: int = 0, source_fd: int = -1,
+        first_line: bytes | None = None, base: int = 0, source: Content | None = None,
     ) -> int | None:
         """Write ``data`` to ``<area>/<qid>`` durably; return once it is on stable storage.
 
@@ -191,18 +191,18 @@ class Committer:
             writing; the caller closes it
         :param first_line: for a spooled message: ``tmp/<qid>`` exists already (the
             spool, ``base`` octets long); ``data`` is written after them and
-            ``first_line`` over its start. With ``source_fd``, ``tmp/<qid>`` is new and
-            starts as an in-kernel copy of that file's first ``base`` octets instead
+            ``first_line`` over its start. With ``source``, ``tmp/<qid>`` is new and
+            ``source`` is copied (in the kernel, for file extents) after the first line
         :returns: the kept descriptor, or None when ``keep`` is false
         :raises TemporaryFailure: 452 4.3.1 when the disk is full, 451 4.3.0 on any
             other failure or after :meth:`close`; no file is left behind
         """
         loop = asyncio.get_running_loop()
-        job = _Job(qid, area, data, loop, loop.create_future(), keep, first_line, base, source_fd)
+        job = _Job(qid, area, data, loop, loop.create_future(), keep, first_line, base, source)
         try:
             self._hand_over(job)
         except TemporaryFailure:
-            if first_line is not None and source_fd < 0:  # the spool was ours to remove
+            if first_line is not None and source is None:  # the spool was ours to remove
                 with contextlib.suppress(OSError):
                     os.unlink(f"{self._tmp}/{qid}")
             raise
@@ -354,14 +354,15 @@ class Committer:
         """Create ``tmp/<qid>``, write the job's data and fdatasync it (any thread)."""
         try:
             path = f"{self._tmp}/{job.qid}"
-            if job.first_line is not None and job.source_fd < 0:  # the spool, written already
+            if job.first_line is not None and job.source is None:  # the spool, written already
                 job.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             else:
                 job.fd = os.open(path, _KEPT_FILE if job.is_kept else NEW_FILE, 0o600)
             job.owned = path
             if job.first_line is not None:
-                if job.source_fd >= 0:
-                    Content.of_file(job.source_fd, [(0, job.base)]).write_to(job.fd)
+                if job.source is not None:
+                    os.lseek(job.fd, len(job.first_line), os.SEEK_SET)
+                    job.source.write_to(job.fd)
                 os.lseek(job.fd, job.base, os.SEEK_SET)
                 write_all(job.fd, job.data)
                 os.pwrite(job.fd, job.first_line, 0)

@@ -37,7 +37,7 @@ from gateway.queue.damage import MAGIC as _MAGIC
 from gateway.queue.damage import QID_RE as _QID_RE
 from gateway.queue.damage import CorruptQueueFile, move_aside, read_envelope
 from gateway.queue.damage import check_fd as _check_fd
-from gateway.queue.damage import spool_line
+from gateway.queue.damage import SPOOL_LINE, spool_line
 from gateway.queue.dirsync import DirSync
 from gateway.queue.locks import is_locked, ofd_lock, open_locked
 from gateway.queue.spool import Spool
@@ -354,7 +354,7 @@ class QueueStore:
         if take_claim is not None and area != "msg":
             raise ValueError("only a message in msg/ can be claimed for delivery")
         env = json.dumps(envelope.to_dict(), separators=(",", ":")).encode("utf-8")
-        if spool is not None and message.is_spooled:
+        if message.is_spooled:
             await self._commit_spooled(qid, area, env, message, spool, envelope, take_claim)
             return
         chunks = message.chunks()
@@ -371,11 +371,23 @@ class QueueStore:
         take_claim(Claim(fd, item, Content.of_bytes(b"".join(chunks))))
 
     async def _commit_spooled(
-        self, qid: str, area: str, env: bytes, message: Message, spool: Spool, envelope: Envelope,
+        self, qid: str, area: str, env: bytes, message: Message, spool: Spool | None, envelope: Envelope,
         take_claim: Callable[[Claim], None] | None,
     ) -> None:
         """GWQ2: the octets as received stay where the spool wrote them; the final header
-        block, a replaced body if any, and the envelope go after them."""
+        block, a replaced body if any, and the envelope go after them. A message on disk
+        that was not received here (a forward of a queued one) is copied in the kernel
+        into a new file, after its first line, and taken as one body extent."""
+        if spool is None:
+            source = message.final_content()
+            base = SPOOL_LINE + source.size
+            extents: tuple[tuple[int, int], ...] = ((SPOOL_LINE, 0), (SPOOL_LINE, source.size))
+            line = spool_line(base, len(env), extents)
+            fd = await self._committer.commit(
+                qid, area, [env, b"\n"], keep=take_claim is not None, first_line=line, base=base, source=source,
+            )
+            self._claim(fd, qid, area, envelope, extents, take_claim)
+            return
         head = message.final_head()
         base = spool.data_offset + spool.size
         body = message.body_content()
@@ -393,8 +405,14 @@ class QueueStore:
             spool.hand_over()
         fd = await self._committer.commit(
             qid, area, [head, new_body, env, b"\n"], keep=take_claim is not None,
-            first_line=line, base=base, source_fd=-1 if is_in_place else spool.fd,
+            first_line=line, base=base, source=None if is_in_place else spool.content(),
         )
+        self._claim(fd, qid, area, envelope, extents, take_claim)
+
+    def _claim(
+        self, fd: int | None, qid: str, area: str, envelope: Envelope, extents: tuple[tuple[int, int], ...],
+        take_claim: Callable[[Claim], None] | None,
+    ) -> None:
         if fd is None or take_claim is None:
             return
         item = QueuedMessage(

@@ -160,3 +160,23 @@ def test_delivering_a_large_message_allocates_far_less_than_it(gateway_factory, 
     [maildir_file] = _maildir_files(alice)
     assert maildir_file.read_bytes() == _lines("alice@localhost") + message
     assert peak < len(message) // 3, f"peak {peak} octets for a {len(message)}-octet message"
+
+
+def test_a_large_message_forwarded_by_dot_qmail_is_copied_not_read(
+    gateway_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alice's .qmail forwards to bob: the forward is queued as a new message whose file is
+    an in-kernel copy of the queued one (never read whole), and bob gets it exactly."""
+    message = big_message()
+    with no_whole_reads(monkeypatch) as reads:
+        gw = gateway_factory(_policy(free_port()))
+        _home(gw, "alice", "&bob@localhost\n")
+        bob = _home(gw, "bob")
+        assert gw.app is not None and gw.app.scheduler is not None
+        gw.call(gw.app.scheduler.inject(SENDER, ["alice@localhost"], message))
+        assert wait_for(lambda: _maildir_files(bob) and _queue_empty(gw), timeout=60), "not forwarded"
+        assert reads == []
+    [delivered] = _maildir_files(bob)
+    data = delivered.read_bytes()
+    assert data.endswith(b"Delivered-To: alice@localhost\r\n" + message)
+    assert data.startswith(b"Return-Path: <")
