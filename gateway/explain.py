@@ -109,7 +109,8 @@ def _header_fields(data: bytes) -> list[str]:
 
 
 class _DryRunQueue:
-    """Stands in for the queue: gives an id, takes the commit, writes nothing."""
+    """Stands in for the queue: gives an id, takes the commit, writes nothing (whole
+    messages only: nothing is spooled, so ``spool`` is always None)."""
 
     def __init__(self) -> None:
         self.committed: tuple[str, Envelope, Message, str] | None = None
@@ -120,7 +121,8 @@ class _DryRunQueue:
         return f"{time.time_ns() // 1000:013X}{os.getpid() & 0xFFFFFF:06X}0000"
 
     async def commit(
-        self, qid: str, envelope: Envelope, message: Message, *, area: str = "msg", take_claim: None = None
+        self, qid: str, envelope: Envelope, message: Message, *, area: str = "msg", take_claim: None = None,
+        spool: object = None,
     ) -> None:
         if self.committed is None:  # the message; copies (queue_archive) are committed after it
             self.committed = (qid, envelope, message, area)

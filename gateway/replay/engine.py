@@ -54,16 +54,6 @@ _NO_VALID_RCPT = Reply(554, "5.5.1", "No valid recipients")
 _TOO_MANY_MSGS = Reply(421, "4.7.0", "Too many messages in one session, closing connection")
 
 
-class _ReplayQueue(_DryRunQueue):
-    """``gateway explain``'s dry-run queue, also taking the ``spool`` argument the handler
-    passes for a message spooled during DATA (replay hands whole messages: never one)."""
-
-    async def commit(
-        self, qid: str, envelope: Any, message: Any, *, area: str = "msg", take_claim: None = None, spool: Any = None
-    ) -> None:
-        await super().commit(qid, envelope, message, area=area)
-
-
 def dns_index(record: Mapping[str, Any]) -> dict[tuple[str, str], tuple[str, bytes | None]]:
     """The record's DNS outcomes by (name, type); a later one wins."""
     return {(name, rdtype): (outcome, wire) for name, rdtype, outcome, wire in record.get("dns") or ()}
@@ -117,7 +107,7 @@ class Replayer:
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="replay")
         self.runner = HookRunner(specs, [entry.name for entry in self.policy.plugins])
         self.gateway = Gateway(
-            policy=self.policy, runner=self.runner, queue=_ReplayQueue(),  # type: ignore[arg-type]
+            policy=self.policy, runner=self.runner, queue=_DryRunQueue(),  # type: ignore[arg-type]
             executor=self.executor, hostname=self.policy.server.hostname, resolver=self.resolver,
         )
         self.handlers = {item.name: SmtpHandler(self.gateway, item) for item in self.policy.listeners}
