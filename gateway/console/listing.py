@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from gateway.console.preview import header_summary
+from gateway.content import Content
 
 __all__ = ["PAGE", "age", "head_of", "matches", "page_of"]
 
@@ -26,7 +27,7 @@ def head_of(store: Any, qid: str, area: str) -> dict[str, str]:
     item = store.load(qid, area)
     fd = os.open(item.path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        data = os.pread(fd, min(item.message_size, HEAD_BYTES), item.message_offset)
+        data = Content.of_file(fd, item.extents).head(HEAD_BYTES)
     finally:
         os.close(fd)
     end = data.find(b"\r\n\r\n")

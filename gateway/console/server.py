@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import importlib
 import logging
+import pkgutil
 import re
 import secrets
 import ssl
@@ -144,13 +146,15 @@ class Console:
         response.headers.update(_HEADERS)
 
     def application(self) -> web.Application:
-        from gateway.console import login, quarantine, queue
-
         app = web.Application(client_max_size=64 * 1024)
         app.on_response_prepare.append(self._secure_headers)
-        login.add_routes(self, app)
-        quarantine.add_routes(self, app)
-        queue.add_routes(self, app)
+        # Each page is a module of this package with ``add_routes(console, app)``: a new
+        # page registers itself by being there, without an edit here.
+        for info in sorted(pkgutil.iter_modules([str(_HERE)]), key=lambda m: m.name):
+            module = importlib.import_module(f"gateway.console.{info.name}")
+            add_routes = getattr(module, "add_routes", None)
+            if add_routes is not None:
+                add_routes(self, app)
         app.router.add_static("/static/", _HERE / "static", append_version=False)
         return app
 
