@@ -26,3 +26,8 @@ class ConsoleSettings:
     session_lifetime: Duration = setting(43200.0, "a session ends this long after the login anyway", min=1)
     max_login_failures: int = setting(5, "failed logins per client address within login_window before refusal", min=1)
     login_window: Duration = setting(300.0, "how long a failed login counts", min=1)
+    index: bool = setting(
+        True, "while the console is on, every process records what happens to mail (tracking, "
+        "statistics) in var_dir/console/index.sqlite"
+    )
+    index_retention: Duration = setting(30 * 86400.0, "tracking and statistics older than this are pruned", min=3600)
