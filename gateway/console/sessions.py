@@ -1,8 +1,8 @@
 """Console sessions, login rate limits and CSRF tokens, all server-side and bounded.
 
 A session is a random token (the ``__Host-console`` cookie: HttpOnly, Secure,
-SameSite=Strict) that maps, in memory, to the login, its scope (``admin`` now; ``user``
-for end users later) and its own CSRF token. The table keeps only a hash of each token,
+SameSite=Strict) that maps, in memory, to the login, its scope (``admin``, or ``user`` for an end user
+with the mail addresses that are theirs) and its own CSRF token. The table keeps only a hash of each token,
 so a memory dump does not hand out live cookies. Sessions end when unused for
 ``session_timeout``, ``session_lifetime`` after the login, at logout, and when the
 gateway stops. Failed logins are counted per client address over ``login_window``.
@@ -38,6 +38,12 @@ class Session:
     csrf: str
     created: float
     last_seen: float = field(default=0.0)
+    addresses: frozenset[str] = frozenset()
+    """An end user's own addresses, lower case (the login and its aliases); empty for an admin."""
+
+    @property
+    def is_admin(self) -> bool:
+        return self.scope == "admin"
 
 
 class SessionTable:
@@ -52,11 +58,17 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, login: str, scope: str, now: float | None = None) -> tuple[str, Session]:
-        """A new session for ``login``: its cookie token (given out once) and the session."""
+    def create(
+        self, login: str, scope: str, now: float | None = None, addresses: frozenset[str] = frozenset(),
+    ) -> tuple[str, Session]:
+        """A new session for ``login``: its cookie token (given out once) and the session.
+
+        :param addresses: an end user's own addresses (see :attr:`Session.addresses`)
+        """
         now = time.time() if now is None else now
         token = secrets.token_urlsafe(32)
-        session = Session(login=login, scope=scope, csrf=secrets.token_urlsafe(32), created=now, last_seen=now)
+        session = Session(login=login, scope=scope, csrf=secrets.token_urlsafe(32), created=now, last_seen=now,
+                          addresses=addresses)
         self._sessions[_digest(token)] = session
         while len(self._sessions) > self.max_sessions:
             self._sessions.popitem(last=False)
