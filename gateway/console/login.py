@@ -1,4 +1,10 @@
-"""Login and logout, rate-limited per client address."""
+"""Login and logout, rate-limited per client address.
+
+An admin (the admins file) gets an ``admin`` session; with ``[console] users = true``
+any other login is checked by the mail verifier (:mod:`gateway.console.users`) and gets
+a ``user`` session holding that user's addresses. A failure counts against the client
+address either way.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from gateway.console.server import COOKIE, LOGIN_COOKIE, login_token, login_token_ok, redirect
+from gateway.console.users import USER, LoginUnavailable, addresses_of, check_mail_login
 
 if TYPE_CHECKING:
     from gateway.console.server import Console
@@ -19,7 +26,7 @@ __all__ = ["add_routes"]
 log = logging.getLogger(__name__)
 
 ADMIN = "admin"
-"""The scope of an admin session (every page of this slice)."""
+"""The scope of an admin session (every page)."""
 
 
 def _cookie(response: web.StreamResponse, name: str, value: str, max_age: float | None = None) -> None:
@@ -61,18 +68,28 @@ def add_routes(console: Console, app: web.Application) -> None:
             raise web.HTTPBadRequest(text="login and password expected\n")
         async with console._hashing:
             is_admin = await console.in_thread(console.admins.check, login, password)
-        if not is_admin:
+        scope, addresses, user = ADMIN, frozenset[str](), None
+        if not is_admin and console.settings.users:
+            try:
+                user = await check_mail_login(console.gateway_app, login, password, client)
+            except LoginUnavailable as exc:
+                log.warning("console: user login not checked login=%r client=%s: %s", login[:64], client, exc)
+                return login_page(request, 503, "Your password cannot be checked now; try again later.")
+            if user is not None:
+                scope = USER
+                addresses = await console.in_thread(addresses_of, console.policy.local, user)
+        if not is_admin and user is None:
             console.limiter.failed(client)
             log.warning("console: login failed login=%r client=%s", login[:64], client)
             return login_page(request, 401, "Wrong login or password.")
-        token, _ = console.sessions.create(login, ADMIN)
-        log.info("console: login login=%s client=%s", login, client)
+        token, _ = console.sessions.create(user or login, scope, addresses=addresses)
+        log.info("console: login login=%s scope=%s client=%s", user or login, scope, client)
         response = redirect("/quarantine")
         _cookie(response, COOKIE, token, console.settings.session_lifetime)
         response.del_cookie(LOGIN_COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
         return response
 
-    @console.requires(ADMIN)
+    @console.requires(ADMIN, USER)
     async def logout(request: web.Request, session: Session) -> web.StreamResponse:
         console.sessions.end(request.cookies.get(COOKIE))
         log.info("console: logout login=%s", session.login)

@@ -111,8 +111,8 @@ class Console:
         html = self.templates.get_template(name).render(session=session, **values)
         return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
 
-    def requires(self, scope: str) -> Callable[[SessionHandler], Handler]:
-        """A handler for logged-in sessions of ``scope``; POSTs must carry its CSRF token.
+    def requires(self, *scopes: str) -> Callable[[SessionHandler], Handler]:
+        """A handler for logged-in sessions of one of ``scopes``; POSTs must carry its CSRF token.
 
         Without a session a GET goes to the login page and a POST is refused (403), as
         is a POST whose token is missing or wrong, and a session of another scope.
@@ -126,7 +126,7 @@ class Console:
                     if request.method == "GET":
                         raise web.HTTPSeeOther("/login")
                     raise web.HTTPForbidden(text="not logged in\n")
-                if session.scope != scope:
+                if session.scope not in scopes:
                     raise web.HTTPForbidden(text="not allowed\n")
                 if request.method == "POST":
                     form = await request.post()

@@ -1,4 +1,5 @@
-"""The ``[console]`` section: the web console's listener, its admins and its sessions."""
+"""The ``[console]`` section: the web console's listener, its admins and its sessions, its
+end users, their allow and block lists, and their quarantine digests."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from gateway.policy.schema import setting
 from gateway.policy.units import Duration
+from gateway.state.registry import check_url
 
 __all__ = ["ConsoleSettings"]
 
@@ -31,3 +33,19 @@ class ConsoleSettings:
         "statistics) in var_dir/console/index.sqlite"
     )
     index_retention: Duration = setting(30 * 86400.0, "tracking and statistics older than this are pruned", min=3600)
+    users: bool = setting(
+        False, "end users log in with their mail credentials (the gateway_auth chain of users_listener) "
+        "and see only their own quarantined mail"
+    )
+    users_listener: str = setting("", "the listener whose gateway_auth chain checks end users; empty: the first with auth")
+    user_lists_state: str = setting(
+        "sqlite", 'state store of the users\' allow and block lists (rcpt_user_lists reads them): "sqlite" or "redis://..."'
+    )
+    public_url: str = setting("", "the console's address as users reach it, for digest links; empty: https://<hostname>:<port>/")
+    digest: bool = setting(False, "mail each user a digest of their newly quarantined messages (the master process)")
+    digest_interval: Duration = setting(86400.0, "how often digests are sent", min=1)
+    digest_from: str = setting("", "From and envelope sender of digests; empty: postmaster@<hostname>")
+    digest_link_lifetime: Duration = setting(7 * 86400.0, "a digest's release link works this long", min=60)
+
+    def __post_init__(self) -> None:
+        check_url(self.user_lists_state)
