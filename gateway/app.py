@@ -108,6 +108,7 @@ class GatewayApp:
         self.hook_stats = HookStats()
         self.metrics_server: Any = None
         self.console: Any = None  # gateway.console.Console, when [console] enabled
+        self.index: Any = None  # gateway.tracking.IndexWriter, when [console] enabled and index
         self._reporter: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -136,6 +137,8 @@ class GatewayApp:
             self.scheduler.notify(qid)
 
     def _claimed(self, claim: Claim) -> None:
+        if self.index is not None:  # the results and Message-ID no log line has
+            self.index.handler.note_claim(claim)
         if self.scheduler is not None:
             self.scheduler.take(claim)
         else:  # a reload turned delivery on: nothing here delivers (the file stays queued)
@@ -209,6 +212,10 @@ class GatewayApp:
             await asyncio.to_thread(self.queue.attach)
             found = recovered or []
         log.info("queue %s opened with %d messages role=%s", self.policy.server.queue_dir, len(found), self.role)
+        if self.policy.console.enabled and self.policy.console.index:
+            from gateway.tracking import start_index
+
+            self.index = start_index(self)
         self.gateway = await self._build(self.policy)
         tls_context = None
         if any(l.tls != "none" for l in self.policy.listeners):
@@ -377,6 +384,8 @@ class GatewayApp:
         if self._reporter is not None:
             self._reporter.cancel()
             await asyncio.gather(self._reporter, return_exceptions=True)
+        if self.index is not None:
+            await asyncio.to_thread(self.index.stop)
         await self.queue.close()
         for fd in getattr(self, "_trigger_fds", ()):
             asyncio.get_running_loop().remove_reader(fd)

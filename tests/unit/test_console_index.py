@@ -1,0 +1,200 @@
+"""The tracking index (gateway/tracking): log records become events, events become a
+message's story and counters, several processes write one SQLite file, old rows go."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.logs import QUEUE_ID, SESSION_ID
+from gateway.tracking.events import FORMATS, Event, IndexHandler
+from gateway.tracking.sqlite import MINUTE_KEEP, SqliteIndex, summary_state
+from gateway.tracking.story import Assembler, Batch, EventRow, MessageRow
+from gateway.tracking.writer import IndexWriter, message_id_of
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_line_the_index_listens_for_is_still_logged_by_the_gateway() -> None:
+    # A log line reworded without the index would silently drop that step of every story.
+    source = "\n".join(
+        p.read_text() for p in (ROOT / "gateway").rglob("*.py") if "tracking" not in p.parts
+    )
+    missing = [fmt for fmt in FORMATS if f'"{fmt}"' not in source]
+    assert not missing, missing
+
+
+def test_the_handler_takes_known_lines_of_its_own_thread_with_their_ids() -> None:
+    handler = IndexHandler(lambda: None)
+    logger = logging.getLogger("gateway.smtp.handler")
+    record = logger.makeRecord(logger.name, logging.INFO, "x.py", 1, "helo name=%s esmtp=%s", ("mx.example", True), None)
+    other = logger.makeRecord(logger.name, logging.INFO, "x.py", 1, "something else %s", ("x",), None)
+    token = SESSION_ID.set("S1-1")
+    try:
+        handler.handle(record)
+        handler.handle(other)
+        elsewhere = threading.Thread(target=handler.handle, args=(record,))
+        elsewhere.start()
+        elsewhere.join()
+    finally:
+        SESSION_ID.reset(token)
+    assert [(e.kind, e.session, e.queue, e.args) for e in handler.pending] == [("helo", "S1-1", "-", ("mx.example", True))]
+
+
+def _events(*items: tuple[str, str, str, tuple[object, ...]]) -> list[Event]:
+    return [Event(kind, 1_800_000_000.0 + n, session, queue, args) for n, (kind, session, queue, args) in enumerate(items)]
+
+
+def test_a_session_becomes_transactions_with_their_stories_and_counters() -> None:
+    assembler = Assembler()
+    head = b"Received: x\r\nMessage-ID:\r\n <m1@example.org>\r\nSubject: s\r\n\r\nbody\r\n"
+    batch = assembler.feed(_events(
+        ("connect", "S1", "-", ("192.0.2.7", 4000, "smtp", False)),
+        ("tls", "S1", "-", ("TLSv1.3", "TLS_AES_256_GCM_SHA384")),
+        ("helo", "S1", "-", ("client.example", True)),
+        ("mail", "S1", "-", ("a@example.org", None)),
+        ("rcpt_ok", "S1", "-", ("bob@example.net", "rcpt_relay")),
+        ("rcpt_denied", "S1", "-", ("eve@example.net",)),
+        ("data", "S1", "Q1", ("a@example.org", 1, 300)),
+        ("verdict", "S1", "Q1", ("data", "reject", "data_clamav", "554 5.7.1 virus", "Eicar found", "")),
+        ("mail", "S1", "-", ("a@example.org", None)),
+        ("rcpt_ok", "S1", "-", ("bob@example.net", "rcpt_relay")),
+        ("claim", "-", "Q2", ([{"plugin": "helo_checks", "score": 1.5, "reason": "odd"}], head)),
+        ("queued", "S1", "Q2", ("a@example.org", "<bob@example.net>", 1, 300, "msg", 1.5)),
+        ("disconnect", "S1", "-", ("192.0.2.7", 1)),
+        ("delivery", "-", "Q2", ("bob@example.net", "deferred", "mx.example.net", "451 later")),
+        ("delivery", "-", "Q2", ("bob@example.net", "delivered", "mx.example.net", "250 ok")),
+        ("removed", "-", "Q2", ()),
+    ))
+    refused, queued = batch.messages
+    assert (refused.key, refused.outcome, refused.decided_by, refused.tls) == ("Q1", "refused", "data_clamav", "TLSv1.3 TLS_AES_256_GCM_SHA384")
+    assert refused.refused == ["eve@example.net"] and refused.recipients == ["bob@example.net"]
+    assert (queued.key, queued.outcome, queued.score, queued.client, queued.helo) == ("Q2", "queued", 1.5, "192.0.2.7", "client.example")
+    stories: dict[str, list[EventRow]] = {}
+    for row in batch.events:
+        stories.setdefault(row.key, []).append(row)
+    assert [r.kind for r in stories["S1"]] == ["connect", "tls", "helo", "disconnect"]
+    assert [(r.kind, r.plugin, r.status) for r in stories["Q1"]] == [
+        ("mail", "", ""), ("rcpt", "rcpt_relay", "accepted"), ("rcpt", "default-deny", "reject"),
+        ("verdict", "data_clamav", "data reject")]
+    assert [(r.plugin, r.score, r.detail) for r in stories["Q2"] if r.kind == "result"] == [("helo_checks", 1.5, "odd")]
+    deliveries = [(r.status, r.delay) for r in stories["Q2"] if r.kind == "delivery"]
+    assert deliveries[0] == ("deferred", None) and deliveries[1][0] == "delivered" and deliveries[1][1] == pytest.approx(3.0)
+    minute = 1_800_000_000 // 60 * 60
+    assert batch.counters[("refused", "data_clamav", minute)] == 1
+    assert batch.counters[("refused", "default-deny", minute)] == 1
+    assert batch.counters[("virus", "refused", minute)] == 1
+    assert batch.counters[("received", "msg", minute)] == 1
+    assert batch.counters[("delivery", "deferred", minute)] == 1
+    assert batch.maxima[("latency_max", "", minute)] == pytest.approx(3.0)
+    assert message_id_of(queued.head) == "<m1@example.org>"
+
+
+def test_a_connection_refused_before_mail_is_a_row_of_its_own() -> None:
+    batch = Assembler().feed(_events(
+        ("connect", "S2", "-", ("203.0.113.9", 4000, "smtp", False)),
+        ("verdict", "S2", "-", ("connect", "reject", "connect_dnsbl", "554 5.7.1 listed", "zen", "")),
+        ("disconnect", "S2", "-", ("203.0.113.9", 0)),
+    ))
+    assert [(m.key, m.client, m.outcome, m.decided_by) for m in batch.messages] == [("S2", "203.0.113.9", "refused", "connect_dnsbl")]
+
+
+def _write_many(path: str, worker: int, batches: int) -> None:
+    index = SqliteIndex(path, busy_timeout=60)
+    index.create()
+    for n in range(batches):
+        batch = Batch()
+        key = f"W{worker}-{n}"
+        batch.messages.append(MessageRow(key=key, session=f"S{worker}", time=time.time(), qid=key, sender="a@example.org",
+                                         outcome="queued"))
+        batch.events.append(EventRow(time.time(), key, f"S{worker}", "queued"))
+        batch.count("received", "msg", time.time())
+        index.write(batch)
+    index.close()
+
+
+def test_several_processes_write_one_index_without_loss_corruption_or_deadlock(tmp_path: Path) -> None:
+    path = str(tmp_path / "index.sqlite")
+    context = multiprocessing.get_context("fork")
+    procs = [context.Process(target=_write_many, args=(path, w, 150)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 600
+    assert db.execute("SELECT count(*) FROM events").fetchone()[0] == 600
+    for period in (60, 3600):
+        total = db.execute("SELECT sum(value) FROM counters WHERE period = ? AND name = 'received'", (period,)).fetchone()[0]
+        assert total == 600
+
+
+def test_rows_older_than_the_retention_are_pruned(tmp_path: Path) -> None:
+    index = SqliteIndex(tmp_path / "index.sqlite")
+    index.create()
+    now = time.time()
+    batch = Batch()
+    for age, key in ((40 * 86400, "old"), (3 * 86400, "recent"), (60, "new")):
+        batch.messages.append(MessageRow(key=key, session="S", time=now - age, outcome="queued"))
+        batch.events.append(EventRow(now - age, key, "S", "queued"))
+        batch.count("received", "msg", now - age)
+    index.write(batch)
+    index.prune(now - 30 * 86400, now)
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    assert sorted(k for (k,) in db.execute("SELECT key FROM messages")) == ["new", "recent"]
+    assert sorted(k for (k,) in db.execute("SELECT key FROM events")) == ["new", "recent"]
+    minutes = [t for (t,) in db.execute("SELECT t FROM counters WHERE period = 60")]
+    hours = [t for (t,) in db.execute("SELECT t FROM counters WHERE period = 3600")]
+    assert len(minutes) == 1 and minutes[0] >= now - MINUTE_KEEP  # only the last one's minute
+    assert len(hours) == 2  # the recent and the new ones' hours
+
+
+def test_search_and_a_message_story_read_back(tmp_path: Path) -> None:
+    index = SqliteIndex(tmp_path / "index.sqlite")
+    index.create()
+    now = time.time()
+    batch = Batch()
+    batch.messages.append(MessageRow(key="Q9", qid="Q9", session="S9", time=now, sender="carol@example.org",
+                                     recipients=["dave@example.net"], message_id="<x_1%@example>", outcome="queued"))
+    batch.events += [EventRow(now, "S9", "S9", "connect"), EventRow(now + 1, "Q9", "S9", "delivery", recipient="dave@example.net",
+                                                                   status="deferred"),
+                     EventRow(now + 2, "Q9", "", "delivery", recipient="dave@example.net", status="delivered")]
+    index.write(batch)
+    assert [r["key"] for r in index.search(sender="CAROL")[0]] == ["Q9"]
+    assert [r["key"] for r in index.search(message_id="x_1%")[0]] == ["Q9"]
+    assert index.search(message_id="x11")[1] == 0  # the wildcards are taken literally
+    assert index.search(qid="Q")[0][0]["state"] == "delivered"
+    assert index.search(recipient="dave", until=now - 1)[1] == 0
+    story = index.message("Q9")
+    assert story is not None and [e["kind"] for e in story["story"]] == ["connect", "delivery", "delivery"]
+    assert summary_state("queued", {"a": "delivered", "b": "deferred"}) == "deferred"
+
+
+def test_the_writer_follows_a_gateway_loop_and_stops_cleanly(tmp_path: Path) -> None:
+    writer = IndexWriter(SqliteIndex(tmp_path / "i.sqlite"), None, 86400, sample_queue=False, tick=0.05)
+    writer.start()
+    try:
+        log = logging.getLogger("gateway.smtp.handler")
+        token = SESSION_ID.set("S5-1")
+        try:
+            log.info("connect client=%s port=%d listener=%s relay_client=%s", "192.0.2.1", 1, "smtp", False)
+            log.info("verdict is not a line %s", "x")
+            log.info("disconnect client=%s transactions=%d", "192.0.2.1", 0)
+        finally:
+            SESSION_ID.reset(token)
+        assert writer.flush()
+    finally:
+        writer.stop()
+    db = sqlite3.connect(tmp_path / "i.sqlite")
+    assert [k for (k,) in db.execute("SELECT kind FROM events ORDER BY id")] == ["connect", "disconnect"]
+    assert writer.handler not in logging.getLogger().handlers
+    assert QUEUE_ID.get() == "-"
