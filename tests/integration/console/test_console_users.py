@@ -44,27 +44,28 @@ name = "queue_received_header"
 """
 
 
-def user_policy(workdir: Path, extra: str = "", **delivery: str) -> str:
+def user_policy(workdir: Path, extra: str = "", chain: str = CHAIN, **delivery: str) -> str:
     """The console test policy with end users on, mail passwords for alice and bob, and
-    the aliases file ``a.smith: alice`` (hers alone) and ``team: alice, bob`` (a list)."""
+    the aliases file ``a.smith: alice`` (hers alone) and ``team: alice, bob`` (a list);
+    ``chain`` (``users`` in it is the users file) and ``extra`` follow ``[console]``."""
     users = workdir / "mail-users"
     users.write_text(f"alice:{hash_password(ALICE_PASSWORD)}\nbob:{hash_password(BOB_PASSWORD)}\n")
     aliases = workdir / "aliases"
     aliases.write_text("a.smith: alice\nteam: alice, bob\n")
-    text = console_policy(workdir, CHAIN.format(users=users) + extra, **delivery)
+    text = console_policy(workdir, chain.format(users=users) + extra, **delivery)
     return text.replace('users = ["postmaster", "alice", "bob"]',
                         f'users = ["postmaster", "alice", "bob"]\naliases = "{aliases}"')
 
 
 @pytest.fixture
 def user_gateway(tmp_path: Path) -> Iterator[Callable[..., RunningGateway]]:
-    """``start(extra_toml="", **delivery)``: a gateway with the console and end users."""
+    """``start(extra_toml="", chain=CHAIN, **delivery)``: a gateway with the console and end users."""
     started: list[Any] = []
 
-    def start(extra: str = "", **delivery: str) -> RunningGateway:
+    def start(extra: str = "", chain: str = CHAIN, **delivery: str) -> RunningGateway:
         workdir = tmp_path / f"gw{len(started)}"
         workdir.mkdir()
-        context = running_gateway(user_policy(workdir, extra, **delivery), workdir)
+        context = running_gateway(user_policy(workdir, extra, chain, **delivery), workdir)
         gw = context.__enter__()
         started.append(context)
         assert gw.app is not None and gw.app.console is not None, "the console did not start"
