@@ -83,6 +83,7 @@ class MessageRow:
     decided_by: str = ""
     reply: str = ""
     head: Any = None  # a claim's head (bytes, or a descriptor and extents), for message_id
+    rcpt_refused_by: str = ""  # the first plugin that refused a recipient (not stored)
 
 
 @dataclass
@@ -215,7 +216,7 @@ class Assembler:
                 for n in notes
             )
         if txn.outcome == "abandoned" and txn.refused and not txn.recipients:
-            txn.outcome, txn.decided_by = "refused", "rcpt"
+            txn.outcome, txn.decided_by = "refused", txn.rcpt_refused_by
         batch.messages.append(txn)
         batch.events.extend(row._replace(key=txn.key) for row in session.txn_events)
         session.txn_events = []
@@ -285,7 +286,9 @@ class Assembler:
 
     def _rcpt_refused(self, batch: Batch, e: Event, rcpt: str, plugin: str, reply: str, reason: str) -> None:
         session = self._session(e)
-        self._txn(batch, session, e.time).refused.append(str(rcpt))
+        txn = self._txn(batch, session, e.time)
+        txn.refused.append(str(rcpt))
+        txn.rcpt_refused_by = txn.rcpt_refused_by or plugin
         self._refused(batch, plugin, e.time)
         self._note(batch, session, EventRow(e.time, "", e.session, "rcpt", plugin=plugin, recipient=rcpt,
                                             status="reject", reply=reply, detail=reason))
@@ -309,6 +312,7 @@ class Assembler:
         if stage == "rcpt":
             if address:
                 txn.refused.append(address.group(1))
+            txn.rcpt_refused_by = txn.rcpt_refused_by or plugin
             self._note(batch, session, row)
             return
         if e.queue != "-":
