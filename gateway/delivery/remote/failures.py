@@ -18,13 +18,16 @@ __all__ = ["HostFailure", "StaleConnection", "TlsFailure", "TlsResult", "as_temp
 
 _MAX_TEXT = 1000
 
-#: RFC 8460 §4.3.1 result types of a TLS negotiation failure
+#: RFC 8460 §4.3.1 and §4.3.2.1 result types of a TLS negotiation failure
 TlsResult = Literal[
     "starttls-not-supported",
     "certificate-host-mismatch",
     "certificate-expired",
     "certificate-not-trusted",
     "validation-failure",
+    "tlsa-invalid",  # DANE: no usable TLSA record matches the certificate
+    "dnssec-invalid",  # DANE: the TLSA lookup failed (bogus)
+    "dane-required",  # DANE: dane-only, and no DNSSEC-valid TLSA records
 ]
 
 # OpenSSL X509_V_ERR_* codes (x509_vfy.h) sorted into the RFC 8460 result types.
