@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Protocol, cast
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.nameserver
@@ -46,10 +47,12 @@ __all__ = [
     "DNS_TAP",
     "RecordedResolver",
     "RecordingResolver",
+    "is_authenticated",
     "lookup",
     "make_resolver",
     "parse_nameserver",
     "resolve_addresses",
+    "resolve_authenticated_addresses",
 ]
 
 log = logging.getLogger(__name__)
@@ -364,8 +367,22 @@ async def lookup(
         raise DnsTemporaryError(f"{name} {rdtype}: DNS error ({exc})") from None
 
 
+def is_authenticated(answer: dns.resolver.Answer | None) -> bool:
+    """Whether the resolver said it validated ``answer`` with DNSSEC (the AD bit, RFC 4035
+    §3.2.3). Worth something only from a validating resolver on a trusted path, asked
+    with AD or DO set (RFC 6840 §5.7); see ``[dns] dnssec``."""
+    return answer is not None and bool(answer.response.flags & dns.flags.AD)
+
+
 async def resolve_addresses(resolver: dns.asyncresolver.Resolver, name: str) -> list[str]:
-    """The IPv4 then IPv6 addresses of ``name`` (A and AAAA asked in parallel).
+    """The IPv4 then IPv6 addresses of ``name``: :func:`resolve_authenticated_addresses`
+    without the DNSSEC state."""
+    return (await resolve_authenticated_addresses(resolver, name))[0]
+
+
+async def resolve_authenticated_addresses(resolver: dns.asyncresolver.Resolver, name: str) -> tuple[list[str], bool]:
+    """The IPv4 then IPv6 addresses of ``name`` (A and AAAA asked in parallel), and
+    whether every answer that gave addresses was DNSSEC-validated (:func:`is_authenticated`).
 
     IPv4 comes first because a gateway without IPv6 routing fails slowly on it; both
     families are returned, so a client moves on to the other on a connection failure.
@@ -379,6 +396,7 @@ async def resolve_addresses(resolver: dns.asyncresolver.Resolver, name: str) -> 
     )
     addresses: list[str] = []
     errors: list[BaseException] = []
+    secure = True
     for result in results:
         if isinstance(result, BaseException):
             if not isinstance(result, DnsError):
@@ -386,8 +404,9 @@ async def resolve_addresses(resolver: dns.asyncresolver.Resolver, name: str) -> 
             errors.append(result)
         elif result is not None:
             addresses.extend(str(rdata.address) for rdata in result)
+            secure = secure and is_authenticated(result)
     if addresses:
-        return addresses
+        return addresses, secure
     for error in errors:
         if isinstance(error, DnsTemporaryError):
             raise error

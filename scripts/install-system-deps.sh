@@ -12,6 +12,9 @@
 #   rspamd                    rspamd (GTUBE)
 #   opendkim-tools            an independent DKIM verifier (opendkim-testmsg)
 #   dovecot-core              Dovecot's auth service (AUTH and user lookups for submission)
+#   unbound                   a DNSSEC-validating resolver (and the authority for the zones
+#                             the DANE tests sign)
+#   bind9-utils               dnssec-keygen and dnssec-signzone, to sign those zones
 #   iproute2, util-linux      ip and unshare, for the private network namespace that test uses
 #   chromium, chromium-driver headless Chromium and its chromedriver, for the web console's
 #                             browser tests (selenium drives /usr/bin/chromedriver)
@@ -28,6 +31,8 @@ need spamd || missing="$missing spamd spamassassin"
 need rspamd || missing="$missing rspamd"
 need opendkim-testmsg || missing="$missing opendkim-tools"
 need dovecot || missing="$missing dovecot-core"
+need unbound || missing="$missing unbound"
+need dnssec-signzone || missing="$missing bind9-utils"
 need ip || missing="$missing iproute2"
 need unshare || missing="$missing util-linux"
 need chromium || missing="$missing chromium"

@@ -11,24 +11,27 @@ from typing import Any
 
 _DESCRIPTION = """\
 Look up DOMAIN as remote delivery does and print what it would do: the MX hosts
-(and their addresses), the _mta-sts TXT record, the MTA-STS policy (fetched now over
-HTTPS from mta-sts.DOMAIN, or the one in the gateway's cache under
-var_dir/mta-sts when that is still valid and has the same id), its mode, and the
-verdict for each MX host: whether mail may go there and what its TLS must be.
-Nothing is written (the cache is only read) and no SMTP connection is made.
-Exit status: 0 when mail can go somewhere, 1 when it would wait (an enforce policy
-naming none of the MX hosts, or the MX lookup failed), 2 for an invalid policy file.
+(and their addresses); whether the resolver's DNSSEC validation is trusted ([dns]
+dnssec), each MX host's DNSSEC state and its TLSA records (DANE, RFC 7672); the
+_mta-sts TXT record, the MTA-STS policy (fetched now over HTTPS from mta-sts.DOMAIN,
+or the one in the gateway's cache under var_dir/mta-sts when that is still valid and
+has the same id) and its mode; and the verdict for each MX host: whether mail may go
+there and what its TLS must be (DANE takes precedence over MTA-STS for a host with
+usable TLSA records). Nothing is written (the cache is only read) and no SMTP
+connection is made. Exit status: 0 when mail can go somewhere, 1 when it would wait
+(an enforce policy naming none of the MX hosts, DANE refusing every host, or the MX
+lookup failed), 2 for an invalid policy file.
 """
 
 
 def register(sub: Any) -> None:
     tls = sub.add_parser(
-        "tls", help="transport security of remote delivery (MTA-STS)",
-        description="Transport security of remote delivery: MTA-STS (RFC 8461).",
+        "tls", help="transport security of remote delivery (DANE, MTA-STS)",
+        description="Transport security of remote delivery: DANE (RFC 7672) and MTA-STS (RFC 8461).",
     )
     commands = tls.add_subparsers(dest="tls_command", required=True, metavar="ACTION")
     check = commands.add_parser(
-        "check", help="print the MX hosts, the MTA-STS policy and the verdict for a domain",
+        "check", help="print the MX hosts, their TLSA records, the MTA-STS policy and the verdict for a domain",
         description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument("domain", help="the recipient domain")
@@ -52,35 +55,38 @@ def main(args: argparse.Namespace) -> int:
 
 async def _check(policy: Any, domain: str) -> tuple[list[str], int]:
     from gateway.delivery.remote.mta_sts import PolicyCache
-    from gateway.delivery.remote.mx import resolve_destinations
-    from gateway.delivery.remote.policy import TransportSecurity
+    from gateway.delivery.remote.mx import Destination, resolve_destinations
+    from gateway.delivery.remote.policy import TransportPolicy, TransportSecurity
+    from gateway.delivery.remote.tlsa import DaneConfig
     from gateway.dns import make_resolver
     from gateway.verdicts import GatewayError
 
     settings = policy.delivery
     resolver = make_resolver(policy.dns)
+    dane = DaneConfig.from_policy(policy, resolver)
+    security = TransportSecurity(settings, resolver, dane=dane)
+    security.cache = PolicyCache(Path(policy.server.var_dir) / "mta-sts", is_writable=False)
     lines = [f"domain: {domain}"]
     try:
         destinations = await resolve_destinations(
-            domain, resolver, port=settings.smtp_port, local_names={policy.server.hostname}
+            domain, security.mx_resolver(domain), port=settings.smtp_port, local_names={policy.server.hostname}
         )
     except GatewayError as exc:
         lines.append(f"MX: {exc.reply.code} {exc.reply.status} {exc.reply.text}")
         return lines, 1
     hosts: dict[str, list[str]] = {}
-    preference: dict[str, int] = {}
+    first: dict[str, Destination] = {}
     for dest in destinations:
         hosts.setdefault(dest.host, []).append(dest.address)
-        preference[dest.host] = dest.preference
+        first.setdefault(dest.host, dest)
     for host, addresses in hosts.items():
-        lines.append(f"MX: {preference[host]:>3} {host} [{', '.join(addresses)}]")
+        lines.append(f"MX: {first[host].preference:>3} {host} [{', '.join(addresses)}]")
+    lines.extend(await _dane_lines(policy, domain, security, list(first.values())))
     if not settings.mta_sts:
         lines.append("MTA-STS: off ([delivery] mta_sts = false)")
-        lines.append(f"verdict: every MX host, tls = {settings.tls}")
-        return lines, 0
-    security = TransportSecurity(settings, resolver)
-    security.cache = PolicyCache(Path(policy.server.var_dir) / "mta-sts", is_writable=False)
-    transport, _ = await security.discover(domain)
+        transport = TransportPolicy(domain, detail="MTA-STS off")
+    else:
+        transport, _ = await security.discover(domain)
     if transport.is_sts:
         expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(transport.expires))
         lines.append(f"MTA-STS: id={transport.policy_id} mode={transport.mode.removeprefix('sts-')}"
@@ -88,11 +94,23 @@ async def _check(policy: Any, domain: str) -> tuple[list[str], int]:
         lines.append(f"MTA-STS mx: {', '.join(transport.mx)}")
     elif transport.problem:
         lines.append(f"MTA-STS: {transport.problem}: {transport.detail}; treated as no policy (RFC 8461 §5)")
-    else:
+    elif settings.mta_sts:
         lines.append(f"MTA-STS: none ({transport.detail or 'no policy'})")
     allowed = 0
-    for host in hosts:
-        if not transport.is_sts:
+    for host, dest in first.items():
+        # The same per-host decision as delivery: DANE first (RFC 8461 §2), then MTA-STS.
+        host_policy = await security.for_host(transport, dest)
+        if host_policy.is_dane:
+            if host_policy.problem:
+                verdict = f"skip: {host_policy.problem} ({host_policy.detail})"
+            else:
+                allowed += 1
+                verdict = (
+                    "deliver only over STARTTLS with a certificate its TLSA records authenticate (DANE)"
+                    if host_policy.tlsa else
+                    "deliver only over STARTTLS, not authenticated (DANE: no usable TLSA record)"
+                )
+        elif not transport.is_sts:
             verdict = f"deliver, tls = {settings.tls}"
             allowed += 1
         elif transport.allows(host):
@@ -108,6 +126,29 @@ async def _check(policy: Any, domain: str) -> tuple[list[str], int]:
             verdict = "deliver; not named by the policy, which is logged (testing)"
         lines.append(f"verdict: {host}: {verdict}")
     if not allowed:
-        lines.append("verdict: mail would wait (451 4.7.5): no MX host the policy allows")
+        lines.append("verdict: mail would wait (451 4.7.5): no MX host the transport policy allows")
         return lines, 1
     return lines, 0
+
+
+async def _dane_lines(policy: Any, domain: str, security: Any, destinations: list[Any]) -> list[str]:
+    """What DANE sees: whether the resolver is trusted, each MX host's DNSSEC state and TLSA records."""
+    dnssec = policy.dns.dnssec
+    mode = security.dane.mode_for(domain)
+    if mode == "off":
+        return ["DANE: off ([delivery] dane or the route's dane)"]
+    if security.dane.resolver is None:
+        return [f"DNSSEC: the resolver's validation is not trusted ([dns] dnssec = {dnssec}): no DANE (mode {mode})"]
+    lines = [f"DNSSEC: the resolver's validation is trusted ([dns] dnssec = {dnssec}); DANE mode {mode}"]
+    for dest in destinations:
+        if not dest.is_secure:
+            lines.append(f"MX {dest.host}: not DNSSEC-secure: no DANE")
+            continue
+        lines.append(f"MX {dest.host}: DNSSEC-secure")
+        answer = await security.tlsa_for(dest.host, dest.port)
+        if answer.records:
+            lines.extend(f"TLSA {answer.name}: {answer.state}: {record}" + ("" if record.is_usable else " unusable")
+                         for record in answer.records)
+        else:
+            lines.append(f"TLSA {answer.name}: {answer.state} ({answer.detail})")
+    return lines

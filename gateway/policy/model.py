@@ -190,6 +190,12 @@ class DnsSettings:
         (), "\"ip\" or \"ip:port\" entries; empty = /etc/resolv.conf"
     )
     timeout: Duration = setting(5.0, "time limit of one lookup", min=0.001)
+    dnssec: Literal["auto", "trusted", "off"] = setting(
+        "auto",
+        "believe the resolvers' DNSSEC validation (the AD bit), which DANE needs: auto = only when every "
+        "nameserver is on loopback (a validating resolver on this host); trusted = the nameservers are "
+        "validating resolvers on a trusted path; off = never (no DANE)",
+    )
 
 
 @dataclass(frozen=True)
@@ -235,6 +241,12 @@ class DeliverySettings:
         443, "port of the MTA-STS policy fetch; RFC 8461 says 443, another port is for tests", min=1, max=65535
     )
     mta_sts_timeout: Duration = setting(10.0, "limit for one MTA-STS policy fetch over HTTPS", min=0.001)
+    dane: Literal["dane", "dane-only", "off"] = setting(
+        "dane",
+        "DANE (RFC 7672) for MX delivery, with a trusted validating resolver ([dns] dnssec): dane = a host "
+        "with DNSSEC-valid TLSA records gets mail only over TLS its certificate matches; dane-only = also "
+        "defer a host without them; off = ignore TLSA records",
+    )
     connect_timeout: Duration = setting(30.0, "TCP connect and 220 greeting", min=0.001)
     command_timeout: Duration = setting(300.0, "MAIL, RCPT (RFC 5321 4.5.3.2: 5m)", min=0.001)
     data_timeout: Duration = setting(600.0, "after the final dot (RFC 5321 4.5.3.2.6: 10m)", min=0.001)
@@ -250,6 +262,9 @@ class RouteSettings:
     port: int = setting(25, "smarthost port", min=1, max=65535)
     tls: Literal["none", "opportunistic", "required", "verify"] = setting(
         "opportunistic", "STARTTLS: required refuses plaintext, verify also checks the certificate"
+    )
+    dane: Literal["", "dane", "dane-only", "off"] = setting(
+        "", "DANE for this domain's MX hosts (host empty): as [delivery] dane when empty"
     )
     auth_user: str = setting("", "AUTH login at the smarthost")
     auth_password_env: str = setting("", "environment variable holding the AUTH password")

@@ -6,8 +6,8 @@ itself. It tries the addresses in order until one takes the transaction, applyin
 mode (none / opportunistic / required / verify) and AUTH for smarthosts, reuses idle
 connections, bounds the connections per destination, and backs off a host that said 421.
 For MX routes it first asks :class:`~gateway.delivery.remote.policy.TransportSecurity`
-what the destination's TLS must look like (an MTA-STS policy), enforces that answer and
-hands back how it went.
+what the destination's TLS must look like (an MTA-STS policy for the domain, DANE per MX
+host from its TLSA records), enforces that answer and hands back how it went.
 
 It returns one :class:`~gateway.delivery.types.Outcome` per recipient and never raises
 for a delivery problem: the scheduler turns deferred into a retry and failed into a bounce.
@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,9 +29,11 @@ import dns.asyncresolver
 
 from gateway.content import Content
 from gateway.delivery.remote.client import SmtpConnection
+from gateway.delivery.remote.dane import check_chain, presented_chain
 from gateway.delivery.remote.failures import HostFailure, StaleConnection, TlsFailure
 from gateway.delivery.remote.mx import Destination, parse_address_literal, resolve_destinations, resolve_host
 from gateway.delivery.remote.policy import TlsOutcome, TransportPolicy, TransportSecurity
+from gateway.delivery.remote.tlsa import DaneConfig
 from gateway.delivery.remote.wire import Outgoing, outgoing
 from gateway.delivery.types import MxRoute, Outcome, SmarthostRoute
 from gateway.logs import short
@@ -83,6 +85,9 @@ class RemoteDeliveryAgent:
     :param primary: this is the master, which takes the remainder of that split
     :param counters: the process's :class:`~gateway.metrics.Counters` (TLS policy failures)
     :param cache_dir: where MTA-STS policies are kept; default ``<var_dir>/mta-sts``
+
+    DANE (``[delivery] dane``, ``[dns] dnssec``) asks ``resolver`` with the AD bit set
+    when the policy trusts its DNSSEC validation.
     """
 
     def __init__(
@@ -101,9 +106,10 @@ class RemoteDeliveryAgent:
         cache_dir: Path | None = None,
     ) -> None:
         self.policy = policy
-        #: answers "what must this destination's TLS look like?" (MTA-STS)
+        #: answers "what must this destination's TLS look like?" (MTA-STS, DANE)
         self.security = TransportSecurity(
-            policy.delivery, resolver, cache_dir or Path(policy.server.var_dir) / "mta-sts", counters=counters
+            policy.delivery, resolver, cache_dir or Path(policy.server.var_dir) / "mta-sts", counters=counters,
+            dane=DaneConfig.from_policy(policy, resolver),
         )
         #: how many gateway processes split ``destination_concurrency`` (workers)
         self.share = max(1, share)
@@ -163,7 +169,8 @@ class RemoteDeliveryAgent:
             else:
                 mode, name = settings.tls, route.domain
                 destinations = await resolve_destinations(
-                    route.domain, self.resolver, port=settings.smtp_port, local_names={self.hostname}
+                    route.domain, self.security.mx_resolver(route.domain), port=settings.smtp_port,
+                    local_names={self.hostname},
                 )
                 transport = await self.security.policy_for(route.domain)
         except GatewayError as exc:
@@ -180,7 +187,10 @@ class RemoteDeliveryAgent:
         try:
             await limit.semaphore.acquire()
             try:
-                return await self._try_hosts(destinations, mode, transport, auth, envelope, recipients, prepared)
+                return await self._try_hosts(
+                    destinations, mode, transport, auth, envelope, recipients, prepared,
+                    is_mx=isinstance(route, MxRoute),
+                )
             finally:
                 limit.semaphore.release()
         finally:
@@ -225,6 +235,8 @@ class RemoteDeliveryAgent:
         envelope: Envelope,
         recipients: list[QueuedRecipient],
         message: Outgoing,
+        *,
+        is_mx: bool = True,
     ) -> dict[str, Outcome]:
         last = Reply(451, "4.4.0", "no remote host could be reached")
         last_host = ""
@@ -236,7 +248,16 @@ class RemoteDeliveryAgent:
                 log.debug("remote: skipping %s, backed off", dest)
                 continue
             mode = configured
-            if transport.is_sts:
+            # DANE is per MX host (its TLSA records); it takes precedence over MTA-STS.
+            policy = await self.security.for_host(transport, dest) if is_mx else transport
+            if policy.is_dane:
+                if policy.problem:
+                    self.security.record(TlsOutcome(policy, dest.host, policy.problem, detail=policy.detail))
+                    text = f"DANE: not delivering to {dest.host}: {policy.problem} ({policy.detail})"
+                    last, last_host = Reply(451, "4.7.5", text[:1000]), ""
+                    continue
+                mode = "dane" if policy.tlsa else "required"
+            elif transport.is_sts:
                 if transport.allows(dest.host):
                     mode = transport.mode
                 else:
@@ -247,14 +268,14 @@ class RemoteDeliveryAgent:
                         last, last_host = Reply(451, "4.7.5", text), ""
                         continue
             try:
-                conn = await self._session(dest, mode, auth, configured, transport)
+                conn = await self._session(dest, mode, auth, configured, policy)
                 try:
                     outcomes = await conn.send(envelope, recipients, message)
                 except StaleConnection as exc:
                     # It died while idle; this transaction never reached the server.
                     log.debug("remote: pooled connection to %s is stale (%s), opening a new one", dest, exc)
                     await conn.close()
-                    conn = await self._connect(dest, mode, auth, configured, transport)
+                    conn = await self._connect(dest, mode, auth, configured, policy)
                     outcomes = await conn.send(envelope, recipients, message)
             except HostFailure as exc:
                 # Who said it: the host, when it answered (a 4xx greeting, an AUTH 535);
@@ -264,6 +285,11 @@ class RemoteDeliveryAgent:
                     # RFC 8461 §5: under enforce, never this host without verified TLS.
                     self.security.record(TlsOutcome(transport, dest.host, exc.result, detail=exc.reply.text))
                     text = f"{exc.reply.text}; the MTA-STS policy of {transport.domain} requires verified TLS"
+                    last = Reply(451, "4.7.5", text[:1000])
+                elif isinstance(exc, TlsFailure) and policy.is_dane:
+                    # RFC 7672 §2.2: never in clear, never over TLS the TLSA records do not authenticate.
+                    self.security.record(TlsOutcome(policy, dest.host, exc.result, detail=exc.reply.text))
+                    text = f"{exc.reply.text}; the DANE TLSA records of {dest.host} require authenticated TLS"
                     last = Reply(451, "4.7.5", text[:1000])
                 log.info(
                     "remote to %s: %d recipient(s) host failed: %s",
@@ -276,13 +302,17 @@ class RemoteDeliveryAgent:
                 )
                 return {r.address: Outcome("failed", exc.reply, dest.host) for r in recipients}
             result = ""
-            if transport.is_sts:
+            if policy.is_dane:
+                result = "success"
+                self.security.record(TlsOutcome(policy, dest.host, result, conn.tls_version))
+            elif transport.is_sts:
                 # Under testing, an MX host the policy does not name went by delivery.tls.
                 # Under enforce a connection exists only once its certificate was verified.
                 result = (conn.tls_verdict or "success") if mode == transport.mode else "mx-mismatch"
                 if result == "success":
                     self.security.record(TlsOutcome(transport, dest.host, result, conn.tls_version))
-            self._log_outcomes(dest, conn, outcomes, transport if transport.is_sts else mode, result)
+            shown = policy if policy.is_dane else transport if transport.is_sts else mode
+            self._log_outcomes(dest, conn, outcomes, shown, result)
             if conn.is_throttled:
                 self._back_off(dest, conn.last_reply or Reply(421, "4.3.2", "closing"))
             await self._release(_key(dest, mode, auth), conn)
@@ -345,7 +375,7 @@ class RemoteDeliveryAgent:
                 conn.tls_verdict = exc.result
                 return conn
         try:
-            return await self._open(dest, mode, auth, use_tls=mode != "none")
+            return await self._open(dest, mode, auth, use_tls=mode != "none", policy=transport)
         except TlsFailure as exc:
             if mode != "opportunistic":
                 raise
@@ -354,7 +384,7 @@ class RemoteDeliveryAgent:
             return await self._open(dest, mode, auth, use_tls=False)
 
     async def _open(
-        self, dest: Destination, mode: str, auth: _Auth | None, *, use_tls: bool
+        self, dest: Destination, mode: str, auth: _Auth | None, *, use_tls: bool, policy: TransportPolicy | None = None
     ) -> SmtpConnection:
         settings = self.policy.delivery
         conn = SmtpConnection(
@@ -373,8 +403,10 @@ class RemoteDeliveryAgent:
                 timeout = float(settings.connect_timeout)
                 # MTA-STS (RFC 8461 §4.2): the certificate must be valid for the MX host name.
                 context = self._context("verify" if mode.startswith("sts-") else mode)
-                await conn.starttls(context, server_name, timeout=timeout)
-            elif mode in ("required", "verify", "sts-enforce", "sts-testing"):
+                # DANE (RFC 7672 §3): the handshake checks nothing; the TLSA records do.
+                verify = _dane_verifier(dest, policy) if mode == "dane" and policy is not None else None
+                await conn.starttls(context, server_name, timeout=timeout, verify=verify)
+            elif mode in ("required", "verify", "sts-enforce", "sts-testing", "dane"):
                 text = f"TLS required but {dest.host} does not offer STARTTLS"
                 raise TlsFailure(Reply(451, "4.7.5", text), result="starttls-not-supported")
             if auth is not None:
@@ -480,6 +512,20 @@ def portion(limit: int, share: int, primary: bool) -> int:
     the parts add up to the limit whenever it is at least ``share``."""
     part = limit // share + (limit % share if primary else 0)
     return max(1, part)
+
+
+def _dane_verifier(dest: Destination, policy: TransportPolicy) -> Callable[[ssl.SSLObject], None]:
+    """The check of a fresh TLS session with ``dest`` against its TLSA records."""
+    names = (dest.host, policy.domain)  # RFC 7672 §3.2.2: the MX host, or the domain
+
+    def verify(ssl_object: ssl.SSLObject) -> None:
+        check = check_chain(presented_chain(ssl_object), policy.tlsa, names)
+        if check.result != "success":
+            text = f"TLS with {dest.host} failed DANE: {check.detail}"
+            raise TlsFailure(Reply(451, "4.7.5", text[:1000]), result=check.result)
+        log.debug("DANE with %s: %s", dest, check.detail)
+
+    return verify
 
 
 def _key(dest: Destination, mode: str, auth: _Auth | None) -> _PoolKey:

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import re
 import ssl
-from collections.abc import Awaitable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Literal, TypeVar
 
 from gateway.content import CHUNK, Content
@@ -262,9 +262,18 @@ class SmtpConnection:
         await self._write(line.encode("utf-8") + b"\r\n", self.command_timeout)
         return await self._read_lines(self.command_timeout)
 
-    async def starttls(self, context: ssl.SSLContext, server_hostname: str | None, *, timeout: float) -> None:
+    async def starttls(
+        self,
+        context: ssl.SSLContext,
+        server_hostname: str | None,
+        *,
+        timeout: float,
+        verify: Callable[[ssl.SSLObject], None] | None = None,
+    ) -> None:
         """STARTTLS, the handshake, and a fresh EHLO (RFC 3207 §4.2 discards what we knew).
 
+        :param verify: checks the session before anything is sent over it (DANE), raising
+            :class:`TlsFailure` to drop the connection
         :raises TlsFailure: refused, or the handshake or certificate check failed
         """
         reply = await self._command("STARTTLS")
@@ -289,8 +298,14 @@ class SmtpConnection:
             detail = getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__
             reply = Reply(451, "4.7.5", f"TLS with {self.remote_name} failed: {detail}")
             raise TlsFailure(reply, result=tls_result_of(exc)) from None
-        self.has_tls = True
         ssl_object = self._writer.get_extra_info("ssl_object")
+        if verify is not None:
+            try:
+                verify(ssl_object)
+            except TlsFailure:
+                self._abort()
+                raise
+        self.has_tls = True
         self.tls_version = (ssl_object.version() or "") if ssl_object is not None else ""
         await self.ehlo()
 

@@ -19,7 +19,14 @@ from itertools import groupby
 
 import dns.asyncresolver
 
-from gateway.dns import DnsNotFound, DnsTemporaryError, lookup, resolve_addresses
+from gateway.dns import (
+    DnsNotFound,
+    DnsTemporaryError,
+    is_authenticated,
+    lookup,
+    resolve_addresses,
+    resolve_authenticated_addresses,
+)
 from gateway.verdicts import PermanentFailure, Reply, TemporaryFailure
 
 __all__ = ["Destination", "parse_address_literal", "resolve_destinations", "resolve_host"]
@@ -27,12 +34,19 @@ __all__ = ["Destination", "parse_address_literal", "resolve_destinations", "reso
 
 @dataclass(frozen=True, slots=True)
 class Destination:
-    """One address to try: the host name it came from, its IP address and port."""
+    """One address to try: the host name it came from, its IP address and port.
+
+    ``is_secure``: the MX RRset (for an implicit MX, the domain's address records) and
+    this host's address records all came DNSSEC-validated (the AD bit), so its TLSA
+    records may be used (RFC 7672 §2.2). Only as good as the resolver: the caller
+    decides whether it trusts it (``[dns] dnssec``).
+    """
 
     host: str
     address: str
     port: int
     preference: int = 0
+    is_secure: bool = False
 
     def __str__(self) -> str:
         return f"{self.host}[{self.address}]:{self.port}"
@@ -102,6 +116,7 @@ async def resolve_destinations(
         # RFC 5321 §5.1: no MX records, so the domain itself is the implicit MX.
         return await _implicit_mx(domain, resolver, port)
 
+    is_mx_secure = is_authenticated(answer)
     records = [(int(r.preference), _normal(r.exchange.to_text())) for r in answer]
     # RFC 7505 §3: a single MX with the root as exchange says "no mail here".
     if len(records) == 1 and records[0][1] == "":
@@ -138,10 +153,11 @@ async def resolve_destinations(
             continue
         if isinstance(result, DnsNotFound):
             continue
-        for address in result:
+        addresses, is_secure = result
+        for address in addresses:
             if address not in seen:  # one address under two names is tried once
                 seen.add(address)
-                out.append(Destination(host, address, port, preference))
+                out.append(Destination(host, address, port, preference, is_mx_secure and is_secure))
     if not out:
         reply = Reply(451, "4.4.4", f"no MX host of {domain} has an address, will retry")
         detail = "temporary DNS failure resolving MX hosts" if temporary else "no MX host resolved"
@@ -151,17 +167,18 @@ async def resolve_destinations(
 
 async def _host_addresses(
     resolver: dns.asyncresolver.Resolver, host: str
-) -> list[str] | DnsNotFound | DnsTemporaryError:
-    """The addresses of one MX host, or the failure (so one bad host skips only itself)."""
+) -> tuple[list[str], bool] | DnsNotFound | DnsTemporaryError:
+    """The addresses of one MX host and whether they are DNSSEC-validated, or the
+    failure (so one bad host skips only itself)."""
     try:
-        return await resolve_addresses(resolver, host)
+        return await resolve_authenticated_addresses(resolver, host)
     except (DnsNotFound, DnsTemporaryError) as exc:
         return exc
 
 
 async def _implicit_mx(domain: str, resolver: dns.asyncresolver.Resolver, port: int) -> list[Destination]:
     try:
-        addresses = await resolve_addresses(resolver, domain)
+        addresses, is_secure = await resolve_authenticated_addresses(resolver, domain)
     except DnsNotFound as exc:
         # The name exists (no NXDOMAIN for MX) but has neither MX nor an address.
         raise PermanentFailure(
@@ -172,7 +189,8 @@ async def _implicit_mx(domain: str, resolver: dns.asyncresolver.Resolver, port: 
             Reply(451, "4.4.3", f"DNS lookup for {domain} failed, will retry"), str(exc)
         ) from None
     host = _normal(domain)
-    return [Destination(host, address, port, 0) for address in addresses]
+    # RFC 7672 §2.2.1: without MX records the domain's own address records decide.
+    return [Destination(host, address, port, 0, is_secure) for address in addresses]
 
 
 async def resolve_host(host: str, resolver: dns.asyncresolver.Resolver, *, port: int) -> list[Destination]:

@@ -7,9 +7,13 @@ one :class:`TransportPolicy`: its ``mode`` is
 - ``sts-testing``: an MTA-STS policy in ``testing`` mode (RFC 8461 §5): deliver as
   without it, but check what it asks and log and count what would have failed;
 - ``sts-enforce``: only to MX hosts the policy names, only over STARTTLS with a
-  certificate that chains to a trusted CA and names the MX host; otherwise the mail waits.
-
-(DANE, RFC 7672, will be another mode of the same answer, decided here from TLSA records.)
+  certificate that chains to a trusted CA and names the MX host; otherwise the mail waits;
+- ``dane`` / ``dane-only`` (RFC 7672): decided per MX host by :meth:`TransportSecurity.for_host`
+  from the host's DNSSEC-validated TLSA records (:mod:`gateway.delivery.remote.tlsa`):
+  only over STARTTLS with a certificate they authenticate (:mod:`gateway.delivery.remote.dane`),
+  never in clear and never over unauthenticated TLS. A host with usable TLSA records gets
+  DANE whatever MTA-STS says (RFC 8461 §2); a host without them keeps the domain's answer,
+  except under ``dane-only``, where it gets none (``problem = "dane-required"``).
 
 After each attempt the agent hands back a :class:`TlsOutcome` (:meth:`TransportSecurity.record`),
 which is logged and counted in ``Counters.tls_failures``; TLS reports (RFC 8460) will be
@@ -46,6 +50,9 @@ from gateway.delivery.remote.mta_sts import (
     parse_record,
     policy_url,
 )
+from gateway.delivery.remote.dane import TlsaRecord
+from gateway.delivery.remote.mx import Destination
+from gateway.delivery.remote.tlsa import DaneConfig, TlsaAnswer, lookup_tlsa
 from gateway.dns import DnsError, DnsNotFound, lookup
 from gateway.policy.model import DeliverySettings
 
@@ -53,7 +60,7 @@ __all__ = ["RECHECK", "TlsOutcome", "TransportPolicy", "TransportSecurity"]
 
 log = logging.getLogger("gateway.delivery.remote.policy")
 
-Mode = Literal["none", "sts-testing", "sts-enforce"]
+Mode = Literal["none", "sts-testing", "sts-enforce", "dane", "dane-only"]
 
 #: longest time an answer is kept in memory before the TXT record is asked again
 RECHECK = 300.0
@@ -74,8 +81,13 @@ class TransportPolicy:
     :param policy_id: the ``id`` of the TXT record the policy was fetched for
     :param expires: ``time.time()`` when the policy's ``max_age`` runs out
     :param problem: why there is no policy although one was announced (an RFC 8460 type:
-        ``sts-policy-fetch-error``, ``sts-policy-invalid``, ``sts-webpki-invalid``)
+        ``sts-policy-fetch-error``, ``sts-policy-invalid``, ``sts-webpki-invalid``); for
+        DANE, why the host must not get the mail (``dnssec-invalid``, ``dane-required``,
+        ``tlsa-invalid``)
     :param detail: in words: where the answer came from, or what went wrong
+    :param tlsa: DANE: the host's usable DNSSEC-validated TLSA records; none under a DANE
+        mode without a problem means TLSA records none of which is usable: TLS is then
+        required but not authenticated (RFC 7672 §2.2)
     """
 
     domain: str
@@ -85,6 +97,11 @@ class TransportPolicy:
     expires: float = 0.0
     problem: str = ""
     detail: str = ""
+    tlsa: tuple[TlsaRecord, ...] = ()
+
+    @property
+    def is_dane(self) -> bool:
+        return self.mode in ("dane", "dane-only")
 
     @property
     def is_enforced(self) -> bool:
@@ -101,6 +118,8 @@ class TransportPolicy:
         return StsPolicy("enforce", self.mx, 0).allows(host)
 
     def __str__(self) -> str:
+        if self.is_dane:
+            return f"{self.mode} tlsa={len(self.tlsa)}"
         return f"{self.mode} id={self.policy_id}" if self.is_sts else self.mode
 
 
@@ -155,6 +174,7 @@ class TransportSecurity:
     :param resolver: the gateway's resolver (TXT records, and ``mta-sts.<domain>``)
     :param cache_dir: where policies are kept (``<var_dir>/mta-sts``); ``None``: memory only
     :param counters: the process's :class:`~gateway.metrics.Counters`, for ``tls_failures``
+    :param dane: DANE's settings and trusted resolver; ``None``: no DANE
     """
 
     def __init__(
@@ -164,8 +184,10 @@ class TransportSecurity:
         cache_dir: Path | None = None,
         *,
         counters: Any = None,
+        dane: DaneConfig | None = None,
     ) -> None:
         self.settings = settings
+        self.dane = dane or DaneConfig()
         self.resolver = resolver
         self.cache = PolicyCache(cache_dir)
         self.counters = counters
@@ -270,6 +292,52 @@ class TransportSecurity:
             return self._answer(domain, cached, f"cached; {why}")
         return TransportPolicy(domain, detail=why)
 
+    # -- DANE -----------------------------------------------------------------------------
+
+    def mx_resolver(self, domain: str) -> dns.asyncresolver.Resolver:
+        """The resolver for ``domain``'s MX lookup: the validating one when DANE may apply,
+        so each :class:`Destination` says whether it is DNSSEC-secure."""
+        if self.dane.resolver is not None and self.dane.mode_for(domain) != "off":
+            return self.dane.resolver
+        return self.resolver
+
+    async def tlsa_for(self, host: str, port: int) -> TlsaAnswer | None:
+        """The TLSA records of ``host`` from the trusted resolver; ``None`` without one."""
+        if self.dane.resolver is None:
+            return None
+        return await lookup_tlsa(self.dane.resolver, host, port)
+
+    async def for_host(self, transport: TransportPolicy, dest: Destination) -> TransportPolicy:
+        """The policy for one MX host: DANE from its TLSA records (RFC 7672 §2.2) when it
+        has usable secure ones, else ``transport`` (the domain's MTA-STS answer), or a
+        refusal (``problem``) when the TLSA lookup failed or ``dane-only`` finds none."""
+        domain = transport.domain
+        mode = self.dane.mode_for(domain)
+        if mode == "off":
+            return transport
+        if self.dane.resolver is None or not dest.is_secure:
+            why = "the resolver's DNSSEC validation is not trusted ([dns] dnssec)" if self.dane.resolver is None else (
+                f"the MX or address records of {dest.host} are not DNSSEC-validated"
+            )
+            if mode == "dane-only":
+                return TransportPolicy(domain, "dane-only", problem="dane-required", detail=why)
+            return transport
+        answer = await self.tlsa_for(dest.host, dest.port)
+        assert answer is not None
+        if answer.state == "bogus":
+            return TransportPolicy(domain, mode, problem="dnssec-invalid", detail=f"{answer.name}: {answer.detail}")
+        if answer.state == "secure":
+            usable = answer.usable
+            if usable:
+                return TransportPolicy(domain, mode, tlsa=usable, detail=f"{answer.name}: {len(usable)} usable")
+            if mode == "dane-only":
+                return TransportPolicy(domain, mode, problem="tlsa-invalid", detail=f"{answer.name}: no usable record")
+            # RFC 7672 §2.2: TLSA records that are all unusable still mean "TLS required".
+            return TransportPolicy(domain, mode, detail=f"{answer.name}: no usable record; TLS without authentication")
+        if mode == "dane-only":
+            return TransportPolicy(domain, mode, problem="dane-required", detail=f"{answer.name}: {answer.detail}")
+        return transport
+
     # -- outcomes -------------------------------------------------------------------------
 
     def count(self, mode: str, result: str) -> None:
@@ -282,7 +350,12 @@ class TransportSecurity:
             return
         policy = outcome.policy
         self.count(policy.mode, outcome.result)
-        if policy.is_enforced:
+        if policy.is_dane:
+            log.warning(
+                "DANE (%s) for %s: %s %s (%s); not delivering there",
+                policy.mode, policy.domain, outcome.host, outcome.result, outcome.detail,
+            )
+        elif policy.is_enforced:
             log.warning(
                 "MTA-STS enforce for %s: %s %s (%s); not delivering there",
                 policy.domain, outcome.host, outcome.result, outcome.detail,
