@@ -33,7 +33,7 @@ from gateway.model import Envelope, QueuedRecipient
 from gateway.policy.model import DeliverySettings, DnsSettings, Policy, RouteSettings
 from tests.dnssec import DnssecLab, has_tools
 from tests.smtppeer import SmtpPeer, free_port
-from tests.testca import TestCA
+from tests.testca import PolicyServer, TestCA
 
 HOSTNAME = "gw.test.example"
 MESSAGE = b"From: a@src.example\r\nTo: b@dst.example\r\nSubject: dane test\r\n\r\nBody.\r\n"
@@ -116,6 +116,10 @@ bogus IN MX 10 mx-bogus.dane.example.
 expired IN MX 10 mx-expired.dane.example.
 notlsa IN MX 10 mx-notlsa.dane.example.
 unusable IN MX 10 mx-unusable.dane.example.
+sts IN MX 10 mx-ee.dane.example.
+sts IN MX 20 mx-notlsa.dane.example.
+_mta-sts.sts IN TXT "v=STSv1; id=1;"
+mta-sts.sts IN A 127.0.0.1
 {t}.mx-ee IN TLSA 3 1 1 {ee}
 {t}.mx-ta IN TLSA 2 0 1 {ta}
 {t}.mx-ta-name IN TLSA 2 0 1 {ta}
@@ -146,11 +150,16 @@ mx IN A {ADDRESS["mx.unsigned.example"]}
 class Harness:
     """An agent asking the validating unbound, with its counters."""
 
-    def __init__(self, world: World, *, dnssec: Any = "auto", dane: Any = "dane", routes: Any = ()) -> None:
+    def __init__(
+        self, world: World, *, dnssec: Any = "auto", dane: Any = "dane", routes: Any = (), https_port: int = 0
+    ) -> None:
         self.counters = Counters()
+        sts: dict[str, Any] = {"mta_sts": False}
+        if https_port:
+            sts = {"mta_sts_https_port": https_port, "tls_ca_file": world.ca.ca_file, "mta_sts_timeout": 3.0}
         settings = DeliverySettings(
             smtp_port=world.port, connect_timeout=2.0, command_timeout=5.0, data_timeout=5.0,
-            tls="opportunistic", mta_sts=False, dane=dane,
+            tls="opportunistic", dane=dane, **sts,
         )
         dns = DnsSettings(nameservers=(f"127.0.0.1:{world.lab.port}",), timeout=3.0, dnssec=dnssec)
         self.policy = Policy(source="<test>", delivery=settings, dns=dns, routes=tuple(routes))
@@ -257,6 +266,23 @@ def test_bogus_tlsa_records_defer_without_connecting(world: World, broken: str) 
     assert harness.counters.tls_failures == {("dane", "dnssec-invalid"): 1}
 
 
+def test_dane_takes_precedence_over_mta_sts(world: World, tmp_path: Path) -> None:
+    """RFC 8461 §2: an MX host with usable TLSA records gets DANE, although the domain's
+    MTA-STS enforce policy does not name it; the host without them still gets MTA-STS."""
+    with PolicyServer(world.ca.issue("mta-sts.sts.dane.example")) as https:
+        https.policies["sts.dane.example"] = "version: STSv1\r\nmode: enforce\r\nmx: other.example\r\nmax_age: 86400\r\n"
+        harness = Harness(world, https_port=https.port)
+        with peer(world, "mx-ee", "ee") as mx:
+            assert harness.deliver("sts.dane.example").status == "delivered"
+            assert mx.messages[0].has_tls
+        # Without its DANE host the domain's MTA-STS policy decides: mx-notlsa is not named.
+        with peer(world, "mx-notlsa") as mx:
+            got = harness.deliver("sts.dane.example")
+            assert status(got) == DEFERRED
+            assert mx.connections == 0
+        assert harness.counters.tls_failures == {("sts-enforce", "mx-mismatch"): 1}
+
+
 # -- where DANE does not apply ---------------------------------------------------------------------
 
 
@@ -347,3 +373,66 @@ mta_sts = false
     out = capsys.readouterr().out
     assert "MX mx.unsigned.example: not DNSSEC-secure: no DANE" in out
     assert "verdict: mx.unsigned.example: deliver, tls = opportunistic" in out
+
+
+# -- in the running gateway ----------------------------------------------------------------------
+
+
+def test_the_gateway_holds_mail_for_a_host_whose_certificate_fails_dane(world: World, gateway_factory: Any) -> None:
+    """Through a real gateway: mail relayed to a DANE host that shows a certificate its
+    TLSA records do not match stays queued, /metrics counts why by DANE mode and RFC 8460
+    type, and it goes out once the host shows the certificate the records name."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.conftest import MESSAGE as TEXT
+    from tests.conftest import smtp, wait_for
+
+    policy = f"""
+[server]
+hostname = "gw.test.example"
+[[listeners]]
+name = "smtp"
+tls = "none"
+[local]
+domains = ["gw.test.example"]
+users = ["postmaster"]
+[relay]
+clients = ["127.0.0.0/8"]
+[dns]
+nameservers = ["127.0.0.1:{world.lab.port}"]
+timeout = "3s"
+[delivery]
+smtp_port = {world.port}
+mta_sts = false
+retry_base = "200ms"
+retry_max = "500ms"
+poll_interval = "200ms"
+[metrics]
+enabled = true
+port = 0
+[[plugins]]
+name = "rcpt_relay"
+"""
+    with peer(world, "mx-ee", "valid") as impostor:  # a CA-signed certificate, but not the key in DNS
+        gw = gateway_factory(policy)
+        with smtp(gw.port) as client:
+            assert client.sendmail("a@src.example", ["b@ee.dane.example"], TEXT) == {}
+        metrics_port = gw.app.metrics_server.server_address[1]
+
+        def failures() -> float:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+                text = response.read().decode()
+            return sum(
+                s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "gateway_tls_policy_failures_total"
+                and s.labels == {"mode": "dane", "result": "tlsa-invalid"}
+            )
+
+        assert wait_for(lambda: failures() >= 2, timeout=15)  # the first attempt and a retry
+        assert impostor.messages == [] and len(gw.queue_ids()) == 1
+    with peer(world, "mx-ee", "ee") as genuine:
+        assert wait_for(lambda: len(genuine.messages) == 1, timeout=15)
+        assert genuine.messages[0].has_tls
+        assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
