@@ -145,6 +145,9 @@ def configure(level: str = "info", stream: object = None) -> None:
     """Send log lines with ids to ``stream`` (standard error by default)."""
     handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
     handler.setFormatter(LineFormatter())
+    # The threshold holds at the handler too: the tracking index raises the loggers whose
+    # lines it needs to INFO (gateway/tracking), and those lines are not for this stream.
+    handler.setLevel(level.upper())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -198,3 +198,36 @@ def test_the_writer_follows_a_gateway_loop_and_stops_cleanly(tmp_path: Path) -> 
     assert [k for (k,) in db.execute("SELECT kind FROM events ORDER BY id")] == ["connect", "disconnect"]
     assert writer.handler not in logging.getLogger().handlers
     assert QUEUE_ID.get() == "-"
+
+
+def test_the_index_hears_info_lines_that_a_warning_log_level_does_not_print(tmp_path: Path) -> None:
+    import io
+
+    from gateway.logs import configure
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogRecordFactory())
+    stream = io.StringIO()
+    configure("warning", stream)
+    writer = IndexWriter(SqliteIndex(tmp_path / "i.sqlite"), None, 86400, sample_queue=False, tick=0.05)
+    writer.start()
+    try:
+        token = SESSION_ID.set("S6-1")
+        try:
+            logging.getLogger("gateway.smtp.handler").info(
+                "connect client=%s port=%d listener=%s relay_client=%s", "192.0.2.1", 1, "smtp", False)
+        finally:
+            SESSION_ID.reset(token)
+        assert writer.flush()
+    finally:
+        writer.stop()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+        logging.setLogRecordFactory(saved[2])
+    db = sqlite3.connect(tmp_path / "i.sqlite")
+    assert [k for (k,) in db.execute("SELECT kind FROM events")] == ["connect"]
+    assert stream.getvalue() == ""  # the operator asked for warnings only
+    assert not logging.getLogger("gateway.smtp.handler").isEnabledFor(logging.INFO)  # as it was, once stopped
