@@ -97,9 +97,12 @@ def test_an_admin_finds_each_message_and_reads_its_story(
         # Deferred by the peer's 451, then delivered at the retry.
         peer.script_rcpt("bob@peer.example", "451 4.2.0 try later")
         remote = send(gw, "dave@example.org", "bob@peer.example", "<tracked-2@example.org>")
+        # Refused for good by the peer: a bounce goes back to alice.
+        peer.always_rcpt("eve@peer.example", "550 5.1.1 no such user")
+        bounced = send(gw, "alice@localhost", "eve@peer.example", "<tracked-3@example.org>")
         assert wait_for(lambda: len(peer.messages) == 1, timeout=20)
         mailbox = Path(gw.policy.local.mail_root) / "alice" / "Maildir" / "new"
-        assert wait_for(lambda: mailbox.is_dir() and any(mailbox.iterdir()), timeout=10)
+        assert wait_for(lambda: mailbox.is_dir() and len(list(mailbox.iterdir())) == 2, timeout=20)
         assert wait_for(lambda: not gw.queue_ids(), timeout=10)
         assert gw.app.index.flush()
 
@@ -132,6 +135,20 @@ def test_an_admin_finds_each_message_and_reads_its_story(
         assert [a["status"] for a in attempts] == ["deferred", "delivered"]
         assert "451 4.2.0 try later" in attempts[0]["text"] and "127.0.0.1" in attempts[1]["text"]
         assert browser.find_element(By.ID, "state").text == "delivered"
+
+        # The bounced one: the peer's 550, the notice, and the notice's own story.
+        assert open_only(browser, gw, "message_id=tracked-3") == bounced
+        assert browser.find_element(By.ID, "state").text == "bounced"
+        steps = story(browser)
+        (failed,) = [s for s in steps if s["kind"] == "delivery"]
+        assert failed["status"] == "failed" and "550 5.1.1 no such user" in failed["text"]
+        (notice,) = [s for s in steps if s["kind"] == "dsn"]
+        assert notice["status"] == "failure" and notice["recipient"] == "alice@localhost"
+        browser.find_element(By.CSS_SELECTOR, "#story tr[data-kind='dsn'] a").click()
+        assert wait_for(lambda: browser.find_element(By.ID, "key").text != bounced, timeout=10)
+        assert browser.find_element(By.ID, "state").text == "delivered"
+        assert "generated" in browser.find_element(By.ID, "outcome").text
+        assert [s["kind"] for s in story(browser)][0] == "generated"
 
         # By sender, and a time range that ends before any of it: nothing.
         assert search(browser, gw, "sender=dave%40example.org") == {remote: "delivered"}
