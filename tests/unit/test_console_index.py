@@ -231,3 +231,40 @@ def test_the_index_hears_info_lines_that_a_warning_log_level_does_not_print(tmp_
     assert [k for (k,) in db.execute("SELECT kind FROM events")] == ["connect"]
     assert stream.getvalue() == ""  # the operator asked for warnings only
     assert not logging.getLogger("gateway.smtp.handler").isEnabledFor(logging.INFO)  # as it was, once stopped
+
+
+def test_a_delivery_by_another_process_gets_its_delay_from_the_index(tmp_path: Path) -> None:
+    index = SqliteIndex(tmp_path / "i.sqlite")
+    index.create()
+    worker = IndexWriter(index, None, 86400, sample_queue=False)
+    t = 1_800_000_000.0
+    index.write(worker.assembler.feed([  # the worker queued it...
+        Event("mail", t, "S1", "-", ("a@example.org", None)),
+        Event("queued", t + 1, "S1", "Q1", ("a@example.org", "<b@example.net>", 1, 10, "msg", 0.0)),
+    ]))
+    master = IndexWriter(index, None, 86400, sample_queue=True)
+    batch = master.assembler.feed([Event("delivery", t + 61, "-", "Q1", ("b@example.net", "delivered", "mx", "250 ok"))])
+    master._complete(batch)  # ...the master retried and delivered it
+    (row,) = batch.events
+    assert row.delay == pytest.approx(60.0)
+    assert batch.maxima[("latency_max", "", int(t + 61) // 60 * 60)] == pytest.approx(60.0)
+
+
+class _Queue:
+    def __init__(self, ids: list[str]) -> None:
+        self._ids = ids
+
+    def ids(self, area: str = "msg") -> list[str]:
+        return self._ids if area == "msg" else []
+
+
+def test_the_master_samples_the_queue_size_and_its_oldest_message_age() -> None:
+    now = 1_800_000_000.0
+    # Queue ids start with their time in microseconds, in hex (gateway/queue/store.py).
+    ids = [f"{int((now - age) * 1e6):013X}00000A0000" for age in (3600, 60)]
+    writer = IndexWriter(SqliteIndex("unused"), _Queue(ids), 86400, sample_queue=True)
+    batch = Batch()
+    writer._sample(batch, now)
+    minute = int(now) // 60 * 60
+    assert batch.maxima[("queue_size", "", minute)] == 2
+    assert batch.maxima[("queue_age", "", minute)] == pytest.approx(3600, abs=1)
