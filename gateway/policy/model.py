@@ -127,7 +127,7 @@ class Limits:
         25 * 1024**2, 'largest message accepted (SIZE), e.g. "25MB"', min=1
     )
     spool_threshold: Size = setting(
-        256 * 1024, "a message past this size goes to the queue's disk as it arrives, not memory", min=0
+        64 * 1024, "a message past this size goes to the queue's disk as it arrives, not memory", min=0
     )
     max_recipients: int = setting(100, "recipients per transaction", min=1)
     max_command_line: int = setting(

@@ -29,6 +29,7 @@ __all__ = ["DataResult", "read_data"]
 
 _TERMINATOR = b"\r\n.\r\n"
 _CHUNK = 256 * 1024
+_SPOOL_CHUNK = 32 * 1024  # reads once a message is being spooled
 
 REPLY_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 REPLY_BARE_NEWLINE = Reply(
@@ -86,6 +87,7 @@ async def _read_until_end(
             raise ConnectionResetError("connection closed during DATA")
         received += len(chunk)
         buf += chunk
+        del chunk  # not held through the next read
         if not overflow and scan_from < 3 and buf[:3] == b".\r\n":  # "." alone: no message
             _push_back(reader, buf[3:])
             return bytearray(), received - len(buf) + 3
@@ -200,7 +202,7 @@ class _Checker:
         self.size = 0
         self.error: Reply | None = None
 
-    def feed(self, stretch: bytes | bytearray) -> bytes:
+    def feed(self, stretch: bytes) -> bytes:
         """The stretch, unstuffed, or ``b""`` once the message is refused."""
         if self.error is not None or not stretch:
             return b""
@@ -208,16 +210,20 @@ class _Checker:
         if stretch.count(b"\n") != crlf or stretch.count(b"\r") != crlf:
             self.error = REPLY_BARE_NEWLINE
             return b""
-        data = bytes(stretch).replace(b"\r\n.", b"\r\n")
+        data = stretch.replace(b"\r\n.", b"\r\n")  # the same object when there is no dot
         if self.at_line_start and data[:1] == b".":
             data = data[1:]
         if self.max_content:
-            lines = data.split(b"\r\n")
-            first = self.line_length + len(lines[0])
-            self.line_length = len(lines[-1]) if len(lines) > 1 else first
-            if first > self.max_content or self.line_length > self.max_content or (
-                len(lines) > 2 and max(map(len, lines[1:-1])) > self.max_content
-            ):
+            first_end = data.find(b"\r\n")
+            if first_end < 0:  # the line goes on
+                self.line_length += len(data)
+                is_too_long = self.line_length > self.max_content
+            else:
+                is_too_long = self.line_length + first_end > self.max_content or _has_long_line(
+                    data, self.max_content
+                )
+                self.line_length = len(data) - data.rfind(b"\r\n") - 2
+            if is_too_long:
                 self.error = REPLY_LINE_TOO_LONG
                 return b""
         self.at_line_start = stretch[-2:] == b"\r\n"  # as sent: "\r\n." | ".x" is mid-line
@@ -235,28 +241,38 @@ async def _read_spooled(
     """Go on reading after :class:`_Spooling`: check each stretch and append it to the
     spool, keeping only the last few octets (where the end marker may begin) in memory.
     The whole message is consumed even once it is refused; a refused message's spool is
-    removed, and so is the spool of a session that ends (or is cancelled) mid-DATA."""
+    removed, and so is the spool of a session that ends (or is cancelled) mid-DATA.
+
+    Memory per session stays near two reads of :data:`_SPOOL_CHUNK`: what was read is
+    dropped before the write it feeds is awaited (a session waiting on the disk holds
+    only the stretch being written), and reads are small, so that a few hundred large
+    messages arriving at once cost tens of megabytes, not hundreds."""
+    data = bytes(buf)
+    buf.clear()  # the caller's (held by its exception) is not kept through the message
     try:
         while True:
-            idx = buf.find(_TERMINATOR)
+            idx = data.find(_TERMINATOR)
             if idx >= 0:
-                _push_back(reader, buf[idx + 5 :])
-                received -= len(buf) - (idx + 5)
-                await _append(spool, checker, buf[: idx + 2])
+                _push_back(reader, data[idx + 5 :])
+                received -= len(data) - (idx + 5)
+                stretch, data = data[: idx + 2], b""
+                await _append(spool, checker, stretch)
                 break
             # The end marker is 5 octets: one that begins before the last 4 would have
             # been found. Never cut between the CR and LF of a line end.
-            cut = len(buf) - 4
-            if cut > 0 and buf[cut - 1] == 13:
+            cut = len(data) - 4
+            if cut > 0 and data[cut - 1] == 13:
                 cut -= 1
             if cut > 0:
-                await _append(spool, checker, buf[:cut])
-                del buf[:cut]
-            chunk = await watchdog.wait(reader.read(_CHUNK), timeout)
+                stretch, data = data[:cut], data[cut:]
+                await _append(spool, checker, stretch)
+                del stretch
+            chunk = await watchdog.wait(reader.read(_SPOOL_CHUNK), timeout)
             if not chunk:
                 raise ConnectionResetError("connection closed during DATA")
             received += len(chunk)
-            buf += chunk
+            data += chunk
+            del chunk
     except BaseException:
         spool.close()
         raise
@@ -266,8 +282,9 @@ async def _read_spooled(
     return DataResult(None, None, received, spool)
 
 
-async def _append(spool: Spool, checker: _Checker, stretch: bytes | bytearray) -> None:
+async def _append(spool: Spool, checker: _Checker, stretch: bytes) -> None:
     data = checker.feed(stretch)
+    del stretch  # the same object when nothing was unstuffed; else not needed again
     if not data:
         return
     try:

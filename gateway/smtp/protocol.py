@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 # RFC 3461 §5 and RFC 1870: parameters lengthen MAIL and RCPT command lines.
 PARAMETER_ALLOWANCE = 500
+_RECV_SIZE = 32 * 1024  # one socket read (asyncio's default is 256 KiB)
 
 R_SYNTAX = Reply(500, "5.5.2", "Syntax error")
 R_UNRECOGNISED = Reply(500, "5.5.1", "Command unrecognized")
@@ -111,8 +112,10 @@ class _Close(Exception):
 class GatewaySMTP(SMTP):
     """One SMTP connection."""
 
-    # The stream buffer size; command lines are limited separately by the policy.
-    line_length_limit = 256 * 1024
+    # The stream buffer size; command lines are limited separately by the policy. The
+    # reader stops taking data from the socket past twice this, so it also bounds what
+    # a session holds while its DATA waits on the disk (the kernel keeps the rest).
+    line_length_limit = 16 * 1024
 
     def __init__(
         self,
@@ -171,6 +174,10 @@ class GatewaySMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         is_starttls = self._original_transport is not None and self.transport is not None
+        if isinstance(getattr(transport, "max_size", None), int):
+            # The socket transport's read size (256 KiB by default): one read may land
+            # in the reader's buffer past its limit, so it is part of a session's memory.
+            transport.max_size = _RECV_SIZE  # type: ignore[attr-defined]
         super().connection_made(transport)
         if is_starttls and self.gsession is not None:
             self.gsession.reset_for_tls()
