@@ -87,6 +87,7 @@ class TestZoneResolver(ZoneResolver):
     def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
         name = _key(str(request.q.qname))
         qtype = QTYPE[request.q.qtype]
+        request.header.ad = 0  # replies copy the query's flags; a non-validating server never sets AD
         with self.lock:
             self.queries.append((name.rstrip("."), qtype))
             if self._matches(self.dropping, name, qtype):

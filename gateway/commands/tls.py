@@ -23,6 +23,18 @@ connection is made. Exit status: 0 when mail can go somewhere, 1 when it would w
 lookup failed), 2 for an invalid policy file.
 """
 
+_REPORT = """\
+The TLS reports (RFC 8460) of remote delivery, from the counts the gateway keeps in its
+state store ([tls_reporting] state) per policy domain and period: --preview prints the
+JSON report of each domain (or of DOMAIN) for the period so far, as it would be sent;
+--send sends now what the ended periods owe (or, with --period, that period's reports,
+which closes it): a mail to the mailto: destinations of each domain's _smtp._tls TXT
+record (through the policy's queue, which the running gateway delivers) and a POST to its
+https: ones. A report already sent (by the gateway's daily timer or an earlier --send) is
+never sent again. Exit status: 0, 1 nothing to show, 2 usage or policy error, 75 state
+store or queue unavailable.
+"""
+
 
 def register(sub: Any) -> None:
     tls = sub.add_parser(
@@ -37,6 +49,23 @@ def register(sub: Any) -> None:
     check.add_argument("domain", help="the recipient domain")
     check.add_argument("--policy", help="policy file (default: the embedded default)")
     check.set_defaults(func=main)
+    report = commands.add_parser(
+        "report", help="show the TLS reports (RFC 8460) of a period, or send what is owed",
+        description=_REPORT, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = report.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--preview", nargs="?", const="*", metavar="DOMAIN", help="print the JSON report(s) (of DOMAIN) for the period"
+    )
+    what.add_argument("--send", action="store_true", help="send the reports owed now")
+    report.add_argument(
+        "--period", default=None, metavar="WHICH",
+        help="current, previous, or the period's start (seconds since the epoch); --preview: default current;"
+        " --send: default every ended period not yet sent",
+    )
+    report.add_argument("--domain", action="append", default=None, help="--send --period: only this policy domain")
+    report.add_argument("--policy", help="policy file (default: the embedded default)")
+    report.set_defaults(func=report_main)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -152,3 +181,66 @@ async def _dane_lines(policy: Any, domain: str, security: Any, destinations: lis
         else:
             lines.append(f"TLSA {answer.name}: {answer.state} ({answer.detail})")
     return lines
+
+
+def _begin(which: str, period: float, now: float) -> int | None:
+    current = int(now // period * period)
+    if which == "current":
+        return current
+    if which == "previous":
+        return int(current - period)
+    if which.isdigit():
+        return int(int(which) // period * period)
+    return None
+
+
+def report_main(args: argparse.Namespace) -> int:
+    from gateway.commands._common import load
+    from gateway.policy import PolicyError
+
+    try:
+        policy, _ = load(args.policy)
+    except (PolicyError, OSError) as exc:
+        print(f"gateway tls: {exc}", file=sys.stderr)
+        return 2
+    if not policy.tls_reporting.enabled:
+        print("gateway tls: the policy has [tls_reporting] enabled = false", file=sys.stderr)
+        return 2
+    begin = None
+    if args.period is not None or args.preview:
+        begin = _begin(args.period or "current", float(policy.tls_reporting.period), time.time())
+        if begin is None:
+            print(f"gateway tls: --period {args.period!r}: current, previous or seconds since the epoch", file=sys.stderr)
+            return 2
+    return asyncio.run(_report(args, policy, begin))
+
+
+async def _report(args: argparse.Namespace, policy: Any, begin: int | None) -> int:
+    import json
+
+    from gateway.delivery.remote.tlsrpt_send import command_reporter
+    from gateway.state import StateUnavailable
+    from gateway.verdicts import TemporaryFailure
+
+    try:
+        async with command_reporter(policy) as reporter:
+            if args.preview:
+                assert begin is not None
+                domain = None if args.preview == "*" else args.preview.strip().rstrip(".").lower()
+                documents = await reporter.preview(begin, domain)
+                if not documents:
+                    print(f"gateway tls: no TLS sessions counted{f' for {domain}' if domain else ''}"
+                          f" in the period from {begin}", file=sys.stderr)
+                    return 1
+                shown: Any = documents[0] if domain else documents
+                print(json.dumps(shown, indent=2, ensure_ascii=False))
+                return 0
+            if begin is None:
+                sent = await reporter.send_due()
+            else:
+                sent, _ = await reporter.send_period(begin, args.domain)
+            print(f"gateway tls: {sent} report(s) sent")
+            return 0
+    except (StateUnavailable, TemporaryFailure, OSError) as exc:
+        print(f"gateway tls: {exc}", file=sys.stderr)
+        return 75

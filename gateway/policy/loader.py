@@ -43,6 +43,7 @@ from gateway.policy.model import (
     EtrnSettings,
     ScoringSettings,
     ServerSettings,
+    TlsReportingSettings,
     TlsSettings,
 )
 from gateway.policy.schema import PolicyError, build, convert
@@ -70,6 +71,7 @@ _SECTIONS: dict[str, type] = {
     "metrics": MetricsSettings,
     "capture": CaptureSettings,
     "console": ConsoleSettings,
+    "tls_reporting": TlsReportingSettings,
 }
 _TOP_LEVEL = (*_SECTIONS, "listeners", "routes", "plugins", "overrides")
 _OVERRIDE_KEYS = ("match", "disable", "plugins", "limits")
@@ -230,6 +232,7 @@ class _Loader:
             metrics=self.section(data, MetricsSettings, "metrics"),
             capture=self.section(data, CaptureSettings, "capture"),
             console=self.section(data, ConsoleSettings, "console"),
+            tls_reporting=self.section(data, TlsReportingSettings, "tls_reporting"),
             routes=routes,
             plugins=plugins,
             overrides=overrides,

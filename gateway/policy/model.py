@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway.policy.console import ConsoleSettings
+from gateway.policy.tls_reporting import TlsReportingSettings
 from gateway.policy.local import LocalAssign, LocalSettings, QuotaLimit, QuotaSettings
 from gateway.policy.schema import setting
 from gateway.policy.units import Duration, IPNetwork, Size
@@ -34,6 +35,7 @@ __all__ = [
     "AuthSettings",
     "CaptureSettings",
     "ConsoleSettings",
+    "TlsReportingSettings",
     "DeliverySettings",
     "DnsSettings",
     "EtrnSettings",
@@ -241,6 +243,10 @@ class DeliverySettings:
         443, "port of the MTA-STS policy fetch; RFC 8461 says 443, another port is for tests", min=1, max=65535
     )
     mta_sts_timeout: Duration = setting(10.0, "limit for one MTA-STS policy fetch over HTTPS", min=0.001)
+    mta_sts_refresh: Duration = setting(
+        3600.0, "how often the master checks each cached MTA-STS policy's TXT id and age, and fetches "
+        "a changed or half-expired one in the background (RFC 8461 §5.1)", min=0.01
+    )
     dane: Literal["dane", "dane-only", "off"] = setting(
         "dane",
         "DANE (RFC 7672) for MX delivery, with a trusted validating resolver ([dns] dnssec): dane = a host "
@@ -493,6 +499,7 @@ class Policy:
     capture: CaptureSettings = setting(CaptureSettings(), "session recording for gateway replay")
     console: ConsoleSettings = setting(ConsoleSettings(), "the web console")
     delivery: DeliverySettings = setting(DeliverySettings(), "scheduler and delivery agents")
+    tls_reporting: TlsReportingSettings = setting(TlsReportingSettings(), "SMTP TLS reports (RFC 8460)")
     routes: tuple[RouteSettings, ...] = setting((), "smarthost routes, first match wins")
     plugins: tuple[PluginEntry, ...] = setting((), "the ordered plugin chain")
     overrides: tuple[Override, ...] = setting((), "scoped overrides")

@@ -484,3 +484,79 @@ def test_a_cached_policy_is_refreshed_before_it_runs_out(harness: Harness, https
         assert harness.deliver(MxRoute("sts.test.example"), "b@sts.test.example")["b@sts.test.example"].status == "delivered"
         assert len(https.requests) == 2 and len(stripped.messages) == 1
         assert json.loads(entry.read_text())["fetched"] > time.time() - 60
+
+
+# -- the test DNS server is a plain authoritative server --------------------------------------
+
+
+def test_tlsa_records_from_a_server_that_does_not_validate_are_ignored(
+    harness: Harness, dns_server: DnsTestServer, port: int
+) -> None:
+    """tests/dnsserver.py answers as a non-validating authoritative server does, without AD,
+    so ``[dns] dnssec = "auto"`` (loopback) never takes its TLSA records for validated ones:
+    a TLSA record that matches nothing must not make mail to a host without STARTTLS wait."""
+    dns_server.set_zone(ZONE + f"_{port}._tcp.mx1 IN TLSA 3 1 1 {'ab' * 32}\n")
+    with mx_peer(port) as mx1:  # no STARTTLS: DANE would defer (4.7.5)
+        got = harness.deliver(MxRoute("plain.test.example"), "b@plain.test.example")
+        assert got["b@plain.test.example"].status == "delivered"
+        assert not mx1.messages[0].has_tls
+    assert harness.counters.tls_failures == {}
+
+
+# -- background refresh (RFC 8461 §5.1) -------------------------------------------------------
+
+
+def test_the_master_refreshes_cached_policies_in_the_background(
+    harness: Harness, dns_server: DnsTestServer, https: PolicyServer, ca: TestCA, port: int, tmp_path: Path
+) -> None:
+    """Once a policy is cached, the primary agent looks at it again every mta_sts_refresh
+    without any delivery: a new TXT id gets the new policy fetched and cached (and used);
+    a refresh that cannot fetch keeps the cached policy in force until it expires."""
+    import dataclasses
+    import json
+
+    settings = dataclasses.replace(harness.policy.delivery, mta_sts_refresh=0.1)
+    policy = dataclasses.replace(harness.policy, delivery=settings)
+    agent = RemoteDeliveryAgent(
+        policy, make_resolver(policy.dns), hostname=HOSTNAME, counters=harness.counters, cache_dir=harness.cache
+    )
+    cached = harness.cache / "sts.test.example.json"
+    https.policies["sts.test.example"] = policy_text("testing", "mx1.test.example")
+
+    async def until(predicate: Any) -> bool:
+        for _ in range(300):  # a bound on the wait, not a speed requirement
+            if predicate():
+                return True
+            await asyncio.sleep(0.05)
+        return predicate()
+
+    async def main() -> None:
+        try:
+            with mx_peer(port, tls=True, certificate=ca.issue(*MX_NAMES)):
+                got = await agent.deliver(
+                    Envelope("a@src.example", []), [QueuedRecipient("b@sts.test.example")],
+                    MxRoute("sts.test.example"), MESSAGE,
+                )
+            assert got["b@sts.test.example"].status == "delivered"
+            assert json.loads(cached.read_text())["id"] == "20261205"
+            # The domain publishes a new policy: no mail goes there meanwhile.
+            https.policies["sts.test.example"] = policy_text("enforce", "mx2.test.example")
+            dns_server.set_zone(ZONE.replace("id=20261205;", "id=2;"))
+            assert await until(lambda: json.loads(cached.read_text())["id"] == "2")
+            assert "mode: enforce" in json.loads(cached.read_text())["policy"]
+            known = await agent.security.policy_for("sts.test.example")
+            assert (known.mode, known.policy_id, known.mx) == ("sts-enforce", "2", ("mx2.test.example",))
+            # Its server fails now and the id changes again: the cached policy stays in force.
+            https.status = 500
+            fetches = len(https.requests)
+            dns_server.set_zone(ZONE.replace("id=20261205;", "id=3;"))
+            assert await until(lambda: len(https.requests) > fetches)
+            await asyncio.sleep(0.3)  # more refresh passes, each failing
+            assert json.loads(cached.read_text())["id"] == "2"
+            known = await agent.security.policy_for("sts.test.example")
+            assert (known.mode, known.policy_id) == ("sts-enforce", "2")
+        finally:
+            await agent.close()
+
+    asyncio.run(main())
+    assert https.requests[:2] == [("mta-sts.sts.test.example", "/.well-known/mta-sts.txt")] * 2

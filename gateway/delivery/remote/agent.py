@@ -34,6 +34,7 @@ from gateway.delivery.remote.failures import HostFailure, StaleConnection, TlsFa
 from gateway.delivery.remote.mx import Destination, parse_address_literal, resolve_destinations, resolve_host
 from gateway.delivery.remote.policy import TlsOutcome, TransportPolicy, TransportSecurity
 from gateway.delivery.remote.tlsa import DaneConfig
+from gateway.delivery.remote.tlsrpt_send import TlsReporting
 from gateway.delivery.remote.wire import Outgoing, outgoing
 from gateway.delivery.types import MxRoute, Outcome, SmarthostRoute
 from gateway.logs import short
@@ -106,10 +107,14 @@ class RemoteDeliveryAgent:
         cache_dir: Path | None = None,
     ) -> None:
         self.policy = policy
+        #: TLS reports (RFC 8460): outcomes counted here, sent by the primary's timer
+        self.reporting = TlsReporting(
+            policy, resolver, hostname=hostname, primary=primary, counters=counters
+        ) if policy.tls_reporting.enabled else None
         #: answers "what must this destination's TLS look like?" (MTA-STS, DANE)
         self.security = TransportSecurity(
             policy.delivery, resolver, cache_dir or Path(policy.server.var_dir) / "mta-sts", counters=counters,
-            dane=DaneConfig.from_policy(policy, resolver),
+            dane=DaneConfig.from_policy(policy, resolver), reporting=self.reporting,
         )
         #: how many gateway processes split ``destination_concurrency`` (workers)
         self.share = max(1, share)
@@ -126,6 +131,7 @@ class RemoteDeliveryAgent:
         self._backed_off: dict[tuple[str, int], tuple[float, Reply]] = {}
         self._contexts: dict[str, ssl.SSLContext] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
         self._is_closed = False
 
     @property
@@ -157,6 +163,7 @@ class RemoteDeliveryAgent:
         """
         if not recipients:
             return {}
+        self._start_background()
         settings = self.policy.delivery
         auth: _Auth | None = None
         try:
@@ -198,9 +205,27 @@ class RemoteDeliveryAgent:
             if limit.users == 0:
                 del self._limits[route.key]
 
+    def _start_background(self) -> None:
+        """The primary's MTA-STS refresh and the TLS reports' tasks, once (a loop runs now)."""
+        if self._refresher is None and self.primary and self.policy.delivery.mta_sts and not self._is_closed:
+            interval = float(self.policy.delivery.mta_sts_refresh)
+            self._refresher = asyncio.get_running_loop().create_task(
+                self.security.refresh_forever(interval), name="mta-sts-refresh"
+            )
+        if self.reporting is not None:
+            self.reporting.start()
+
     async def close(self) -> None:
-        """Close every pooled connection (QUIT) and stop the idle reaper."""
+        """Close every pooled connection (QUIT), stop the idle reaper and the background
+        tasks, and store the TLS outcomes still counted in memory."""
         self._is_closed = True
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+        if self.reporting is not None:
+            await self.reporting.close()
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -252,7 +277,9 @@ class RemoteDeliveryAgent:
             policy = await self.security.for_host(transport, dest) if is_mx else transport
             if policy.is_dane:
                 if policy.problem:
-                    self.security.record(TlsOutcome(policy, dest.host, policy.problem, detail=policy.detail))
+                    self.security.record(
+                        TlsOutcome(policy, dest.host, policy.problem, detail=policy.detail, address=dest.address)
+                    )
                     text = f"DANE: not delivering to {dest.host}: {policy.problem} ({policy.detail})"
                     last, last_host = Reply(451, "4.7.5", text[:1000]), ""
                     continue
@@ -263,7 +290,7 @@ class RemoteDeliveryAgent:
                 else:
                     # RFC 8461 §4.1: an MX host the policy does not name.
                     text = f"MX host {dest.host} is not named by the MTA-STS policy of {transport.domain}"
-                    self.security.record(TlsOutcome(transport, dest.host, "mx-mismatch", detail=text))
+                    self.security.record(TlsOutcome(transport, dest.host, "mx-mismatch", detail=text, address=dest.address))
                     if transport.is_enforced:
                         last, last_host = Reply(451, "4.7.5", text), ""
                         continue
@@ -283,12 +310,16 @@ class RemoteDeliveryAgent:
                 last, last_host = exc.reply, dest.host if exc.remote_reply is not None else ""
                 if isinstance(exc, TlsFailure) and mode == "sts-enforce":
                     # RFC 8461 §5: under enforce, never this host without verified TLS.
-                    self.security.record(TlsOutcome(transport, dest.host, exc.result, detail=exc.reply.text))
+                    self.security.record(
+                        TlsOutcome(transport, dest.host, exc.result, detail=exc.reply.text, address=dest.address)
+                    )
                     text = f"{exc.reply.text}; the MTA-STS policy of {transport.domain} requires verified TLS"
                     last = Reply(451, "4.7.5", text[:1000])
                 elif isinstance(exc, TlsFailure) and policy.is_dane:
                     # RFC 7672 §2.2: never in clear, never over TLS the TLSA records do not authenticate.
-                    self.security.record(TlsOutcome(policy, dest.host, exc.result, detail=exc.reply.text))
+                    self.security.record(
+                        TlsOutcome(policy, dest.host, exc.result, detail=exc.reply.text, address=dest.address)
+                    )
                     text = f"{exc.reply.text}; the DANE TLSA records of {dest.host} require authenticated TLS"
                     last = Reply(451, "4.7.5", text[:1000])
                 log.info(
@@ -304,13 +335,16 @@ class RemoteDeliveryAgent:
             result = ""
             if policy.is_dane:
                 result = "success"
-                self.security.record(TlsOutcome(policy, dest.host, result, conn.tls_version))
+                self.security.record(TlsOutcome(policy, dest.host, result, conn.tls_version, address=dest.address))
             elif transport.is_sts:
                 # Under testing, an MX host the policy does not name went by delivery.tls.
                 # Under enforce a connection exists only once its certificate was verified.
                 result = (conn.tls_verdict or "success") if mode == transport.mode else "mx-mismatch"
                 if result == "success":
-                    self.security.record(TlsOutcome(transport, dest.host, result, conn.tls_version))
+                    self.security.record(TlsOutcome(transport, dest.host, result, conn.tls_version, address=dest.address))
+            elif is_mx:  # RFC 8460 §4.3: sessions without a policy are reported as no-policy-found
+                found = transport.problem or ("success" if conn.has_tls else "starttls-not-supported")
+                self.security.report(TlsOutcome(transport, dest.host, found, conn.tls_version, address=dest.address))
             shown = policy if policy.is_dane else transport if transport.is_sts else mode
             self._log_outcomes(dest, conn, outcomes, shown, result)
             if conn.is_throttled:
@@ -370,7 +404,9 @@ class RemoteDeliveryAgent:
                 conn.tls_verdict = "success"
                 return conn
             except TlsFailure as exc:
-                self.security.record(TlsOutcome(transport, dest.host, exc.result, detail=exc.reply.text))
+                self.security.record(
+                        TlsOutcome(transport, dest.host, exc.result, detail=exc.reply.text, address=dest.address)
+                    )
                 conn = await self._connect(dest, configured, auth, configured, transport)
                 conn.tls_verdict = exc.result
                 return conn

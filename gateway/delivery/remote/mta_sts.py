@@ -51,6 +51,8 @@ __all__ = [
 MAX_POLICY_SIZE = 64 * 1024
 #: RFC 8461 §3.2: max_age is at most 31557600 seconds (about one year)
 MAX_AGE_LIMIT = 31_557_600
+#: cached policies the background refresh looks at, at most
+MAX_CACHED = 10_000
 _WELL_KNOWN = "/.well-known/mta-sts.txt"
 _MAX_HEADER_LINE = 8 * 1024
 _MAX_HEADERS = 100
@@ -340,6 +342,12 @@ class PolicyCache:
         path = self._path(domain)
         return None if path is None else await asyncio.to_thread(_load_sync, path)
 
+    async def domains(self) -> list[str]:
+        """The domains with a cache file (at most :data:`MAX_CACHED` of them)."""
+        if self.directory is None:
+            return []
+        return await asyncio.to_thread(_domains_sync, self.directory)
+
     async def store(self, domain: str, text: str, policy: StsPolicy) -> None:
         """Keep ``policy`` (parsed from ``text``) for ``domain``."""
         path = self._path(domain)
@@ -356,6 +364,14 @@ def _load_sync(path: Path) -> StsPolicy | None:
         return None
     except (OSError, ValueError, KeyError, TypeError):
         return None  # a damaged cache entry is no policy; the next fetch rewrites it
+
+
+def _domains_sync(directory: Path) -> list[str]:
+    try:
+        names = [p.name[:-5] for p in directory.iterdir() if p.name.endswith(".json")]
+    except OSError:
+        return []
+    return [n for n in names if is_domain(n)][:MAX_CACHED]
 
 
 def _store_sync(path: Path, data: bytes) -> None:

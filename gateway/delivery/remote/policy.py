@@ -16,14 +16,17 @@ one :class:`TransportPolicy`: its ``mode`` is
   except under ``dane-only``, where it gets none (``problem = "dane-required"``).
 
 After each attempt the agent hands back a :class:`TlsOutcome` (:meth:`TransportSecurity.record`),
-which is logged and counted in ``Counters.tls_failures``; TLS reports (RFC 8460) will be
-built from the same records.
+which is logged and counted in ``Counters.tls_failures``, and counted for the TLS reports
+(RFC 8460, :mod:`gateway.delivery.remote.tlsrpt_send`) when they are on.
 
 Policies come from :mod:`gateway.delivery.remote.mta_sts`: the TXT ``id`` is looked up at
 most once per TXT TTL (at most :data:`RECHECK` seconds) per domain, the policy is fetched
 when the ``id`` differs from the cached one, the cached one expired, or it is due for a
 refresh (a day old, or half its ``max_age``), and a cached policy still within its
-``max_age`` is used when the TXT lookup or the fetch fails (RFC 8461 §5.1).
+``max_age`` is used when the TXT lookup or the fetch fails (RFC 8461 §5.1). In the master,
+:meth:`TransportSecurity.refresh` does the same in the background every ``[delivery]
+mta_sts_refresh`` for each cached policy, so a changed or ageing policy is fetched before
+a delivery needs it.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from gateway.delivery.remote.mta_sts import (
 from gateway.delivery.remote.dane import TlsaRecord
 from gateway.delivery.remote.mx import Destination
 from gateway.delivery.remote.tlsa import DaneConfig, TlsaAnswer, lookup_tlsa
+from gateway.delivery.remote.tlsrpt_send import TlsReporting
 from gateway.dns import DnsError, DnsNotFound, lookup
 from gateway.policy.model import DeliverySettings
 
@@ -88,6 +92,7 @@ class TransportPolicy:
     :param tlsa: DANE: the host's usable DNSSEC-validated TLSA records; none under a DANE
         mode without a problem means TLSA records none of which is usable: TLS is then
         required but not authenticated (RFC 7672 §2.2)
+    :param max_age: MTA-STS: the policy's ``max_age`` (for TLS reports' policy-string)
     """
 
     domain: str
@@ -98,6 +103,7 @@ class TransportPolicy:
     problem: str = ""
     detail: str = ""
     tlsa: tuple[TlsaRecord, ...] = ()
+    max_age: int = 0
 
     @property
     def is_dane(self) -> bool:
@@ -131,6 +137,9 @@ class TlsOutcome:
         (``starttls-not-supported``, ``certificate-expired``, ``certificate-host-mismatch``,
         ``certificate-not-trusted``, ``validation-failure``) or ``mx-mismatch`` (the MX
         host is not one the policy names)
+    :param address: the host's IP address (``receiving-ip`` of a TLS report)
+    :param source: ours in the session, when known (``sending-mta-ip``; else the report
+        takes the address the kernel would use towards ``address``)
     """
 
     policy: TransportPolicy
@@ -139,6 +148,8 @@ class TlsOutcome:
     tls_version: str = ""
     detail: str = ""
     when: float = field(default_factory=time.time)
+    address: str = ""
+    source: str = ""
 
     @property
     def is_failure(self) -> bool:
@@ -175,6 +186,7 @@ class TransportSecurity:
     :param cache_dir: where policies are kept (``<var_dir>/mta-sts``); ``None``: memory only
     :param counters: the process's :class:`~gateway.metrics.Counters`, for ``tls_failures``
     :param dane: DANE's settings and trusted resolver; ``None``: no DANE
+    :param reporting: where outcomes are counted for TLS reports (RFC 8460); ``None``: not
     """
 
     def __init__(
@@ -185,12 +197,14 @@ class TransportSecurity:
         *,
         counters: Any = None,
         dane: DaneConfig | None = None,
+        reporting: TlsReporting | None = None,
     ) -> None:
         self.settings = settings
         self.dane = dane or DaneConfig()
         self.resolver = resolver
         self.cache = PolicyCache(cache_dir)
         self.counters = counters
+        self.reporting = reporting
         self._known: dict[str, _Known] = {}
         self._pending: dict[str, asyncio.Future[TransportPolicy]] = {}
         self._context: ssl.SSLContext | None = None
@@ -284,13 +298,49 @@ class TransportSecurity:
     @staticmethod
     def _answer(domain: str, policy: StsPolicy, detail: str) -> TransportPolicy:
         mode: Mode = "sts-enforce" if policy.mode == "enforce" else "sts-testing" if policy.mode == "testing" else "none"
-        return TransportPolicy(domain, mode, policy.mx, policy.policy_id, policy.expires, detail=detail)
+        return TransportPolicy(
+            domain, mode, policy.mx, policy.policy_id, policy.expires, detail=detail, max_age=policy.max_age
+        )
 
     def _from_cache(self, domain: str, cached: StsPolicy | None, why: str) -> TransportPolicy:
         # RFC 8461 §5.1: a cached policy stays in force until its max_age, whatever DNS says.
         if cached is not None:
             return self._answer(domain, cached, f"cached; {why}")
         return TransportPolicy(domain, detail=why)
+
+    # -- background refresh (RFC 8461 §5.1) ------------------------------------------------
+
+    async def refresh(self) -> int:
+        """Look again at every domain with a cached, still valid policy, as a delivery
+        would: its TXT ``id`` is asked, and the policy fetched when the ``id`` changed or
+        it is due (half its ``max_age``, at most a day old); a failed fetch or lookup keeps
+        the cached policy until its ``max_age`` runs out. Returns how many were fetched anew."""
+        loop = asyncio.get_running_loop()
+        domains = set(await self.cache.domains())
+        domains.update(d for d, k in self._known.items() if k.policy.is_sts)
+        fetched = 0
+        for domain in sorted(domains):
+            cached = await self.cache.load(domain)
+            known = self._known.get(domain)
+            if (cached is None or not cached.is_fresh()) and (known is None or not known.policy.is_sts):
+                continue
+            try:
+                policy, ttl = await self.discover(domain)
+            except Exception:  # a boundary: one domain's trouble must not stop the others
+                log.exception("MTA-STS of %s: background refresh failed", domain)
+                continue
+            self._known[domain] = _Known(policy, loop.time() + ttl)
+            fetched += policy.detail == "fetched"
+        return fetched
+
+    async def refresh_forever(self, interval: float) -> None:
+        """:meth:`refresh` every ``interval`` seconds (the master's task)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except Exception:  # boundary: the task outlives any one failure
+                log.exception("MTA-STS background refresh failed")
 
     # -- DANE -----------------------------------------------------------------------------
 
@@ -344,8 +394,14 @@ class TransportSecurity:
         if self.counters is not None:
             self.counters.bump(self.counters.tls_failures, (mode, result))
 
+    def report(self, outcome: TlsOutcome) -> None:
+        """Count ``outcome`` for the TLS reports (RFC 8460), and nothing else."""
+        if self.reporting is not None:
+            self.reporting.note(outcome)
+
     def record(self, outcome: TlsOutcome) -> None:
-        """Log and count how TLS went with a host under ``outcome.policy``."""
+        """Log and count how TLS went with a host under ``outcome.policy`` (and report it)."""
+        self.report(outcome)
         if not outcome.is_failure:
             return
         policy = outcome.policy
