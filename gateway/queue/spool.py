@@ -10,7 +10,8 @@ If not (refused, too big, the client gone, the disk full), :meth:`Spool.close` r
 A crash leaves it in ``tmp/``, which :meth:`~gateway.queue.QueueStore.open` empties: the
 file is never taken for a message, since only a commit's rename publishes it.
 
-Writes run on a thread, so a slow disk never holds up the event loop.
+Writes go straight to the page cache from the event loop, and to a thread for a while
+once one of them was slow (:meth:`Spool.write`), so a slow disk does not hold it up.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import contextlib
 import errno
 import logging
 import os
+import time
 
 from gateway.content import Content
 from gateway.queue.damage import SPOOL_LINE
@@ -27,6 +29,12 @@ from gateway.queue.damage import SPOOL_LINE
 __all__ = ["Spool"]
 
 log = logging.getLogger(__name__)
+
+#: A spool write slower than this (seconds) sends this process's spool writes to a
+#: thread for SLOW_FOR seconds.
+SLOW_WRITE = 0.05
+SLOW_FOR = 60.0
+_slow_until = [0.0]  # monotonic time until which writes go to a thread
 
 _PLACEHOLDER = b"GWQ2-SPOOLING".ljust(SPOOL_LINE - 1) + b"\n"  # never parses as a header
 _FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -53,13 +61,30 @@ class Spool:
         return SPOOL_LINE
 
     async def write(self, data: bytes) -> None:
-        """Append ``data`` to the message (on a thread).
+        """Append ``data`` to the message.
+
+        A write lands in the page cache and takes microseconds, far less than handing
+        it to a thread and back (which also keeps the data alive while it waits), so it
+        is made here, as nginx writes request bodies. If one ever takes longer than
+        :data:`SLOW_WRITE` (a disk throttling its writers), this process's spool writes
+        go to a thread for :data:`SLOW_FOR` seconds, so the event loop is not held
+        while the disk is slow.
 
         :raises OSError: from the disk (``ENOSPC`` when it is full); nothing is kept
             that a later write could mistake for the message
         """
-        if data:
+        if not data:
+            return
+        if time.monotonic() < _slow_until[0]:
             await asyncio.to_thread(self._write, data)
+            return
+        started = time.monotonic()
+        self._write(data)
+        took = time.monotonic() - started
+        if took > SLOW_WRITE:
+            _slow_until[0] = time.monotonic() + SLOW_FOR
+            log.warning("spool write of %d octets took %.0f ms: spool writes go to a thread for %.0f s",
+                        len(data), took * 1000, SLOW_FOR)
 
     def _write(self, data: bytes) -> None:
         if self.fd < 0:

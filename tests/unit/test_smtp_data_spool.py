@@ -147,3 +147,36 @@ def test_disk_full_mid_spool_is_452_and_removes_the_file(tmp_path: Path, monkeyp
     assert rest == b"QUIT\r\n"
     asyncio.run(asyncio.sleep(0.05))
     assert os.listdir(tmp_path) == []
+
+
+def test_after_one_slow_write_spool_writes_leave_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spool writes go to the page cache from the event loop; once one is slow (a disk
+    throttling its writers), the next ones run on a thread for a while, and say so."""
+    import threading
+    import time
+
+    from gateway.queue import spool as spool_mod
+
+    monkeypatch.setattr(spool_mod, "_slow_until", [0.0])
+    real = spool_mod._pwrite_all
+    writers: list[str] = []
+
+    def slow_first(fd: int, data: bytes | memoryview, offset: int) -> None:
+        writers.append(threading.current_thread().name)
+        if len(writers) == 2:  # the placeholder line, then the first stretch: slow
+            time.sleep(spool_mod.SLOW_WRITE * 1.5)
+        real(fd, data, offset)
+
+    monkeypatch.setattr(spool_mod, "_pwrite_all", slow_first)
+
+    async def run() -> str:
+        loop_thread = threading.current_thread().name
+        spool = Spool(str(tmp_path), "QSLOW")
+        for _ in range(3):
+            await spool.write(b"x" * 1000 + b"\r\n")
+        spool.close()
+        return loop_thread
+
+    loop_thread = asyncio.run(run())
+    assert writers[:2] == [loop_thread, loop_thread]
+    assert all(name != loop_thread for name in writers[2:]) and len(writers) == 4
