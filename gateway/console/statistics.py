@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from gateway.console.statistics_charts import Chart, Series, legend, number, render
-from gateway.tracking import SqliteIndex, index_path
+from gateway.tracking import console_index
 
 if TYPE_CHECKING:
     from gateway.console.server import Console
@@ -37,7 +37,7 @@ def _sum_keys(found: dict[str, list[float]], size: int) -> list[float]:
 
 
 def charts(series: dict[str, dict[str, list[float]]], buckets: list[int], step: int) -> list[Chart]:
-    """The page's charts from :meth:`SqliteIndex.series` figures."""
+    """The page's charts from :meth:`~gateway.tracking.base.SqlIndex.series` figures."""
     size = len(buckets)
     zero = [0.0] * size
 
@@ -81,7 +81,7 @@ def charts(series: dict[str, dict[str, list[float]]], buckets: list[int], step: 
 def add_routes(console: Console, app: web.Application) -> None:
     """``/statistics?range=1h|6h|24h|7d|30d``."""
     admin = console.requires("admin")
-    index = SqliteIndex(index_path(console.policy.server.var_dir))
+    index = console_index(console.policy)
 
     @admin
     async def page(request: web.Request, session: Session) -> web.StreamResponse:
@@ -92,9 +92,9 @@ def add_routes(console: Console, app: web.Application) -> None:
         until = (int(now) // step + 1) * step
         since = until - length
         buckets = list(range(since, until, step))
-        is_on = getattr(console.gateway_app, "index", None) is not None or index.path.exists()
+        is_on = getattr(console.gateway_app, "index", None) is not None or index.exists()
         found: dict[str, dict[str, list[float]]] = {}
-        if is_on and index.path.exists():
+        if is_on and index.exists():
             found = await console.in_thread(index.series, (*NAMES, "queue_quarantine"), since, until, step)
         shown = []
         for chart in charts(found, buckets, step):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from gateway.console.listing import PAGE, age
-from gateway.tracking import SqliteIndex, index_path
+from gateway.tracking import console_index
 
 if TYPE_CHECKING:
     from gateway.console.server import Console
@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 __all__ = ["RANGES", "add_routes", "parse_time"]
 
-KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9/-]{0,99}")
+KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9/@.-]{0,199}")
+"""A message's key: its queue id, or ``<session>/<n>`` (a session id may carry ``@node``)."""
 RANGES = {"1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400, "all": None}
 """The time ranges the form offers (before ``since``/``until``, which win)."""
 _QUEUED_AS = re.compile(r"queued as ([A-Za-z0-9]+)")
@@ -61,10 +62,10 @@ def _story(message: dict[str, Any]) -> list[dict[str, Any]]:
 def add_routes(console: Console, app: web.Application) -> None:
     """``/tracking`` (search) and ``/tracking/{key}`` (one message's story)."""
     admin = console.requires("admin")
-    index = SqliteIndex(index_path(console.policy.server.var_dir))
+    index = console_index(console.policy)
 
     def is_on() -> bool:
-        return getattr(console.gateway_app, "index", None) is not None or index.path.exists()
+        return getattr(console.gateway_app, "index", None) is not None or index.exists()
 
     @admin
     async def search(request: web.Request, session: Session) -> web.StreamResponse:
@@ -107,4 +108,4 @@ def add_routes(console: Console, app: web.Application) -> None:
         return console.render("tracking_message.html", session, m=message, story=_story(message))
 
     app.router.add_get("/tracking", search)
-    app.router.add_get(r"/tracking/{key:[A-Za-z0-9][A-Za-z0-9/-]{0,99}}", show)
+    app.router.add_get(r"/tracking/{key:[A-Za-z0-9][A-Za-z0-9/@.-]{0,199}}", show)

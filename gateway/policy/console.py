@@ -32,6 +32,10 @@ class ConsoleSettings:
         True, "while the console is on, every process records what happens to mail (tracking, "
         "statistics) in var_dir/console/index.sqlite"
     )
+    index_url: str = setting(
+        "", 'where the index is: empty for var_dir/console/index.sqlite, or "postgresql://user@host/db" '
+        "for a PostgreSQL database that several nodes and their consoles share"
+    )
     index_retention: Duration = setting(30 * 86400.0, "tracking and statistics older than this are pruned", min=3600)
     users: bool = setting(
         False, "end users log in with their mail credentials (the gateway_auth chain of users_listener) "
@@ -49,3 +53,5 @@ class ConsoleSettings:
 
     def __post_init__(self) -> None:
         check_url(self.user_lists_state)
+        if self.index_url and not self.index_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"index_url must be empty or a postgresql:// URL, not {self.index_url!r}")

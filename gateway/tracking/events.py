@@ -72,6 +72,7 @@ SOURCE_LOGGERS = (
 
 MAX_PENDING = 200_000
 """Events waiting for the writer; past this, new ones are dropped (and counted)."""
+_new_tuple = tuple.__new__
 HEAD_BYTES = 16 * 1024
 """How much of a claimed message's head is kept for its Message-ID."""
 
@@ -108,10 +109,12 @@ class IndexHandler(logging.Handler):
         kind = FORMATS.get(msg)
         if kind is None or threading.get_ident() != self._thread:
             return False
-        args = record.args if isinstance(record.args, tuple) else ()
+        args = record.args
         # The ids from the logging call's own context (records carry them only when
-        # gateway.logs.configure set its record factory).
-        self._put(Event(kind, record.created, SESSION_ID.get(), QUEUE_ID.get(), args))
+        # gateway.logs.configure set its record factory). tuple.__new__: the named
+        # tuple's own __new__ is a Python function, twice the cost of the rest here.
+        self._put(_new_tuple(Event, (kind, record.created, SESSION_ID.get(), QUEUE_ID.get(),
+                                     args if type(args) is tuple else ())))
         return True
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -130,17 +133,14 @@ class IndexHandler(logging.Handler):
     def note_claim(self, claim: Any) -> None:
         """A message this process just queued for delivery: keep its results and head.
 
-        In memory, its first :data:`HEAD_BYTES` are sliced here (no disk); a spooled one
-        is read by the writer thread from a duplicate of the claim's descriptor.
+        In memory, the content itself is kept (immutable; the writer thread reads its
+        first :data:`HEAD_BYTES`); a spooled one is read by the writer thread from a
+        duplicate of the claim's descriptor.
         """
         item = claim.item
-        notes = list(item.envelope.notes)
         content = claim.message
-        if content.is_in_memory:
-            head: Any = content.head(HEAD_BYTES)
-        else:
-            head = (os.dup(claim.fd), tuple(item.extents))
-        self._put(Event("claim", time.time(), "-", item.qid, (notes, head)))
+        head: Any = content if content.is_in_memory else (os.dup(claim.fd), tuple(item.extents))
+        self._put(_new_tuple(Event, ("claim", time.time(), "-", item.qid, (list(item.envelope.notes), head))))
 
 
 def _close_claim(event: Event) -> None:
@@ -159,9 +159,12 @@ def close_head(head: Any) -> None:
 
 def read_head(head: Any) -> bytes:
     """The head bytes of a claim's ``head`` (reading a spooled file: writer thread only)."""
-    if isinstance(head, (bytes, bytearray, memoryview)):
-        return bytes(head)
     from gateway.content import Content
+
+    if isinstance(head, Content):
+        return head.head(HEAD_BYTES)
+    if isinstance(head, (bytes, bytearray, memoryview)):
+        return bytes(head[:HEAD_BYTES])
 
     fd, extents = head
     try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 from gateway.tracking.events import Event, close_head
 
@@ -68,6 +68,7 @@ class MessageRow:
     session: str
     time: float
     qid: str = ""
+    arrived: float | None = None  # when it was queued (the delivery latency's start)
     client: str = ""
     helo: str = ""
     tls: str = ""
@@ -138,7 +139,11 @@ def _addresses(text: str) -> list[str]:
 class Assembler:
     """Keeps open sessions; :meth:`feed` returns the rows the events complete."""
 
-    def __init__(self) -> None:
+    def __init__(self, session_suffix: str = "") -> None:
+        self.session_suffix = session_suffix
+        self._handlers: dict[str, Callable[..., None]] = {
+            name[4:]: getattr(self, name) for name in dir(self) if name.startswith("_on_")
+        }
         self.sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
         self.arrivals: collections.OrderedDict[str, float] = collections.OrderedDict()
         self.claims: collections.OrderedDict[str, tuple[list[dict[str, Any]], Any]] = collections.OrderedDict()
@@ -147,10 +152,14 @@ class Assembler:
 
     def feed(self, events: Iterable[Event]) -> Batch:
         batch = Batch()
+        handlers = self._handlers
+        suffix = self.session_suffix
         for event in events:
-            handler = getattr(self, "_on_" + event.kind, None)
+            handler = handlers.get(event.kind)
             if handler is None:
                 continue
+            if suffix and event.session != "-":
+                event = event._replace(session=event.session + suffix)
             try:
                 handler(batch, event, *event.args)
             except (TypeError, ValueError, IndexError):  # a log call changed shape: skip it
@@ -374,7 +383,7 @@ class Assembler:
                    score: float) -> None:
         session = self._session(e)
         txn = self._txn(batch, session, e.time)
-        txn.qid, txn.size, txn.area, txn.score = e.queue, int(size), str(area), float(score)
+        txn.qid, txn.size, txn.area, txn.score, txn.arrived = e.queue, int(size), str(area), float(score), e.time
         txn.outcome = "quarantined" if area == "quarantine" else "queued"
         if not txn.recipients:
             txn.recipients = _addresses(to)
@@ -393,6 +402,7 @@ class Assembler:
         batch.messages.append(MessageRow(
             key=qid, qid=qid, session=session.id, time=e.time, client=session.client, helo=session.helo,
             sender=txn.sender, recipients=_addresses(to), outcome="copy", decided_by=f"copy of {e.queue}",
+            arrived=e.time,
         ))
         self._arrived(qid, e.time)
 
@@ -434,7 +444,7 @@ class Assembler:
         batch.count("generated", "", e.time)
         self._arrived(qid, e.time)
         batch.messages.append(MessageRow(
-            key=qid, qid=qid, session="", time=e.time, sender=str(sender), recipients=_addresses(to),
+            key=qid, qid=qid, session="", time=e.time, arrived=e.time, sender=str(sender), recipients=_addresses(to),
             outcome="generated", decided_by=f"for {e.queue}" if e.queue != "-" else "",
         ))
         batch.events.append(EventRow(e.time, qid, "", "generated", detail=(

@@ -16,13 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sqlite3
 import threading
 import time
 from typing import Any
 
 from gateway.tracking.events import SOURCE_LOGGERS, Event, IndexHandler, close_head, read_head
-from gateway.tracking.sqlite import SqliteIndex
+from gateway.tracking.base import SqlIndex
 from gateway.tracking.story import Assembler, Batch, EventRow, MessageRow
 
 __all__ = ["IndexWriter", "message_id_of"]
@@ -58,10 +57,12 @@ class IndexWriter:
         (quarantined, or delivery off) and to sample its size
     :param retention: seconds of tracking and hourly counters to keep
     :param sample_queue: sample the queue and prune (the master or single process)
+    :param session_suffix: added to session ids in the index (``@node`` when several
+        nodes share it: each names its sessions from its process ids)
     """
 
-    def __init__(self, index: SqliteIndex, store: Any, retention: float, *, sample_queue: bool,
-                 tick: float = 0.5) -> None:
+    def __init__(self, index: SqlIndex, store: Any, retention: float, *, sample_queue: bool,
+                 tick: float = 0.5, session_suffix: str = "") -> None:
         self.index = index
         self.store = store
         self.retention = retention
@@ -70,7 +71,7 @@ class IndexWriter:
         self._wake = threading.Event()
         self._stopping = False
         self.handler = IndexHandler(self._wake.set)
-        self.assembler = Assembler()
+        self.assembler = Assembler(session_suffix)
         self._thread = threading.Thread(target=self._run, name="gateway-index", daemon=True)
         self._last_warning = 0.0
         self._next_sample = 0.0
@@ -120,8 +121,8 @@ class IndexWriter:
     def _run(self) -> None:
         try:
             self.index.create()
-        except (sqlite3.Error, OSError) as exc:
-            log.error("index %s cannot be opened, nothing is recorded: %s", self.index.path, exc)
+        except self.index.errors as exc:
+            log.error("index %s cannot be opened, nothing is recorded: %s", self.index.describe(), exc)
             logging.getLogger().removeHandler(self.handler)
             return
         try:
@@ -160,10 +161,10 @@ class IndexWriter:
             if self.sample_queue and now >= self._next_prune:
                 self._next_prune = now + _PRUNE_SECONDS
                 self.index.prune(now - self.retention, now)
-        except (sqlite3.Error, OSError) as exc:
+        except self.index.errors as exc:
             if now - self._last_warning >= _WARN_SECONDS:
                 self._last_warning = now
-                log.warning("index %s: a batch of %d events is lost: %s", self.index.path, len(batch.events), exc)
+                log.warning("index %s: a batch of %d events is lost: %s", self.index.describe(), len(batch.events), exc)
         finally:
             for message in batch.messages:
                 close_head(message.head)

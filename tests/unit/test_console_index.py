@@ -3,6 +3,7 @@ message's story and counters, several processes write one SQLite file, old rows 
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import sqlite3
@@ -132,7 +133,9 @@ def test_several_processes_write_one_index_without_loss_corruption_or_deadlock(t
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 600
-    assert db.execute("SELECT count(*) FROM events").fetchone()[0] == 600
+    index = SqliteIndex(path)
+    stories = [index.message(f"W{w}-{n}") for w in range(4) for n in range(150)]
+    assert all(s is not None and [e["kind"] for e in s["story"]] == ["queued"] for s in stories)
     for period in (60, 3600):
         total = db.execute("SELECT sum(value) FROM counters WHERE period = ? AND name = 'received'", (period,)).fetchone()[0]
         assert total == 600
@@ -143,15 +146,18 @@ def test_rows_older_than_the_retention_are_pruned(tmp_path: Path) -> None:
     index.create()
     now = time.time()
     batch = Batch()
+    later = Batch()  # steps of each written after its message: rows of their own
     for age, key in ((40 * 86400, "old"), (3 * 86400, "recent"), (60, "new")):
         batch.messages.append(MessageRow(key=key, session="S", time=now - age, outcome="queued"))
         batch.events.append(EventRow(now - age, key, "S", "queued"))
+        later.events.append(EventRow(now - age + 1, key, "", "removed"))
         batch.count("received", "msg", now - age)
     index.write(batch)
+    index.write(later)
     index.prune(now - 30 * 86400, now)
     db = sqlite3.connect(tmp_path / "index.sqlite")
     assert sorted(k for (k,) in db.execute("SELECT key FROM messages")) == ["new", "recent"]
-    assert sorted(k for (k,) in db.execute("SELECT key FROM events")) == ["new", "recent"]
+    assert sorted(k for (k,) in db.execute("SELECT key FROM stories")) == ["new", "recent"]
     minutes = [t for (t,) in db.execute("SELECT t FROM counters WHERE period = 60")]
     hours = [t for (t,) in db.execute("SELECT t FROM counters WHERE period = 3600")]
     assert len(minutes) == 1 and minutes[0] >= now - MINUTE_KEEP  # only the last one's minute
@@ -179,6 +185,14 @@ def test_search_and_a_message_story_read_back(tmp_path: Path) -> None:
     assert summary_state("queued", {"a": "delivered", "b": "deferred"}) == "deferred"
 
 
+def _kinds(path: Path) -> list[str]:
+    """The kinds of every step the index file holds, in time order."""
+    db = sqlite3.connect(path)
+    steps = [step for (story,) in db.execute("SELECT story FROM messages UNION ALL SELECT story FROM stories")
+             for step in json.loads(story)]
+    return [step[3] for step in sorted(steps, key=lambda step: step[0])]
+
+
 def test_the_writer_follows_a_gateway_loop_and_stops_cleanly(tmp_path: Path) -> None:
     writer = IndexWriter(SqliteIndex(tmp_path / "i.sqlite"), None, 86400, sample_queue=False, tick=0.05)
     writer.start()
@@ -194,8 +208,7 @@ def test_the_writer_follows_a_gateway_loop_and_stops_cleanly(tmp_path: Path) -> 
         assert writer.flush()
     finally:
         writer.stop()
-    db = sqlite3.connect(tmp_path / "i.sqlite")
-    assert [k for (k,) in db.execute("SELECT kind FROM events ORDER BY id")] == ["connect", "disconnect"]
+    assert _kinds(tmp_path / "i.sqlite") == ["connect", "disconnect"]
     assert writer.handler not in logging.getLogger().handlers
     assert QUEUE_ID.get() == "-"
 
@@ -227,8 +240,7 @@ def test_the_index_hears_info_lines_that_a_warning_log_level_does_not_print(tmp_
             root.addHandler(handler)
         root.setLevel(saved[1])
         logging.setLogRecordFactory(saved[2])
-    db = sqlite3.connect(tmp_path / "i.sqlite")
-    assert [k for (k,) in db.execute("SELECT kind FROM events")] == ["connect"]
+    assert _kinds(tmp_path / "i.sqlite") == ["connect"]
     assert stream.getvalue() == ""  # the operator asked for warnings only
     assert not logging.getLogger("gateway.smtp.handler").isEnabledFor(logging.INFO)  # as it was, once stopped
 
@@ -268,3 +280,80 @@ def test_the_master_samples_the_queue_size_and_its_oldest_message_age() -> None:
     minute = int(now) // 60 * 60
     assert batch.maxima[("queue_size", "", minute)] == 2
     assert batch.maxima[("queue_age", "", minute)] == pytest.approx(3600, abs=1)
+
+
+def _message_events(n: int, t: float) -> list[Event]:
+    """The steps of one message accepted, delivered and removed by one process."""
+    sid, qid = f"S7-{n}", f"Q{n:06d}"
+    return [
+        Event("connect", t, sid, "-", ("192.0.2.7", 4000, "smtp", False)),
+        Event("helo", t, sid, "-", ("client.example", True)),
+        Event("mail", t, sid, "-", ("a@example.org", None)),
+        Event("rcpt_ok", t, sid, "-", ("b@example.net", "rcpt_relay")),
+        Event("queued", t, sid, qid, ("a@example.org", "<b@example.net>", 1, 300, "msg", 0.0)),
+        Event("disconnect", t, sid, "-", ("192.0.2.7", 1)),
+        Event("delivery", t + 0.1, "-", qid, ("b@example.net", "delivered", "mx.example.net", "250 ok")),
+        Event("removed", t + 0.2, "-", qid, ()),
+    ]
+
+
+def test_a_batch_is_written_in_about_a_row_a_message_not_a_row_a_step(tmp_path: Path) -> None:
+    # Each statement the writer runs is a Python step and a GIL hand-over in a process
+    # whose event loop is busy: 100 messages of 8 steps each were 900 statements.
+    index = SqliteIndex(tmp_path / "i.sqlite")
+    index.create()
+    statements: list[str] = []
+    index.writer.set_trace_callback(statements.append)
+    events = [e for n in range(100) for e in _message_events(n, 1_800_000_000.0 + n / 100)]
+    index.write(Assembler().feed(events))
+    assert len(statements) <= 100 + 20  # and a counter bucket a row
+    (found, total) = index.search(qid="Q000042")
+    assert total == 1 and found[0]["state"] == "delivered"
+    story = index.message("Q000042")
+    assert story is not None
+    assert [e["kind"] for e in story["story"]] == ["connect", "helo", "mail", "rcpt", "queued", "disconnect",
+                                                   "delivery", "removed"]
+
+
+def test_a_story_spread_over_batches_sessions_and_processes_reads_whole(tmp_path: Path) -> None:
+    index = SqliteIndex(tmp_path / "i.sqlite")
+    index.create()
+    t = 1_800_000_000.0
+    worker = Assembler()
+    index.write(worker.feed([  # the connection and a first message, written at once
+        Event("connect", t, "S1", "-", ("192.0.2.7", 4000, "smtp", False)),
+        Event("mail", t + 1, "S1", "-", ("a@example.org", None)),
+        Event("rcpt_ok", t + 1, "S1", "-", ("b@example.net", "rcpt_relay")),
+        Event("queued", t + 2, "S1", "Q1", ("a@example.org", "<b@example.net>", 1, 300, "msg", 0.0)),
+    ]))
+    index.write(worker.feed([  # a second message of the session, a tick later
+        Event("mail", t + 3, "S1", "-", ("c@example.org", None)),
+        Event("rcpt_ok", t + 3, "S1", "-", ("b@example.net", "rcpt_relay")),
+        Event("queued", t + 4, "S1", "Q2", ("c@example.org", "<b@example.net>", 1, 300, "msg", 0.0)),
+    ]))
+    index.write(worker.feed([Event("disconnect", t + 5, "S1", "-", ("192.0.2.7", 2))]))
+    master = IndexWriter(index, None, 86400, sample_queue=True)  # another process retries and delivers
+    batch = master.assembler.feed([Event("delivery", t + 6, "-", "Q2", ("b@example.net", "delivered", "mx", "250 ok"))])
+    master._complete(batch)
+    index.write(batch)
+    story = index.message("Q2")
+    assert story is not None
+    assert [e["kind"] for e in story["story"]] == ["connect", "mail", "rcpt", "queued", "disconnect", "delivery"]
+    assert story["story"][-1]["delay"] == pytest.approx(2.0)
+    assert story["state"] == "delivered" and [o["key"] for o in story["same_session"]] == ["Q1"]
+    first = index.message("Q1")
+    assert first is not None and first["state"] == "queued"
+    assert [e["kind"] for e in first["story"]] == ["connect", "mail", "rcpt", "queued", "disconnect"]
+
+
+def test_an_index_file_of_the_first_layout_is_made_anew(tmp_path: Path) -> None:
+    path = tmp_path / "i.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE messages (key TEXT PRIMARY KEY, time REAL)")
+    db.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, time REAL, key TEXT, kind TEXT)")
+    db.commit()
+    db.close()
+    index = SqliteIndex(path)
+    index.create()
+    index.write(Assembler().feed(_message_events(1, time.time())))
+    assert index.search()[1] == 1

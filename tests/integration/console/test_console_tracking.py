@@ -15,6 +15,7 @@ import pytest
 from selenium.webdriver.common.by import By
 
 from gateway.testing import RunningGateway
+from gateway.tracking import SqliteIndex
 from tests.conftest import wait_for
 from tests.integration.console.conftest import console_url, log_in, page_text, screenshot
 from tests.processes import free_port, start_gateway, stop_gateway, write_policy
@@ -194,7 +195,7 @@ admins_file = "{tmp_path / 'admins'}"
     assert len(queued) == 60
     # Sessions are named S<pid>-<n>: both processes served some, and wrote them.
     assert len({session.split("-")[0] for _, session in queued}) == 2
-    delivered = db.execute("SELECT count(DISTINCT key) FROM events WHERE kind = 'delivery' AND status = 'delivered'").fetchone()[0]
-    assert delivered == 60
+    found, total = SqliteIndex(tmp_path / "var" / "console" / "index.sqlite").search(limit=100)
+    assert total == 60 and {row["state"] for row in found} == {"delivered"}
     received = db.execute("SELECT sum(value) FROM counters WHERE period = 60 AND name = 'received'").fetchone()[0]
     assert received == 60

@@ -1,0 +1,159 @@
+"""How a :class:`~gateway.tracking.story.Batch` is stored, and read back, by any backend.
+
+Few rows, few statements: a write costs the gateway's CPU, and every statement a row is a
+Python step and a hand-over of the GIL in a busy process (the sqlite3 and psycopg drivers
+release it around each one). So a message is one row, and its story is a column of it:
+the JSON array of its steps (:class:`~gateway.tracking.story.EventRow` s, as lists) that
+the batch holds, its session's steps too (connect, TLS, HELO, the disconnect), since a
+session's transactions are usually written in the batch that also holds its connection.
+Steps of a message or session whose row was written in an earlier batch (a delivery
+attempt, a removal, a disconnect; or written by another process: the master's retries)
+become one row a key and batch in the ``stories`` table, keyed the same way. A message's
+story is then its row's steps, its session's steps kept in its sibling rows (the other
+transactions of the session), and its ``stories`` rows, in time order.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, Iterator, Sequence
+
+from gateway.tracking.story import Batch, EventRow, MessageRow
+
+__all__ = [
+    "EVENT_FIELDS", "MESSAGE_COLUMNS", "PERIODS", "counter_rows", "is_maximum", "message_rows", "read_story",
+    "recipient_states", "story_rows", "summary_state",
+]
+
+PERIODS = (60, 3600)
+"""Counters are kept per minute and per hour (written together)."""
+MESSAGE_COLUMNS = (
+    "key", "qid", "session", "time", "arrived", "client", "helo", "tls", "auth", "sender", "recipients", "refused",
+    "size", "message_id", "area", "score", "outcome", "decided_by", "reply", "story",
+)
+EVENT_FIELDS = EventRow._fields
+
+_py_dumps = json.JSONEncoder(ensure_ascii=False, check_circular=False, separators=(",", ":"), default=str).encode
+# The C encoder made once: json.dumps makes one a call, a third of its cost on a story.
+# Non-JSON values (a log argument that is an object) become their str().
+_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+_encoder: Any = None if _make_encoder is None else _make_encoder(
+    None, str, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+
+
+def _dumps(steps: list[EventRow]) -> str:
+    if _encoder is None:  # a Python without the _json accelerator
+        return _py_dumps(steps)
+    return "".join(_encoder(steps, 0))
+
+
+def _message(m: MessageRow, story: list[EventRow]) -> tuple[Any, ...]:
+    return (m.key, m.qid, m.session, m.time, m.arrived, m.client, m.helo, m.tls, m.auth, m.sender,
+            ", ".join(m.recipients), ", ".join(m.refused), m.size, m.message_id, m.area, m.score, m.outcome,
+            m.decided_by, m.reply, _dumps(story))
+
+
+def message_rows(batch: Batch) -> tuple[list[tuple[Any, ...]], list[tuple[float, str, str, str]]]:
+    """The batch's message rows (:data:`MESSAGE_COLUMNS`, the story last) and its
+    ``stories`` rows ``(time, key, session, story)``: steps whose message is not in it."""
+    stories: dict[str, list[EventRow]] = {m.key: [] for m in batch.messages}
+    # A session's own steps go with its last transaction in the batch.
+    home = {m.session: stories[m.key] for m in batch.messages if m.session}
+    loose: dict[str, list[EventRow]] = {}
+    for event in batch.events:
+        key = event.key
+        story = stories.get(key)
+        if story is None:
+            story = home.get(key) if key == event.session else None
+            if story is None:
+                story = loose.get(key)
+                if story is None:
+                    story = loose[key] = []
+        story.append(event)
+    messages = [_message(m, stories[m.key]) for m in batch.messages]
+    rest = [(steps[0].time, key, steps[0].session, _dumps(steps)) for key, steps in loose.items()]
+    return messages, rest
+
+
+def counter_rows(batch: Batch) -> tuple[list[tuple[int, int, str, str, float]], list[tuple[int, int, str, str, float]]]:
+    """``(period, t, name, key, value)`` rows to add and to raise to a maximum."""
+    adds = [(period, t // period * period, name, key, value)
+            for (name, key, t), value in batch.counters.items() for period in PERIODS]
+    maxima = [(period, t // period * period, name, key, value)
+              for (name, key, t), value in batch.maxima.items() for period in PERIODS]
+    return adds, maxima
+
+
+def _steps(story: Any) -> list[Any]:
+    if not story:
+        return []
+    return json.loads(story) if isinstance(story, (str, bytes)) else list(story)
+
+
+def story_rows(story: Any, keys: Sequence[str] | None = None, node: str = "") -> Iterator[dict[str, Any]]:
+    """A stored story's steps as dicts of :data:`EVENT_FIELDS` and the ``node`` that
+    wrote them (those keyed one of ``keys``)."""
+    for step in _steps(story):
+        if keys is None or step[1] in keys:
+            row = dict(zip(EVENT_FIELDS, step))
+            row["node"] = node
+            yield row
+
+
+def read_story(own: tuple[Any, str], siblings: Iterable[tuple[Any, str]], parts: Iterable[tuple[Any, str]],
+               key: str, session: str) -> list[dict[str, Any]]:
+    """A message's whole story: its row's steps, its session's steps kept in its
+    ``siblings`` (the stories of the session's other rows) and its ``parts`` (its and its
+    session's ``stories`` rows), in time order; each ``(story, node)``."""
+    steps = list(story_rows(own[0], None, own[1]))
+    for story, node in siblings:
+        steps += story_rows(story, (session,), node)
+    for story, node in parts:
+        steps += story_rows(story, None, node)
+    steps.sort(key=lambda step: step["time"])
+    return steps
+
+
+def recipient_states(stories: Iterable[Any], keys: Iterable[str]) -> dict[str, dict[str, str]]:
+    """key -> recipient -> its last delivery status (delivered, deferred, failed), and
+    ``""`` -> ``removed`` once removed from the queue, from stored stories."""
+    wanted = set(keys)
+    last: dict[tuple[str, str], tuple[float, str]] = {}
+    found: dict[str, dict[str, str]] = {}
+    for story in stories:
+        for step in _steps(story):
+            key, kind = step[1], step[3]
+            if key not in wanted:
+                continue
+            if kind in ("delivery", "expired"):
+                when, recipient, status = step[0], step[5], step[6]
+                if (key, recipient) not in last or when >= last[key, recipient][0]:
+                    last[key, recipient] = (when, status)
+            elif kind == "removed":
+                found.setdefault(key, {})[""] = "removed"
+    for (key, recipient), (_, status) in last.items():
+        found.setdefault(key, {})[recipient] = status
+    return found
+
+
+def is_maximum(name: str) -> bool:
+    """Whether a counter keeps a bucket's largest value rather than its sum."""
+    return name.endswith("_max") or name.startswith("queue_")
+
+
+def summary_state(outcome: str, states: dict[str, str]) -> str:
+    """What became of a message, in a word or two, from its SMTP outcome and its
+    recipients' last delivery states."""
+    if outcome not in ("queued", "generated", "copy"):
+        return outcome
+    last = [s for r, s in states.items() if r]
+    if not last:
+        return "removed" if "" in states else "queued"
+    kinds = set(last)
+    if kinds == {"delivered"}:
+        return "delivered"
+    if "deferred" in kinds:
+        return "deferred"
+    if kinds == {"failed"}:
+        return "bounced"
+    return "partly bounced"
