@@ -347,3 +347,39 @@ def test_the_master_sends_each_period_report_by_itself(world: World, gateway_fac
 
         assert wait_for(lambda: successes() == 2, timeout=30)
     assert world.reports.posts == []
+
+
+def test_the_counts_of_every_worker_add_up(world: World, tmp_path: Path) -> None:
+    """With [server] workers = 2 each process counts the sessions it delivers and adds them
+    to the shared store: the report has every delivery, whichever process made it."""
+    import re
+    import smtplib
+
+    from tests.conftest import MESSAGE, wait_for
+    from tests.processes import start_gateway, stop_gateway, write_policy
+
+    port = free_port()
+    extra = gateway_policy(world).split("[relay]", 1)[1].split("[[plugins]]", 1)[0]
+    policy_file = write_policy(tmp_path, port, workers=2, extra="[relay]" + extra)
+    log_path = tmp_path / "gateway.log"
+    sent = 24
+    mx_sts = peers(world)[0]
+    with mx_sts, log_path.open("wb") as log_file:
+        proc = start_gateway(policy_file, port, stderr=log_file, timeout=60)
+        try:
+            for i in range(sent):  # one connection each: the kernel spreads them over the processes
+                with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test.example", timeout=10) as client:
+                    assert client.sendmail("a@src.example", [f"r{i}@sts.rpt.example"], MESSAGE) == {}
+            assert wait_for(lambda: len(mx_sts.messages) == sent, timeout=60)
+
+            def counted() -> int:
+                status, out = run_cli(policy_file, "--preview", "sts.rpt.example")
+                if status != 0:
+                    return 0
+                return int(json.loads(out)["policies"][0]["summary"]["total-successful-session-count"])
+
+            assert wait_for(lambda: counted() == sent, timeout=30)
+        finally:
+            assert stop_gateway(proc) == 0
+    delivering = set(re.findall(rb"gateway\[(\d+)\] INFO gateway\.delivery\.remote .*policy=sts-enforce", log_path.read_bytes()))
+    assert len(delivering) >= 2, "every delivery was made by one process: the test proves nothing"
