@@ -108,9 +108,9 @@ class RemoteDeliveryAgent:
     ) -> None:
         self.policy = policy
         #: TLS reports (RFC 8460): outcomes counted here, sent by the primary's timer
-        self.reporting = TlsReporting(
-            policy, resolver, hostname=hostname, primary=primary, counters=counters
-        ) if policy.tls_reporting.enabled else None
+        self.reporting = (
+            TlsReporting(policy, resolver, hostname=hostname, primary=primary) if policy.tls_reporting.enabled else None
+        )
         #: answers "what must this destination's TLS look like?" (MTA-STS, DANE)
         self.security = TransportSecurity(
             policy.delivery, resolver, cache_dir or Path(policy.server.var_dir) / "mta-sts", counters=counters,

@@ -123,7 +123,7 @@ class TlsReporter:
 
     def __init__(
         self, store: StateStore, resolver: dns.asyncresolver.Resolver, settings: Any, *, hostname: str,
-        inject: Inject, sign: Sign | None = None, counters: Any = None,
+        inject: Inject, sign: Sign | None = None,
     ) -> None:
         self.store = store
         self.resolver = resolver
@@ -135,7 +135,6 @@ class TlsReporter:
         self.contact = settings.contact_info or self.report_from
         self.inject = inject
         self.sign = sign
-        self.counters = counters
         self._context: ssl.SSLContext | None = None
         self._done: set[int] = set()
 
@@ -188,7 +187,6 @@ class TlsReporter:
                 done = await self._send(report, begin)
             except (DnsTemporaryError, TemporaryFailure, OSError) as exc:
                 is_complete = False
-                self._count("deferred")
                 log.warning("tls report domain=%s begin=%d deferred: %s", report.domain, begin, exc)
                 with contextlib.suppress(StateUnavailable):
                     await self.store.delete(key)  # else the claim lapses by itself
@@ -196,11 +194,6 @@ class TlsReporter:
             await self.store.set(key, f"sent {done or '-'}", max(begin + self.period + 2 * KEEP - time.time(), CLAIM_TTL))
             sent += bool(done)
         return sent, is_complete
-
-    def _count(self, result: str) -> None:
-        table = getattr(self.counters, "tls_reports", None)
-        if isinstance(table, dict):
-            table[result] = table.get(result, 0) + 1
 
     async def _destinations(self, domain: str) -> list[Any]:
         try:
@@ -239,7 +232,6 @@ class TlsReporter:
             if self.sign is not None:
                 message = await self.sign(message)
             done.append(f"qid={await self.inject(self.report_from, mailto, message)}")
-            self._count("mailed")
         for uri in (u for u in uris if u.scheme == "https"):
             try:
                 if self._context is None:
@@ -248,11 +240,9 @@ class TlsReporter:
                     uri.target, data, self.resolver, self._context, timeout=float(self.settings.https_timeout)
                 )
             except ReportPostError as exc:
-                self._count("post_failed")
                 log.warning("tls report domain=%s begin=%d: %s did not take it: %s", domain, begin, uri, exc)
                 continue
             done.append(f"{uri} {status}")
-            self._count("posted")
         log.info(
             "tls report domain=%s begin=%d end=%d sessions=%d octets=%d sent: %s",
             domain, begin, end, report.sessions, len(data), "; ".join(done) or "none",
@@ -270,14 +260,13 @@ class TlsReporting:
     """
 
     def __init__(
-        self, policy: Any, resolver: dns.asyncresolver.Resolver, *, hostname: str, primary: bool, counters: Any = None
+        self, policy: Any, resolver: dns.asyncresolver.Resolver, *, hostname: str, primary: bool
     ) -> None:
         self.policy = policy
         self.settings = policy.tls_reporting
         self.resolver = resolver
         self.hostname = hostname
         self.primary = primary
-        self.counters = counters
         self._pending: dict[tuple[int, str, tuple[str, str]], tuple[ReportPolicy, FailureDetail | None, int]] = {}
         self._store: StateStore | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -314,7 +303,8 @@ class TlsReporting:
         return self._store
 
     async def flush(self) -> None:
-        """Add what was counted to the store (kept for the next try if it fails)."""
+        """Add what was counted to the store; if the store fails, those counts are lost
+        (logged): adding them again later could count twice what was added before it failed."""
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
@@ -408,7 +398,7 @@ def running_reporter(reporting: TlsReporting, store: StateStore) -> TlsReporter:
     report_from = reporting.settings.report_from or f"tlsrpt-noreply@{reporting.hostname}"
     return TlsReporter(
         store, reporting.resolver, reporting.settings, hostname=reporting.hostname,
-        inject=_queue_injector(policy), sign=_signer(policy, report_from), counters=reporting.counters,
+        inject=_queue_injector(policy), sign=_signer(policy, report_from),
     )
 
 
