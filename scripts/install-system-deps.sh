@@ -18,6 +18,8 @@
 #   iproute2, util-linux      ip and unshare, for the private network namespace that test uses
 #   chromium, chromium-driver headless Chromium and its chromedriver, for the web console's
 #                             browser tests (selenium drives /usr/bin/chromedriver)
+#   postgresql                the console's index shared by several nodes (tests/postgres.py
+#                             runs a private cluster with initdb; no service is started)
 set -eu
 need() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
 missing=""
@@ -37,6 +39,8 @@ need ip || missing="$missing iproute2"
 need unshare || missing="$missing util-linux"
 need chromium || missing="$missing chromium"
 need chromedriver || missing="$missing chromium-driver"
+# PostgreSQL's server programs are under /usr/lib/postgresql/<version>/bin, not on PATH
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$missing postgresql"
 [ -z "$missing" ] && exit 0
 echo "install-system-deps: installing$missing with apt-get" >&2
 SUDO=""
