@@ -75,6 +75,13 @@ class Dispatcher:
 
     # -- agents ------------------------------------------------------------
 
+    def start_background(self, gateway: Gateway) -> None:
+        """Start the remote agent's background tasks (MTA-STS refresh, TLS reports) now,
+        in the primary, rather than at its first remote delivery: what an earlier run
+        counted is reported even if this one delivers nothing remotely."""
+        if self.primary:
+            self._agents_for(gateway)[1].start_background()
+
     def _agents_for(self, gateway: Gateway) -> tuple[Any, Any]:
         agents = self._agents.get(id(gateway))
         if agents is None:

@@ -98,6 +98,7 @@ class Scheduler:
         for qid in ids:
             self.notify(qid, 0.0)
         self._last_scan = time.monotonic()
+        self._dispatch.start_background(self.app.gateway)
         self._runner = asyncio.create_task(self._run(), name="scheduler")
 
     async def stop(self, grace: float = 10.0) -> None:

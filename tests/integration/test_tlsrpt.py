@@ -383,3 +383,34 @@ def test_the_counts_of_every_worker_add_up(world: World, tmp_path: Path) -> None
             assert stop_gateway(proc) == 0
     delivering = set(re.findall(rb"gateway\[(\d+)\] INFO gateway\.delivery\.remote .*policy=sts-enforce", log_path.read_bytes()))
     assert len(delivering) >= 2, "every delivery was made by one process: the test proves nothing"
+
+
+def test_a_restarted_master_reports_what_the_run_before_counted(world: World, tmp_path: Path) -> None:
+    """The report timer runs from start-up, not from the first remote delivery: a gateway
+    restarted before the period ended, that delivers nothing remotely, still sends the
+    report of the sessions its previous run counted (kept in the state store)."""
+    from gateway.testing import running_gateway
+    from tests.conftest import MESSAGE, smtp, wait_for
+
+    text = gateway_policy(world, period="8s")
+    mx_sts = peers(world)[0]
+
+    def successes(gw: Any) -> int:
+        total = 0
+        for raw in mailbox(gw, "tlsrpt"):
+            message = email.message_from_bytes(raw, policy=email.policy.default)
+            (part,) = list(message.iter_attachments())
+            document = json.loads(gzip.decompress(part.get_content()))
+            total += sum(e["summary"]["total-successful-session-count"] for e in document["policies"])
+        return total
+
+    with mx_sts:
+        with running_gateway(text, tmp_path) as gw:
+            with smtp(gw.port) as client:
+                for i in range(2):
+                    assert client.sendmail("a@src.example", [f"c{i}@sts.rpt.example"], MESSAGE) == {}
+            assert wait_for(lambda: len(mx_sts.messages) == 2, timeout=20)
+        assert mailbox(gw, "tlsrpt") == []  # the period had not ended: nothing sent yet
+        with running_gateway(text, tmp_path) as again:
+            assert wait_for(lambda: successes(again) == 2, timeout=40)
+        assert len(mx_sts.messages) == 2  # the second run delivered nothing remotely

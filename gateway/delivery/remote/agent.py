@@ -163,7 +163,7 @@ class RemoteDeliveryAgent:
         """
         if not recipients:
             return {}
-        self._start_background()
+        self.start_background()
         settings = self.policy.delivery
         auth: _Auth | None = None
         try:
@@ -205,7 +205,7 @@ class RemoteDeliveryAgent:
             if limit.users == 0:
                 del self._limits[route.key]
 
-    def _start_background(self) -> None:
+    def start_background(self) -> None:
         """The primary's MTA-STS refresh and the TLS reports' tasks, once (a loop runs now)."""
         if self._refresher is None and self.primary and self.policy.delivery.mta_sts and not self._is_closed:
             interval = float(self.policy.delivery.mta_sts_refresh)
