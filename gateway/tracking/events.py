@@ -161,8 +161,8 @@ def read_head(head: Any) -> bytes:
     """The head bytes of a claim's ``head`` (reading a spooled file: writer thread only)."""
     from gateway.content import Content
 
-    if isinstance(head, Content):
-        return head.head(HEAD_BYTES)
+    if isinstance(head, Content):  # in memory: read() of a small one is its bytes, not a copy
+        return head.read() if head.size <= 4 * HEAD_BYTES else head.head(HEAD_BYTES)
     if isinstance(head, (bytes, bytearray, memoryview)):
         return bytes(head[:HEAD_BYTES])
 

@@ -3,7 +3,8 @@
 Few rows, few statements: a write costs the gateway's CPU, and every statement a row is a
 Python step and a hand-over of the GIL in a busy process (the sqlite3 and psycopg drivers
 release it around each one). So a message is one row, and its story is a column of it:
-the JSON array of its steps (:class:`~gateway.tracking.story.EventRow` s, as lists) that
+the JSON array of its steps (:data:`~gateway.tracking.story.Step` s: the log line's kind
+and arguments, worded when read by gateway/tracking/steps.py) that
 the batch holds, its session's steps too (connect, TLS, HELO, the disconnect), since a
 session's transactions are usually written in the batch that also holds its connection.
 Steps of a message or session whose row was written in an earlier batch (a delivery
@@ -18,7 +19,8 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, Iterator, Sequence
 
-from gateway.tracking.story import Batch, EventRow, MessageRow
+from gateway.tracking.steps import describe, status_of
+from gateway.tracking.story import Batch, EventRow, MessageRow, Step
 
 __all__ = [
     "EVENT_FIELDS", "MESSAGE_COLUMNS", "PERIODS", "counter_rows", "is_maximum", "message_rows", "read_story",
@@ -41,13 +43,13 @@ _encoder: Any = None if _make_encoder is None else _make_encoder(
     None, str, json.encoder.encode_basestring, None, ":", ",", False, False, True)
 
 
-def _dumps(steps: list[EventRow]) -> str:
+def _dumps(steps: list[Step]) -> str:
     if _encoder is None:  # a Python without the _json accelerator
         return _py_dumps(steps)
     return "".join(_encoder(steps, 0))
 
 
-def _message(m: MessageRow, story: list[EventRow]) -> tuple[Any, ...]:
+def _message(m: MessageRow, story: list[Step]) -> tuple[Any, ...]:
     return (m.key, m.qid, m.session, m.time, m.arrived, m.client, m.helo, m.tls, m.auth, m.sender,
             ", ".join(m.recipients), ", ".join(m.refused), m.size, m.message_id, m.area, m.score, m.outcome,
             m.decided_by, m.reply, _dumps(story))
@@ -56,22 +58,22 @@ def _message(m: MessageRow, story: list[EventRow]) -> tuple[Any, ...]:
 def message_rows(batch: Batch) -> tuple[list[tuple[Any, ...]], list[tuple[float, str, str, str]]]:
     """The batch's message rows (:data:`MESSAGE_COLUMNS`, the story last) and its
     ``stories`` rows ``(time, key, session, story)``: steps whose message is not in it."""
-    stories: dict[str, list[EventRow]] = {m.key: [] for m in batch.messages}
+    stories: dict[str, list[Step]] = {m.key: [] for m in batch.messages}
     # A session's own steps go with its last transaction in the batch.
     home = {m.session: stories[m.key] for m in batch.messages if m.session}
-    loose: dict[str, list[EventRow]] = {}
+    loose: dict[str, list[Step]] = {}
     for event in batch.events:
-        key = event.key
+        key = event[1]
         story = stories.get(key)
         if story is None:
-            story = home.get(key) if key == event.session else None
+            story = home.get(key) if key == event[2] else None
             if story is None:
                 story = loose.get(key)
                 if story is None:
                     story = loose[key] = []
         story.append(event)
     messages = [_message(m, stories[m.key]) for m in batch.messages]
-    rest = [(steps[0].time, key, steps[0].session, _dumps(steps)) for key, steps in loose.items()]
+    rest = [(steps[0][0], key, steps[0][2], _dumps(steps)) for key, steps in loose.items()]
     return messages, rest
 
 
@@ -95,7 +97,7 @@ def story_rows(story: Any, keys: Sequence[str] | None = None, node: str = "") ->
     wrote them (those keyed one of ``keys``)."""
     for step in _steps(story):
         if keys is None or step[1] in keys:
-            row = dict(zip(EVENT_FIELDS, step))
+            row = describe(step)
             row["node"] = node
             yield row
 
@@ -122,14 +124,15 @@ def recipient_states(stories: Iterable[Any], keys: Iterable[str]) -> dict[str, d
     found: dict[str, dict[str, str]] = {}
     for story in stories:
         for step in _steps(story):
-            key, kind = step[1], step[3]
+            key = step[1]
             if key not in wanted:
                 continue
-            if kind in ("delivery", "expired"):
-                when, recipient, status = step[0], step[5], step[6]
+            outcome = status_of(step)
+            if outcome is not None:
+                when, (recipient, status) = step[0], outcome
                 if (key, recipient) not in last or when >= last[key, recipient][0]:
                     last[key, recipient] = (when, status)
-            elif kind == "removed":
+            elif step[3] == "removed":
                 found.setdefault(key, {})[""] = "removed"
     for (key, recipient), (_, status) in last.items():
         found.setdefault(key, {})[recipient] = status

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 from gateway.tracking.events import Event, close_head
 
-__all__ = ["Assembler", "Batch", "EventRow", "MessageRow", "threat_of"]
+__all__ = ["Assembler", "Batch", "EventRow", "MessageRow", "Step", "result_steps", "threat_of"]
 
 MAX_SESSIONS = 20000
 """Open sessions remembered; past that the oldest is closed as it stands."""
@@ -30,7 +30,11 @@ MAX_TXN_EVENTS = 300
 MAX_ARRIVALS = 50000
 """Queue ids whose arrival time is remembered for the delivery latency."""
 _DETAIL_ADDRESS = re.compile(r"\b(?:sender|rcpt)=<([^<>]*)>")
-_DEFAULT_DENY_REPLY = "550 5.7.1 Recipient not accepted"
+
+Step = tuple[Any, ...]
+"""A step as stored: ``(time, key, session, kind, *arguments)``, the log line's kind and
+arguments as it was logged; gateway/tracking/steps.py says what each means (what the
+story shows is made when it is read, not on the busy path)."""
 
 
 def threat_of(plugin: str) -> str | None:
@@ -44,7 +48,8 @@ def threat_of(plugin: str) -> str | None:
 
 
 class EventRow(NamedTuple):
-    """One step of a message's story (or of its session's: ``key`` is the session id)."""
+    """One step of a message's story (or of its session's: ``key`` is the session id), as
+    the console shows it (:func:`gateway.tracking.steps.describe` of a :data:`Step`)."""
 
     time: float
     key: str
@@ -92,7 +97,7 @@ class Batch:
     """What one write puts in the index."""
 
     messages: list[MessageRow] = field(default_factory=list)
-    events: list[EventRow] = field(default_factory=list)
+    events: list[Step] = field(default_factory=list)
     counters: dict[tuple[str, str, int], float] = field(default_factory=dict)
     maxima: dict[tuple[str, str, int], float] = field(default_factory=dict)
     # Delivered recipients whose message arrived in another process: (qid, time, index in events).
@@ -127,8 +132,14 @@ class _Session:
     auth: str = ""
     txns: int = 0
     txn: MessageRow | None = None
-    txn_events: list[EventRow] = field(default_factory=list)
+    txn_events: list[Step] = field(default_factory=list)
     refusal: tuple[str, str] | None = None  # a connect/helo refusal: (plugin, reply)
+
+
+def result_steps(when: float, key: str, session: str, notes: Iterable[dict[str, Any]]) -> list[Step]:
+    """The ``result`` steps of a message's results (each plugin's score and reason)."""
+    return [(when, key, session, "result", str(n.get("plugin", "")), str(n.get("reason", "")),
+             float(n.get("score", 0.0))) for n in notes]
 
 
 def _addresses(text: str) -> list[str]:
@@ -202,7 +213,7 @@ class Assembler:
             session.txn_events = []
         return session.txn
 
-    def _note(self, batch: Batch, session: _Session, row: EventRow, *, in_txn: bool = True) -> None:
+    def _note(self, batch: Batch, session: _Session, row: Step, *, in_txn: bool = True) -> None:
         if in_txn and session.txn is not None:
             if len(session.txn_events) < MAX_TXN_EVENTS:
                 session.txn_events.append(row)
@@ -219,15 +230,12 @@ class Assembler:
         claim = self.claims.pop(txn.qid, None) if txn.qid else None
         if claim is not None:
             notes, txn.head = claim
-            batch.events.extend(
-                EventRow(txn.time, txn.key, session.id, "result", plugin=str(n.get("plugin", "")),
-                         detail=str(n.get("reason", "")), score=float(n.get("score", 0.0)))
-                for n in notes
-            )
+            batch.events.extend(result_steps(txn.time, txn.key, session.id, notes))
         if txn.outcome == "abandoned" and txn.refused and not txn.recipients:
             txn.outcome, txn.decided_by = "refused", txn.rcpt_refused_by
         batch.messages.append(txn)
-        batch.events.extend(row._replace(key=txn.key) for row in session.txn_events)
+        key = txn.key
+        batch.events.extend((row[0], key, *row[2:]) for row in session.txn_events)
         session.txn_events = []
 
     def _refused(self, batch: Batch, plugin: str, when: float, threat_kind: str = "refused") -> None:
@@ -242,76 +250,69 @@ class Assembler:
         session = self._open(e.session, e.time)
         session.client = str(client)
         batch.count("connections", "", e.time)
-        batch.events.append(EventRow(e.time, e.session, e.session, "connect", detail=(
-            f"client {client} port {port} listener {listener}" + (" (relay client)" if relay else ""))))
+        batch.events.append((e.time, e.session, e.session, "connect", client, port, listener, relay))
 
     def _on_tls(self, batch: Batch, e: Event, version: str, cipher: str) -> None:
         session = self._session(e)
         session.tls = f"{version} {cipher}"
-        batch.events.append(EventRow(e.time, e.session, e.session, "tls", detail=session.tls))
+        batch.events.append((e.time, e.session, e.session, "tls", version, cipher))
 
     def _on_helo(self, batch: Batch, e: Event, name: str, esmtp: Any) -> None:
         session = self._session(e)
         session.helo = str(name)
-        batch.events.append(EventRow(e.time, e.session, e.session, "helo", detail=f"{name}" + (" (EHLO)" if esmtp else "")))
+        batch.events.append((e.time, e.session, e.session, "helo", name, esmtp))
 
     def _on_auth_ok(self, batch: Batch, e: Event, mechanism: str, login: str, as_: str, plugin: str) -> None:
         session = self._session(e)
         session.auth = str(login)
-        batch.events.append(EventRow(e.time, e.session, e.session, "auth", plugin=plugin, status="ok",
-                                     detail=f"{mechanism} {login}{as_}"))
+        batch.events.append((e.time, e.session, e.session, "auth_ok", mechanism, login, as_, plugin))
 
     def _on_auth_failed(self, batch: Batch, e: Event, mechanism: str, login: str, client: str, plugin: str) -> None:
         self._refused(batch, plugin, e.time)
-        batch.events.append(EventRow(e.time, e.session, e.session, "auth", plugin=plugin, status="failed",
-                                     detail=f"{mechanism} {login}"))
+        batch.events.append((e.time, e.session, e.session, "auth_failed", mechanism, login, client, plugin))
 
     def _on_too_many(self, batch: Batch, e: Event, client: str) -> None:
         session = self._session(e)
         session.client = session.client or str(client)
         session.refusal = ("core", "too many connections")
         self._refused(batch, "core", e.time)
-        batch.events.append(EventRow(e.time, e.session, e.session, "verdict", plugin="core", status="tempfail",
-                                     detail="too many connections"))
+        batch.events.append((e.time, e.session, e.session, "too_many", client))
 
     def _on_mail(self, batch: Batch, e: Event, sender: str, size: Any) -> None:
         session = self._session(e)
         self._end_txn(batch, session)
         txn = self._txn(batch, session, e.time)
         txn.sender = str(sender)
-        self._note(batch, session, EventRow(e.time, "", e.session, "mail", detail=f"from <{sender}>"
-                                            + (f" size {size}" if size not in (None, "None") else "")))
+        self._note(batch, session, (e.time, "", e.session, "mail", sender, size))
 
     def _on_rcpt_ok(self, batch: Batch, e: Event, rcpt: str, plugin: str) -> None:
         session = self._session(e)
         self._txn(batch, session, e.time).recipients.append(str(rcpt))
-        self._note(batch, session, EventRow(e.time, "", e.session, "rcpt", plugin=plugin, recipient=rcpt, status="accepted"))
+        self._note(batch, session, (e.time, "", e.session, "rcpt_ok", rcpt, plugin))
 
     def _on_rcpt_denied(self, batch: Batch, e: Event, rcpt: str) -> None:
-        self._rcpt_refused(batch, e, rcpt, "default-deny", _DEFAULT_DENY_REPLY, "no plugin accepted the recipient")
+        self._rcpt_refused(batch, e, rcpt, "default-deny", (e.time, "", e.session, "rcpt_denied", rcpt))
 
     def _on_rcpt_size(self, batch: Batch, e: Event, rcpt: str, size: int, limit: int) -> None:
-        self._rcpt_refused(batch, e, rcpt, "core", "", f"declared size {size} over its limit {limit}")
+        self._rcpt_refused(batch, e, rcpt, "core", (e.time, "", e.session, "rcpt_size", rcpt, size, limit))
 
-    def _rcpt_refused(self, batch: Batch, e: Event, rcpt: str, plugin: str, reply: str, reason: str) -> None:
+    def _rcpt_refused(self, batch: Batch, e: Event, rcpt: str, plugin: str, step: Step) -> None:
         session = self._session(e)
         txn = self._txn(batch, session, e.time)
         txn.refused.append(str(rcpt))
         txn.rcpt_refused_by = txn.rcpt_refused_by or plugin
         self._refused(batch, plugin, e.time)
-        self._note(batch, session, EventRow(e.time, "", e.session, "rcpt", plugin=plugin, recipient=rcpt,
-                                            status="reject", reply=reply, detail=reason))
+        self._note(batch, session, step)
 
     def _on_verdict(self, batch: Batch, e: Event, stage: str, action: str, plugin: str, reply: str,
                     reason: str, details: str) -> None:
         session = self._session(e)
         address = _DETAIL_ADDRESS.search(details or "")
         self._refused(batch, plugin, e.time)
-        row = EventRow(e.time, "", e.session, "verdict", plugin=plugin, status=f"{stage} {action}", reply=reply,
-                       detail=reason, recipient=address.group(1) if address and stage == "rcpt" else "")
+        row: Step = (e.time, "", e.session, "verdict", stage, action, plugin, reply, reason, details)
         if stage in ("connect", "helo") and session.txn is None:
             session.refusal = (plugin, reply)
-            batch.events.append(row._replace(key=e.session))
+            batch.events.append((e.time, e.session, *row[2:]))
             return
         if stage == "mail":  # MAIL refused: a transaction of its own, without a 'mail from' line
             self._end_txn(batch, session)
@@ -337,12 +338,11 @@ class Assembler:
         threat = threat_of(plugin)
         if threat is not None:
             batch.count(threat, "quarantined", e.time)
-        self._note(batch, session, EventRow(e.time, "", e.session, "quarantine", plugin=plugin, detail=reason))
+        self._note(batch, session, (e.time, "", e.session, "quarantine", plugin, reason))
 
     def _on_observe(self, batch: Batch, e: Event, plugin: str, hook: str, would: str, reply: str, reason: str) -> None:
         session = self.sessions.get(e.session)
-        row = EventRow(e.time, e.queue if e.queue != "-" else e.session, e.session, "observe", plugin=plugin,
-                       status=f"{hook.removeprefix('gateway_')} would {would}", reply=reply, detail=reason)
+        row = (e.time, e.queue if e.queue != "-" else e.session, e.session, "observe", plugin, hook, would, reply, reason)
         if session is not None:
             self._note(batch, session, row)
         else:
@@ -355,8 +355,7 @@ class Assembler:
         self._plugin_error(batch, e, plugin, hook, f"failed: {type(exc).__name__}")
 
     def _plugin_error(self, batch: Batch, e: Event, plugin: str, hook: str, what: str) -> None:
-        row = EventRow(e.time, e.queue if e.queue != "-" else e.session, e.session, "error", plugin=plugin,
-                       status=hook.removeprefix("gateway_"), detail=what)
+        row = (e.time, e.queue if e.queue != "-" else e.session, e.session, "error", plugin, hook, what)
         session = self.sessions.get(e.session)
         if session is not None:
             self._note(batch, session, row)
@@ -375,8 +374,7 @@ class Assembler:
         txn = self._txn(batch, session, e.time)
         txn.outcome, txn.decided_by, txn.reply = "refused", "core", str(reply)
         self._refused(batch, "core", e.time)
-        self._note(batch, session, EventRow(e.time, "", e.session, "verdict", plugin="core", status="data reject",
-                                            reply=str(reply), detail="message refused by the core limits"))
+        self._note(batch, session, (e.time, "", e.session, "data_refused", str(reply)))
         self._end_txn(batch, session)
 
     def _on_queued(self, batch: Batch, e: Event, sender: str, to: str, rcpts: int, size: int, area: str,
@@ -391,14 +389,13 @@ class Assembler:
         batch.count("received_bytes", "", e.time, float(size))
         if area != "quarantine":
             self._arrived(e.queue, e.time)
-        self._note(batch, session, EventRow(e.time, "", e.session, "queued", status=str(area), detail=(
-            f"queue id {e.queue}, {size} octets, {rcpts} recipient(s), score {float(score):.1f}")))
+        self._note(batch, session, (e.time, "", e.session, "queued", e.queue, size, rcpts, area, score))
         self._end_txn(batch, session)
 
     def _on_copy(self, batch: Batch, e: Event, qid: str, to: str) -> None:
         session = self._session(e)
         txn = self._txn(batch, session, e.time)
-        self._note(batch, session, EventRow(e.time, "", e.session, "copy", detail=f"copy queued as {qid} to {to}"))
+        self._note(batch, session, (e.time, "", e.session, "copy", qid, to))
         batch.messages.append(MessageRow(
             key=qid, qid=qid, session=session.id, time=e.time, client=session.client, helo=session.helo,
             sender=txn.sender, recipients=_addresses(to), outcome="copy", decided_by=f"copy of {e.queue}",
@@ -416,7 +413,7 @@ class Assembler:
         if session is None:
             return
         self._end_txn(batch, session)
-        batch.events.append(EventRow(e.time, e.session, e.session, "disconnect", detail=f"{transactions} transaction(s)"))
+        batch.events.append((e.time, e.session, e.session, "disconnect", transactions))
         if session.refusal is not None and not session.txns:
             # A connection refused before any MAIL: searchable by its client.
             plugin, reply = session.refusal
@@ -437,8 +434,7 @@ class Assembler:
             else:
                 delay = e.time - arrived
                 batch.latency(e.time, delay)
-        batch.events.append(EventRow(e.time, e.queue, "", "delivery", recipient=rcpt, status=status, relay=relay,
-                                     reply=reply, delay=delay))
+        batch.events.append((e.time, e.queue, "", "delivery", rcpt, status, relay, reply, delay))
 
     def _on_generated(self, batch: Batch, e: Event, qid: str, sender: str, to: str) -> None:
         batch.count("generated", "", e.time)
@@ -447,21 +443,18 @@ class Assembler:
             key=qid, qid=qid, session="", time=e.time, arrived=e.time, sender=str(sender), recipients=_addresses(to),
             outcome="generated", decided_by=f"for {e.queue}" if e.queue != "-" else "",
         ))
-        batch.events.append(EventRow(e.time, qid, "", "generated", detail=(
-            f"made here for {e.queue}" if e.queue != "-" else "made here")))
+        batch.events.append((e.time, qid, "", "generated", e.queue))
 
     def _on_dsn(self, batch: Batch, e: Event, kind: str, to: str, qid: str, rcpts: int) -> None:
         batch.count("dsn", str(kind), e.time)
-        batch.events.append(EventRow(e.time, e.queue, "", "dsn", status=str(kind), recipient=to,
-                                     detail=f"{kind} notice about {rcpts} recipient(s) queued as {qid}"))
+        batch.events.append((e.time, e.queue, "", "dsn", kind, to, qid, rcpts))
 
     def _on_expired(self, batch: Batch, e: Event, rcpt: str) -> None:
-        batch.events.append(EventRow(e.time, e.queue, "", "expired", recipient=rcpt, status="failed",
-                                     detail="given up after the queue lifetime"))
+        batch.events.append((e.time, e.queue, "", "expired", rcpt))
 
     def _on_discarded(self, batch: Batch, e: Event, to: str) -> None:
-        batch.events.append(EventRow(e.time, e.queue, "", "discarded", detail=f"discarded by a route: {to}"))
+        batch.events.append((e.time, e.queue, "", "discarded", to))
 
     def _on_removed(self, batch: Batch, e: Event) -> None:
         self.arrivals.pop(e.queue, None)
-        batch.events.append(EventRow(e.time, e.queue, "", "removed", detail="removed from the queue"))
+        batch.events.append((e.time, e.queue, "", "removed"))

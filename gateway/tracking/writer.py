@@ -20,9 +20,10 @@ import threading
 import time
 from typing import Any
 
-from gateway.tracking.events import SOURCE_LOGGERS, Event, IndexHandler, close_head, read_head
+from gateway.tracking.events import HEAD_BYTES, SOURCE_LOGGERS, Event, IndexHandler, close_head, read_head
 from gateway.tracking.base import SqlIndex
-from gateway.tracking.story import Assembler, Batch, EventRow, MessageRow
+from gateway.tracking.steps import DELIVERY_DELAY
+from gateway.tracking.story import Assembler, Batch, MessageRow, result_steps
 
 __all__ = ["IndexWriter", "message_id_of"]
 
@@ -40,8 +41,8 @@ _active_lock = threading.Lock()
 
 def message_id_of(head: bytes) -> str:
     """The Message-ID field of a message's head (its header section), unfolded; '' if none."""
-    end = head.find(b"\r\n\r\n")
-    section = head if end < 0 else head[: end + 2]
+    end = head.find(b"\r\n\r\n", 0, HEAD_BYTES)
+    section = head[:HEAD_BYTES] if end < 0 else head[: end + 2]
     match = _MESSAGE_ID.search(section)
     if match is None:
         return ""
@@ -77,6 +78,8 @@ class IndexWriter:
         self._next_sample = 0.0
         self._next_prune = 0.0
         self.written = 0  # batches written (tests wait on it)
+        self.events = 0  # events drained
+        self.cpu_seconds = 0.0  # CPU time of this thread's passes
 
     # -- life cycle (the event loop's thread) --------------------------------
 
@@ -133,6 +136,7 @@ class IndexWriter:
                 self._once(final=stopping)
                 if stopping:
                     break
+            log.info("index writer: %d events in %d passes, %.3f s CPU", self.events, self.written, self.cpu_seconds)
         finally:
             for event in self.handler.pending:
                 if event.kind == "claim":
@@ -144,9 +148,17 @@ class IndexWriter:
         out = []
         for _ in range(len(pending)):
             out.append(pending.popleft())
+        self.events += len(out)
         return out
 
     def _once(self, *, final: bool = False) -> None:
+        started = time.thread_time()
+        try:
+            self._pass(final=final)
+        finally:
+            self.cpu_seconds += time.thread_time() - started
+
+    def _pass(self, *, final: bool) -> None:
         now = time.time()
         batch = self.assembler.feed(self._drain())
         if final:
@@ -187,7 +199,8 @@ class IndexWriter:
             for qid, when, position in batch.unknown_arrivals:
                 arrived = arrivals.get(qid)
                 if arrived is not None:
-                    batch.events[position] = batch.events[position]._replace(delay=when - arrived)
+                    step = batch.events[position]
+                    batch.events[position] = (*step[:DELIVERY_DELAY], when - arrived)
                     batch.latency(when, when - arrived)
 
     def _from_queue(self, batch: Batch, message: MessageRow) -> None:
@@ -206,11 +219,7 @@ class IndexWriter:
             return
         message.message_id = message_id_of(head)
         if message.outcome != "copy":
-            batch.events.extend(
-                EventRow(message.time, message.key, message.session, "result", plugin=str(n.get("plugin", "")),
-                         detail=str(n.get("reason", "")), score=float(n.get("score", 0.0)))
-                for n in item.envelope.notes
-            )
+            batch.events.extend(result_steps(message.time, message.key, message.session, item.envelope.notes))
 
     def _sample(self, batch: Batch, now: float) -> None:
         try:

@@ -16,6 +16,7 @@ import pytest
 from gateway.logs import QUEUE_ID, SESSION_ID
 from gateway.tracking.events import FORMATS, Event, IndexHandler
 from gateway.tracking.sqlite import MINUTE_KEEP, SqliteIndex, summary_state
+from gateway.tracking.steps import describe
 from gateway.tracking.story import Assembler, Batch, EventRow, MessageRow
 from gateway.tracking.writer import IndexWriter, message_id_of
 
@@ -52,6 +53,11 @@ def _events(*items: tuple[str, str, str, tuple[object, ...]]) -> list[Event]:
     return [Event(kind, 1_800_000_000.0 + n, session, queue, args) for n, (kind, session, queue, args) in enumerate(items)]
 
 
+def _rows(batch: Batch) -> list[EventRow]:
+    """The batch's steps as the story shows them."""
+    return [EventRow(**describe(step)) for step in batch.events]
+
+
 def test_a_session_becomes_transactions_with_their_stories_and_counters() -> None:
     assembler = Assembler()
     head = b"Received: x\r\nMessage-ID:\r\n <m1@example.org>\r\nSubject: s\r\n\r\nbody\r\n"
@@ -78,7 +84,7 @@ def test_a_session_becomes_transactions_with_their_stories_and_counters() -> Non
     assert refused.refused == ["eve@example.net"] and refused.recipients == ["bob@example.net"]
     assert (queued.key, queued.outcome, queued.score, queued.client, queued.helo) == ("Q2", "queued", 1.5, "192.0.2.7", "client.example")
     stories: dict[str, list[EventRow]] = {}
-    for row in batch.events:
+    for row in _rows(batch):
         stories.setdefault(row.key, []).append(row)
     assert [r.kind for r in stories["S1"]] == ["connect", "tls", "helo", "disconnect"]
     assert [(r.kind, r.plugin, r.status) for r in stories["Q1"]] == [
@@ -114,7 +120,7 @@ def _write_many(path: str, worker: int, batches: int) -> None:
         key = f"W{worker}-{n}"
         batch.messages.append(MessageRow(key=key, session=f"S{worker}", time=time.time(), qid=key, sender="a@example.org",
                                          outcome="queued"))
-        batch.events.append(EventRow(time.time(), key, f"S{worker}", "queued"))
+        batch.events.append((time.time(), key, f"S{worker}", "queued", key, 300, 1, "msg", 0.0))
         batch.count("received", "msg", time.time())
         index.write(batch)
     index.close()
@@ -149,8 +155,8 @@ def test_rows_older_than_the_retention_are_pruned(tmp_path: Path) -> None:
     later = Batch()  # steps of each written after its message: rows of their own
     for age, key in ((40 * 86400, "old"), (3 * 86400, "recent"), (60, "new")):
         batch.messages.append(MessageRow(key=key, session="S", time=now - age, outcome="queued"))
-        batch.events.append(EventRow(now - age, key, "S", "queued"))
-        later.events.append(EventRow(now - age + 1, key, "", "removed"))
+        batch.events.append((now - age, key, "S", "queued", key, 300, 1, "msg", 0.0))
+        later.events.append((now - age + 1, key, "", "removed"))
         batch.count("received", "msg", now - age)
     index.write(batch)
     index.write(later)
@@ -171,9 +177,9 @@ def test_search_and_a_message_story_read_back(tmp_path: Path) -> None:
     batch = Batch()
     batch.messages.append(MessageRow(key="Q9", qid="Q9", session="S9", time=now, sender="carol@example.org",
                                      recipients=["dave@example.net"], message_id="<x_1%@example>", outcome="queued"))
-    batch.events += [EventRow(now, "S9", "S9", "connect"), EventRow(now + 1, "Q9", "S9", "delivery", recipient="dave@example.net",
-                                                                   status="deferred"),
-                     EventRow(now + 2, "Q9", "", "delivery", recipient="dave@example.net", status="delivered")]
+    batch.events += [(now, "S9", "S9", "connect", "192.0.2.9", 4000, "smtp", False),
+                     (now + 1, "Q9", "S9", "delivery", "dave@example.net", "deferred", "mx", "451 later", None),
+                     (now + 2, "Q9", "", "delivery", "dave@example.net", "delivered", "mx", "250 ok", 2.0)]
     index.write(batch)
     assert [r["key"] for r in index.search(sender="CAROL")[0]] == ["Q9"]
     assert [r["key"] for r in index.search(message_id="x_1%")[0]] == ["Q9"]
@@ -257,7 +263,7 @@ def test_a_delivery_by_another_process_gets_its_delay_from_the_index(tmp_path: P
     master = IndexWriter(index, None, 86400, sample_queue=True)
     batch = master.assembler.feed([Event("delivery", t + 61, "-", "Q1", ("b@example.net", "delivered", "mx", "250 ok"))])
     master._complete(batch)  # ...the master retried and delivered it
-    (row,) = batch.events
+    (row,) = _rows(batch)
     assert row.delay == pytest.approx(60.0)
     assert batch.maxima[("latency_max", "", int(t + 61) // 60 * 60)] == pytest.approx(60.0)
 
