@@ -7,7 +7,10 @@ import asyncio
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.delivery.remote.tlsrpt_send import TlsReporter
 
 _DESCRIPTION = """\
 Look up DOMAIN as remote delivery does and print what it would do: the MX hosts
@@ -183,20 +186,11 @@ async def _dane_lines(policy: Any, domain: str, security: Any, destinations: lis
     return lines
 
 
-def _begin(which: str, period: float, now: float) -> int | None:
-    current = int(now // period * period)
-    if which == "current":
-        return current
-    if which == "previous":
-        return int(current - period)
-    if which.isdigit():
-        return int(int(which) // period * period)
-    return None
-
-
 def report_main(args: argparse.Namespace) -> int:
     from gateway.commands._common import load
+    from gateway.delivery.remote.tlsrpt_send import command_reporter
     from gateway.policy import PolicyError
+    from gateway.reports import report_command
 
     try:
         policy, _ = load(args.policy)
@@ -206,41 +200,21 @@ def report_main(args: argparse.Namespace) -> int:
     if not policy.tls_reporting.enabled:
         print("gateway tls: the policy has [tls_reporting] enabled = false", file=sys.stderr)
         return 2
-    begin = None
-    if args.period is not None or args.preview:
-        begin = _begin(args.period or "current", float(policy.tls_reporting.period), time.time())
-        if begin is None:
-            print(f"gateway tls: --period {args.period!r}: current, previous or seconds since the epoch", file=sys.stderr)
-            return 2
-    return asyncio.run(_report(args, policy, begin))
+    return report_command(
+        args, name="gateway tls", period=float(policy.tls_reporting.period),
+        reporter=lambda: command_reporter(policy), preview=_preview, verb="sent",
+    )
 
 
-async def _report(args: argparse.Namespace, policy: Any, begin: int | None) -> int:
+async def _preview(reporter: TlsReporter, which: str, begin: int) -> int:
     import json
 
-    from gateway.delivery.remote.tlsrpt_send import command_reporter
-    from gateway.state import StateUnavailable
-    from gateway.verdicts import TemporaryFailure
-
-    try:
-        async with command_reporter(policy) as reporter:
-            if args.preview:
-                assert begin is not None
-                domain = None if args.preview == "*" else args.preview.strip().rstrip(".").lower()
-                documents = await reporter.preview(begin, domain)
-                if not documents:
-                    print(f"gateway tls: no TLS sessions counted{f' for {domain}' if domain else ''}"
-                          f" in the period from {begin}", file=sys.stderr)
-                    return 1
-                shown: Any = documents[0] if domain else documents
-                print(json.dumps(shown, indent=2, ensure_ascii=False))
-                return 0
-            if begin is None:
-                sent = await reporter.send_due()
-            else:
-                sent, _ = await reporter.send_period(begin, args.domain)
-            print(f"gateway tls: {sent} report(s) sent")
-            return 0
-    except (StateUnavailable, TemporaryFailure, OSError) as exc:
-        print(f"gateway tls: {exc}", file=sys.stderr)
-        return 75
+    domain = None if which == "*" else which.strip().rstrip(".").lower()
+    documents = await reporter.preview(begin, domain)
+    if not documents:
+        print(f"gateway tls: no TLS sessions counted{f' for {domain}' if domain else ''}"
+              f" in the period from {begin}", file=sys.stderr)
+        return 1
+    shown: Any = documents[0] if domain else documents
+    print(json.dumps(shown, indent=2, ensure_ascii=False))
+    return 0

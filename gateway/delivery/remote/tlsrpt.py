@@ -12,7 +12,8 @@ whose policy applied (the *policy domain*):
   result type, sending and receiving IP, MX host, reason) -> its session count.
 
 So workers and nodes sharing a store add up, a busy day costs one counter per distinct
-row, and a report is two reads. Both maps expire :data:`KEEP` after their period.
+row, and a report is two reads. Both maps expire :data:`~gateway.reports.KEEP` after
+their period (the periods, and sending each report once, are :mod:`gateway.reports`).
 :func:`report_document` writes RFC 8460 §4.4's JSON: ``organization-name``,
 ``date-range``, ``contact-info``, ``report-id``, and per policy a ``policy`` (type
 ``sts``, ``tlsa`` or ``no-policy-found``, its string, domain and MX hosts), a
@@ -27,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from gateway.reports import KEEP, period_begin
 from gateway.state import StateStore
 
 __all__ = [
@@ -42,8 +44,6 @@ __all__ = [
     "report_json",
 ]
 
-#: how long a period's counts are kept after it ends (a gateway down for days still reports)
-KEEP = 7 * 86400.0
 _MAX_TEXT = 253
 _MAX_REASON = 200
 _MAX_STRINGS = 32  # policy-string lines (mx lines, TLSA records) kept per policy
@@ -177,11 +177,6 @@ class DomainReport:
     @property
     def sessions(self) -> int:
         return sum(e.successes + e.failed for e in self.entries)
-
-
-def period_begin(now: float, period: float) -> int:
-    """The start (seconds since the epoch) of the reporting period ``now`` falls in."""
-    return int(now // period * period)
 
 
 def _domains_key(begin: int) -> str:

@@ -11,10 +11,11 @@ once the period ended.
 looks up ``_smtp._tls.<domain>`` (:mod:`gateway.delivery.remote.tlsrpt_mail`), queues one
 mail to its ``mailto:`` destinations (DKIM-signed when ``queue_dkim_sign`` has a key for
 the reporting address's domain) and POSTs to its ``https:`` ones. Exactly once across
-processes, nodes and restarts, as DMARC reports: the domain's report is claimed in the
-store first (``tlsrpt:sent:<begin>:<domain>``, set only if absent), the claim becomes the
-"sent" mark, a temporary failure gives it back, a dead process's claim lapses after
-:data:`CLAIM_TTL`. ``gateway tls report --preview/--send`` uses the same class.
+processes, nodes and restarts, as DMARC reports (:class:`gateway.reports.PeriodReporter`):
+the domain's report is claimed in the store first (``tlsrpt:sent:<begin>:<domain>``, set
+only if absent), the claim becomes the "sent" mark, a temporary failure gives it back, a
+dead process's claim lapses after :data:`~gateway.reports.CLAIM_TTL`.
+``gateway tls report --preview/--send`` uses the same class.
 """
 
 from __future__ import annotations
@@ -23,18 +24,16 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dns.asyncresolver
 
 from gateway.delivery.remote.tlsrpt import (
-    KEEP,
     DomainReport,
     FailureDetail,
     ReportPolicy,
@@ -54,9 +53,19 @@ from gateway.delivery.remote.tlsrpt_mail import (
     report_filename,
     report_mail,
 )
-from gateway.dns import DnsNotFound, DnsTemporaryError, lookup
+from gateway.dns import DnsNotFound, lookup
+from gateway.reports import (
+    CLAIM_TTL,
+    Inject,
+    PeriodReporter,
+    Sign,
+    command_context,
+    make_signer,
+    queue_injector,
+    report_forever,
+    timer_interval,
+)
 from gateway.state import StateStore, StateUnavailable
-from gateway.verdicts import TemporaryFailure
 
 if TYPE_CHECKING:
     from gateway.delivery.remote.policy import TlsOutcome
@@ -65,15 +74,9 @@ __all__ = ["CLAIM_TTL", "FLUSH", "TlsReporter", "TlsReporting", "command_reporte
 
 log = logging.getLogger("gateway.delivery.remote.tlsrpt")
 
-#: a claim not turned into a "sent" mark within this is given up (its process died)
-CLAIM_TTL = 600.0
 #: how often counted outcomes are added to the store
 FLUSH = 1.0
-MAX_LOOKBACK = 200
 _MAX_PENDING = 10_000  # distinct rows waiting for a flush; more are dropped (and logged)
-
-Inject = Callable[[str, list[str], bytes], Awaitable[str]]
-Sign = Callable[[bytes], Awaitable[bytes]]
 
 
 def describe(outcome: TlsOutcome) -> tuple[ReportPolicy, FailureDetail | None]:
@@ -110,7 +113,7 @@ def _sources_in_thread(addresses: list[str]) -> dict[str, str]:
     return {a: _source_for(a) for a in addresses}
 
 
-class TlsReporter:
+class TlsReporter(PeriodReporter[DomainReport]):
     """Builds and sends the TLS reports of one gateway.
 
     :param store: where the outcomes are counted
@@ -121,14 +124,17 @@ class TlsReporter:
     :param sign: DKIM-signs a report mail, or ``None``
     """
 
+    prefix = "tlsrpt"
+    noun = "tls report"
+    log = log
+
     def __init__(
         self, store: StateStore, resolver: dns.asyncresolver.Resolver, settings: Any, *, hostname: str,
         inject: Inject, sign: Sign | None = None,
     ) -> None:
-        self.store = store
+        super().__init__(store, float(settings.period))
         self.resolver = resolver
         self.settings = settings
-        self.period = float(settings.period)
         self.hostname = hostname
         self.report_from = settings.report_from or f"tlsrpt-noreply@{hostname}"
         self.org_name = settings.org_name or hostname
@@ -136,7 +142,6 @@ class TlsReporter:
         self.inject = inject
         self.sign = sign
         self._context: ssl.SSLContext | None = None
-        self._done: set[int] = set()
 
     def end_of(self, begin: int) -> int:
         """The end of the period starting at ``begin`` (its first second after)."""
@@ -156,44 +161,11 @@ class TlsReporter:
         reports = await read_period(self.store, begin, None if domain is None else [domain])
         return [self.document(report, begin) for report in reports]
 
-    async def send_due(self, now: float | None = None) -> int:
-        """Send every report owed for ended periods (a grace of a tenth of the period, at
-        most a minute, after each ends); how many were sent."""
-        now = time.time() if now is None else now
-        grace = min(60.0, self.period / 10)
-        current = period_begin(now, self.period)
-        sent = 0
-        for i in range(1, min(int(KEEP // self.period) + 1, MAX_LOOKBACK) + 1):
-            begin = int(current - i * self.period)
-            if begin in self._done or begin + self.period + grace > now:
-                continue
-            count, is_complete = await self.send_period(begin)
-            sent += count
-            if is_complete:
-                self._done.add(begin)
-        return sent
+    async def _reports(self, begin: int, domains: list[str] | None) -> list[DomainReport]:
+        return await read_period(self.store, begin, domains)
 
-    async def send_period(self, begin: int, domains: list[str] | None = None) -> tuple[int, bool]:
-        """Send the reports of the period at ``begin`` nobody sent yet.
-
-        :returns: how many were sent, and whether none is left to try again
-        """
-        sent, is_complete = 0, True
-        for report in await read_period(self.store, begin, domains):
-            key = f"tlsrpt:sent:{begin}:{report.domain}"
-            if not await self.store.set(key, f"claimed {os.getpid()}", CLAIM_TTL, only_if_absent=True):
-                continue  # sent, or being sent by another process
-            try:
-                done = await self._send(report, begin)
-            except (DnsTemporaryError, TemporaryFailure, OSError) as exc:
-                is_complete = False
-                log.warning("tls report domain=%s begin=%d deferred: %s", report.domain, begin, exc)
-                with contextlib.suppress(StateUnavailable):
-                    await self.store.delete(key)  # else the claim lapses by itself
-                continue
-            await self.store.set(key, f"sent {done or '-'}", max(begin + self.period + 2 * KEEP - time.time(), CLAIM_TTL))
-            sent += bool(done)
-        return sent, is_complete
+    def _domain(self, report: DomainReport) -> str:
+        return report.domain
 
     async def _destinations(self, domain: str) -> list[Any]:
         try:
@@ -335,18 +307,16 @@ class TlsReporting:
                 log.exception("tls report counts: flush failed")
 
     async def _send_forever(self) -> None:
-        interval = max(0.5, min(60.0, float(self.settings.period) / 4))
         reporter: TlsReporter | None = None
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                if reporter is None:
-                    reporter = running_reporter(self, await self._open())
-                await reporter.send_due()
-            except StateUnavailable as exc:
-                log.warning("tls reports: state store unavailable: %s", exc)
-            except Exception:  # boundary: the timer outlives any one failure, logged with its traceback
-                log.exception("tls reports: sending failed")
+
+        async def send_due() -> None:
+            nonlocal reporter
+            if reporter is None:
+                reporter = running_reporter(self, await self._open())
+            await reporter.send_due()
+
+        interval = timer_interval(float(self.settings.period))
+        await report_forever(send_due, interval, what="tls reports", log=log, is_waiting_first=True)
 
     async def close(self) -> None:
         """Stop the tasks, add what is still counted to the store, release the store."""
@@ -366,39 +336,12 @@ class TlsReporting:
                 await release(store)
 
 
-def _signer(policy: Any, address: str) -> Sign | None:
-    """A DKIM signer for report mail from ``address`` with the policy's ``queue_dkim_sign``
-    key for its domain; the one DMARC reports use (RFC 8460 §5.3: reports are signed)."""
-    from plugins._dmarc_report_send import make_signer
-
-    async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.to_thread(fn, *args)
-
-    signer: Sign | None = make_signer(policy, address, in_thread)
-    return signer
-
-
-def _queue_injector(policy: Any) -> Inject:
-    """Commits report mail to the policy's queue and wakes the running gateway's scheduler
-    through the queue's trigger (as ``gateway inject`` does)."""
-
-    async def inject(sender: str, recipients: list[str], message: bytes) -> str:
-        from gateway.queue import QueueStore
-        from gateway.sendmail import Injection, queue_message
-
-        qid = await queue_message(policy.server.queue_dir, Injection(sender, recipients, message))
-        await asyncio.to_thread(QueueStore(policy.server.queue_dir).trigger, qid)
-        return qid
-
-    return inject
-
-
 def running_reporter(reporting: TlsReporting, store: StateStore) -> TlsReporter:
     policy = reporting.policy
     report_from = reporting.settings.report_from or f"tlsrpt-noreply@{reporting.hostname}"
     return TlsReporter(
         store, reporting.resolver, reporting.settings, hostname=reporting.hostname,
-        inject=_queue_injector(policy), sign=_signer(policy, report_from),
+        inject=queue_injector(policy.server.queue_dir), sign=make_signer(policy, report_from),
     )
 
 
@@ -406,17 +349,10 @@ def running_reporter(reporting: TlsReporting, store: StateStore) -> TlsReporter:
 async def command_reporter(policy: Any) -> AsyncIterator[TlsReporter]:
     """A :class:`TlsReporter` outside the running gateway (``gateway tls report``): the
     policy's state store and resolver, reports committed to its queue directory."""
-    from gateway.dns import make_resolver
-    from gateway.state.registry import canonical_url, create_store
-
     settings = policy.tls_reporting
-    store = create_store(canonical_url(settings.state, Path(policy.server.var_dir)))
-    await store.open()
     hostname = policy.server.hostname
-    try:
+    async with command_context(policy, settings.state) as outside:
         yield TlsReporter(
-            store, make_resolver(policy.dns), settings, hostname=hostname, inject=_queue_injector(policy),
-            sign=_signer(policy, settings.report_from or f"tlsrpt-noreply@{hostname}"),
+            outside.store, outside.resolver, settings, hostname=hostname, inject=outside.inject,
+            sign=make_signer(policy, settings.report_from or f"tlsrpt-noreply@{hostname}"),
         )
-    finally:
-        await store.close()
