@@ -73,6 +73,10 @@ SOURCE_LOGGERS = (
 MAX_PENDING = 200_000
 """Events waiting for the writer; past this, new ones are dropped (and counted)."""
 _new_tuple = tuple.__new__
+_kind_of = FORMATS.get
+_get_ident = threading.get_ident
+_session_id = SESSION_ID.get
+_queue_id = QUEUE_ID.get
 HEAD_BYTES = 16 * 1024
 """How much of a claimed message's head is kept for its Message-ID."""
 
@@ -103,18 +107,24 @@ class IndexHandler(logging.Handler):
         self._thread = threading.get_ident()
 
     def handle(self, record: logging.LogRecord) -> bool:  # no lock: deque.append is atomic
-        msg = record.msg
-        if type(msg) is not str:
+        try:
+            kind = _kind_of(record.msg)
+        except TypeError:  # an unhashable msg object
             return False
-        kind = FORMATS.get(msg)
-        if kind is None or threading.get_ident() != self._thread:
+        if kind is None or _get_ident() != self._thread:
             return False
         args = record.args
         # The ids from the logging call's own context (records carry them only when
         # gateway.logs.configure set its record factory). tuple.__new__: the named
         # tuple's own __new__ is a Python function, twice the cost of the rest here.
-        self._put(_new_tuple(Event, (kind, record.created, SESSION_ID.get(), QUEUE_ID.get(),
-                                     args if type(args) is tuple else ())))
+        pending = self.pending
+        if len(pending) >= MAX_PENDING:
+            self.dropped += 1
+            return True
+        pending.append(_new_tuple(Event, (kind, record.created, _session_id(), _queue_id(),
+                                          args if type(args) is tuple else ())))
+        if len(pending) == self._batch:
+            self._wake()
         return True
 
     def emit(self, record: logging.LogRecord) -> None:
