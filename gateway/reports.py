@@ -79,7 +79,10 @@ ReporterT = TypeVar("ReporterT", bound="PeriodReporter[Any]")
 
 
 def period_begin(now: float, period: float) -> int:
-    """The start (seconds since the epoch) of the reporting period ``now`` falls in."""
+    """The start (seconds since the epoch) of the reporting period ``now`` falls in.
+
+    The epoch is a UTC midnight, so periods that divide a day start at UTC midnight.
+    """
     return int(now // period * period)
 
 

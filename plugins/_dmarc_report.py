@@ -11,8 +11,8 @@ one-day period starts at UTC midnight, on every node alike):
   and its reasons, every DKIM and SPF result, as JSON) -> its message count.
 
 So a busy day costs one row per distinct row description, not one per message, and a
-report is read back with two calls. Both maps expire :data:`KEEP` after their period,
-sent or not. :func:`aggregate_xml` writes the report as RFC 7489 Appendix C describes
+report is read back with two calls. Both maps expire :data:`~gateway.reports.KEEP` after
+their period, sent or not (the periods, and sending each report once, are :mod:`gateway.reports`). :func:`aggregate_xml` writes the report as RFC 7489 Appendix C describes
 (namespace ``http://dmarc.org/dmarc-xml/0.1``, version 1.0).
 """
 
@@ -24,6 +24,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+from gateway.reports import KEEP, period_begin
 from gateway.state import StateStore
 
 __all__ = [
@@ -39,8 +40,6 @@ __all__ = [
 ]
 
 NAMESPACE = "http://dmarc.org/dmarc-xml/0.1"
-#: how long a period's counts are kept after it ends (a gateway down for days still reports)
-KEEP = 7 * 86400.0
 _MAX_TEXT = 253  # a domain's length; every recorded text is bounded by it
 _MAX_RESULTS = 8  # DKIM or SPF results kept per row
 
@@ -135,14 +134,6 @@ class DomainReport:
     @property
     def messages(self) -> int:
         return sum(count for _, count in self.rows)
-
-
-def period_begin(now: float, period: float) -> int:
-    """The start (seconds since the epoch) of the reporting period ``now`` falls in.
-
-    The epoch is a UTC midnight, so periods that divide a day start at UTC midnight.
-    """
-    return int(now // period * period)
 
 
 def _pub_key(begin: int) -> str:

@@ -42,7 +42,7 @@ a temporary SPF/DKIM error on an aligned identifier when nothing passed, gives
    whose record asks for aggregate reports (``rua=``) is counted in the state store
    (``state``), and the plugin's timer sends each such domain its report once per
    ``report_period`` (RFC 7489 §7.2): see :mod:`plugins._dmarc_report`,
-   :mod:`plugins._dmarc_report_send` and ``gateway dmarc report``. Recording never
+   :mod:`plugins._dmarc_report_send`, :mod:`gateway.reports` and ``gateway dmarc report``. Recording never
    changes what happens to the message: a store that fails is logged and skipped.
 
 7. With ``failure_reports = true`` a message the record's ``fo=`` asks about gets a
@@ -77,13 +77,14 @@ from gateway.model import Envelope, Message, QueuedRecipient, Session, StashKey,
 from gateway.policy import Duration, Policy
 from gateway.probe import Probes
 from gateway.policy.schema import setting
+from gateway.reports import make_signer, report_forever, timer_interval
 from gateway.state import PluginStores, StateUnavailable, canonical_url, check_url
 from gateway.state.registry import create_store
 from gateway.verdicts import Action, Reply, Verdict
 from plugins._dmarc_failure import Failure, redact, wants_report
 from plugins._dmarc_record import DmarcRecord, discover_record
 from plugins._dmarc_report import Evaluation, Published, record_evaluation
-from plugins._dmarc_report_send import Reporter, command_reporter, make_signer
+from plugins._dmarc_report_send import Reporter, command_reporter
 from plugins._mailauth import author_domain, is_aligned
 from plugins.data_arc_verify import ARC_RESULT
 
@@ -419,9 +420,10 @@ class Plugin:
         store = await self._stores.open(settings.state, Path(gateway.policy.server.var_dir))
         self._reporter = job = reporter(gateway, settings, store)
         if settings.aggregate_reports and not gateway.is_worker:  # the master sends for the node
-            # Often enough that a report leaves soon after its period ends.
-            interval = max(0.5, min(60.0, float(settings.report_period) / 4))
-            self._tasks.append(asyncio.create_task(_report_forever(job, interval), name="dmarc-reports"))
+            timer = report_forever(
+                job.send_due, timer_interval(float(settings.report_period)), what="dmarc reports", log=log
+            )
+            self._tasks.append(asyncio.create_task(timer, name="dmarc-reports"))
         if settings.failure_reports:
             self._tasks.append(asyncio.create_task(_send_failures(job, self._failures), name="dmarc-failures"))
 
@@ -505,14 +507,3 @@ async def _send_failures(job: Reporter, waiting: asyncio.Queue[tuple[Failure, st
             log.warning("dmarc failure report for %s not sent: %s", failure.domain, exc)
         except Exception:  # boundary: one report's failure must not stop the others
             log.exception("dmarc failure report for %s failed", failure.domain)
-
-
-async def _report_forever(job: Reporter, interval: float) -> None:
-    while True:
-        try:
-            await job.send_due()
-        except StateUnavailable as exc:
-            log.warning("dmarc reports: state store unavailable: %s", exc)
-        except Exception:  # boundary: the timer outlives any one failure, logged with its traceback
-            log.exception("dmarc reports: sending failed")
-        await asyncio.sleep(interval)

@@ -17,9 +17,7 @@ sent (by either) are never sent again, and sending the period in progress closes
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-import time
 from typing import Any
 
 __all__ = ["main", "register"]
@@ -44,20 +42,10 @@ def register(sub: Any) -> None:
     report.set_defaults(func=main)
 
 
-def _begin(which: str, period: float, now: float) -> int | None:
-    current = int(now // period * period)
-    if which == "current":
-        return current
-    if which == "previous":
-        return int(current - period)
-    if which.isdigit():
-        return int(int(which) // period * period)
-    return None
-
-
 def main(args: argparse.Namespace) -> int:
     from gateway.commands._common import load
     from gateway.policy import PolicyError
+    from gateway.reports import report_command
 
     try:
         policy, specs = load(args.policy)
@@ -72,36 +60,17 @@ def main(args: argparse.Namespace) -> int:
         print("gateway: the policy has no data_dmarc entry with aggregate_reports = true", file=sys.stderr)
         return 2
     settings = entry.settings
-    begin = None
-    if args.period is not None or args.preview:
-        begin = _begin(args.period or "current", float(settings.report_period), time.time())
-        if begin is None:
-            print(f"gateway: --period {args.period!r}: current, previous or seconds since the epoch", file=sys.stderr)
-            return 2
-    return asyncio.run(_run(args, policy, settings, specs["data_dmarc"].module, begin))
+    module = specs["data_dmarc"].module
+    return report_command(
+        args, name="gateway", period=float(settings.report_period),
+        reporter=lambda: module.command_reporter(policy, settings), preview=_preview, verb="queued",
+    )
 
 
-async def _run(args: argparse.Namespace, policy: Any, settings: Any, module: Any, begin: int | None) -> int:
-    from gateway.state import StateUnavailable
-    from gateway.verdicts import TemporaryFailure
-
-    try:
-        async with module.command_reporter(policy, settings) as reporter:
-            if args.preview:
-                assert begin is not None
-                xml = await reporter.preview(args.preview.strip().rstrip(".").lower(), begin)
-                if xml is None:
-                    print(f"gateway: no DMARC evaluations of {args.preview} in the period from {begin}",
-                          file=sys.stderr)
-                    return 1
-                sys.stdout.write(xml.decode("utf-8"))
-                return 0
-            if begin is None:
-                sent = await reporter.send_due()
-            else:
-                sent, _ = await reporter.send_period(begin, args.domain)
-            print(f"gateway: {sent} report(s) queued")
-            return 0
-    except (StateUnavailable, TemporaryFailure, OSError) as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
-        return 75
+async def _preview(reporter: Any, domain: str, begin: int) -> int:
+    xml = await reporter.preview(domain.strip().rstrip(".").lower(), begin)
+    if xml is None:
+        print(f"gateway: no DMARC evaluations of {domain} in the period from {begin}", file=sys.stderr)
+        return 1
+    sys.stdout.write(xml.decode("utf-8"))
+    return 0
