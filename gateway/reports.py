@@ -17,6 +17,8 @@ counted, the report document, the mail's media type and subject, where it goes.
 - The timer (:func:`report_forever`): the master (or the single process) sends what is
   owed every :func:`timer_interval`; nodes sharing one store each run it, whichever
   claims first sends and the others find the mark.
+- :func:`report_message`: the head both report mails have (RFC 7489 §7.2.1.1 and
+  RFC 8460 §5.3 ask for the same subject).
 - :func:`make_signer`: report mail is DKIM-signed with the key the policy's
   ``queue_dkim_sign`` entry has for the reporting address's domain.
 - Outside a running gateway (``gateway dmarc report``, ``gateway tls report``):
@@ -30,6 +32,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import email.policy
+import email.utils
 import logging
 import os
 import sys
@@ -37,6 +41,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -59,6 +64,7 @@ __all__ = [
     "queue_injector",
     "report_command",
     "report_forever",
+    "report_message",
     "timer_interval",
 ]
 
@@ -207,6 +213,26 @@ async def report_forever(
         except Exception:  # boundary: the timer outlives any one failure, logged with its traceback
             log.exception("%s: sending failed", what)
         await asyncio.sleep(interval)
+
+
+def report_message(
+    *, sender: str, recipients: list[str], domain: str, org_name: str, report_id: str, kind: str, hostname: str,
+    now: float,
+) -> EmailMessage:
+    """A report mail's head: From, To, the subject ``Report Domain: <domain> Submitter:
+    <org> Report-ID: <id>``, Date and Message-ID; the caller adds its fields and parts.
+
+    :param sender: the reporting address
+    :param recipients: the ``To:`` addresses
+    :param kind: the Message-ID's left part ("dmarc", "tlsrpt")
+    """
+    message = EmailMessage(policy=email.policy.SMTP)
+    message["From"] = sender
+    message["To"] = ", ".join(recipients)
+    message["Subject"] = f"Report Domain: {domain} Submitter: {org_name} Report-ID: <{report_id}>"
+    message["Date"] = email.utils.formatdate(now, usegmt=True)
+    message["Message-ID"] = email.utils.make_msgid(kind, domain=hostname)
+    return message
 
 
 def _key_for(domain: str, domains: dict[str, Any]) -> tuple[str, Any] | None:

@@ -15,15 +15,14 @@
 
 from __future__ import annotations
 
-import email.policy
 import email.utils
 import gzip
 import re
 from dataclasses import dataclass
-from email.message import EmailMessage
 from typing import Any
 from urllib.parse import unquote
 
+from gateway.reports import report_message
 from plugins._mailauth import fetch_txt, normalize_domain, organizational_domain
 
 __all__ = ["ReportUri", "is_authorized", "parse_uri", "report_filename", "report_mail"]
@@ -96,12 +95,10 @@ def report_mail(
     :param sender: the ``From:`` address (the reporting address)
     :param recipients: the ``To:`` addresses
     """
-    message = EmailMessage(policy=email.policy.SMTP)
-    message["From"] = sender
-    message["To"] = ", ".join(recipients)
-    message["Subject"] = f"Report Domain: {domain} Submitter: {org_name} Report-ID: <{report_id}>"
-    message["Date"] = email.utils.formatdate(now, usegmt=True)
-    message["Message-ID"] = email.utils.make_msgid("dmarc", domain=hostname)
+    message = report_message(
+        sender=sender, recipients=recipients, domain=domain, org_name=org_name, report_id=report_id,
+        kind="dmarc", hostname=hostname, now=now,
+    )
     message.set_content(
         f"This is a DMARC aggregate report (RFC 7489) for {domain}\n"
         f"from {org_name}, covering {email.utils.formatdate(begin, usegmt=True)}"

@@ -16,12 +16,10 @@
 from __future__ import annotations
 
 import asyncio
-import email.policy
 import email.utils
 import gzip
 import ssl
 from dataclasses import dataclass
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
@@ -29,6 +27,7 @@ from urllib.parse import unquote, urlsplit
 import dns.asyncresolver
 
 from gateway.dns import DnsError, resolve_addresses
+from gateway.reports import report_message
 
 __all__ = ["MEDIA_TYPE", "ReportUri", "ReportPostError", "parse_record", "post_report", "report_mail", "report_filename"]
 
@@ -106,12 +105,10 @@ def report_mail(
     :param sender: ``From:`` (the reporting address)
     :param recipients: the ``To:`` addresses (the ``mailto:`` destinations)
     """
-    message = EmailMessage(policy=email.policy.SMTP)
-    message["From"] = sender
-    message["To"] = ", ".join(recipients)
-    message["Subject"] = f"Report Domain: {domain} Submitter: {org_name} Report-ID: <{report_id}>"
-    message["Date"] = email.utils.formatdate(now, usegmt=True)
-    message["Message-ID"] = email.utils.make_msgid("tlsrpt", domain=hostname)
+    message = report_message(
+        sender=sender, recipients=recipients, domain=domain, org_name=org_name, report_id=report_id,
+        kind="tlsrpt", hostname=hostname, now=now,
+    )
     message["TLS-Report-Domain"] = domain
     message["TLS-Report-Submitter"] = org_name
     message.set_content(
