@@ -14,9 +14,9 @@ import time
 from typing import Any, ClassVar, Iterable, Sequence
 
 from gateway.tracking.rows import (
-    MESSAGE_COLUMNS, counter_rows, is_maximum, message_rows, read_story, recipient_states, summary_state,
+    MESSAGE_COLUMNS, Story, counter_rows, is_maximum, message_rows, read_story, recipient_states, split, summary_state,
 )
-from gateway.tracking.story import Batch
+from gateway.tracking.story import Batch, Step
 
 __all__ = ["MINUTE_KEEP", "SqlIndex", "bucket_series"]
 
@@ -121,9 +121,13 @@ class SqlIndex:
             cursor.close()
         return changed
 
-    def write(self, batch: Batch) -> None:
-        """Store one batch in one transaction: a statement a table (executemany)."""
-        messages, stories = message_rows(batch)
+    def write(self, batch: Batch, split_batch: tuple[list[Story], dict[str, list[Step]]] | None = None) -> None:
+        """Store one batch in one transaction: a statement a table (executemany).
+
+        :param split_batch: the batch's messages with their steps and its other steps
+            (:func:`~gateway.tracking.rows.split`), when the writer has split it
+        """
+        messages, stories = message_rows(*(split_batch or split(batch)))
         node = self.node
         adds, maxima = counter_rows(batch)
         # Counters in one order in every writer: two transactions raising the same

@@ -23,8 +23,8 @@ from gateway.tracking.steps import describe, status_of
 from gateway.tracking.story import Batch, EventRow, MessageRow, Step
 
 __all__ = [
-    "EVENT_FIELDS", "MESSAGE_COLUMNS", "PERIODS", "counter_rows", "is_maximum", "message_rows", "read_story",
-    "recipient_states", "story_rows", "summary_state",
+    "EVENT_FIELDS", "MESSAGE_COLUMNS", "PERIODS", "Story", "counter_rows", "is_maximum", "message_rows", "read_story",
+    "recipient_states", "split", "story_rows", "summary_state",
 ]
 
 PERIODS = (60, 3600)
@@ -55,12 +55,23 @@ def _message(m: MessageRow, story: list[Step]) -> tuple[Any, ...]:
             m.decided_by, m.reply, _dumps(story))
 
 
-def message_rows(batch: Batch) -> tuple[list[tuple[Any, ...]], list[tuple[float, str, str, str]]]:
-    """The batch's message rows (:data:`MESSAGE_COLUMNS`, the story last) and its
-    ``stories`` rows ``(time, key, session, story)``: steps whose message is not in it."""
-    stories: dict[str, list[Step]] = {m.key: [] for m in batch.messages}
-    # A session's own steps go with its last transaction in the batch.
-    home = {m.session: stories[m.key] for m in batch.messages if m.session}
+Story = tuple[MessageRow, list[Step]]
+"""A message and the steps of it (and of its session) that go in its row."""
+
+
+def split(batch: Batch, carried: Iterable[Story] = ()) -> tuple[list[Story], dict[str, list[Step]]]:
+    """The batch's messages (after those ``carried`` over from an earlier batch, whose
+    rows are not written yet) each with its steps, and the other steps by key."""
+    messages: list[Story] = []
+    stories: dict[str, list[Step]] = {}
+    for message, steps in carried:
+        stories[message.key] = steps
+        messages.append((message, steps))
+    for message in batch.messages:
+        steps = stories[message.key] = []
+        messages.append((message, steps))
+    # A session's own steps go with its last transaction at hand.
+    home = {message.session: steps for message, steps in messages if message.session}
     loose: dict[str, list[Step]] = {}
     for event in batch.events:
         key = event[1]
@@ -72,9 +83,16 @@ def message_rows(batch: Batch) -> tuple[list[tuple[Any, ...]], list[tuple[float,
                 if story is None:
                     story = loose[key] = []
         story.append(event)
-    messages = [_message(m, stories[m.key]) for m in batch.messages]
+    return messages, loose
+
+
+def message_rows(messages: Iterable[Story], loose: dict[str, list[Step]]
+                 ) -> tuple[list[tuple[Any, ...]], list[tuple[float, str, str, str]]]:
+    """Message rows (:data:`MESSAGE_COLUMNS`, the story last) and ``stories`` rows
+    ``(time, key, session, story)`` of the steps whose message is not at hand."""
+    rows = [_message(m, steps) for m, steps in messages]
     rest = [(steps[0][0], key, steps[0][2], _dumps(steps)) for key, steps in loose.items()]
-    return messages, rest
+    return rows, rest
 
 
 def counter_rows(batch: Batch) -> tuple[list[tuple[int, int, str, str, float]], list[tuple[int, int, str, str, float]]]:

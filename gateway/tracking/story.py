@@ -133,6 +133,7 @@ class _Session:
     txns: int = 0
     txn: MessageRow | None = None
     txn_events: list[Step] = field(default_factory=list)
+    early: list[Step] = field(default_factory=list)  # its steps before its first transaction ended
     refusal: tuple[str, str] | None = None  # a connect/helo refusal: (plugin, reply)
 
 
@@ -220,7 +221,17 @@ class Assembler:
         else:
             batch.events.append(row)
 
+    def _early(self, session: _Session, step: Step) -> None:
+        """A step of the session itself (connect, TLS, HELO, AUTH, a refusal), kept until
+        its first transaction ends or it disconnects: then it lands in the batch that
+        writes that transaction's row, and goes in it (gateway/tracking/rows.py)."""
+        if len(session.early) < MAX_TXN_EVENTS:
+            session.early.append(step)
+
     def _end_txn(self, batch: Batch, session: _Session) -> None:
+        if session.early:
+            batch.events += session.early
+            session.early = []
         txn = session.txn
         if txn is None:
             return
@@ -250,33 +261,33 @@ class Assembler:
         session = self._open(e.session, e.time)
         session.client = str(client)
         batch.count("connections", "", e.time)
-        batch.events.append((e.time, e.session, e.session, "connect", client, port, listener, relay))
+        self._early(session, (e.time, e.session, e.session, "connect", client, port, listener, relay))
 
     def _on_tls(self, batch: Batch, e: Event, version: str, cipher: str) -> None:
         session = self._session(e)
         session.tls = f"{version} {cipher}"
-        batch.events.append((e.time, e.session, e.session, "tls", version, cipher))
+        self._early(session, (e.time, e.session, e.session, "tls", version, cipher))
 
     def _on_helo(self, batch: Batch, e: Event, name: str, esmtp: Any) -> None:
         session = self._session(e)
         session.helo = str(name)
-        batch.events.append((e.time, e.session, e.session, "helo", name, esmtp))
+        self._early(session, (e.time, e.session, e.session, "helo", name, esmtp))
 
     def _on_auth_ok(self, batch: Batch, e: Event, mechanism: str, login: str, as_: str, plugin: str) -> None:
         session = self._session(e)
         session.auth = str(login)
-        batch.events.append((e.time, e.session, e.session, "auth_ok", mechanism, login, as_, plugin))
+        self._early(session, (e.time, e.session, e.session, "auth_ok", mechanism, login, as_, plugin))
 
     def _on_auth_failed(self, batch: Batch, e: Event, mechanism: str, login: str, client: str, plugin: str) -> None:
         self._refused(batch, plugin, e.time)
-        batch.events.append((e.time, e.session, e.session, "auth_failed", mechanism, login, client, plugin))
+        self._early(self._session(e), (e.time, e.session, e.session, "auth_failed", mechanism, login, client, plugin))
 
     def _on_too_many(self, batch: Batch, e: Event, client: str) -> None:
         session = self._session(e)
         session.client = session.client or str(client)
         session.refusal = ("core", "too many connections")
         self._refused(batch, "core", e.time)
-        batch.events.append((e.time, e.session, e.session, "too_many", client))
+        self._early(session, (e.time, e.session, e.session, "too_many", client))
 
     def _on_mail(self, batch: Batch, e: Event, sender: str, size: Any) -> None:
         session = self._session(e)
@@ -312,7 +323,7 @@ class Assembler:
         row: Step = (e.time, "", e.session, "verdict", stage, action, plugin, reply, reason, details)
         if stage in ("connect", "helo") and session.txn is None:
             session.refusal = (plugin, reply)
-            batch.events.append((e.time, e.session, *row[2:]))
+            self._early(session, (e.time, e.session, *row[2:]))
             return
         if stage == "mail":  # MAIL refused: a transaction of its own, without a 'mail from' line
             self._end_txn(batch, session)

@@ -23,6 +23,7 @@ from typing import Any
 from gateway.tracking.events import HEAD_BYTES, SOURCE_LOGGERS, Event, IndexHandler, close_head, read_head
 from gateway.tracking.base import SqlIndex
 from gateway.tracking.steps import DELIVERY_DELAY
+from gateway.tracking.rows import Story, split
 from gateway.tracking.story import Assembler, Batch, MessageRow, result_steps
 
 __all__ = ["IndexWriter", "message_id_of"]
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 
 _MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*((?:.*)(?:\r?\n[ \t].*)*)")
 _SAMPLE_SECONDS = 60.0
+HOLD_SECONDS = 2.0
+"""How long a queued message's row may wait for its delivery and removal (one row, not
+two: the second is an insert, two index entries and a story's encoding more)."""
+MAX_HELD = 5000
+_HELD = ("queued", "copy", "generated")
 _PRUNE_SECONDS = 3600.0
 _WARN_SECONDS = 60.0
 # Loggers whose level the running writers raised to INFO, with the level they had.
@@ -63,7 +69,7 @@ class IndexWriter:
     """
 
     def __init__(self, index: SqlIndex, store: Any, retention: float, *, sample_queue: bool,
-                 tick: float = 0.5, session_suffix: str = "") -> None:
+                 tick: float = 1.0, session_suffix: str = "") -> None:
         self.index = index
         self.store = store
         self.retention = retention
@@ -77,6 +83,8 @@ class IndexWriter:
         self._last_warning = 0.0
         self._next_sample = 0.0
         self._next_prune = 0.0
+        self._held: list[Story] = []  # messages whose row waits for their delivery
+        self._release = False  # write the held ones in the next pass (flush)
         self.written = 0  # batches written (tests wait on it)
         self.events = 0  # events drained
         self.cpu_seconds = 0.0  # CPU time of this thread's passes
@@ -112,6 +120,7 @@ class IndexWriter:
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until what was logged before this call is written (tests, shutdown)."""
         target = self.written + 2  # a pass under way may have drained before this call
+        self._release = True
         self._wake.set()
         deadline = time.monotonic() + timeout
         while self.written < target and time.monotonic() < deadline and self._thread.is_alive():
@@ -160,6 +169,7 @@ class IndexWriter:
 
     def _pass(self, *, final: bool) -> None:
         now = time.time()
+        release, self._release = self._release, False
         batch = self.assembler.feed(self._drain())
         if final:
             self.assembler.close_all(batch)
@@ -168,8 +178,10 @@ class IndexWriter:
             self._sample(batch, now)
         try:
             self._complete(batch)
-            if batch:
-                self.index.write(batch)
+            messages, loose = split(batch, self._held)
+            self._held = [] if final or release else self._hold(messages, now)
+            if batch or messages:
+                self.index.write(batch, (messages, loose))
             if self.sample_queue and now >= self._next_prune:
                 self._next_prune = now + _PRUNE_SECONDS
                 self.index.prune(now - self.retention, now)
@@ -185,6 +197,21 @@ class IndexWriter:
             log.warning("index: the writer fell behind, %d events dropped", self.handler.dropped)
             self.handler.dropped = 0
         self.written += 1
+
+    def _hold(self, messages: list[Story], now: float) -> list[Story]:
+        """Take out of ``messages`` those queued here in the last :data:`HOLD_SECONDS`
+        and not yet removed: their delivery comes in a pass or two, and then goes in
+        their row instead of a row of its own."""
+        held = []
+        for position in range(len(messages) - 1, -1, -1):
+            message, steps = messages[position]
+            if message.outcome in _HELD and now - message.time < HOLD_SECONDS and \
+                    all(step[3] != "removed" for step in steps):
+                held.append(messages.pop(position))
+                if len(held) >= MAX_HELD:
+                    break
+        held.reverse()
+        return held
 
     def _complete(self, batch: Batch) -> None:
         """What the events did not say: Message-IDs and results, delivery latencies."""

@@ -363,3 +363,27 @@ def test_an_index_file_of_the_first_layout_is_made_anew(tmp_path: Path) -> None:
     index.create()
     index.write(Assembler().feed(_message_events(1, time.time())))
     assert index.search()[1] == 1
+
+
+def test_a_message_delivered_a_moment_later_is_still_one_row_and_flush_writes_a_waiting_one(tmp_path: Path) -> None:
+    index = SqliteIndex(tmp_path / "i.sqlite")
+    writer = IndexWriter(index, None, 86400, sample_queue=False)
+    index.create()
+    first, second = _message_events(1, time.time()), _message_events(2, time.time())
+    writer.handler.pending.extend(first[:6])  # queued and disconnected; delivered in the next pass
+    writer._once()
+    assert index.search()[1] == 0  # its row waits for the delivery...
+    writer.handler.pending.extend(first[6:] + second[:6])
+    writer._once()
+    db = sqlite3.connect(tmp_path / "i.sqlite")
+    assert db.execute("SELECT count(*) FROM stories").fetchone()[0] == 0  # ...and has it
+    rows, total = index.search()
+    assert total == 1 and rows[0]["state"] == "delivered"
+    writer._release = True  # what flush() asks of the next pass: a deferred one is shown at once
+    writer._once()
+    assert index.search()[1] == 2
+    writer.handler.pending.extend(second[6:])
+    writer._once(final=True)
+    story = index.message("Q000002")
+    assert story is not None and story["state"] == "delivered"
+    assert [e["kind"] for e in story["story"]][-2:] == ["delivery", "removed"]
