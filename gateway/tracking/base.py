@@ -23,6 +23,9 @@ __all__ = ["MINUTE_KEEP", "SqlIndex", "bucket_series"]
 MINUTE_KEEP = 2 * 86400.0
 """Per-minute counters are kept this long; per-hour ones for the retention."""
 _PRUNE_CHUNK = 5000
+ROWS_A_STATEMENT = 100
+"""Rows of one INSERT (its VALUES list): 100 rows of 21 columns stay under SQLite's
+32766 placeholders and PostgreSQL's 65535."""
 
 
 def _like(text: str) -> str:
@@ -52,22 +55,24 @@ class SqlIndex:
     def __init__(self) -> None:
         self._writer: Any = None
         self.node = ""
+        columns = (*MESSAGE_COLUMNS, "node")
         story = ", story = CASE WHEN excluded.story = '[]' THEN messages.story WHEN messages.story = '[]' " \
             "THEN excluded.story ELSE substr(messages.story, 1, length(messages.story) - 1) || ',' || " \
             "substr(excluded.story, 2) END"
+        # (head, tail, columns) of each table's insert; the rows go between, as VALUES.
         # A key written again (not expected: keys are queue ids or session/n) keeps its story.
-        self._upsert_message = self.sql(
-            f"INSERT INTO messages ({', '.join(MESSAGE_COLUMNS)}, node) "
-            f"VALUES ({', '.join('?' * (len(MESSAGE_COLUMNS) + 1))}) ON CONFLICT (key) DO UPDATE SET "
-            + ", ".join(f"{c} = excluded.{c}" for c in (*MESSAGE_COLUMNS, "node") if c not in ("key", "story"))
-            + story
+        self._upsert_message = (
+            f"INSERT INTO messages ({', '.join(columns)}) VALUES",
+            "ON CONFLICT (key) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in columns if c not in ("key", "story")) + story,
+            len(columns),
         )
-        self._insert_story = self.sql("INSERT INTO stories (time, key, session, story, node) VALUES (?, ?, ?, ?, ?)")
-        self._add = self.sql("INSERT INTO counters (period, t, name, key, value) VALUES (?, ?, ?, ?, ?) "
-                             "ON CONFLICT (period, t, name, key) DO UPDATE SET value = counters.value + excluded.value")
-        self._max = self.sql("INSERT INTO counters (period, t, name, key, value) VALUES (?, ?, ?, ?, ?) "
-                             "ON CONFLICT (period, t, name, key) DO UPDATE SET value = "
-                             f"{self.greatest}(counters.value, excluded.value)")
+        self._insert_story = ("INSERT INTO stories (time, key, session, story, node) VALUES", "", 5)
+        counters = "INSERT INTO counters (period, t, name, key, value) VALUES"
+        self._add = (counters, "ON CONFLICT (period, t, name, key) DO UPDATE SET value = counters.value + "
+                     "excluded.value", 5)
+        self._max = (counters, "ON CONFLICT (period, t, name, key) DO UPDATE SET value = "
+                     f"{self.greatest}(counters.value, excluded.value)", 5)
 
     # -- what a backend provides -----------------------------------------------
 
@@ -121,8 +126,18 @@ class SqlIndex:
             cursor.close()
         return changed
 
+    def _insert(self, cursor: Any, statement: tuple[str, str, int], rows: Sequence[Sequence[Any]]) -> None:
+        """Rows into a table, :data:`ROWS_A_STATEMENT` a statement (its VALUES list):
+        each statement is one step of the database with the GIL released, not one a row
+        (executemany steps, and gives up and takes back the GIL, a row at a time)."""
+        head, tail, width = statement
+        one = "(" + ", ".join([self.mark] * width) + ")"
+        for start in range(0, len(rows), ROWS_A_STATEMENT):
+            part = rows[start:start + ROWS_A_STATEMENT]
+            cursor.execute(f"{head} {', '.join([one] * len(part))} {tail}", [v for row in part for v in row])
+
     def write(self, batch: Batch, split_batch: tuple[list[Story], dict[str, list[Step]]] | None = None) -> None:
-        """Store one batch in one transaction: a statement a table (executemany).
+        """Store one batch in one transaction, a few statements a table.
 
         :param split_batch: the batch's messages with their steps and its other steps
             (:func:`~gateway.tracking.rows.split`), when the writer has split it
@@ -134,12 +149,19 @@ class SqlIndex:
         # buckets take their row locks in the same order (no deadlock on PostgreSQL).
         adds.sort()
         maxima.sort()
-        self._in_transaction(self.writer, (
-            (self._upsert_message, [(*m, node) for m in messages]),
-            (self._insert_story, [(*s, node) for s in stories]),
-            (self._add, adds),
-            (self._max, maxima),
-        ))
+        cursor = self.writer.cursor()
+        cursor.execute(self.begin)
+        try:
+            self._insert(cursor, self._upsert_message, [(*m, node) for m in messages])
+            self._insert(cursor, self._insert_story, [(*s, node) for s in stories])
+            self._insert(cursor, self._add, adds)
+            self._insert(cursor, self._max, maxima)
+            cursor.execute("COMMIT")
+        except BaseException:
+            cursor.execute("ROLLBACK")
+            raise
+        finally:
+            cursor.close()
 
     def arrivals(self, qids: Iterable[str]) -> dict[str, float]:
         """When each of ``qids`` was queued (those the index knows)."""

@@ -64,11 +64,13 @@ def split(batch: Batch, carried: Iterable[Story] = ()) -> tuple[list[Story], dic
     rows are not written yet) each with its steps, and the other steps by key."""
     messages: list[Story] = []
     stories: dict[str, list[Step]] = {}
-    for message, steps in carried:
+    where: dict[str, int] = {}
+    for message, steps in (*carried, *((m, []) for m in batch.messages)):
+        if message.key in where:  # the same key again: one row, the later facts, both stories
+            messages[where[message.key]] = (message, stories[message.key])
+            continue
+        where[message.key] = len(messages)
         stories[message.key] = steps
-        messages.append((message, steps))
-    for message in batch.messages:
-        steps = stories[message.key] = []
         messages.append((message, steps))
     # A session's own steps go with its last transaction at hand.
     home = {message.session: steps for message, steps in messages if message.session}
