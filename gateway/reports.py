@@ -7,7 +7,8 @@ counted, the report document, the mail's media type and subject, where it goes.
   at UTC midnight on every node alike, :func:`period_begin`) and are kept :data:`KEEP`
   after it ends. A period is owed its reports once it ended a grace time ago (a tenth of
   the period, at most a minute: mail counted on a node whose clock is a little behind
-  still counts), looking back at most :data:`MAX_LOOKBACK` periods.
+  still counts; at least what a reporter's counts may take to reach the store), looking
+  back at most :data:`MAX_LOOKBACK` periods.
 - Exactly once, across processes, nodes and restarts (:class:`PeriodReporter`): before
   sending a policy domain's report the reporter claims it in the state store
   (``<prefix>:sent:<begin>:<domain>``, set only if absent). The claim becomes the "sent"
@@ -119,6 +120,8 @@ class PeriodReporter(Generic[ReportT]):
     prefix: ClassVar[str] = "report"
     #: what the log lines call one report
     noun: ClassVar[str] = "report"
+    #: the least grace time (seconds), for counts that reach the store a little late
+    min_grace: ClassVar[float] = 0.0
     log: ClassVar[logging.Logger] = logging.getLogger(__name__)
 
     def __init__(self, store: StateStore, period: float) -> None:
@@ -148,7 +151,7 @@ class PeriodReporter(Generic[ReportT]):
     async def send_due(self, now: float | None = None) -> int:
         """Send every report owed for ended periods (after the grace time); how many were sent."""
         now = time.time() if now is None else now
-        grace = min(60.0, self.period / 10)
+        grace = max(self.min_grace, min(60.0, self.period / 10))
         current = period_begin(now, self.period)
         lookback = min(int(KEEP // self.period) + 1, MAX_LOOKBACK)
         sent = 0

@@ -106,6 +106,28 @@ def test_ended_periods_are_sent_once_after_the_grace_time(tmp_path: Path) -> Non
     run_with_store(tmp_path, test)
 
 
+def test_a_short_period_waits_for_counts_that_reach_the_store_late(tmp_path: Path) -> None:
+    """TLS outcomes reach the store up to a second after the session: with a short period
+    (3 s: a tenth is 0.3 s) the report still waits the reporter's least grace time, so a
+    session counted just before the period ended is in it, not lost after it was sent."""
+    from gateway.delivery.remote.tlsrpt_send import FLUSH, TlsReporter
+
+    period = 3.0
+    begin = int(period_begin(NOW, period))
+
+    class Late(Reporter):
+        min_grace = TlsReporter.min_grace
+
+    async def test(store: StateStore) -> None:
+        job = Late(store, period, {begin: ["a.example"]})
+        end = begin + period
+        assert await job.send_due(end + FLUSH) == 0 and job.sends == []  # a count may still come
+        assert await job.send_due(end + TlsReporter.min_grace + 0.1) == 1
+
+    assert TlsReporter.min_grace > FLUSH
+    run_with_store(tmp_path, test)
+
+
 def test_a_deferred_report_gives_its_claim_back(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     today = period_begin(NOW, DAY)
     yesterday = int(today - DAY)

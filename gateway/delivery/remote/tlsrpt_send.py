@@ -126,6 +126,9 @@ class TlsReporter(PeriodReporter[DomainReport]):
 
     prefix = "tlsrpt"
     noun = "tls report"
+    # Outcomes reach the store up to FLUSH seconds after the session: a period's report
+    # waits for them (with a short test period, a tenth of it would not).
+    min_grace = 3 * FLUSH
     log = log
 
     def __init__(
