@@ -17,6 +17,7 @@ record of the log, which stays.
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -79,7 +80,22 @@ class SqliteIndex(SqlIndex):
 
     def create(self) -> None:
         """Make the directory, the file and its tables if missing (any process may); a
-        file of another layout is emptied first."""
+        file of another layout is emptied first.
+
+        Workers start together and each creates the index: switching a new file to WAL
+        takes a lock SQLite's busy timeout does not wait for ("database is locked" at
+        once), so a locked attempt is tried again, for up to the busy timeout."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                self._create()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _create(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         db = self.connect()
         try:
