@@ -558,5 +558,16 @@ def test_the_master_refreshes_cached_policies_in_the_background(
         finally:
             await agent.close()
 
-    asyncio.run(main())
+    async def bounded() -> None:
+        task = asyncio.ensure_future(main())
+        done, _ = await asyncio.wait({task}, timeout=60)
+        if not done:
+            import io
+            out = io.StringIO()
+            for t in asyncio.all_tasks():
+                t.print_stack(file=out)
+            raise AssertionError("HUNG:\n" + out.getvalue())
+        task.result()
+
+    asyncio.run(bounded())
     assert https.requests[:2] == [("mta-sts.sts.test.example", "/.well-known/mta-sts.txt")] * 2

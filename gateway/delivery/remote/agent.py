@@ -41,6 +41,7 @@ from gateway.logs import short
 from gateway.model import Envelope, QueuedRecipient
 from gateway.policy.model import Policy
 from gateway.verdicts import GatewayError, PermanentFailure, Reply, TemporaryFailure
+from gateway.tasks import cancel_and_wait
 
 __all__ = ["RemoteDeliveryAgent"]
 
@@ -220,9 +221,7 @@ class RemoteDeliveryAgent:
         tasks, and store the TLS outcomes still counted in memory."""
         self._is_closed = True
         if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+            await cancel_and_wait(self._refresher, "MTA-STS refresh")
             self._refresher = None
         if self.reporting is not None:
             await self.reporting.close()
@@ -566,3 +565,4 @@ def _dane_verifier(dest: Destination, policy: TransportPolicy) -> Callable[[ssl.
 
 def _key(dest: Destination, mode: str, auth: _Auth | None) -> _PoolKey:
     return (dest.address, dest.port, mode, dest.host, auth.user if auth else "")
+

@@ -66,6 +66,7 @@ from gateway.reports import (
     timer_interval,
 )
 from gateway.state import StateStore, StateUnavailable
+from gateway.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from gateway.delivery.remote.policy import TlsOutcome
@@ -325,10 +326,7 @@ class TlsReporting:
         """Stop the tasks, add what is still counted to the store, release the store."""
         tasks, self._tasks = self._tasks, []
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task, "TLS report")
         try:
             await self.flush()
         finally:
