@@ -1,6 +1,7 @@
 """Login and logout, rate-limited per client address.
 
-An admin (the admins file) gets an ``admin`` session; with ``[console] users = true``
+An admin (the admins file, or a mail login in ``[console] admin_users`` whose mail
+password checks out) gets an ``admin`` session; with ``[console] users = true``
 any other login is checked by the mail verifier (:mod:`gateway.console.users`) and gets
 a ``user`` session holding that user's addresses. A failure counts against the client
 address either way.
@@ -69,15 +70,20 @@ def add_routes(console: Console, app: web.Application) -> None:
         async with console._hashing:
             is_admin = await console.in_thread(console.admins.check, login, password)
         scope, addresses, user = ADMIN, frozenset[str](), None
-        if not is_admin and console.settings.users:
+        admin_users = console.settings.admin_users
+        if not is_admin and (console.settings.users or login in admin_users):
             try:
                 user = await check_mail_login(console.gateway_app, login, password, client)
             except LoginUnavailable as exc:
                 log.warning("console: user login not checked login=%r client=%s: %s", login[:64], client, exc)
                 return login_page(request, 503, "Your password cannot be checked now; try again later.")
-            if user is not None:
+            if user is not None and (login in admin_users or user in admin_users):
+                is_admin = True  # an admin by the mail password (Dovecot, the users file)
+            elif user is not None and console.settings.users:
                 scope = USER
                 addresses = await console.in_thread(addresses_of, console.policy.local, user)
+            else:
+                user = None
         if not is_admin and user is None:
             console.limiter.failed(client)
             log.warning("console: login failed login=%r client=%s", login[:64], client)

@@ -42,6 +42,9 @@ class ConsoleSettings:
         "and see only their own quarantined mail"
     )
     users_listener: str = setting("", "the listener whose gateway_auth chain checks end users; empty: the first with auth")
+    admin_users: tuple[str, ...] = setting(
+        (), "mail logins that get an admin session, their password checked as end users' are (users file, Dovecot)"
+    )
     user_lists_state: str = setting(
         "sqlite", 'state store of the users\' allow and block lists (rcpt_user_lists reads them): "sqlite" or "redis://..."'
     )

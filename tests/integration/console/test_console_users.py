@@ -186,3 +186,24 @@ def test_without_users_on_only_admins_log_in(
     gw = console_gateway(f'[auth]\nusers_file = "{users}"\n[[plugins]]\nname = "auth_users_file"\n')
     log_in(browser, gw, "alice", ALICE_PASSWORD)
     assert browser.find_element(By.ID, "error").text == "Wrong login or password."
+
+
+def test_a_mail_login_named_in_admin_users_is_an_admin(user_gateway: Callable[..., RunningGateway]) -> None:
+    """[console] admin_users: bob's mail password (checked as SMTP AUTH checks it, here the
+    users file; Dovecot alike) opens an admin session: the queue page, everybody's mail.
+    Alice, not named, stays an end user; a wrong password is no admin."""
+    gw = user_gateway(chain='admin_users = ["bob"]\n' + CHAIN)
+    alices = send(gw, ["alice@localhost"], "For Alice")
+    bob, _ = user_client(gw, "bob", BOB_PASSWORD)
+    status, _, page = bob.request("/queue")
+    assert status == 200
+    status, _, page = bob.request(f"/quarantine/{alices}")
+    assert status == 200 and "For Alice" in page
+    alice, _ = user_client(gw, "alice", ALICE_PASSWORD)
+    assert alice.request("/queue")[0] == 403
+    wrong = PlainClient(gw)
+    _, _, page = wrong.request("/login")
+    token = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert token
+    status, _, _ = wrong.request("/login", {"csrf": token.group(1), "login": "bob", "password": "guess"})
+    assert status == 401
