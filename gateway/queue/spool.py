@@ -22,11 +22,14 @@ import errno
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 from gateway.content import Content
-from gateway.queue.damage import SPOOL_LINE
+from gateway.message import Message
+from gateway.queue.committer import Buffer
+from gateway.queue.damage import SPOOL_LINE, spool_line
 
-__all__ = ["Spool"]
+__all__ = ["Spool", "SpooledLayout", "spooled_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -134,3 +137,47 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         if n <= 0:
             raise OSError(errno.EIO, "pwrite wrote nothing")
         view, offset = view[n:], offset + n
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledLayout:
+    """How :meth:`~gateway.queue.QueueStore.commit` writes a spooled message (GWQ2):
+    ``data`` at ``base`` and ``first_line`` at 0 of ``tmp/<qid>``, which is the spool
+    itself, or with ``source`` a new file whose octets after the first line are an
+    in-kernel copy of it; the message is ``extents`` of the result."""
+
+    data: list[Buffer]
+    first_line: bytes
+    base: int
+    source: Content | None
+    extents: tuple[tuple[int, int], ...]
+
+
+def spooled_layout(message: Message, spool: Spool | None, qid: str, env: bytes) -> SpooledLayout:
+    """The GWQ2 file of ``message`` (spooled), queued as ``qid`` with the envelope JSON
+    ``env``. From its own spool (``qid`` is the spool's), the octets as received stay
+    where the spool wrote them and the final header block, a replaced body if any, and
+    the envelope go after them; a copy (another ``qid``) starts as a copy of the spool.
+    A message on disk that was not received here (``spool`` is None: a forward of a queued
+    one) is copied after the first line and taken as one body extent."""
+    if spool is None:
+        final = message.final_content()
+        base = SPOOL_LINE + final.size
+        extents: tuple[tuple[int, int], ...] = ((SPOOL_LINE, 0), (SPOOL_LINE, final.size))
+        return SpooledLayout([env, b"\n"], spool_line(base, len(env), extents), base, final, extents)
+    head = message.final_head()
+    base = spool.data_offset + spool.size
+    body = message.body_content()
+    if body.is_in_memory:  # replaced by a plugin: written after the header block
+        new_body = body.read()
+        body_extent = (base + len(head), len(new_body))
+    else:
+        new_body = b""
+        body_extent = (spool.data_offset + message.body_offset, message.size - message.body_offset)
+    extents = ((base, len(head)), body_extent)
+    line = spool_line(base + len(head) + len(new_body), len(env), extents)
+    is_in_place = qid == spool.qid
+    if is_in_place:
+        spool.hand_over()
+    source = None if is_in_place else spool.content()
+    return SpooledLayout([head, new_body, env, b"\n"], line, base, source, extents)

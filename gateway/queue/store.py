@@ -37,10 +37,9 @@ from gateway.queue.damage import MAGIC as _MAGIC
 from gateway.queue.damage import QID_RE as _QID_RE
 from gateway.queue.damage import CorruptQueueFile, move_aside, read_envelope
 from gateway.queue.damage import check_fd as _check_fd
-from gateway.queue.damage import SPOOL_LINE, spool_line
 from gateway.queue.dirsync import DirSync
 from gateway.queue.locks import is_locked, ofd_lock, open_locked
-from gateway.queue.spool import Spool
+from gateway.queue.spool import Spool, spooled_layout
 from gateway.queue.recovery import clear_tmp, verify_area, verify_states
 
 __all__ = [
@@ -354,72 +353,29 @@ class QueueStore:
         if take_claim is not None and area != "msg":
             raise ValueError("only a message in msg/ can be claimed for delivery")
         env = json.dumps(envelope.to_dict(), separators=(",", ":")).encode("utf-8")
+        keep = take_claim is not None
         if message.is_spooled:
-            await self._commit_spooled(qid, area, env, message, spool, envelope, take_claim)
-            return
-        chunks = message.chunks()
-        size = sum(memoryview(c).nbytes for c in chunks)
-        head = b"%s %d %d\n" % (_MAGIC, len(env), size) + env + b"\n"
-        fd = await self._committer.commit(qid, area, [head, *chunks], keep=take_claim is not None)
+            layout = spooled_layout(message, spool, qid, env)
+            fd = await self._committer.commit(
+                qid, area, layout.data, keep=keep, first_line=layout.first_line, base=layout.base,
+                source=layout.source,
+            )
+            extents = layout.extents
+        else:
+            chunks = message.chunks()
+            size = sum(memoryview(c).nbytes for c in chunks)
+            head = b"%s %d %d\n" % (_MAGIC, len(env), size) + env + b"\n"
+            fd = await self._committer.commit(qid, area, [head, *chunks], keep=keep)
+            extents = ((len(head), size),)
         if fd is None or take_claim is None:
             return
         # Handed over with no await in between: a cancelled caller cannot drop the lock.
         item = QueuedMessage(
-            qid=qid, area=area, envelope=envelope, path=path, extents=((len(head), size),),
+            qid=qid, area=area, envelope=envelope, path=path, extents=extents,
             held=False, next_try=envelope.arrived, attempts=0,
         )
-        take_claim(Claim(fd, item, Content.of_bytes(b"".join(chunks))))
-
-    async def _commit_spooled(
-        self, qid: str, area: str, env: bytes, message: Message, spool: Spool | None, envelope: Envelope,
-        take_claim: Callable[[Claim], None] | None,
-    ) -> None:
-        """GWQ2: the octets as received stay where the spool wrote them; the final header
-        block, a replaced body if any, and the envelope go after them. A message on disk
-        that was not received here (a forward of a queued one) is copied in the kernel
-        into a new file, after its first line, and taken as one body extent."""
-        if spool is None:
-            source = message.final_content()
-            base = SPOOL_LINE + source.size
-            extents: tuple[tuple[int, int], ...] = ((SPOOL_LINE, 0), (SPOOL_LINE, source.size))
-            line = spool_line(base, len(env), extents)
-            fd = await self._committer.commit(
-                qid, area, [env, b"\n"], keep=take_claim is not None, first_line=line, base=base, source=source,
-            )
-            self._claim(fd, qid, area, envelope, extents, take_claim)
-            return
-        head = message.final_head()
-        base = spool.data_offset + spool.size
-        body = message.body_content()
-        if body.is_in_memory:  # replaced by a plugin: written after the header block
-            new_body = body.read()
-            body_extent = (base + len(head), len(new_body))
-        else:
-            new_body = b""
-            body_extent = (spool.data_offset + message.body_offset, message.size - message.body_offset)
-        extents = ((base, len(head)), body_extent)
-        env_offset = base + len(head) + len(new_body)
-        line = spool_line(env_offset, len(env), extents)
-        is_in_place = qid == spool.qid
-        if is_in_place:
-            spool.hand_over()
-        fd = await self._committer.commit(
-            qid, area, [head, new_body, env, b"\n"], keep=take_claim is not None,
-            first_line=line, base=base, source=None if is_in_place else spool.content(),
-        )
-        self._claim(fd, qid, area, envelope, extents, take_claim)
-
-    def _claim(
-        self, fd: int | None, qid: str, area: str, envelope: Envelope, extents: tuple[tuple[int, int], ...],
-        take_claim: Callable[[Claim], None] | None,
-    ) -> None:
-        if fd is None or take_claim is None:
-            return
-        item = QueuedMessage(
-            qid=qid, area=area, envelope=envelope, path=self._path(area, qid), extents=extents,
-            held=False, next_try=envelope.arrived, attempts=0,
-        )
-        take_claim(Claim(fd, item, Content.of_file(fd, extents)))
+        content = Content.of_file(fd, extents) if message.is_spooled else Content.of_bytes(b"".join(chunks))
+        take_claim(Claim(fd, item, content))
 
     async def close(self) -> None:
         """Let the commits already handed over finish, then stop the committer thread.
