@@ -382,12 +382,9 @@ def test_the_gateway_holds_mail_for_a_host_whose_certificate_fails_dane(world: W
     """Through a real gateway: mail relayed to a DANE host that shows a certificate its
     TLSA records do not match stays queued, /metrics counts why by DANE mode and RFC 8460
     type, and it goes out once the host shows the certificate the records name."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
     from tests.conftest import MESSAGE as TEXT
     from tests.conftest import smtp, wait_for
+    from tests.metrics import metric_sum
 
     policy = f"""
 [server]
@@ -419,16 +416,9 @@ name = "rcpt_relay"
         gw = gateway_factory(policy)
         with smtp(gw.port) as client:
             assert client.sendmail("a@src.example", ["b@ee.dane.example"], TEXT) == {}
-        metrics_port = gw.app.metrics_server.server_address[1]
 
         def failures() -> float:
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
-                text = response.read().decode()
-            return sum(
-                s.value for f in text_string_to_metric_families(text) for s in f.samples
-                if s.name == "gateway_tls_policy_failures_total"
-                and s.labels == {"mode": "dane", "result": "tlsa-invalid"}
-            )
+            return metric_sum(gw, "gateway_tls_policy_failures_total", {"mode": "dane", "result": "tlsa-invalid"})
 
         assert wait_for(lambda: failures() >= 2, timeout=15)  # the first attempt and a retry
         assert impostor.messages == [] and len(gw.queue_ids()) == 1

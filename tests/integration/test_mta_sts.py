@@ -398,12 +398,9 @@ def test_the_gateway_holds_mail_for_an_enforce_domain_and_counts_why(
 ) -> None:
     """The scheduler's agent has the policy cache in var_dir and the process's counters:
     mail to an enforce domain whose MX lost STARTTLS stays queued, and /metrics says why."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
     from tests.conftest import MESSAGE as TEXT
     from tests.conftest import smtp, wait_for
+    from tests.metrics import metric_sum
 
     https.policies["sts.test.example"] = policy_text("enforce", "mx1.test.example")
     policy = f"""
@@ -437,16 +434,9 @@ name = "rcpt_relay"
         gw = gateway_factory(policy)
         with smtp(gw.port) as client:
             assert client.sendmail("a@src.example", ["b@sts.test.example"], TEXT) == {}
-        metrics_port = gw.app.metrics_server.server_address[1]
 
         def failures() -> float:
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
-                text = response.read().decode()
-            return sum(
-                s.value for f in text_string_to_metric_families(text) for s in f.samples
-                if s.name == "gateway_tls_policy_failures_total"
-                and s.labels == {"mode": "sts-enforce", "result": "starttls-not-supported"}
-            )
+            return metric_sum(gw, "gateway_tls_policy_failures_total", {"mode": "sts-enforce", "result": "starttls-not-supported"})
 
         assert wait_for(lambda: failures() >= 2, timeout=15)  # the first attempt and a retry
         assert stripped.messages == [] and len(gw.queue_ids()) == 1
