@@ -148,18 +148,11 @@ async def read_data(
             dog.close()
     if body is None:
         return DataResult(None, REPLY_TOO_BIG, received)
-    crlf = body.count(b"\r\n")
-    if body.count(b"\n") != crlf or body.count(b"\r") != crlf:
-        return DataResult(None, REPLY_BARE_NEWLINE, received)
-    # RFC 5321 §4.5.2: delete the leading period of every line that starts with one.
-    raw = bytes(body).replace(b"\r\n.", b"\r\n")
-    if raw[:1] == b".":
-        raw = raw[1:]
-    # The limit counts the CRLF (RFC 5321 §4.5.3.1.6: 1000 octets).
-    if max_line_length and _has_long_line(raw, max_line_length - 2):
-        return DataResult(None, REPLY_LINE_TOO_LONG, received)
-    if len(raw) > max_size:
-        return DataResult(None, REPLY_TOO_BIG, received)
+    # The whole message is one stretch of the checks a spooled one gets a stretch at a time.
+    checker = _Checker(max_size, max_line_length)
+    raw = checker.feed(bytes(body))
+    if checker.error is not None:
+        return DataResult(None, checker.error, received)
     return DataResult(raw, None, received)
 
 
@@ -188,9 +181,10 @@ def _has_long_line(body: bytes, max_content: int) -> bool:
 
 
 class _Checker:
-    """What :func:`read_data` checks on a whole message, done a stretch at a time: bare
-    CR or LF, dot-unstuffing, line length and size. Each stretch fed must not end in the
-    CR of a CRLF (it ends before one, or after its LF)."""
+    """What :func:`read_data` checks on a message, on the whole of it or a stretch at a
+    time (spooled): bare CR or LF (RFC 5321 §2.3.8), dot-unstuffing (§4.5.2), line length
+    counting the CRLF (§4.5.3.1.6) and size. Each stretch fed must not end in the CR of a
+    CRLF (it ends before one, or after its LF)."""
 
     __slots__ = ("max_size", "max_content", "at_line_start", "line_length", "size", "error")
 
