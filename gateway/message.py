@@ -243,16 +243,19 @@ class Message:
         out.append(view[pos:stop])
         return out
 
-    def final_head(self) -> bytes:
-        """The header block as it will be queued: the prepended headers, the received
-        ones less those removed, and the blank line (added if the body was replaced on a
-        message that had none)."""
+    def _final_head_pieces(self) -> list[bytes | memoryview]:
         out: list[bytes | memoryview] = list(reversed(self._prepend))
         offset = self.body_offset
         out.extend(self._head_pieces(offset))
         if self._body is not None and offset == self._header_end:
             out.append(b"\r\n")  # the received message had no blank line
-        return b"".join(out)
+        return out
+
+    def final_head(self) -> bytes:
+        """The header block as it will be queued: the prepended headers, the received
+        ones less those removed, and the blank line (added if the body was replaced on a
+        message that had none)."""
+        return b"".join(self._final_head_pieces())
 
     def final_content(self) -> Content:
         """The final message (added headers first), without reading a spooled body."""
@@ -265,18 +268,10 @@ class Message:
         On a spooled message the body is read into memory: prefer :meth:`final_content`."""
         if self._raw is None:
             return [self.final_head(), self.body_content().read()]
-        out: list[bytes | memoryview] = list(reversed(self._prepend))
-        view = memoryview(self._raw)
         if not self._removed and self._body is None:
-            out.append(view)
-            return out
-        stop = len(self._raw) if self._body is None else self.body_offset
-        out.extend(self._head_pieces(stop))
-        if self._body is not None:
-            assert self._header_end is not None
-            if stop == self._header_end:
-                out.append(b"\r\n")  # the received message had no blank line
-            out.append(self._body)
+            return [*reversed(self._prepend), memoryview(self._raw)]
+        out = self._final_head_pieces()
+        out.append(self._body if self._body is not None else memoryview(self._raw)[self.body_offset :])
         return out
 
     def as_bytes(self) -> bytes:

@@ -114,3 +114,25 @@ def test_a_file_shorter_than_its_extent_is_an_error() -> None:
             Content.of_file(fd, [(0, 100)]).read()
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("raw", "body", "expected"),
+    [
+        (b"A: 1\r\nX-Spam: y\r\n\r\nbody\r\n", None, b"Received: r\r\nA: 1\r\n\r\nbody\r\n"),
+        (b"A: 1\r\nX-Spam: y\r\n", b"new\r\n", b"Received: r\r\nA: 1\r\n\r\nnew\r\n"),
+        (b"A: 1\r\n\r\nold\r\n", b"new\r\n", b"Received: r\r\nA: 1\r\n\r\nnew\r\n"),
+        (b"A: 1\r\n\r\nold\r\n", None, b"Received: r\r\nA: 1\r\n\r\nold\r\n"),
+    ],
+)
+def test_the_final_message_in_memory_and_spooled(spooled, raw: bytes, body: bytes | None, expected: bytes) -> None:
+    """Headers removed and prepended and a body replaced give exactly these octets, from
+    memory and from a spool file; a blank line is added when a message without one gets
+    a new body."""
+    for msg in (Message(raw), spooled(raw)):
+        msg.prepend_header("Received", "r")
+        msg.remove_headers("X-Spam")
+        if body is not None:
+            msg.replace_body(body)
+        assert msg.as_bytes() == expected
+        assert msg.final_content().read() == expected
