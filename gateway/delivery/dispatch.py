@@ -139,12 +139,15 @@ class Dispatcher:
         return route if route is not None else route_for(rcpt.address, gateway.policy)
 
     async def deliver(
-        self, gateway: Gateway, qid: str, envelope: Envelope, pending: list[QueuedRecipient], message: Content
+        self, gateway: Gateway, qid: str, envelope: Envelope, pending: list[QueuedRecipient], message: Content,
+        *, first: bool = False,
     ) -> bool:
         """Deliver every pending recipient, each route's group in parallel.
 
         ``message`` is the queued message: in memory, or extents of the queue file the
         caller keeps open (and delivery-locked) until this returns. Agents stream it.
+        ``first``: the message's first attempt ever, in the process that queued it (a
+        Maildir delivery then need not look for a copy an earlier attempt left).
 
         Each group's results are written to the queue as soon as that group is done:
         the shorter the time between a peer's 250 and our record of it, the smaller
@@ -197,7 +200,7 @@ class Dispatcher:
             # or message removed), so at most local + remote concurrency deliveries can
             # ever be done-but-unrecorded.
             async with self._local if is_local else self._remote:
-                outcomes = await self._deliver_group(gateway, qid, sent_as, route, rcpts, message)
+                outcomes = await self._deliver_group(gateway, qid, sent_as, route, rcpts, message, first)
                 is_remote = isinstance(route, (MxRoute, SmarthostRoute))
                 for rcpt in rcpts:
                     outcome = outcomes.get(rcpt.address)
@@ -230,7 +233,7 @@ class Dispatcher:
 
     async def _deliver_group(
         self, gateway: Gateway, qid: str, envelope: Envelope, route: Route,
-        rcpts: list[QueuedRecipient], message: Content,
+        rcpts: list[QueuedRecipient], message: Content, first: bool = False,
     ) -> dict[str, Outcome]:
         addresses = [r.address for r in rcpts]
         if isinstance(route, SpecialRoute):
@@ -253,12 +256,13 @@ class Dispatcher:
         try:
             if isinstance(route, TargetRoute):
                 outcome = await local.deliver_target(
-                    envelope, rcpts[0].address, route, data, delivery_id=delivery_id(qid, envelope, rcpts[0])
+                    envelope, rcpts[0].address, route, data,
+                    delivery_id=delivery_id(qid, envelope, rcpts[0]), first=first,
                 )
                 return {r.address: outcome for r in rcpts}
             if isinstance(route, LocalRoute):
                 return {
-                    r.address: await self._deliver_local(gateway, local, qid, envelope, r, route, data)
+                    r.address: await self._deliver_local(gateway, local, qid, envelope, r, route, data, first)
                     for r in rcpts
                 }
             return dict(await remote.deliver(envelope, rcpts, route, data))
@@ -274,13 +278,13 @@ class Dispatcher:
 
     async def _deliver_local(
         self, gateway: Gateway, agent: Any, qid: str, envelope: Envelope, rcpt: QueuedRecipient,
-        route: LocalRoute, data: Content,
+        route: LocalRoute, data: Content, first: bool = False,
     ) -> Outcome:
         local = gateway.policy.local
         # A user directory's route (route.account) vouches for a user [local] does not list.
         if route.account is None and route.user not in local.users and route.user != "postmaster":
             return Outcome("failed", Reply(550, "5.1.1", "Sorry, no mailbox here by that name"))
         outcome: Outcome = await agent.deliver(
-            envelope, rcpt.address, route, data, delivery_id=delivery_id(qid, envelope, rcpt)
+            envelope, rcpt.address, route, data, delivery_id=delivery_id(qid, envelope, rcpt), first=first
         )
         return outcome

@@ -84,6 +84,8 @@ class Scheduler:
         self._locks: dict[str, int] = {}
         # qid -> a message this process just queued, lock held, for its first attempt
         self._claims: dict[str, Claim] = {}
+        # the claimed messages no attempt has looked at yet, in this process or another
+        self._untouched: set[str] = set()
         self._notifier = Notifier(self.queue, self.inject)
         self._records = StateRecorder(
             self.queue, lambda *a, **k: self.app.gateway.run_in_thread(*a, **k), keep=retries
@@ -143,6 +145,7 @@ class Scheduler:
             # handed over): the attempt scheduled there takes the claim.
             self.notify(qid)
         else:  # due now: start it here rather than wake the scheduling loop for it
+            self._untouched.add(qid)
             self._spawn(qid)
 
     def forget(self, qid: str) -> None:
@@ -324,6 +327,9 @@ class Scheduler:
         """
         gateway: Gateway = self.app.gateway
         claim = self._claims.pop(qid, None)
+        # The claim's lock was taken before the file was published: nobody else has tried it.
+        first = qid in self._untouched and claim is not None
+        self._untouched.discard(qid)
         try:
             if claim is not None:
                 opened: tuple[int, QueuedMessage, Content | None] | None = claim.fd, claim.item, claim.message
@@ -340,7 +346,7 @@ class Scheduler:
         lock, item, message = opened
         self._locks[qid] = lock
         try:
-            await self._attempt_locked(gateway, item, message)
+            await self._attempt_locked(gateway, item, message, first=first)
         finally:
             # Usually :meth:`_remove` has closed it already. Closing the file's last
             # descriptor may free its inode and blocks, a filesystem write that must not
@@ -366,7 +372,9 @@ class Scheduler:
         else:
             self.forget(qid)
 
-    async def _attempt_locked(self, gateway: Gateway, item: QueuedMessage, content: Content | None) -> None:
+    async def _attempt_locked(
+        self, gateway: Gateway, item: QueuedMessage, content: Content | None, *, first: bool = False
+    ) -> None:
         policy = gateway.policy
         qid = item.qid
         released = self._released.pop(qid, [])
@@ -391,7 +399,7 @@ class Scheduler:
             if content is None:  # a flush of a message not yet due
                 content = await gateway.run_in_thread(self.queue.content, self._locks[qid], item)
             # Delivery streams the content (a large one stays in the locked file).
-            if await self._dispatch.deliver(gateway, qid, envelope, ready + flushed, content):
+            if await self._dispatch.deliver(gateway, qid, envelope, ready + flushed, content, first=first):
                 self.forget(qid)
                 log.info("done: removed from the queue")
                 return

@@ -251,3 +251,26 @@ def test_large_message_on_disk_is_copied_not_read(
     assert (maildir / "new" / name).read_bytes() == lines + message
     if with_quota:
         assert read_usage(maildir) == Usage(len(lines) + len(message), 1)
+
+
+def test_a_retry_finds_the_copy_a_reader_moved_to_cur_and_writes_nothing(tmp_path: Path) -> None:
+    maildir = tmp_path / "Maildir"
+    name = "1700000000.Q1R0L0.h"
+    assert deliver_maildir(maildir, [MESSAGE], hostname="h", name=name, first=True) == name
+    os.rename(maildir / "new" / name, maildir / "cur" / f"{name}:2,S")  # the reader saw it
+    assert deliver_maildir(maildir, [b"again\r\n"], hostname="h", name=name) == name
+    assert os.listdir(maildir / "new") == []
+    assert (maildir / "cur" / f"{name}:2,S").read_bytes() == MESSAGE
+    # A first attempt does not look: the scheduler says so only for a message no attempt saw.
+    deliver_maildir(maildir, [b"again\r\n"], hostname="h", name=name, first=True)
+    assert os.listdir(maildir / "new") == [name]
+
+
+def test_a_maildir_missing_tmp_or_new_gets_all_three_again(tmp_path: Path) -> None:
+    maildir = tmp_path / "Maildir"
+    deliver_maildir(maildir, [MESSAGE], hostname="h")
+    os.rmdir(maildir / "tmp")
+    os.rmdir(maildir / "cur")
+    name = deliver_maildir(maildir, [MESSAGE], hostname="h")
+    assert sorted(os.listdir(maildir)) == ["cur", "new", "tmp"]
+    assert name in os.listdir(maildir / "new")

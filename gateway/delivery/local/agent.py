@@ -248,7 +248,7 @@ class LocalDeliveryAgent:
 
     async def deliver(
         self, envelope: Envelope, recipient: str, route: LocalRoute, message: bytes | Content,
-        *, delivery_id: str | None = None,
+        *, delivery_id: str | None = None, first: bool = False,
     ) -> Outcome:
         """Deliver ``message`` to one local recipient.
 
@@ -258,12 +258,15 @@ class LocalDeliveryAgent:
         :param message: the queued message, CRLF line ends (in memory, or on disk)
         :param delivery_id: stable for this (message, recipient): Maildir deliveries use
             it as the file name, so a retry after a crash cannot deliver a second copy
+        :param first: this is the message's first attempt, made by the process that
+            queued it: no earlier attempt can have left a Maildir copy to look for
         :returns: ``delivered`` (250), ``deferred`` (4xx: retry) or ``failed`` (5xx: bounce)
         """
         where: list[str] = []
         content = message if isinstance(message, Content) else Content.of_bytes(message)
         outcome = await _outcome_of(
-            self._deliver(envelope, recipient, route, content, where, delivery_id), "local delivery", recipient
+            self._deliver(envelope, recipient, route, content, where, delivery_id, first),
+            "local delivery", recipient,
         )
         log.info(
             "local delivery to=%s user=%s ext=%r status=%s where=%s reply=%r",
@@ -274,7 +277,7 @@ class LocalDeliveryAgent:
 
     async def deliver_target(
         self, envelope: Envelope, recipient: str, route: TargetRoute, message: bytes | Content,
-        *, delivery_id: str | None = None,
+        *, delivery_id: str | None = None, first: bool = False,
     ) -> Outcome:
         """Deliver ``message`` to one program or mailbox file an alias or ``.forward`` named.
 
@@ -285,12 +288,12 @@ class LocalDeliveryAgent:
 
         :param recipient: the alias address (``Delivered-To``, ``$RECIPIENT``)
         :param route: what to deliver to, and for whom
-        :returns: as :meth:`deliver`
+        :returns: as :meth:`deliver` (``first`` too)
         """
         where: list[str] = []
         content = message if isinstance(message, Content) else Content.of_bytes(message)
         outcome = await _outcome_of(
-            self._deliver_target(envelope, recipient, route, content, where, delivery_id),
+            self._deliver_target(envelope, recipient, route, content, where, delivery_id, first),
             "alias target delivery", recipient,
         )
         log.info(
@@ -301,7 +304,7 @@ class LocalDeliveryAgent:
 
     async def _deliver_target(
         self, envelope: Envelope, recipient: str, route: TargetRoute, message: Content,
-        where: list[str], delivery_id: str | None,
+        where: list[str], delivery_id: str | None, first: bool = False,
     ) -> Outcome:
         if await self._is_looping(message, recipient):
             return Outcome("failed", LOOP_REPLY)
@@ -333,7 +336,7 @@ class LocalDeliveryAgent:
             instruction = Instruction(route.kind, route.value, 0, path)
             await self._mailbox(
                 instruction, delivered, envelope.sender, when, confine,
-                self._name(envelope, delivery_id, 0),
+                self._name(envelope, delivery_id, 0), first=first,
             )
             where.append(route.value)
         return self._success(where)
@@ -369,6 +372,7 @@ class LocalDeliveryAgent:
         message: Content,
         where: list[str],
         delivery_id: str | None = None,
+        first: bool = False,
     ) -> Outcome:
         settings = self._policy.local
         target = self._target(recipient, route)
@@ -386,7 +390,7 @@ class LocalDeliveryAgent:
         # for a pool thread and then for the event loop).
         dotqmail, confine, default = await self._thread(
             self._prepare, target, route, delivered, envelope.sender, when,
-            self._name(envelope, delivery_id, 0), quota,
+            self._name(envelope, delivery_id, 0), quota, first,
         )
         if default is not None:
             where.append(default)
@@ -413,7 +417,7 @@ class LocalDeliveryAgent:
             else:
                 await self._mailbox(
                     instruction, delivered, envelope.sender, when, confine,
-                    self._name(envelope, delivery_id, index), quota,
+                    self._name(envelope, delivery_id, index), quota, first=first,
                 )
                 where.append(instruction.value)
         if forwards:
@@ -453,8 +457,10 @@ class LocalDeliveryAgent:
         confine: Confinement | None,
         name: str | None,
         quota: Quota | None = None,
+        *,
+        first: bool = False,
     ) -> None:
-        await self._thread(self._mailbox_now, instruction, message, sender, when, confine, name, quota)
+        await self._thread(self._mailbox_now, instruction, message, sender, when, confine, name, quota, first)
 
     def _mailbox_now(
         self,
@@ -465,8 +471,10 @@ class LocalDeliveryAgent:
         confine: Confinement | None,
         name: str | None,
         quota: Quota | None = None,
+        first: bool = False,
     ) -> None:
-        """Deliver to one mailbox. Synchronous: run it in a thread."""
+        """Deliver to one mailbox. Synchronous: run it in a thread. ``first``: as
+        :meth:`deliver` (a Maildir copy from an earlier attempt is not looked for)."""
         assert instruction.path is not None
         if instruction.kind == "maildir" and quota is not None:
             # Maildir++ quota (docs/local-delivery.md): checked and counted in maildirsize.
@@ -476,13 +484,15 @@ class LocalDeliveryAgent:
                 hostname=self._hostname, confine=confine, name=name,
             )
         elif instruction.kind == "maildir":
-            deliver_maildir(instruction.path, message, hostname=self._hostname, confine=confine, name=name)
+            deliver_maildir(
+                instruction.path, message, hostname=self._hostname, confine=confine, name=name, first=first
+            )
         else:
             deliver_mbox(instruction.path, message, sender=sender, when=when, confine=confine)
 
     def _prepare(
         self, target: _Target, route: LocalRoute, delivered: Content, sender: str, when: float,
-        name: str | None, quota: Quota | None,
+        name: str | None, quota: Quota | None, first: bool = False,
     ) -> tuple[DotQmail | None, Confinement | None, str | None]:
         """In a pool thread: make the home, find who files are written for and the
         instruction file, and without instructions deliver to the default mailbox.
@@ -515,7 +525,7 @@ class LocalDeliveryAgent:
             confine = _make_parents(account, target.home, confine)
         elif settings.mailbox == "mbox":
             default = Instruction("mbox", "./mbox", 0, target.home / "mbox")
-        self._mailbox_now(default, delivered, sender, when, confine, name, quota)
+        self._mailbox_now(default, delivered, sender, when, confine, name, quota, first)
         return dotqmail, confine, default.value
 
     def _confinement(self, target: _Target) -> Confinement | None:

@@ -112,6 +112,10 @@ def open_directory(path: Path, *, confine: Confinement | None = None, create: bo
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     if confine is None:
         if create:
+            try:  # one system call when the directory is there, as it mostly is
+                return os.open(path, flags)
+            except FileNotFoundError:
+                pass
             try:
                 os.mkdir(path, _DIR_MODE)
             except FileExistsError:
@@ -129,9 +133,13 @@ def open_directory(path: Path, *, confine: Confinement | None = None, create: bo
     fd = os.open(confine.base, flags)
     try:
         for i, part in enumerate(parts):
-            if create and i == len(parts) - 1:
+            try:
+                next_fd = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                if not (create and i == len(parts) - 1):
+                    raise
                 _mkdir_owned(part, fd, confine)
-            next_fd = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd)
+                next_fd = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd)
             os.close(fd)
             fd = next_fd
     except BaseException:
@@ -186,11 +194,12 @@ def deliver_maildir(
     hostname: str,
     confine: Confinement | None = None,
     name: str | None = None,
+    first: bool = False,
 ) -> str:
     """Deliver one message into the Maildir ``directory``. Synchronous: run it in a thread.
 
-    :param directory: the Maildir; it and its ``tmp``, ``new``, ``cur`` are created
-        (0o700) when missing, but not its parent
+    :param directory: the Maildir; it is created (0o700) when missing, but not its
+        parent, and when its ``tmp`` or ``new`` is missing, the three subdirectories are
     :param chunks: the message, already with Return-Path and Delivered-To, in any line
         ending (Maildir stores what it is given): buffers, or a :class:`Content` whose
         file parts are copied in the kernel
@@ -198,6 +207,9 @@ def deliver_maildir(
     :param confine: deliver for another user while root (see :class:`Confinement`)
     :param name: a caller-chosen unique name that makes the delivery idempotent: when a
         file of that name is already in ``new/`` or ``cur/``, nothing is written again
+    :param first: no attempt at this delivery can have been made before (the message
+        was just queued by this process), so ``name`` is not looked for in ``new/``,
+        ``cur/`` and ``tmp/``
     :returns: the file name under ``new/``
     :raises TemporaryFailure: on any failure; the file in ``tmp/`` is removed first
     """
@@ -207,7 +219,7 @@ def deliver_maildir(
         raise mailbox_error(exc, "maildir") from exc
     fds: list[int] = [maildir_fd]
     try:
-        return _deliver_in(maildir_fd, fds, chunks, hostname, confine, name)
+        return _deliver_in(maildir_fd, fds, chunks, hostname, confine, name, first)
     finally:
         for fd in fds:
             os.close(fd)
@@ -220,24 +232,32 @@ def _deliver_in(
     hostname: str,
     confine: Confinement | None,
     chosen: str | None = None,
+    first: bool = False,
 ) -> str:
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | _nofollow(confine)
     name = ""
     tmp_fd = new_fd = -1
     in_tmp = in_new = False
     try:
-        created = [_mkdir_owned(sub, maildir_fd, confine) for sub in ("tmp", "new", "cur")]
-        if any(created):
-            # Make the new subdirectories themselves durable before a message relies on them.
-            os.fsync(maildir_fd)
-        tmp_fd = os.open("tmp", flags, dir_fd=maildir_fd)
-        fds.append(tmp_fd)
-        new_fd = os.open("new", flags, dir_fd=maildir_fd)
-        fds.append(new_fd)
-        if chosen is not None and _already_delivered(maildir_fd, chosen, flags):
+        try:  # a Maildir in use has them: two system calls, no mkdir that fails
+            tmp_fd = os.open("tmp", flags, dir_fd=maildir_fd)
+            fds.append(tmp_fd)
+            new_fd = os.open("new", flags, dir_fd=maildir_fd)
+            fds.append(new_fd)
+        except FileNotFoundError:
+            created = [_mkdir_owned(sub, maildir_fd, confine) for sub in ("tmp", "new", "cur")]
+            if any(created):
+                # Make the new subdirectories themselves durable before a message relies on them.
+                os.fsync(maildir_fd)
+            if tmp_fd < 0:
+                tmp_fd = os.open("tmp", flags, dir_fd=maildir_fd)
+                fds.append(tmp_fd)
+            new_fd = os.open("new", flags, dir_fd=maildir_fd)
+            fds.append(new_fd)
+        if chosen is not None and not first and _already_delivered(maildir_fd, chosen, flags):
             return chosen
         name = chosen or unique_name(hostname)
-        if chosen is not None:
+        if chosen is not None and not first:
             # A fixed name left in tmp/ is a crashed attempt of this very delivery.
             _unlink_quietly(name, tmp_fd)
         # O_EXCL: never overwrite (and never follow a symlink at) the name we picked.
