@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
 
-from gateway import reloads
+from gateway import logs, reloads
 from gateway.context import Gateway
 from gateway.delivery.scheduler import Scheduler
 from gateway.dns import make_resolver
@@ -413,6 +413,15 @@ class GatewayApp:
         Reloads run one at a time, after the start; several SIGHUPs meanwhile make one.
         """
         loop = asyncio.get_running_loop()
+        logs.write_from_loop(loop)
+        try:
+            await self._run_forever(loop, sockets, recovered)
+        finally:
+            logs.write_from_loop(None)
+
+    async def _run_forever(
+        self, loop: asyncio.AbstractEventLoop, sockets: Mapping[str, Any] | None, recovered: list[str] | None
+    ) -> None:
         stop = asyncio.Event()
         self._reload_wanted = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)

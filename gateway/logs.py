@@ -15,15 +15,20 @@ handler filter).
 
 from __future__ import annotations
 
+import asyncio
 import collections.abc
 import contextvars
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any
 
-__all__ = ["FORMAT", "LineFormatter", "QUEUE_ID", "SESSION_ID", "configure", "short"]
+__all__ = [
+    "FORMAT", "LineFormatter", "LoopStreamHandler", "QUEUE_ID", "SESSION_ID", "configure", "flush",
+    "write_from_loop", "short",
+]
 
 SESSION_ID: contextvars.ContextVar[str] = contextvars.ContextVar("session_id", default="-")
 QUEUE_ID: contextvars.ContextVar[str] = contextvars.ContextVar("queue_id", default="-")
@@ -141,9 +146,84 @@ class LineFormatter(logging.Formatter):
         return line
 
 
+class LoopStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A :class:`logging.StreamHandler` that writes the event loop's lines once per turn.
+
+    A message costs a dozen lines, most of them from the event loop; written one by one,
+    each is a system call that also hands the interpreter lock to a waiting thread. Once
+    :meth:`use_loop` names a loop, the lines its thread logs are kept in order and
+    written together by a callback at the end of the loop's current turn (before it
+    waits for I/O again): one write for every line of that turn. Lines from other
+    threads go out at once, after what the loop has pending, so the order holds.
+    :meth:`flush` (``logging.shutdown``, :func:`flush`) writes what is pending.
+    """
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = -1
+        self._pending: list[str] = []
+
+    def use_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Buffer the lines logged in ``loop``'s thread (``None``: write at once again)."""
+        self.flush()
+        self._loop = loop
+        self._thread = threading.get_ident() if loop is not None else -1
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+            if threading.get_ident() == self._thread and self._loop is not None and not self._loop.is_closed():
+                pending = self._pending
+                pending.append(line)
+                if len(pending) == 1:
+                    self._loop.call_soon(self.flush)
+                return
+            with self.lock:  # type: ignore[union-attr]
+                self._write_pending()
+                self.stream.write(line)
+                self.stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            text = "".join(self._pending)
+            self._pending.clear()
+            self.stream.write(text)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self._write_pending()
+                if self.stream and hasattr(self.stream, "flush"):
+                    self.stream.flush()
+            except (OSError, ValueError):  # a closed or full stream: the lines are lost, not the process
+                self._pending.clear()
+
+
+def _loop_handlers() -> list[LoopStreamHandler]:
+    return [h for h in logging.getLogger().handlers if isinstance(h, LoopStreamHandler)]
+
+
+def write_from_loop(loop: asyncio.AbstractEventLoop | None) -> None:
+    """Have the log stream (:func:`configure`) gather ``loop``'s lines by turn; ``None``
+    writes each line at once again. Call it from the loop's own thread."""
+    for handler in _loop_handlers():
+        handler.use_loop(loop)
+
+
+def flush() -> None:
+    """Write the lines the log stream still holds (before ``os._exit``, say)."""
+    for handler in _loop_handlers():
+        handler.flush()
+
+
 def configure(level: str = "info", stream: object = None) -> None:
     """Send log lines with ids to ``stream`` (standard error by default)."""
-    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    handler = LoopStreamHandler(stream or sys.stderr)
     handler.setFormatter(LineFormatter())
     # The threshold holds at the handler too: the tracking index raises the loggers whose
     # lines it needs to INFO (gateway/tracking), and those lines are not for this stream.

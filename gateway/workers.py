@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Sequence
 
-from gateway import reloads
+from gateway import logs, reloads
 from gateway.metrics import clear_snapshots
 from gateway.queue import QueueStore
 from gateway.smtp.tls import server_context
@@ -146,6 +146,7 @@ def run_workers(policy: Any, make_app: Any, run_args: Sequence[str] = ()) -> int
                     sock.close()
                 status = serve_worker(lambda: make_app("worker", None), policy, ports)
             finally:
+                logs.flush()  # os._exit skips logging's own flush at exit
                 os._exit(status)
         children.append(pid)
     supervisor = Supervisor(children, ports, list(run_args), var_dir)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any, Iterator
 
@@ -139,3 +141,85 @@ def _short_as_before(text: object, limit: int = 120) -> str:
 def test_short_makes_what_it_always_made(text: object, limit: int) -> None:
     # Printable ASCII takes a short cut; everything else the whole way.
     assert logs.short(text, limit) == _short_as_before(text, limit)
+
+
+class _Writes(io.StringIO):
+    """A stream that keeps each write apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_the_loops_lines_go_out_in_one_write_at_the_end_of_its_turn(restored: None) -> None:
+    stream = _Writes()
+    logs.configure("info", stream=stream)
+    log = logging.getLogger("gateway.test")
+    seen_during_turn: list[str] = []
+
+    async def turn() -> None:
+        logs.write_from_loop(asyncio.get_running_loop())
+        try:
+            for n in range(5):
+                log.info("line %d", n)
+            seen_during_turn.append(stream.getvalue())
+            await asyncio.sleep(0)  # the turn ends: the callback writes them
+            await asyncio.sleep(0)
+            assert stream.getvalue().count("\n") == 5
+            log.info("after")
+        finally:
+            logs.write_from_loop(None)  # writes what is pending
+
+    asyncio.run(turn())
+    assert seen_during_turn == [""]
+    assert len(stream.writes) == 2  # five lines in one write, then the last one
+    assert [line.rsplit(" ", 1)[-1] for line in stream.getvalue().splitlines()] == [
+        "0", "1", "2", "3", "4", "after",
+    ]
+
+
+def test_a_thread_line_follows_what_the_loop_has_pending_and_goes_out_at_once(restored: None) -> None:
+    stream = _Writes()
+    logs.configure("info", stream=stream)
+    log = logging.getLogger("gateway.test")
+
+    async def main() -> None:
+        logs.write_from_loop(asyncio.get_running_loop())
+        try:
+            log.info("from the loop")
+            thread = threading.Thread(target=log.info, args=("from a thread",))
+            thread.start()
+            thread.join()  # within the loop's turn: its line is still pending
+            # The thread wrote at once (the loop has not finished its turn), the loop's
+            # pending line first.
+            assert [line.rsplit(" ", 3)[-3:] for line in stream.getvalue().splitlines()] == [
+                ["from", "the", "loop"], ["from", "a", "thread"],
+            ]
+        finally:
+            logs.write_from_loop(None)
+
+    asyncio.run(main())
+
+
+def test_flush_writes_the_pending_lines_when_the_loop_never_gets_to_them(restored: None) -> None:
+    stream = io.StringIO()
+    logs.configure("info", stream=stream)
+    loop = asyncio.new_event_loop()
+    try:
+        async def log_and_stop() -> None:
+            logs.write_from_loop(asyncio.get_running_loop())
+            logging.getLogger("gateway.test").warning("last words")
+            loop.stop()  # as a process ending: the turn's callback never runs
+
+        loop.create_task(log_and_stop())
+        loop.run_forever()
+        assert stream.getvalue() == ""
+        logs.flush()  # what gateway run does before os._exit
+        assert stream.getvalue().endswith(" WARNING gateway.test session=- queue=- last words\n")
+    finally:
+        logs.write_from_loop(None)
+        loop.close()
