@@ -220,7 +220,9 @@ class DeliverySettings:
     """The scheduler and delivery agents: ``[delivery]``."""
 
     enabled: bool = setting(True, "deliver from the queue (false: only accept into it)")
-    local_concurrency: int = setting(10, "local deliveries at once (qmail concurrencylocal)", min=1)
+    local_concurrency: int = setting(
+        20, "local deliveries at once (qmail concurrencylocal; 20 as Postfix's per-destination default)", min=1
+    )
     remote_concurrency: int = setting(20, "remote deliveries at once (qmail concurrencyremote)", min=1)
     destination_concurrency: int = setting(5, "connections at once to one destination", min=1)
     queue_lifetime: Duration = setting(7 * 86400.0, "bounce what is still undelivered after this", min=1)
