@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -430,6 +431,7 @@ class GatewayApp:
         if reloads.take_early_hangup():
             self.hangup()
         await self.start(sockets, recovered)
+        settle_collector()
         if self.supervisor is not None:
             self.supervisor.watch(self)
         reloader = asyncio.create_task(self._reload_forever(), name="reload")
@@ -460,6 +462,26 @@ class GatewayApp:
                 await self.reload()
             except Exception:  # a boundary: the next SIGHUP must still reload
                 log.exception("reload failed")
+
+
+#: the youngest generation is collected after this many allocations (Python's default: 700)
+GC_YOUNGEST = 10_000
+
+
+def settle_collector() -> None:
+    """Once serving: keep the cyclic garbage collector off what start-up made.
+
+    Modules, plugins, the policy and the listeners live as long as the process; a full
+    collection walked all of them again and again (about 5 % of a worker's CPU at a
+    few hundred messages a second, by ``perf``). :func:`gc.freeze` moves them out of
+    its sight, and a session's few thousand short-lived objects no longer start a
+    collection every 700 allocations. Reference counting still frees nearly
+    everything at once; the collector only finds cycles, now somewhat later.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNGEST, middle, oldest)
 
 
 def build_app(policy_path: str | None, **kwargs: Any) -> GatewayApp:
