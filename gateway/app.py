@@ -46,6 +46,18 @@ async def check_aliases(policy: Policy) -> None:
         log.warning("%s", warning)
 
 
+async def check_transport_security(policy: Policy) -> None:
+    """Start-up and reload: log DANE settings that would hold mail (``dane-only``
+    without believed DNSSEC)."""
+    from gateway.delivery.remote.tlsa import dane_warnings
+
+    def warnings() -> list[str]:  # reads /etc/resolv.conf when [dns] names no server
+        return dane_warnings(policy, make_resolver(policy.dns))
+
+    for warning in await asyncio.to_thread(warnings):
+        log.warning("%s", warning)
+
+
 def registry(specs: Mapping[str, PluginSpec]) -> dict[str, type]:
     """Plugin name to Settings class, as the policy loader wants it."""
     return {name: spec.settings_cls for name, spec in specs.items()}
@@ -117,6 +129,7 @@ class GatewayApp:
 
     async def _build(self, policy: Policy) -> Gateway:
         await check_aliases(policy)
+        await check_transport_security(policy)
         runner = HookRunner(self.specs, [entry.name for entry in policy.plugins], stats=self.hook_stats)
         gateway = Gateway(
             policy=policy,

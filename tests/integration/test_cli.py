@@ -61,3 +61,23 @@ def test_passwd_makes_a_users_file_line() -> None:
     assert login == "alice"
     assert verify_password("correct horse", hashed)
     assert not verify_password("wrong", hashed)
+
+
+def test_check_warns_when_dane_only_cannot_believe_any_tlsa_record(tmp_path: Path) -> None:
+    """dane-only without a trusted validating resolver would hold all mail to MX hosts."""
+    def check(dns: str, delivery: str, routes: str = "") -> subprocess.CompletedProcess[str]:
+        policy = tmp_path / "policy.toml"
+        policy.write_text(f'[server]\nhostname = "mx.test"\n\n[dns]\n{dns}\n\n[delivery]\n{delivery}\n{routes}')
+        result = gateway("check", str(policy))
+        assert result.returncode == 0, result.stderr
+        return result
+
+    off = check('dnssec = "off"', 'dane = "dane-only"')
+    assert '[delivery] dane: dane-only, but [dns] dnssec = "off": no TLSA record is believed' in off.stdout
+    # auto believes loopback resolvers only (the tests' own DNS server stands for one on 127.0.0.1)
+    remote = check('nameservers = ["192.0.2.53"]\ndnssec = "auto"', 'dane = "dane"',
+                   '\n[[routes]]\ndomain = "bank.example"\ndane = "dane-only"\n')
+    assert "route 'bank.example': dane-only, but [dns] dnssec = \"auto\" and not every nameserver" in remote.stdout
+    for dns in ('nameservers = ["127.0.0.1:5353"]\ndnssec = "auto"', 'nameservers = ["192.0.2.53"]\ndnssec = "trusted"'):
+        assert "dane-only" not in check(dns, 'dane = "dane-only"').stdout
+    assert "warning" not in check('dnssec = "off"', 'dane = "dane"').stdout

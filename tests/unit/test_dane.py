@@ -87,3 +87,23 @@ def test_wildcards_stand_for_one_left_most_label(ca: TestCA) -> None:
     assert matches_name(cert, [HOST])
     assert not matches_name(cert, ["a.mx1.example.net"])
     assert not matches_name(cert, ["example.net"])
+
+
+def test_start_up_logs_dane_only_without_believed_dnssec(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import logging
+
+    from gateway.app import check_transport_security
+    from gateway.policy import load_policy
+
+    path = tmp_path / "policy.toml"
+    path.write_text('[dns]\nnameservers = ["192.0.2.53"]\n\n[delivery]\ndane = "dane-only"\n')
+    with caplog.at_level(logging.WARNING, logger="gateway.app"):
+        asyncio.run(check_transport_security(load_policy(str(path), registry={})))
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "mail to those MX hosts waits in the queue (4.7.5)" in caplog.records[0].getMessage()
+    caplog.clear()
+    path.write_text('[dns]\nnameservers = ["127.0.0.1"]\n\n[delivery]\ndane = "dane-only"\n')
+    with caplog.at_level(logging.WARNING, logger="gateway.app"):
+        asyncio.run(check_transport_security(load_policy(str(path), registry={})))
+    assert caplog.records == []

@@ -68,6 +68,27 @@ def trusts_resolver(setting: str, resolver: dns.asyncresolver.Resolver) -> bool:
         return False
 
 
+def dane_warnings(policy: Any, resolver: dns.asyncresolver.Resolver) -> list[str]:
+    """What an operator should hear about the policy's DANE settings: ``dane-only`` (the
+    default or an MX route's) while ``[dns] dnssec`` does not believe ``resolver``'s
+    validation. Then no TLSA record is ever believed, so every MX host is without DANE
+    and gets no mail: it waits in the queue (4.7.5) until it expires."""
+    only = [f"route {r.domain!r}" for r in policy.routes if not r.host and r.dane == "dane-only"]
+    if policy.delivery.dane == "dane-only":
+        only.insert(0, "[delivery] dane")
+    if not only or trusts_resolver(policy.dns.dnssec, resolver):
+        return []
+    why = (
+        "dnssec = \"off\"" if policy.dns.dnssec == "off"
+        else "dnssec = \"auto\" and not every nameserver is on loopback"
+    )
+    return [
+        f"{', '.join(only)}: dane-only, but [dns] {why}: no TLSA record is believed, so mail to "
+        "those MX hosts waits in the queue (4.7.5) until it expires; run a validating resolver "
+        "on this host or set [dns] dnssec = \"trusted\" for one on a trusted path"
+    ]
+
+
 def validating_resolver(resolver: dns.asyncresolver.Resolver) -> dns.asyncresolver.Resolver:
     """A copy of ``resolver`` whose queries ask for the AD bit (RFC 6840 §5.7)."""
     view = copy.copy(resolver)
