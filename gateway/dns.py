@@ -25,7 +25,7 @@ import contextvars
 import ipaddress
 import logging
 from functools import cached_property
-from typing import Any, Callable, Mapping, Protocol, cast
+from typing import Any, Callable, Mapping, NamedTuple, Protocol, cast
 
 import dns.asyncresolver
 import dns.exception
@@ -45,6 +45,7 @@ __all__ = [
     "DnsNotFound",
     "DnsTemporaryError",
     "DNS_TAP",
+    "HostAddresses",
     "RecordedResolver",
     "RecordingResolver",
     "is_authenticated",
@@ -380,9 +381,22 @@ async def resolve_addresses(resolver: dns.asyncresolver.Resolver, name: str) -> 
     return (await resolve_authenticated_addresses(resolver, name))[0]
 
 
-async def resolve_authenticated_addresses(resolver: dns.asyncresolver.Resolver, name: str) -> tuple[list[str], bool]:
-    """The IPv4 then IPv6 addresses of ``name`` (A and AAAA asked in parallel), and
-    whether every answer that gave addresses was DNSSEC-validated (:func:`is_authenticated`).
+class HostAddresses(NamedTuple):
+    """What :func:`resolve_authenticated_addresses` found for a name."""
+
+    addresses: list[str]
+    #: every answer that gave addresses was DNSSEC-validated (:func:`is_authenticated`),
+    #: CNAME records on the way included
+    is_secure: bool
+    #: the name the address records are at once CNAMEs are followed (lower case, no
+    #: final dot): the name asked for when there was no CNAME
+    canonical: str
+
+
+async def resolve_authenticated_addresses(resolver: dns.asyncresolver.Resolver, name: str) -> HostAddresses:
+    """The IPv4 then IPv6 addresses of ``name`` (A and AAAA asked in parallel), whether
+    every answer that gave addresses was DNSSEC-validated (:func:`is_authenticated`), and
+    the fully CNAME-expanded name they are at.
 
     IPv4 comes first because a gateway without IPv6 routing fails slowly on it; both
     families are returned, so a client moves on to the other on a connection failure.
@@ -397,6 +411,7 @@ async def resolve_authenticated_addresses(resolver: dns.asyncresolver.Resolver, 
     addresses: list[str] = []
     errors: list[BaseException] = []
     secure = True
+    canonical = ""
     for result in results:
         if isinstance(result, BaseException):
             if not isinstance(result, DnsError):
@@ -405,8 +420,9 @@ async def resolve_authenticated_addresses(resolver: dns.asyncresolver.Resolver, 
         elif result is not None:
             addresses.extend(str(rdata.address) for rdata in result)
             secure = secure and is_authenticated(result)
+            canonical = canonical or result.canonical_name.to_text(omit_final_dot=True).lower()
     if addresses:
-        return addresses, secure
+        return HostAddresses(addresses, secure, canonical or name.rstrip(".").lower())
     for error in errors:
         if isinstance(error, DnsTemporaryError):
             raise error

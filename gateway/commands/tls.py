@@ -176,8 +176,9 @@ async def _dane_lines(policy: Any, domain: str, security: Any, destinations: lis
         if not dest.is_secure:
             lines.append(f"MX {dest.host}: not DNSSEC-secure: no DANE")
             continue
-        lines.append(f"MX {dest.host}: DNSSEC-secure")
-        answer = await security.tlsa_for(dest.host, dest.port)
+        alias = f" (an alias of {dest.canonical})" if dest.canonical else ""
+        lines.append(f"MX {dest.host}: DNSSEC-secure{alias}")
+        _, answer = await security.tlsa_of(dest)
         if answer.records:
             lines.extend(f"TLSA {answer.name}: {answer.state}: {record}" + ("" if record.is_usable else " unusable")
                          for record in answer.records)

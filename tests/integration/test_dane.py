@@ -5,7 +5,8 @@ A zone signed here (``dane.example``) is served by one unbound and validated by 
 its resolver (on loopback, so ``[dns] dnssec = "auto"`` trusts its AD bit). The zone
 publishes TLSA records for MX hosts on 127.0.0.2-10: DANE-EE (3 1 1) for a certificate
 nothing else would accept, DANE-TA (2 0 1) for a test CA, records that match nothing,
-records whose signature was broken or has expired, and PKIX-only records; an unsigned
+records whose signature was broken or has expired, PKIX-only records, and MX hosts that
+are aliases (CNAMEs) with records at their target, their own name, or both; an unsigned
 zone (``unsigned.example``) publishes a TLSA record that must be ignored. The MX hosts are
 real SMTP peers with STARTTLS and certificates made here.
 """
@@ -48,6 +49,11 @@ ADDRESS = {
     "mx-notlsa": "127.0.0.8",
     "mx.unsigned.example": "127.0.0.9",
     "mx-unusable": "127.0.0.10",
+    # the targets of MX hosts that are aliases (RFC 7672 §2.2.2)
+    "mx-target": "127.0.0.11",
+    "mx-wtarget": "127.0.0.12",
+    "mx-itarget": "127.0.0.13",
+    "mx-tatarget": "127.0.0.14",
 }
 
 DEFERRED = ("deferred", 451, "4.7.5")
@@ -96,6 +102,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         "ee": other.issue("unrelated.example", expired=True),
         "ta": with_chain(ca.issue("mx-ta.dane.example"), ca),
         "ta-name": with_chain(ca.issue("elsewhere.example"), ca),
+        "ta-target": with_chain(ca.issue("mx-tatarget.dane.example"), ca),
         "valid": ca.issue(*(f"{h}.dane.example" for h in ADDRESS if h.startswith("mx-")), "mx.unsigned.example"),
     }
     stranger = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
@@ -127,6 +134,19 @@ mta-sts.sts IN A 127.0.0.1
 {t}.mx-bogus IN TLSA 3 1 1 {ee}
 {t}.mx-expired IN TLSA 3 1 1 {ee}
 {t}.mx-unusable IN TLSA 1 1 1 {ee}
+alias IN MX 10 mx-alias.dane.example.
+mx-alias IN CNAME mx-target.dane.example.
+{t}.mx-target IN TLSA 3 1 1 {ee}
+walias IN MX 10 mx-walias.dane.example.
+mx-walias IN CNAME mx-wtarget.dane.example.
+{t}.mx-wtarget IN TLSA 3 1 1 {nobody}
+{t}.mx-walias IN TLSA 3 1 1 {ee}
+ialias IN MX 10 mx-ialias.dane.example.
+mx-ialias IN CNAME mx-itarget.dane.example.
+{t}.mx-ialias IN TLSA 3 1 1 {ee}
+taalias IN MX 10 mx-taalias.dane.example.
+mx-taalias IN CNAME mx-tatarget.dane.example.
+{t}.mx-tatarget IN TLSA 2 0 1 {ta}
 """ + "".join(f"{h} IN A {a}\n" for h, a in ADDRESS.items() if h.startswith("mx-"))
     unsigned = f"""$ORIGIN unsigned.example.
 $TTL 300
@@ -214,6 +234,56 @@ def test_dane_ta_accepts_a_chain_to_the_published_ca(world: World) -> None:
         assert harness.deliver("ta.dane.example").status == "delivered"
         assert mx.messages[0].has_tls
     assert harness.counters.tls_failures == {}
+
+
+def _policy_line(caplog: pytest.LogCaptureFixture) -> str:
+    return next(r.getMessage() for r in caplog.records if "recipient(s) " in r.getMessage())
+
+
+def test_an_mx_host_that_is_an_alias_is_authenticated_by_the_tlsa_records_of_its_target(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 7672 §2.2.2: mx-alias is a CNAME for mx-target; the records are at the target."""
+    harness = Harness(world)
+    caplog.set_level(logging.INFO, logger="gateway.delivery.remote")
+    with peer(world, "mx-target", "ee") as mx:
+        got = harness.deliver("alias.dane.example")
+        assert got.status == "delivered", got.reply
+        assert mx.messages[0].has_tls
+    assert "policy=dane tlsa=1 result=success" in _policy_line(caplog)
+
+
+def test_the_targets_records_come_before_the_alias_own(world: World) -> None:
+    """mx-walias's own TLSA record would take the certificate; its target's, first in
+    line, names another key: the mail waits rather than go over TLS they do not vouch for."""
+    harness = Harness(world)
+    with peer(world, "mx-wtarget", "ee") as mx:
+        got = harness.deliver("walias.dane.example")
+        assert status(got) == DEFERRED
+        assert mx.messages == [] and mx.connections == 1
+    assert harness.counters.tls_failures == {("dane", "tlsa-invalid"): 1}
+
+
+def test_dane_ta_takes_a_certificate_for_the_expanded_name_of_an_alias(world: World) -> None:
+    """RFC 7672 §2.2.2: both the MX host name and its expansion are reference identifiers."""
+    harness = Harness(world)
+    with peer(world, "mx-tatarget", "ta-target") as mx:
+        got = harness.deliver("taalias.dane.example")
+        assert got.status == "delivered", got.reply
+        assert mx.messages[0].has_tls
+    assert harness.counters.tls_failures == {}
+
+
+def test_an_alias_whose_target_has_no_tlsa_records_uses_its_own(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness = Harness(world)
+    caplog.set_level(logging.INFO, logger="gateway.delivery.remote")
+    with peer(world, "mx-itarget", "ee") as mx:
+        got = harness.deliver("ialias.dane.example")
+        assert got.status == "delivered", got.reply
+        assert mx.messages[0].has_tls
+    assert "policy=dane tlsa=1 result=success" in _policy_line(caplog)
 
 
 def test_dane_ta_defers_a_certificate_that_does_not_name_the_mx_host(world: World) -> None:
@@ -368,6 +438,11 @@ mta_sts = false
     assert f"TLSA {t}.mx-bogus.dane.example: bogus" in out
     assert "verdict: mx-bogus.dane.example: skip: dnssec-invalid" in out
     assert "mail would wait (451 4.7.5)" in out
+
+    assert main(["tls", "check", "alias.dane.example", "--policy", str(policy)]) == 0
+    out = capsys.readouterr().out
+    assert "MX mx-alias.dane.example: DNSSEC-secure (an alias of mx-target.dane.example)" in out
+    assert f"TLSA {t}.mx-target.dane.example: secure: 3 1 1 {spki_sha256(world.certs['ee'][0])}" in out
 
     assert main(["tls", "check", "unsigned.example", "--policy", str(policy)]) == 0
     out = capsys.readouterr().out

@@ -435,6 +435,8 @@ class RemoteDeliveryAgent:
             await conn.ehlo()
             if use_tls and conn.has_extension("STARTTLS"):
                 server_name = dest.address if parse_address_literal(dest.host) else dest.host
+                if mode == "dane" and policy is not None and policy.tlsa_base:
+                    server_name = policy.tlsa_base  # RFC 7672 §8.1: SNI names the TLSA base domain
                 timeout = float(settings.connect_timeout)
                 # MTA-STS (RFC 8461 §4.2): the certificate must be valid for the MX host name.
                 context = self._context("verify" if mode.startswith("sts-") else mode)
@@ -551,7 +553,8 @@ def portion(limit: int, share: int, primary: bool) -> int:
 
 def _dane_verifier(dest: Destination, policy: TransportPolicy) -> Callable[[ssl.SSLObject], None]:
     """The check of a fresh TLS session with ``dest`` against its TLSA records."""
-    names = (dest.host, policy.domain)  # RFC 7672 §3.2.2: the MX host, or the domain
+    # RFC 7672 §3.2.2: the MX host (and its CNAME-expanded name, §2.2.2), or the domain
+    names = tuple(n for n in (dest.host, dest.canonical, policy.domain) if n)
 
     def verify(ssl_object: ssl.SSLObject) -> None:
         check = check_chain(presented_chain(ssl_object), policy.tlsa, names)

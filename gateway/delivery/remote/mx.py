@@ -22,6 +22,7 @@ import dns.asyncresolver
 from gateway.dns import (
     DnsNotFound,
     DnsTemporaryError,
+    HostAddresses,
     is_authenticated,
     lookup,
     resolve_addresses,
@@ -47,6 +48,10 @@ class Destination:
     port: int
     preference: int = 0
     is_secure: bool = False
+    #: the host's fully CNAME-expanded name when it is an alias (and ``is_secure``: the
+    #: expansion was DNSSEC-validated), else empty: TLSA records are looked for there
+    #: first (RFC 7672 §2.2.2)
+    canonical: str = ""
 
     def __str__(self) -> str:
         return f"{self.host}[{self.address}]:{self.port}"
@@ -153,11 +158,12 @@ async def resolve_destinations(
             continue
         if isinstance(result, DnsNotFound):
             continue
-        addresses, is_secure = result
-        for address in addresses:
+        is_secure = is_mx_secure and result.is_secure
+        canonical = _expanded(host, result)
+        for address in result.addresses:
             if address not in seen:  # one address under two names is tried once
                 seen.add(address)
-                out.append(Destination(host, address, port, preference, is_mx_secure and is_secure))
+                out.append(Destination(host, address, port, preference, is_secure, canonical))
     if not out:
         reply = Reply(451, "4.4.4", f"no MX host of {domain} has an address, will retry")
         detail = "temporary DNS failure resolving MX hosts" if temporary else "no MX host resolved"
@@ -165,9 +171,14 @@ async def resolve_destinations(
     return out
 
 
+def _expanded(host: str, found: HostAddresses) -> str:
+    """The CNAME-expanded name of ``host`` for :attr:`Destination.canonical`."""
+    return found.canonical if found.is_secure and found.canonical != host else ""
+
+
 async def _host_addresses(
     resolver: dns.asyncresolver.Resolver, host: str
-) -> tuple[list[str], bool] | DnsNotFound | DnsTemporaryError:
+) -> HostAddresses | DnsNotFound | DnsTemporaryError:
     """The addresses of one MX host and whether they are DNSSEC-validated, or the
     failure (so one bad host skips only itself)."""
     try:
@@ -178,7 +189,7 @@ async def _host_addresses(
 
 async def _implicit_mx(domain: str, resolver: dns.asyncresolver.Resolver, port: int) -> list[Destination]:
     try:
-        addresses, is_secure = await resolve_authenticated_addresses(resolver, domain)
+        found = await resolve_authenticated_addresses(resolver, domain)
     except DnsNotFound as exc:
         # The name exists (no NXDOMAIN for MX) but has neither MX nor an address.
         raise PermanentFailure(
@@ -190,7 +201,8 @@ async def _implicit_mx(domain: str, resolver: dns.asyncresolver.Resolver, port: 
         ) from None
     host = _normal(domain)
     # RFC 7672 §2.2.1: without MX records the domain's own address records decide.
-    return [Destination(host, address, port, 0, is_secure) for address in addresses]
+    canonical = _expanded(host, found)
+    return [Destination(host, address, port, 0, found.is_secure, canonical) for address in found.addresses]
 
 
 async def resolve_host(host: str, resolver: dns.asyncresolver.Resolver, *, port: int) -> list[Destination]:

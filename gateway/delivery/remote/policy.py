@@ -93,6 +93,8 @@ class TransportPolicy:
         mode without a problem means TLSA records none of which is usable: TLS is then
         required but not authenticated (RFC 7672 §2.2)
     :param max_age: MTA-STS: the policy's ``max_age`` (for TLS reports' policy-string)
+    :param tlsa_base: DANE: the host name the TLSA records were found at (the MX host, or
+        its CNAME-expanded name: RFC 7672 §2.2.2), the name given in SNI
     """
 
     domain: str
@@ -104,6 +106,7 @@ class TransportPolicy:
     detail: str = ""
     tlsa: tuple[TlsaRecord, ...] = ()
     max_age: int = 0
+    tlsa_base: str = ""
 
     @property
     def is_dane(self) -> bool:
@@ -357,6 +360,21 @@ class TransportSecurity:
             return None
         return await lookup_tlsa(self.dane.resolver, host, port)
 
+    async def tlsa_of(self, dest: Destination) -> tuple[str, TlsaAnswer]:
+        """The TLSA records of an MX host (secure addresses) and the name they are at.
+
+        RFC 7672 §2.2.2: for a host that is an alias whose expansion is DNSSEC-valid,
+        the fully CNAME-expanded name first; the initial name when that has none.
+        """
+        if dest.canonical:
+            answer = await self.tlsa_for(dest.canonical, dest.port)
+            assert answer is not None
+            if answer.state == "bogus" or (answer.state == "secure" and answer.records):
+                return dest.canonical, answer
+        answer = await self.tlsa_for(dest.host, dest.port)
+        assert answer is not None
+        return dest.host, answer
+
     async def for_host(self, transport: TransportPolicy, dest: Destination) -> TransportPolicy:
         """The policy for one MX host: DANE from its TLSA records (RFC 7672 §2.2) when it
         has usable secure ones, else ``transport`` (the domain's MTA-STS answer), or a
@@ -372,18 +390,21 @@ class TransportSecurity:
             if mode == "dane-only":
                 return TransportPolicy(domain, "dane-only", problem="dane-required", detail=why)
             return transport
-        answer = await self.tlsa_for(dest.host, dest.port)
-        assert answer is not None
+        base, answer = await self.tlsa_of(dest)
         if answer.state == "bogus":
             return TransportPolicy(domain, mode, problem="dnssec-invalid", detail=f"{answer.name}: {answer.detail}")
         if answer.state == "secure":
             usable = answer.usable
             if usable:
-                return TransportPolicy(domain, mode, tlsa=usable, detail=f"{answer.name}: {len(usable)} usable")
+                return TransportPolicy(
+                    domain, mode, tlsa=usable, detail=f"{answer.name}: {len(usable)} usable", tlsa_base=base
+                )
             if mode == "dane-only":
                 return TransportPolicy(domain, mode, problem="tlsa-invalid", detail=f"{answer.name}: no usable record")
             # RFC 7672 §2.2: TLSA records that are all unusable still mean "TLS required".
-            return TransportPolicy(domain, mode, detail=f"{answer.name}: no usable record; TLS without authentication")
+            return TransportPolicy(
+                domain, mode, detail=f"{answer.name}: no usable record; TLS without authentication", tlsa_base=base
+            )
         if mode == "dane-only":
             return TransportPolicy(domain, mode, problem="dane-required", detail=f"{answer.name}: {answer.detail}")
         return transport
