@@ -236,21 +236,25 @@ def test_dane_ta_accepts_a_chain_to_the_published_ca(world: World) -> None:
     assert harness.counters.tls_failures == {}
 
 
-def _policy_line(caplog: pytest.LogCaptureFixture) -> str:
-    return next(r.getMessage() for r in caplog.records if "recipient(s) " in r.getMessage())
-
-
-def test_an_mx_host_that_is_an_alias_is_authenticated_by_the_tlsa_records_of_its_target(
-    world: World, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(("domain", "host", "certificate"), [
+    ("alias.dane.example", "mx-target", "ee"),  # DANE-EE at the target
+    ("ialias.dane.example", "mx-itarget", "ee"),  # none at the target: the alias's own
+    ("taalias.dane.example", "mx-tatarget", "ta-target"),  # DANE-TA, a certificate for the target's name
+], ids=["records at the target", "records at the alias only", "DANE-TA for the expanded name"])
+def test_an_mx_host_that_is_an_alias_is_authenticated_by_its_targets_records_or_its_own(
+    world: World, caplog: pytest.LogCaptureFixture, domain: str, host: str, certificate: str
 ) -> None:
-    """RFC 7672 §2.2.2: mx-alias is a CNAME for mx-target; the records are at the target."""
+    """RFC 7672 §2.2.2: mx-*alias is a CNAME for its target: TLSA records at the fully
+    expanded name first, then at the alias; both names identify the host for DANE-TA."""
     harness = Harness(world)
     caplog.set_level(logging.INFO, logger="gateway.delivery.remote")
-    with peer(world, "mx-target", "ee") as mx:
-        got = harness.deliver("alias.dane.example")
+    with peer(world, host, certificate) as mx:
+        got = harness.deliver(domain)
         assert got.status == "delivered", got.reply
         assert mx.messages[0].has_tls
-    assert "policy=dane tlsa=1 result=success" in _policy_line(caplog)
+    line = next(r.getMessage() for r in caplog.records if "recipient(s) " in r.getMessage())
+    assert "policy=dane tlsa=1 result=success" in line
+    assert harness.counters.tls_failures == {}
 
 
 def test_the_targets_records_come_before_the_alias_own(world: World) -> None:
@@ -262,28 +266,6 @@ def test_the_targets_records_come_before_the_alias_own(world: World) -> None:
         assert status(got) == DEFERRED
         assert mx.messages == [] and mx.connections == 1
     assert harness.counters.tls_failures == {("dane", "tlsa-invalid"): 1}
-
-
-def test_dane_ta_takes_a_certificate_for_the_expanded_name_of_an_alias(world: World) -> None:
-    """RFC 7672 §2.2.2: both the MX host name and its expansion are reference identifiers."""
-    harness = Harness(world)
-    with peer(world, "mx-tatarget", "ta-target") as mx:
-        got = harness.deliver("taalias.dane.example")
-        assert got.status == "delivered", got.reply
-        assert mx.messages[0].has_tls
-    assert harness.counters.tls_failures == {}
-
-
-def test_an_alias_whose_target_has_no_tlsa_records_uses_its_own(
-    world: World, caplog: pytest.LogCaptureFixture
-) -> None:
-    harness = Harness(world)
-    caplog.set_level(logging.INFO, logger="gateway.delivery.remote")
-    with peer(world, "mx-itarget", "ee") as mx:
-        got = harness.deliver("ialias.dane.example")
-        assert got.status == "delivered", got.reply
-        assert mx.messages[0].has_tls
-    assert "policy=dane tlsa=1 result=success" in _policy_line(caplog)
 
 
 def test_dane_ta_defers_a_certificate_that_does_not_name_the_mx_host(world: World) -> None:
