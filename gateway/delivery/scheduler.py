@@ -84,8 +84,6 @@ class Scheduler:
         self._locks: dict[str, int] = {}
         # qid -> a message this process just queued, lock held, for its first attempt
         self._claims: dict[str, Claim] = {}
-        # the claimed messages no attempt has looked at yet, in this process or another
-        self._untouched: set[str] = set()
         self._notifier = Notifier(self.queue, self.inject)
         self._records = StateRecorder(
             self.queue, lambda *a, **k: self.app.gateway.run_in_thread(*a, **k), keep=retries
@@ -145,8 +143,8 @@ class Scheduler:
             # handed over): the attempt scheduled there takes the claim.
             self.notify(qid)
         else:  # due now: start it here rather than wake the scheduling loop for it
-            self._untouched.add(qid)
-            self._spawn(qid)
+            # The claim's lock was taken before the file was published: nobody has tried it.
+            self._spawn(qid, first=True)
 
     def forget(self, qid: str) -> None:
         self._due.pop(qid, None)
@@ -214,16 +212,16 @@ class Scheduler:
             found.append(qid)
         return found
 
-    def _spawn(self, qid: str) -> None:
+    def _spawn(self, qid: str, *, first: bool = False) -> None:
         self._active.add(qid)
-        task = asyncio.create_task(self._attempt_guarded(qid), name=f"deliver-{qid}")
+        task = asyncio.create_task(self._attempt_guarded(qid, first), name=f"deliver-{qid}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _attempt_guarded(self, qid: str) -> None:
+    async def _attempt_guarded(self, qid: str, first: bool) -> None:
         token = QUEUE_ID.set(qid)
         try:
-            await self.attempt(qid)
+            await self.attempt(qid, first=first)
         except asyncio.CancelledError:
             raise
         except TemporaryFailure as exc:  # our queue refused a notice (a full disk): no traceback
@@ -318,18 +316,18 @@ class Scheduler:
             raise
         return fd, item, message
 
-    async def attempt(self, qid: str) -> None:
+    async def attempt(self, qid: str, *, first: bool = False) -> None:
         """Try every pending recipient of ``qid`` once and record what happened.
 
         The attempt holds the queue's delivery lock on the message, so another process
         of the gateway, or an export with ``--hold``/``--move``, waits for it and sees
-        its outcome.
+        its outcome. ``first``: started from the claim of a message this process just
+        queued (:meth:`take`), so no attempt can have been made before; it holds only
+        while that claim is still here to be taken.
         """
         gateway: Gateway = self.app.gateway
         claim = self._claims.pop(qid, None)
-        # The claim's lock was taken before the file was published: nobody else has tried it.
-        first = qid in self._untouched and claim is not None
-        self._untouched.discard(qid)
+        first = first and claim is not None
         try:
             if claim is not None:
                 opened: tuple[int, QueuedMessage, Content | None] | None = claim.fd, claim.item, claim.message

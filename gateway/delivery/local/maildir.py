@@ -199,7 +199,8 @@ def deliver_maildir(
     """Deliver one message into the Maildir ``directory``. Synchronous: run it in a thread.
 
     :param directory: the Maildir; it is created (0o700) when missing, but not its
-        parent, and when its ``tmp`` or ``new`` is missing, the three subdirectories are
+        parent, and when its ``tmp`` or ``new`` is missing, its ``tmp``, ``new`` and
+        ``cur`` are created too
     :param chunks: the message, already with Return-Path and Delivered-To, in any line
         ending (Maildir stores what it is given): buffers, or a :class:`Content` whose
         file parts are copied in the kernel
