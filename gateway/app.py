@@ -51,10 +51,7 @@ async def check_transport_security(policy: Policy) -> None:
     without believed DNSSEC)."""
     from gateway.delivery.remote.tlsa import dane_warnings
 
-    def warnings() -> list[str]:  # reads /etc/resolv.conf when [dns] names no server
-        return dane_warnings(policy, make_resolver(policy.dns))
-
-    for warning in await asyncio.to_thread(warnings):
+    for warning in await asyncio.to_thread(dane_warnings, policy):
         log.warning("%s", warning)
 
 

@@ -40,19 +40,14 @@ def main(args: argparse.Namespace) -> int:
         print(error, file=sys.stderr)
         return 2
     print(f"{policy.source}: OK")
-    for warning in warnings + _dane_warnings(policy):
+    from gateway.delivery.remote.tlsa import dane_warnings
+
+    for warning in warnings + dane_warnings(policy):
         print(f"warning: {warning}")
     _print_chains(policy)
     if args.probe:
         return _probe(policy, specs, args.probe_timeout)
     return 0
-
-
-def _dane_warnings(policy: Any) -> list[str]:
-    from gateway.delivery.remote.tlsa import dane_warnings
-    from gateway.dns import make_resolver
-
-    return dane_warnings(policy, make_resolver(policy.dns))
 
 
 def _probe(policy: Any, specs: Any, timeout: float) -> int:

@@ -28,7 +28,7 @@ import dns.asyncresolver
 import dns.flags
 
 from gateway.delivery.remote.dane import TlsaRecord
-from gateway.dns import DnsNotFound, DnsTemporaryError, is_authenticated, lookup
+from gateway.dns import DnsNotFound, DnsTemporaryError, is_authenticated, lookup, make_resolver
 
 __all__ = ["DaneConfig", "TlsaAnswer", "lookup_tlsa", "trusts_resolver", "validating_resolver"]
 
@@ -68,15 +68,16 @@ def trusts_resolver(setting: str, resolver: dns.asyncresolver.Resolver) -> bool:
         return False
 
 
-def dane_warnings(policy: Any, resolver: dns.asyncresolver.Resolver) -> list[str]:
+def dane_warnings(policy: Any) -> list[str]:
     """What an operator should hear about the policy's DANE settings: ``dane-only`` (the
-    default or an MX route's) while ``[dns] dnssec`` does not believe ``resolver``'s
+    default or an MX route's) while ``[dns] dnssec`` does not believe the resolver's
     validation. Then no TLSA record is ever believed, so every MX host is without DANE
-    and gets no mail: it waits in the queue (4.7.5) until it expires."""
+    and gets no mail: it waits in the queue (4.7.5) until it expires. Synchronous (it
+    may read ``/etc/resolv.conf`` for the nameservers)."""
     only = [f"route {r.domain!r}" for r in policy.routes if not r.host and r.dane == "dane-only"]
     if policy.delivery.dane == "dane-only":
         only.insert(0, "[delivery] dane")
-    if not only or trusts_resolver(policy.dns.dnssec, resolver):
+    if not only or trusts_resolver(policy.dns.dnssec, make_resolver(policy.dns)):
         return []
     why = (
         "dnssec = \"off\"" if policy.dns.dnssec == "off"
