@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,6 +22,7 @@ from gateway.queue import Claim, QueueStore
 from gateway.smtp.handler import SmtpHandler
 from gateway.smtp.listener import Listener
 from gateway.smtp.tls import server_context
+from gateway.threads import ThreadPool
 
 __all__ = ["GatewayApp"]
 
@@ -109,7 +109,7 @@ class GatewayApp:
         self.role = role
         self.queue = QueueStore(policy.server.queue_dir)
         workers = min(32, (os.cpu_count() or 2) * 4)
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gateway-pool")
+        self.executor = ThreadPool(max_workers=workers, thread_name_prefix="gateway-pool")
         self.gateway: Gateway | None = None
         self.listeners: dict[str, Listener] = {}
         self._handlers: dict[str, SmtpHandler] = {}

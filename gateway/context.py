@@ -11,9 +11,11 @@ import asyncio
 import contextvars
 import functools
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from gateway.threads import ThreadPool
 
 if TYPE_CHECKING:
     from gateway.hooks import HookRunner
@@ -32,7 +34,7 @@ class Gateway:
     policy: Policy
     runner: HookRunner
     queue: QueueStore
-    executor: ThreadPoolExecutor
+    executor: Executor
     hostname: str
     started: float = field(default_factory=time.time)
     resolver: Any = field(default=None, repr=False)
@@ -59,6 +61,7 @@ class Gateway:
         capture (:data:`gateway.dns.DNS_TAP`, so SPF's lookups are recorded) go along,
         and what the call sets stays in its copy.
         """
-        loop = asyncio.get_running_loop()
         call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-        return await loop.run_in_executor(self.executor, call)
+        if isinstance(self.executor, ThreadPool):
+            return await self.executor.run(call)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
