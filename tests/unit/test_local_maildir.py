@@ -189,11 +189,20 @@ def _fd_kind(fd: int, new_dir: Path) -> str:
     return "fsync file"
 
 
+@pytest.mark.parametrize("way", ["first", "confined", "retry"])
 def test_file_synced_then_linked_then_new_synced_before_returning(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    way: str) -> None:
     """Removing the file's fsync, the link into new/ (or its rename fallback) or the
-    fsync of new/ breaks this: the queue forgets the message once this returns."""
+    fsync of new/ breaks this: the queue forgets the message once this returns. Each
+    way through deliver_maildir: a first delivery by path, one confined to a home (by
+    directory descriptors), a retry that looks for an earlier copy first."""
     maildir = tmp_path / "Maildir"
+    kwargs: dict[str, object] = {}
+    if way == "confined":
+        kwargs["confine"] = Confinement(tmp_path, os.getuid(), os.getgid())
+    elif way == "retry":
+        kwargs["name"] = "1700000000.Q9R0L0.h"
     deliver_maildir(maildir, [MESSAGE], hostname="mx.example")  # the directories exist
     events: list[str] = []
     real_write, real_fsync, real_link = os.write, os.fsync, os.link
@@ -213,10 +222,11 @@ def test_file_synced_then_linked_then_new_synced_before_returning(tmp_path: Path
     monkeypatch.setattr(maildir_mod.os, "write", write)
     monkeypatch.setattr(maildir_mod.os, "fsync", fsync)
     monkeypatch.setattr(maildir_mod.os, "link", link)
-    name = deliver_maildir(maildir, [MESSAGE], hostname="mx.example")
+    name = deliver_maildir(maildir, [MESSAGE], hostname="mx.example", **kwargs)  # type: ignore[arg-type]
     events.append("returned")
     assert events == ["write", "fsync file", "link tmp->new", "fsync new", "returned"]
     assert (maildir / "new" / name).read_bytes() == MESSAGE
+    assert os.listdir(maildir / "tmp") == []
 
 
 # -- a large message on disk (issue #17) ----------------------------------------------------
@@ -264,6 +274,18 @@ def test_a_retry_finds_the_copy_a_reader_moved_to_cur_and_writes_nothing(tmp_pat
     # A first attempt does not look: the scheduler says so only for a message no attempt saw.
     deliver_maildir(maildir, [b"again\r\n"], hostname="h", name=name, first=True)
     assert os.listdir(maildir / "new") == [name]
+
+
+def test_a_maildir_missing_only_new_gets_it_again_and_the_message_once(tmp_path: Path) -> None:
+    maildir = tmp_path / "Maildir"
+    deliver_maildir(maildir, [MESSAGE], hostname="h")
+    for name in os.listdir(maildir / "new"):
+        os.unlink(maildir / "new" / name)
+    os.rmdir(maildir / "new")
+    name = deliver_maildir(maildir, [MESSAGE], hostname="h")
+    assert os.listdir(maildir / "new") == [name]
+    assert (maildir / "new" / name).read_bytes() == MESSAGE
+    assert os.listdir(maildir / "tmp") == []
 
 
 def test_a_maildir_missing_tmp_or_new_gets_all_three_again(tmp_path: Path) -> None:

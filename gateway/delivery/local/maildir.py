@@ -16,6 +16,7 @@ user.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -214,6 +215,13 @@ def deliver_maildir(
     :returns: the file name under ``new/``
     :raises TemporaryFailure: on any failure; the file in ``tmp/`` is removed first
     """
+    if confine is None and (name is None or first):
+        try:
+            return _deliver_by_path(os.fspath(directory), chunks, name or unique_name(hostname))
+        except FileNotFoundError:
+            pass  # a new Maildir, or a part missing: the way below makes what is missing
+        except OSError as exc:
+            raise mailbox_error(exc, "maildir") from exc
     try:
         maildir_fd = open_directory(directory, confine=confine, create=True)
     except OSError as exc:
@@ -302,6 +310,52 @@ def _deliver_in(
     return name
 
 
+def _deliver_by_path(directory: str, chunks: Octets, name: str) -> str:
+    """The common case in fewer system calls (each one lets other threads take the
+    interpreter, and a loaded gateway pays for the hand-over): nobody to confine, a name
+    no earlier attempt can have used, and a Maildir whose ``tmp/`` and ``new/`` exist.
+    The steps and their order are :func:`_deliver_in`'s.
+
+    :raises FileNotFoundError: before anything is written, when ``tmp/`` is missing,
+        and after undoing what was written, when ``new/`` is
+    :raises OSError: on any other failure, after undoing what was written
+    """
+    in_tmp, in_new = f"{directory}/tmp/{name}", f"{directory}/new/{name}"
+    fd = os.open(in_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+    is_in_tmp, is_in_new = True, False
+    try:
+        try:
+            _write_all(fd, chunks)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            # The spec's link(): fails instead of replacing if the name exists in new/.
+            os.link(in_tmp, in_new, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            os.rename(in_tmp, in_new)  # no hard links here (as in _deliver_in)
+            is_in_tmp = False
+        is_in_new = True
+        new_fd = os.open(f"{directory}/new", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(new_fd)
+        finally:
+            os.close(new_fd)
+    except BaseException:
+        if is_in_new:  # not durable, and we report a failure: no copy for a retry to find
+            with contextlib.suppress(OSError):
+                os.unlink(in_new)
+        if is_in_tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(in_tmp)
+        raise
+    if is_in_tmp:
+        _unlink_quietly(in_tmp, None)  # delivered; a stray tmp file is harmless anyway
+    return name
+
+
 def _already_delivered(maildir_fd: int, name: str, flags: int) -> bool:
     """A message called ``name`` is in new/, or in cur/ (where readers add ``:2,flags``)."""
     new_fd = os.open("new", flags, dir_fd=maildir_fd)
@@ -319,7 +373,7 @@ def _already_delivered(maildir_fd: int, name: str, flags: int) -> bool:
         os.close(cur_fd)
 
 
-def _unlink_quietly(name: str, dir_fd: int) -> None:
+def _unlink_quietly(name: str, dir_fd: int | None) -> None:
     try:
         os.unlink(name, dir_fd=dir_fd)
     except OSError:
