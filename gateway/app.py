@@ -9,14 +9,16 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from gateway import logs, reloads
+from gateway.content import Content
 from gateway.context import Gateway
 from gateway.delivery.scheduler import Scheduler
 from gateway.dns import make_resolver
 from gateway.hooks import HookRunner, HookStats, PluginSpec, discover_plugins
 from gateway.metrics import Counters, report_forever, start_metrics_server
+from gateway.model import Envelope
 from gateway.policy import Policy, PolicyError, load_policy
 from gateway.queue import Claim, QueueStore
 from gateway.smtp.handler import SmtpHandler
@@ -137,6 +139,7 @@ class GatewayApp:
             resolver=make_resolver(policy.dns),
             notify_queued=self._queued,
             take_claim=self._claimed if policy.delivery.enabled else None,
+            deliver_at_once=self._deliver_at_once if policy.delivery.enabled and policy.delivery.at_once else None,
             counters=self.counters,
             is_worker=self.role == "worker",
         )
@@ -146,6 +149,19 @@ class GatewayApp:
     def _queued(self, qid: str) -> None:
         if self.scheduler is not None:
             self.scheduler.notify(qid)
+
+    async def _deliver_at_once(
+        self, qid: str, envelope: Envelope, message: Content, announce: Callable[[], None]
+    ) -> bool:
+        if self.scheduler is None:
+            return False
+
+        def delivered() -> None:
+            if self.index is not None:  # the results and Message-ID no log line has
+                self.index.handler.note_message(qid, envelope, message)
+            announce()
+
+        return await self.scheduler.deliver_at_once(qid, envelope, message, delivered)
 
     def _claimed(self, claim: Claim) -> None:
         if self.index is not None:  # the results and Message-ID no log line has

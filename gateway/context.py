@@ -13,12 +13,14 @@ import functools
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from gateway.threads import ThreadPool
 
 if TYPE_CHECKING:
+    from gateway.content import Content
     from gateway.hooks import HookRunner
+    from gateway.model import Envelope
     from gateway.policy import Policy
     from gateway.queue import Claim, QueueStore
 
@@ -45,6 +47,12 @@ class Gateway:
     """When set, a message the SMTP front end commits to ``msg/`` is claimed
     (:meth:`QueueStore.commit` with ``claim=True``) and handed here instead of to
     :attr:`notify_queued`: this process's scheduler delivers it from memory."""
+    deliver_at_once: Callable[[str, Envelope, Content, Callable[[], None]], Awaitable[bool]] | None = field(
+        default=None, repr=False
+    )
+    """When set (``[delivery] at_once``): delivers a message not yet queued, if it is one
+    plain Maildir delivery, before the SMTP reply; True when it was delivered and need
+    not be queued (:meth:`gateway.delivery.scheduler.Scheduler.deliver_at_once`)."""
     counters: Any = field(default=None, repr=False)
     """Event counters for the metrics endpoint (:class:`gateway.metrics.Counters`)."""
     is_worker: bool = False

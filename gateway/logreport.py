@@ -15,8 +15,9 @@ The input is what :data:`gateway.logs.FORMAT` writes, one record a line::
   ``queue=QID``): one delivery attempt of one recipient; ``delivered`` also gives the
   delay since the message was queued.
 - ``expired to=<R>``: a recipient given up after the queue lifetime (a bounce).
-- ``done: removed from the queue`` (``queue=QID``): the story ends; the arrival time is
-  dropped, so memory grows with the messages in flight, not with the log.
+- ``done: removed from the queue`` or ``done: delivered at once, never queued``
+  (``queue=QID``): the story ends; the arrival time is dropped, so memory grows with the
+  messages in flight, not with the log.
 - ``STAGE reject|tempfail|disconnect by=PLUGIN reply='...' reason=...`` at connect, helo,
   mail, rcpt, data and queue; ``rcpt to=<R> refused by=default-deny``; ``auth failed``;
   ``data refused: REPLY`` and ``connection refused ...: WHY`` (the core's own limits).
@@ -63,6 +64,7 @@ _QUARANTINE = re.compile(r"^quarantine by=(?P<plugin>\S+) reason=")
 _DATA_REFUSED = re.compile(r"^data refused: (?P<reply>.*)$")
 _CONN_REFUSED = re.compile(r"^connection refused client=\S+: (?P<why>.*)$")
 _REMOVED = "done: removed from the queue"
+_AT_ONCE = "done: delivered at once, never queued"
 _ESCAPE = re.compile(r"\\(.)")
 
 # Replies that the core gives without a plugin (default deny, its own limits).
@@ -282,7 +284,7 @@ class LogReport:
             self.domains.add(_domain(e["rcpt"]), 0, 1, 0)
 
     def _on_done(self, m: re.Match[str], msg: str) -> None:
-        if msg == _REMOVED:
+        if msg in (_REMOVED, _AT_ONCE):
             self.in_flight.pop(m["queue"], None)
 
     def _refusal(self, stage: str, action: str, plugin: str, reply: str, reason: str) -> None:

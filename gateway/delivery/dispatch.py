@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.address import AddressError
 from gateway.content import Content
 from gateway.delivery.expansion import expand_pending, target_route
+from gateway.delivery.bounce import wants_notice
 from gateway.delivery.notices import owes_nothing
 from gateway.delivery.records import StateRecorder
 from gateway.delivery.remote.agent import portion
@@ -231,9 +232,53 @@ class Dispatcher:
                 await run(route, rcpts)
         return is_removed or removal is not None
 
+    async def deliver_at_once(
+        self, gateway: Gateway, qid: str, envelope: Envelope, message: Content, announce: Callable[[], None],
+    ) -> bool:
+        """Deliver a message not yet queued, before the reply to its client, when that is
+        one Maildir delivery (``[delivery] at_once``, docs/queue.md): a single recipient
+        routed to a local mailbox, no alias or ``.forward`` expanding it, no instruction
+        file, no success notice asked for.
+
+        Routing and the ``gateway_deliver`` hook run as in a queued attempt. Only a
+        delivery is recorded (logged, counted, ``gateway_delivered``); anything else
+        leaves the envelope untouched and nothing on disk, and the caller queues the
+        message, whose first attempt decides it as usual.
+
+        :param announce: called once delivered, before the delivery is recorded (the
+            session's arrival line goes before the delivery's)
+        :returns: True when the message was delivered and is done
+        """
+        (rcpt,) = envelope.recipients
+        if rcpt.state is not RecipientState.PENDING or wants_notice(rcpt, "success"):
+            return False
+        try:
+            route = await self._route(gateway, envelope, rcpt)
+        except (AddressError, TemporaryFailure, PermanentFailure):
+            return False
+        if not isinstance(route, LocalRoute) or gateway.policy.local.mailbox == "mbox":
+            return False
+        expanded, failures, changed = await expand_pending(gateway, envelope, [(rcpt, route)])
+        if changed or failures or expanded != [(rcpt, route)]:
+            return False
+        # No local delivery slot: these are bounded by the SMTP sessions waiting for
+        # their reply (and the thread pool), as queue commits are; queued deliveries
+        # holding every slot must not send the rest to the queue too.
+        sent_as = for_recipient(envelope, rcpt) if envelope.verp and envelope.sender else envelope
+        outcomes = await self._deliver_group(gateway, qid, sent_as, route, [rcpt], message, first=True, at_once=True)
+        outcome = outcomes.get(rcpt.address)
+        if outcome is None or outcome.status != "delivered":
+            return False
+        try:  # delivered: whatever happens now, it must not be queued (and delivered) again
+            announce()
+            await self.record(gateway, envelope, rcpt, outcome)
+        except Exception:  # boundary
+            log.exception("recording a delivery at once failed")
+        return True
+
     async def _deliver_group(
         self, gateway: Gateway, qid: str, envelope: Envelope, route: Route,
-        rcpts: list[QueuedRecipient], message: Content, first: bool = False,
+        rcpts: list[QueuedRecipient], message: Content, first: bool = False, at_once: bool = False,
     ) -> dict[str, Outcome]:
         addresses = [r.address for r in rcpts]
         if isinstance(route, SpecialRoute):
@@ -262,7 +307,7 @@ class Dispatcher:
                 return {r.address: outcome for r in rcpts}
             if isinstance(route, LocalRoute):
                 return {
-                    r.address: await self._deliver_local(gateway, local, qid, envelope, r, route, data, first)
+                    r.address: await self._deliver_local(gateway, local, qid, envelope, r, route, data, first, at_once)
                     for r in rcpts
                 }
             return dict(await remote.deliver(envelope, rcpts, route, data))
@@ -278,13 +323,14 @@ class Dispatcher:
 
     async def _deliver_local(
         self, gateway: Gateway, agent: Any, qid: str, envelope: Envelope, rcpt: QueuedRecipient,
-        route: LocalRoute, data: Content, first: bool = False,
+        route: LocalRoute, data: Content, first: bool = False, at_once: bool = False,
     ) -> Outcome:
         local = gateway.policy.local
         # A user directory's route (route.account) vouches for a user [local] does not list.
         if route.account is None and route.user not in local.users and route.user != "postmaster":
             return Outcome("failed", Reply(550, "5.1.1", "Sorry, no mailbox here by that name"))
         outcome: Outcome = await agent.deliver(
-            envelope, rcpt.address, route, data, delivery_id=delivery_id(qid, envelope, rcpt), first=first
+            envelope, rcpt.address, route, data, delivery_id=delivery_id(qid, envelope, rcpt), first=first,
+            at_once=at_once,
         )
         return outcome

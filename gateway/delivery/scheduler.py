@@ -17,7 +17,7 @@ import heapq
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from gateway.delivery.dispatch import Dispatcher
 from gateway.delivery.flush import FlushTarget, matching_messages, parse_target
@@ -145,6 +145,22 @@ class Scheduler:
         else:  # due now: start it here rather than wake the scheduling loop for it
             # The claim's lock was taken before the file was published: nobody has tried it.
             self._spawn(qid, first=True)
+
+    async def deliver_at_once(
+        self, qid: str, envelope: Envelope, message: Content, announce: Callable[[], None]
+    ) -> bool:
+        """Deliver a message its SMTP session has not queued yet, when that is one
+        Maildir delivery free to start now (:meth:`Dispatcher.deliver_at_once`).
+
+        :returns: True when it is delivered: nothing is queued, the reply may be sent
+        """
+        gateway: Gateway = self.app.gateway
+        if self._stopping or len(envelope.recipients) != 1 or is_held(envelope.recipients[0].address, gateway.policy):
+            return False
+        if not await self._dispatch.deliver_at_once(gateway, qid, envelope, message, announce):
+            return False
+        log.info("done: delivered at once, never queued")
+        return True
 
     def forget(self, qid: str) -> None:
         self._due.pop(qid, None)

@@ -220,6 +220,9 @@ class DeliverySettings:
     """The scheduler and delivery agents: ``[delivery]``."""
 
     enabled: bool = setting(True, "deliver from the queue (false: only accept into it)")
+    at_once: bool = setting(
+        True, "deliver a message that is one plain Maildir delivery before the 250, instead of queuing it"
+    )
     local_concurrency: int = setting(
         20, "local deliveries at once (qmail concurrencylocal; 20 as Postfix's per-destination default)", min=1
     )

@@ -59,6 +59,7 @@ FORMATS: dict[str, str] = {
     "delivery to=<%s> status=%s relay=%s reply=%r": "delivery",
     "queued qid=%s from=<%s> to=%s (generated)": "generated",
     "done: removed from the queue": "removed",
+    "done: delivered at once, never queued": "at_once",
     "dsn kind=%s to=<%s> qid=%s recipients=%d": "dsn",
     "expired to=<%s>": "expired",
     "discarded by route to=%s": "discarded",
@@ -151,6 +152,11 @@ class IndexHandler(logging.Handler):
         content = claim.message
         head: Any = content if content.is_in_memory else (os.dup(claim.fd), tuple(item.extents))
         self._put(_new_tuple(Event, ("claim", time.time(), "-", item.qid, (list(item.envelope.notes), head))))
+
+    def note_message(self, qid: str, envelope: Any, content: Any) -> None:
+        """:meth:`note_claim` for a message in memory that has no claim (one delivered
+        at once, never queued)."""
+        self._put(_new_tuple(Event, ("claim", time.time(), "-", qid, (list(envelope.notes), content))))
 
 
 def _close_claim(event: Event) -> None:

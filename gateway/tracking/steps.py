@@ -78,6 +78,7 @@ _KINDS: dict[str, Callable[..., dict[str, Any]]] = {
     "expired": lambda rcpt: {"recipient": rcpt, "status": "failed", "detail": "given up after the queue lifetime"},
     "discarded": lambda to: {"detail": f"discarded by a route: {to}"},
     "removed": lambda: {"detail": "removed from the queue"},
+    "at_once": lambda: {"detail": "delivered before the reply to the client, never queued"},
 }
 
 

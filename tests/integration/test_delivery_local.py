@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -96,8 +97,9 @@ def _record_bookkeeping(gw) -> tuple[list[tuple[str, list[str], list[bool]]], li
 
 def test_a_delivered_message_is_removed_without_a_state_write(gateway_factory) -> None:
     # Each state write costs two flushes: a message whose every recipient is delivered
-    # and owed no notice is not written at all; its removal is the record.
-    gw = gateway_factory(POLICY)
+    # and owed no notice is not written at all; its removal is the record. (Queued:
+    # with at_once, a message for one Maildir would not be queued at all.)
+    gw = gateway_factory(POLICY.replace("[delivery]\n", "[delivery]\nat_once = false\n"))
     writes, removals = _record_bookkeeping(gw)
     send(gw, "sender@example.org", ["alice@localhost"])
     assert wait_for(lambda: messages(gw, "alice"), timeout=10)
@@ -210,3 +212,105 @@ def test_unknown_local_user_injected_past_smtp_bounces(gateway_factory) -> None:
     send(gw, "bob@localhost", ["alice@localhost"])
     assert wait_for(lambda: messages(gw, "bob"), timeout=10)
     assert b"5.1.1" in messages(gw, "bob")[0]
+
+
+# -- delivery at once ([delivery] at_once, docs/queue.md) ----------------------------------
+
+
+def _send_for_reply(gw, sender: str, rcpts: list[str], *, rcpt_options: tuple[str, ...] = ()) -> str:
+    """Send MESSAGE; the reply text to the end of DATA."""
+    with smtp(gw.port) as client:
+        client.ehlo()
+        assert client.mail(sender)[0] == 250
+        for rcpt in rcpts:
+            assert client.rcpt(rcpt, rcpt_options)[0] == 250
+        code, text = client.data(MESSAGE)
+    assert code == 250
+    return text.decode()
+
+
+def _spy_commits(gw) -> list[str]:
+    store = gw.app.queue
+    commit = store.commit
+    committed: list[str] = []
+
+    async def recording_commit(qid, *args, **kwargs):
+        committed.append(qid)
+        return await commit(qid, *args, **kwargs)
+
+    store.commit = recording_commit
+    return committed
+
+
+def test_a_plain_maildir_message_is_in_the_maildir_before_the_reply_and_never_queued(
+    gateway_factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = gateway_factory(POLICY)
+    committed = _spy_commits(gw)
+    with caplog.at_level("INFO", logger="gateway"):
+        reply = _send_for_reply(gw, "sender@example.org", ["alice@localhost"])
+        (data,) = messages(gw, "alice")  # no waiting: it was there before the 250
+    qid = reply.rsplit(" ", 1)[1]
+    assert reply.startswith("2.0.0 OK delivered as ")
+    assert data.startswith(b"Return-Path: <sender@example.org>\r\nDelivered-To: alice@localhost\r\n")
+    assert data.endswith(MESSAGE)
+    # The queued first attempt's name: a retry of the queue path would find this copy.
+    (name,) = [p.name for p in (maildir(gw, "alice") / "new").iterdir()]
+    assert f".Q{qid}R0L0." in name
+    assert committed == [] and gw.queue_ids() == []
+    assert not list((maildir(gw, "alice") / "tmp").iterdir())
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("queued from=<sender@example.org>") and "area=direct" in line for line in lines)
+    assert any(line.startswith("delivery to=<alice@localhost> status=delivered relay=local") for line in lines)
+    assert "done: delivered at once, never queued" in lines
+
+
+AT_ONCE_OFF = POLICY.replace('[delivery]\n', '[delivery]\nat_once = false\n')
+
+
+@pytest.mark.parametrize("case", ["two recipients", "instruction file", "success notice", "switched off"])
+def test_mail_that_needs_the_queue_goes_through_it(gateway_factory, case: str) -> None:
+    gw = gateway_factory(AT_ONCE_OFF if case == "switched off" else POLICY)
+    committed = _spy_commits(gw)
+    rcpts, options = ["alice@localhost"], ()
+    if case == "two recipients":
+        rcpts = ["alice@localhost", "bob@localhost"]
+    elif case == "instruction file":
+        dot_qmail(gw, "alice", ".qmail", "./Maildir/\n")
+    elif case == "success notice":
+        options = ("NOTIFY=SUCCESS",)
+    reply = _send_for_reply(gw, "sender@example.org", rcpts, rcpt_options=options)
+    assert reply.startswith("2.0.0 OK queued as ")
+    assert committed == [reply.rsplit(" ", 1)[1]]
+    assert wait_for(lambda: all(messages(gw, r.split("@")[0]) for r in rcpts), timeout=10)
+    assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
+
+
+def test_a_maildir_that_fails_sends_the_message_to_the_queue_and_loses_nothing(gateway_factory) -> None:
+    gw = gateway_factory(POLICY)
+    (home(gw, "alice") / "Maildir").write_text("not a directory\n")
+    committed = _spy_commits(gw)
+    reply = _send_for_reply(gw, "sender@example.org", ["alice@localhost"])
+    qid = reply.rsplit(" ", 1)[1]
+    assert reply.startswith("2.0.0 OK queued as ") and committed == [qid]
+    assert wait_for(lambda: gw.queue_ids() == [qid], timeout=5)
+    (home(gw, "alice") / "Maildir").unlink()  # the mailbox is fixed: a retry delivers it, once
+    assert wait_for(lambda: messages(gw, "alice"), timeout=10)
+    assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
+    assert len(messages(gw, "alice")) == 1
+
+
+def test_a_delivery_at_once_writes_what_the_queued_attempt_writes(gateway_factory) -> None:
+    """Same headers and octets either way, with a VERP sender too (the Maildir file
+    name, made of the queue id, differs)."""
+    verp = '[[plugins]]\nname = "mail_verp"\nsenders = ["@example.org"]\n'
+    written = []
+    for text in (POLICY + verp, AT_ONCE_OFF + verp):
+        gw = gateway_factory(text)
+        reply = _send_for_reply(gw, "news@example.org", ["alice@localhost"])
+        assert wait_for(lambda: messages(gw, "alice"), timeout=10)
+        (data,) = messages(gw, "alice")
+        written.append((reply.split(" as ")[0], re.sub(rb" id [0-9A-F]+\r\n", b" id QID\r\n", re.sub(rb"\d\d:\d\d:\d\d", b"T", data))))
+    (at_once, direct), (queued, via_queue) = written
+    assert (at_once, queued) == ("2.0.0 OK delivered", "2.0.0 OK queued")
+    assert direct == via_queue

@@ -54,6 +54,8 @@ __all__ = ["LOOP_REPLY", "ForwardFunction", "LocalDeliveryAgent", "program_envir
 log = logging.getLogger("gateway.delivery.local")
 
 LOOP_REPLY = Reply(554, "5.4.6", "message is looping: it already has my Delivered-To line")
+#: What an at-once delivery answers when the recipient has instructions (it is queued).
+NOT_AT_ONCE = Reply(451, "4.3.0", "the recipient's instructions are followed from the queue")
 _UNKNOWN_USER = Reply(550, "5.1.1", "Sorry, no mailbox here by that name")
 _INTERNAL = Reply(451, "4.3.0", "local delivery failed: internal error")
 _MAX_WHERE = 200
@@ -248,7 +250,7 @@ class LocalDeliveryAgent:
 
     async def deliver(
         self, envelope: Envelope, recipient: str, route: LocalRoute, message: bytes | Content,
-        *, delivery_id: str | None = None, first: bool = False,
+        *, delivery_id: str | None = None, first: bool = False, at_once: bool = False,
     ) -> Outcome:
         """Deliver ``message`` to one local recipient.
 
@@ -260,14 +262,20 @@ class LocalDeliveryAgent:
             it as the file name, so a retry after a crash cannot deliver a second copy
         :param first: this is the message's first attempt, made by the process that
             queued it: no earlier attempt can have left a Maildir copy to look for
+        :param at_once: the message is not queued (yet): deliver only into the default
+            mailbox (no instruction file: a program or a forward is never run before the
+            reply to the client) and log nothing unless delivered; any other outcome
+            sends the message to the queue, whose attempt reports it
         :returns: ``delivered`` (250), ``deferred`` (4xx: retry) or ``failed`` (5xx: bounce)
         """
         where: list[str] = []
         content = message if isinstance(message, Content) else Content.of_bytes(message)
         outcome = await _outcome_of(
-            self._deliver(envelope, recipient, route, content, where, delivery_id, first),
+            self._deliver(envelope, recipient, route, content, where, delivery_id, first, at_once),
             "local delivery", recipient,
         )
+        if at_once and outcome.status != "delivered":
+            return outcome
         log.info(
             "local delivery to=%s user=%s ext=%r status=%s where=%s reply=%r",
             recipient, route.user, route.extension[:64], outcome.status,
@@ -373,6 +381,7 @@ class LocalDeliveryAgent:
         where: list[str],
         delivery_id: str | None = None,
         first: bool = False,
+        at_once: bool = False,
     ) -> Outcome:
         settings = self._policy.local
         target = self._target(recipient, route)
@@ -396,6 +405,8 @@ class LocalDeliveryAgent:
             where.append(default)
             return self._success(where)
         assert dotqmail is not None
+        if at_once:
+            return Outcome("deferred", NOT_AT_ONCE)
 
         forwards: list[str] = []
         env = program_environment(
