@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 
 from gateway import logs, reloads
 from gateway.content import Content
-from gateway.context import Gateway
+from gateway.context import AtOnce, Gateway
 from gateway.delivery.scheduler import Scheduler
 from gateway.dns import make_resolver
 from gateway.hooks import HookRunner, HookStats, PluginSpec, discover_plugins
@@ -139,7 +139,10 @@ class GatewayApp:
             resolver=make_resolver(policy.dns),
             notify_queued=self._queued,
             take_claim=self._claimed if policy.delivery.enabled else None,
-            deliver_at_once=self._deliver_at_once if policy.delivery.enabled and policy.delivery.at_once else None,
+            at_once=(
+                AtOnce(self._at_once_eligible, self._deliver_at_once)
+                if policy.delivery.enabled and policy.delivery.at_once else None
+            ),
             counters=self.counters,
             is_worker=self.role == "worker",
         )
@@ -149,6 +152,9 @@ class GatewayApp:
     def _queued(self, qid: str) -> None:
         if self.scheduler is not None:
             self.scheduler.notify(qid)
+
+    def _at_once_eligible(self, envelope: Envelope) -> bool:
+        return self.scheduler is not None and self.scheduler.may_deliver_at_once(envelope)
 
     async def _deliver_at_once(
         self, qid: str, envelope: Envelope, message: Content, announce: Callable[[], None]

@@ -24,9 +24,21 @@ if TYPE_CHECKING:
     from gateway.policy import Policy
     from gateway.queue import Claim, QueueStore
 
-__all__ = ["Gateway"]
+__all__ = ["AtOnce", "Gateway"]
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AtOnce:
+    """Delivery at once: a message not yet queued that is one plain Maildir delivery is
+    delivered before the SMTP reply (:class:`gateway.delivery.scheduler.Scheduler`)."""
+
+    eligible: Callable[[Envelope], bool]
+    """A cheap first look (no hook, no I/O): could this envelope be delivered at once?"""
+    deliver: Callable[[str, Envelope, Content, Callable[[], None]], Awaitable[bool]]
+    """``(qid, envelope, message, announce)``: True when delivered (``announce`` was
+    called just before the delivery was recorded) and the message need not be queued."""
 
 
 @dataclass(frozen=True)
@@ -47,12 +59,8 @@ class Gateway:
     """When set, a message the SMTP front end commits to ``msg/`` is claimed
     (:meth:`QueueStore.commit` with ``claim=True``) and handed here instead of to
     :attr:`notify_queued`: this process's scheduler delivers it from memory."""
-    deliver_at_once: Callable[[str, Envelope, Content, Callable[[], None]], Awaitable[bool]] | None = field(
-        default=None, repr=False
-    )
-    """When set (``[delivery] at_once``): delivers a message not yet queued, if it is one
-    plain Maildir delivery, before the SMTP reply; True when it was delivered and need
-    not be queued (:meth:`gateway.delivery.scheduler.Scheduler.deliver_at_once`)."""
+    at_once: AtOnce | None = field(default=None, repr=False)
+    """Delivery at once (``[delivery] at_once``, docs/queue.md), when on."""
     counters: Any = field(default=None, repr=False)
     """Event counters for the metrics endpoint (:class:`gateway.metrics.Counters`)."""
     is_worker: bool = False

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from gateway.address import AddressError
 from gateway.content import Content
 from gateway.delivery.expansion import expand_pending, target_route
-from gateway.delivery.bounce import wants_notice
 from gateway.delivery.notices import owes_nothing
 from gateway.delivery.records import StateRecorder
 from gateway.delivery.remote.agent import portion
@@ -249,14 +248,12 @@ class Dispatcher:
             session's arrival line goes before the delivery's)
         :returns: True when the message was delivered and is done
         """
-        (rcpt,) = envelope.recipients
-        if rcpt.state is not RecipientState.PENDING or wants_notice(rcpt, "success"):
-            return False
+        (rcpt,) = envelope.recipients  # the scheduler's first look saw to the rest
         try:
             route = await self._route(gateway, envelope, rcpt)
         except (AddressError, TemporaryFailure, PermanentFailure):
             return False
-        if not isinstance(route, LocalRoute) or gateway.policy.local.mailbox == "mbox":
+        if not isinstance(route, LocalRoute):  # a route plugin's answer
             return False
         expanded, failures, changed = await expand_pending(gateway, envelope, [(rcpt, route)])
         if changed or failures or expanded != [(rcpt, route)]:

@@ -324,10 +324,10 @@ class SmtpHandler:
             area = "quarantine"
         assert txn.queue_id is not None
         copies = self._copies(txn, envelope) if area == "msg" else []
-        at_once = self.gateway.deliver_at_once
+        at_once = self.gateway.at_once
         if (
             at_once is not None and area == "msg" and not copies and not message.is_spooled
-            and len(envelope.recipients) == 1
+            and at_once.eligible(envelope)
         ):
             score = txn.results.total + session.results.total
             content = Content.of_bytes(b"".join(message.chunks()))
@@ -339,7 +339,7 @@ class SmtpHandler:
             try:
                 # Shielded: a client that goes away now does not stop a delivery under
                 # way from being recorded (and gets no reply: it sends again).
-                if await asyncio.shield(at_once(txn.queue_id, envelope, content, announce)):
+                if await asyncio.shield(at_once.deliver(txn.queue_id, envelope, content, announce)):
                     return Answer(Reply(250, "2.0.0", f"OK delivered as {txn.queue_id}"))
             except Exception:  # boundary: the queue takes it as if nothing was tried
                 log.exception("delivery at once failed; queuing")
