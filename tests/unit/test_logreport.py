@@ -66,6 +66,24 @@ def test_a_story_counts_once_each_and_ends() -> None:
     assert s["senders"] == [{"sender": "a@example.org", "messages": 1, "bytes": 1000}]
 
 
+def test_a_message_delivered_at_once_is_received_delivered_and_not_left_queued() -> None:
+    report = LogReport()
+    report.feed_all([
+        line("12:00:00,000", "gateway.smtp.handler",
+             "queued from=<a@example.org> to=<alice@localhost> rcpts=1 size=700 area=direct score=0.0",
+             queue=QID, session="S2"),
+        line("12:00:00,000", "gateway.delivery.scheduler",
+             "delivery to=<alice@localhost> status=delivered relay=local reply='250 2.0.0 delivered to ./Maildir/'",
+             queue=QID, session="S2"),
+        line("12:00:00,001", "gateway.delivery.scheduler", "done: delivered at once, never queued",
+             queue=QID, session="S2"),
+    ])
+    s = report.summary()
+    assert s["messages"] == {"received": 1, "bytes": 700, "quarantined": 0, "generated": 0, "in_queue_at_end": 0}
+    assert s["recipients"]["delivered"] == 1 and s["delay"]["count"] == 1
+    assert report.in_flight == {}
+
+
 def test_rejections_name_plugin_reason_and_reply() -> None:
     report = LogReport()
     report.feed_all(STORY)
