@@ -261,7 +261,7 @@ class Dispatcher:
         # No local delivery slot: these are bounded by the SMTP sessions waiting for
         # their reply (and the thread pool), as queue commits are; queued deliveries
         # holding every slot must not send the rest to the queue too.
-        sent_as = for_recipient(envelope, rcpt) if envelope.verp and envelope.sender else envelope
+        sent_as = for_recipient(envelope, rcpt)
         outcomes = await self._deliver_group(gateway, qid, sent_as, route, [rcpt], message, first=True, at_once=True)
         outcome = outcomes.get(rcpt.address)
         if outcome is None or outcome.status != "delivered":

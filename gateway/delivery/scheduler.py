@@ -19,14 +19,12 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from gateway.address import AddressError
 from gateway.delivery.bounce import wants_notice
 from gateway.delivery.dispatch import Dispatcher
 from gateway.delivery.flush import FlushTarget, matching_messages, parse_target
 from gateway.delivery.notices import Notifier, Original, expire_pending
 from gateway.delivery.records import StateRecorder
-from gateway.delivery.router import is_held, route_for
-from gateway.delivery.types import LocalRoute
+from gateway.delivery.router import is_held
 from gateway.logs import QUEUE_ID, short
 from gateway.content import Content
 from gateway.model import Envelope, Message, QueuedRecipient, RecipientState
@@ -151,27 +149,24 @@ class Scheduler:
 
     def may_deliver_at_once(self, envelope: Envelope) -> bool:
         """The first look for :meth:`deliver_at_once`, without hooks or I/O: one pending
-        recipient, not held, no success notice asked for, routed locally by the policy
-        (a ``gateway_route`` plugin is asked later), Maildir mailboxes."""
+        recipient in a local or virtual domain (or bare ``<postmaster>``), which the
+        policy's own routing (:func:`~gateway.delivery.router.route_for`) sends to a
+        local mailbox and never holds; no success notice asked for; Maildir mailboxes.
+        A ``gateway_route`` plugin, and the address's parse, are the dispatcher's to ask."""
         if self._stopping or len(envelope.recipients) != 1:
             return False
         rcpt = envelope.recipients[0]
         local = self.app.gateway.policy.local
         domain = rcpt.address.rpartition("@")[2].lower().rstrip(".")
         if domain and domain not in local.domains and domain not in local.virtual:
-            return False  # relayed mail, the common case here: no parsing
-        if rcpt.state is not RecipientState.PENDING or wants_notice(rcpt, "success") or local.mailbox == "mbox":
-            return False
-        try:  # local and virtual domains are never held (is_held)
-            return isinstance(route_for(rcpt.address, self.app.gateway.policy), LocalRoute)
-        except AddressError:
-            return False
+            return False  # relayed mail, the common case here
+        return rcpt.state is RecipientState.PENDING and not wants_notice(rcpt, "success") and local.mailbox != "mbox"
 
     async def deliver_at_once(
         self, qid: str, envelope: Envelope, message: Content, announce: Callable[[], None]
     ) -> bool:
         """Deliver a message its SMTP session has not queued yet, when that is one
-        Maildir delivery free to start now (:meth:`Dispatcher.deliver_at_once`).
+        plain Maildir delivery (:meth:`Dispatcher.deliver_at_once`).
 
         :returns: True when it is delivered: nothing is queued, the reply may be sent
         """

@@ -151,12 +151,12 @@ class IndexHandler(logging.Handler):
         item = claim.item
         content = claim.message
         head: Any = content if content.is_in_memory else (os.dup(claim.fd), tuple(item.extents))
-        self._put(_new_tuple(Event, ("claim", time.time(), "-", item.qid, (list(item.envelope.notes), head))))
+        self.note_message(item.qid, item.envelope, head)
 
-    def note_message(self, qid: str, envelope: Any, content: Any) -> None:
-        """:meth:`note_claim` for a message in memory that has no claim (one delivered
-        at once, never queued)."""
-        self._put(_new_tuple(Event, ("claim", time.time(), "-", qid, (list(envelope.notes), content))))
+    def note_message(self, qid: str, envelope: Any, head: Any) -> None:
+        """:meth:`note_claim` without a claim (a message delivered at once, never queued):
+        ``head`` is the content in memory, or a descriptor and extents to read it from."""
+        self._put(_new_tuple(Event, ("claim", time.time(), "-", qid, (list(envelope.notes), head))))
 
 
 def _close_claim(event: Event) -> None:

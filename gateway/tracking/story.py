@@ -469,9 +469,12 @@ class Assembler:
         batch.events.append((e.time, e.queue, "", "discarded", to))
 
     def _on_removed(self, batch: Batch, e: Event) -> None:
-        self.arrivals.pop(e.queue, None)
-        batch.events.append((e.time, e.queue, "", "removed"))
+        self._done(batch, e, "removed")
 
     def _on_at_once(self, batch: Batch, e: Event) -> None:
+        self._done(batch, e, "at_once")
+
+    def _done(self, batch: Batch, e: Event, kind: str) -> None:
+        """The message's story ends here: nothing more is delivered from it."""
         self.arrivals.pop(e.queue, None)
-        batch.events.append((e.time, e.queue, "", "at_once"))
+        batch.events.append((e.time, e.queue, "", kind))

@@ -40,6 +40,8 @@ _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 # Names too long for a directory entry would fail late, at open; hostnames are short.
 _MAX_HOST = 200
+#: link() errors of a filesystem without hard links (some FUSE and network ones): rename
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK})
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,7 +290,7 @@ def _deliver_in(
             # The spec's link(): fails instead of replacing if the name exists in new/.
             os.link(name, name, src_dir_fd=tmp_fd, dst_dir_fd=new_fd, follow_symlinks=False)
         except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            if exc.errno not in _NO_HARD_LINKS:
                 raise
             # Filesystems without hard links (some FUSE and network ones): rename instead;
             # the name is unique, so there is nothing to replace.
@@ -333,7 +335,7 @@ def _deliver_by_path(directory: str, chunks: Octets, name: str) -> str:
             # The spec's link(): fails instead of replacing if the name exists in new/.
             os.link(in_tmp, in_new, follow_symlinks=False)
         except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            if exc.errno not in _NO_HARD_LINKS:
                 raise
             os.rename(in_tmp, in_new)  # no hard links here (as in _deliver_in)
             is_in_tmp = False
