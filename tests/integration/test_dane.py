@@ -213,19 +213,25 @@ def status(outcome: Outcome) -> tuple[str, int, str]:
 # -- DNSSEC-valid TLSA records that match ---------------------------------------------------------
 
 
-def test_dane_ee_authenticates_the_key_alone_and_the_log_says_so(
-    world: World, caplog: pytest.LogCaptureFixture
-) -> None:
+def delivered_by_dane(world: World, caplog: pytest.LogCaptureFixture, domain: str, host: str, certificate: str) -> None:
+    """Mail for ``domain`` reaches ``host`` (serving ``certificate``) over TLS that its
+    TLSA record authenticated, and the delivery's log line says so."""
     harness = Harness(world)
     caplog.set_level(logging.INFO, logger="gateway.delivery.remote")
-    # Expired, for another name, from an unknown CA: DANE-EE checks none of that (RFC 7672 §3.1.1).
-    with peer(world, "mx-ee", "ee") as mx:
-        got = harness.deliver("ee.dane.example")
+    with peer(world, host, certificate) as mx:
+        got = harness.deliver(domain)
         assert got.status == "delivered", got.reply
         assert mx.messages[0].has_tls
     line = next(r.getMessage() for r in caplog.records if "recipient(s) delivered=1" in r.getMessage())
     assert "policy=dane tlsa=1 result=success" in line
     assert harness.counters.tls_failures == {}
+
+
+def test_dane_ee_authenticates_the_key_alone_and_the_log_says_so(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Expired, for another name, from an unknown CA: DANE-EE checks none of that (RFC 7672 §3.1.1).
+    delivered_by_dane(world, caplog, "ee.dane.example", "mx-ee", "ee")
 
 
 def test_dane_ta_accepts_a_chain_to_the_published_ca(world: World) -> None:
@@ -246,15 +252,7 @@ def test_an_mx_host_that_is_an_alias_is_authenticated_by_its_targets_records_or_
 ) -> None:
     """RFC 7672 §2.2.2: mx-*alias is a CNAME for its target: TLSA records at the fully
     expanded name first, then at the alias; both names identify the host for DANE-TA."""
-    harness = Harness(world)
-    caplog.set_level(logging.INFO, logger="gateway.delivery.remote")
-    with peer(world, host, certificate) as mx:
-        got = harness.deliver(domain)
-        assert got.status == "delivered", got.reply
-        assert mx.messages[0].has_tls
-    line = next(r.getMessage() for r in caplog.records if "recipient(s) " in r.getMessage())
-    assert "policy=dane tlsa=1 result=success" in line
-    assert harness.counters.tls_failures == {}
+    delivered_by_dane(world, caplog, domain, host, certificate)
 
 
 def test_the_targets_records_come_before_the_alias_own(world: World) -> None:
