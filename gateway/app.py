@@ -140,7 +140,7 @@ class GatewayApp:
             notify_queued=self._queued,
             take_claim=self._claimed if policy.delivery.enabled else None,
             at_once=(
-                AtOnce(self._at_once_eligible, self._deliver_at_once)
+                AtOnce(self._at_once_eligible, self._deliver_at_once, self._forget_at_once)
                 if policy.delivery.enabled and policy.delivery.at_once else None
             ),
             counters=self.counters,
@@ -168,6 +168,10 @@ class GatewayApp:
             announce()
 
         return await self.scheduler.deliver_at_once(qid, envelope, message, delivered)
+
+    def _forget_at_once(self, qid: str) -> None:
+        if self.scheduler is not None:
+            self.scheduler.forget_at_once(qid)
 
     def _claimed(self, claim: Claim) -> None:
         if self.index is not None:  # the results and Message-ID no log line has

@@ -31,14 +31,20 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class AtOnce:
-    """Delivery at once: a message not yet queued that is one plain Maildir delivery is
-    delivered before the SMTP reply (:class:`gateway.delivery.scheduler.Scheduler`)."""
+    """Delivery at once: a message not yet queued that is one delivery (a plain Maildir,
+    one relayed recipient) is delivered before the SMTP reply
+    (:class:`gateway.delivery.scheduler.Scheduler`)."""
 
     eligible: Callable[[Envelope], bool]
     """A cheap first look (no hook, no I/O): could this envelope be delivered at once?"""
     deliver: Callable[[str, Envelope, Content, Callable[[], None]], Awaitable[bool]]
     """``(qid, envelope, message, announce)``: True when delivered (``announce`` was
-    called just before the delivery was recorded) and the message need not be queued."""
+    called just before the delivery was recorded) and the message need not be queued.
+    False: queue it; a relay that was answered leaves its outcome to the first queued
+    attempt, which records it instead of trying again."""
+    forget: Callable[[str], None]
+    """``(qid)``: the message was not queued after all (its commit failed): drop what
+    its attempt left for the queued one."""
 
 
 @dataclass(frozen=True)

@@ -170,3 +170,30 @@ MESSAGE = (
     b"\r\n"
     b"Hello, world.\r\n"
 )
+
+
+def send_for_reply(gw: RunningGateway, sender: str, rcpts: list[str], *, rcpt_options: tuple[str, ...] = ()) -> str:
+    """Send MESSAGE in a session of its own; the text of the reply to the end of DATA
+    (``2.0.0 OK queued as <qid>`` or ``2.0.0 OK delivered as <qid>``)."""
+    with smtp(gw.port) as client:
+        client.ehlo()
+        assert client.mail(sender)[0] == 250
+        for rcpt in rcpts:
+            assert client.rcpt(rcpt, list(rcpt_options))[0] == 250
+        code, text = client.data(MESSAGE)
+    assert code == 250
+    return text.decode()
+
+
+def spy_commits(gw: RunningGateway) -> list[str]:
+    """The queue ids ``gw``'s sessions commit to its queue from now on."""
+    store = gw.app.queue
+    commit = store.commit
+    committed: list[str] = []
+
+    async def recording_commit(qid, *args, **kwargs):  # type: ignore[no-untyped-def]
+        committed.append(qid)
+        return await commit(qid, *args, **kwargs)
+
+    store.commit = recording_commit
+    return committed

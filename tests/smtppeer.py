@@ -16,7 +16,7 @@ Stages: ``greeting``, ``ehlo``, ``starttls``, ``mail``, ``rcpt``, ``data`` (repl
 RFC 5321 §3.8 says. Options: STARTTLS with a given or self-signed certificate, DSN
 (RFC 3461 parameters accepted and recorded), 8BITMIME and PIPELINING advertised or not,
 SMTPUTF8, a SIZE limit, AUTH PLAIN with a user table, and a delay before the final reply
-(so concurrent sessions overlap).
+(so concurrent sessions overlap) or before each RCPT reply.
 """
 
 from __future__ import annotations
@@ -185,6 +185,8 @@ class _Handler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        if self.peer.rcpt_delay:
+            await asyncio.sleep(self.peer.rcpt_delay)
         reply = self.peer._pop_rcpt(address)
         if reply is not None and not reply.startswith("2"):
             return reply
@@ -230,6 +232,8 @@ class SmtpPeer:
     :param auth: user -> password for AUTH PLAIN/LOGIN (offered after STARTTLS only)
     :param size_limit: the SIZE limit announced (0: no SIZE extension)
     :param delay: seconds to wait before answering the final dot
+    :param rcpt_delay: seconds to wait before answering each RCPT (a host stalling
+        mid-transaction)
     """
 
     __test__ = False
@@ -250,12 +254,13 @@ class SmtpPeer:
         size_limit: int = 10_000_000,
         auth: dict[str, str] | None = None,
         delay: float = 0.0,
+        rcpt_delay: float = 0.0,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.hostname = hostname
         self.dsn, self.eightbitmime, self.pipelining = dsn, eightbitmime, pipelining
-        self.delay = delay
+        self.delay, self.rcpt_delay = delay, rcpt_delay
         self.messages: list[Received] = []
         self.connections = 0
         self.active = 0

@@ -140,7 +140,7 @@ class Dispatcher:
 
     async def deliver(
         self, gateway: Gateway, qid: str, envelope: Envelope, pending: list[QueuedRecipient], message: Content,
-        *, first: bool = False,
+        *, first: bool = False, tried: Outcome | None = None,
     ) -> bool:
         """Deliver every pending recipient, each route's group in parallel.
 
@@ -148,6 +148,9 @@ class Dispatcher:
         caller keeps open (and delivery-locked) until this returns. Agents stream it.
         ``first``: the message's first attempt ever, in the process that queued it (a
         Maildir delivery then need not look for a copy an earlier attempt left).
+        ``tried``: that first attempt was made for the message's one recipient before it
+        was queued (a relay at once the host answered without taking it,
+        :meth:`deliver_at_once`): its outcome is recorded here, the host not asked again.
 
         Each group's results are written to the queue as soon as that group is done:
         the shorter the time between a peer's 250 and our record of it, the smaller
@@ -200,7 +203,10 @@ class Dispatcher:
             # or message removed), so at most local + remote concurrency deliveries can
             # ever be done-but-unrecorded.
             async with self._local if is_local else self._remote:
-                outcomes = await self._deliver_group(gateway, qid, sent_as, route, rcpts, message, first)
+                if tried is not None and len(pending) == 1:
+                    outcomes = {rcpts[0].address: tried}
+                else:
+                    outcomes = await self._deliver_group(gateway, qid, sent_as, route, rcpts, message, first)
                 is_remote = isinstance(route, (MxRoute, SmarthostRoute))
                 for rcpt in rcpts:
                     outcome = outcomes.get(rcpt.address)
@@ -233,49 +239,105 @@ class Dispatcher:
 
     async def deliver_at_once(
         self, gateway: Gateway, qid: str, envelope: Envelope, message: Content, announce: Callable[[], None],
-    ) -> bool:
+    ) -> Outcome | None:
         """Deliver a message not yet queued, before the reply to its client, when that is
-        one Maildir delivery (``[delivery] at_once``, docs/queue.md): a single recipient
-        routed to a local mailbox, no alias or ``.forward`` expanding it, no instruction
-        file, no success notice asked for.
+        one delivery (``[delivery] at_once``, docs/queue.md): a single recipient, no
+        success notice asked for, routed either to a local mailbox (no alias or
+        ``.forward`` expanding it, no instruction file) or to a remote host that takes
+        the transaction within ``at_once_wait`` (:meth:`_relay_at_once`).
 
         Routing and the ``gateway_deliver`` hook run as in a queued attempt. Only a
-        delivery is recorded (logged, counted, ``gateway_delivered``); anything else
-        leaves the envelope untouched and nothing on disk, and the caller queues the
-        message, whose first attempt decides it as usual.
+        delivery is recorded here (logged, counted, ``gateway_delivered``); anything
+        else leaves the envelope untouched and nothing on disk, and the caller queues
+        the message. A relay the host answered (a deferral, a refusal) returns that
+        outcome, for the first queued attempt to record as its own (:meth:`deliver`'s
+        ``tried``); for anything else that attempt decides as usual.
 
         :param announce: called once delivered, before the delivery is recorded (the
             session's arrival line goes before the delivery's)
-        :returns: True when the message was delivered and is done
+        :returns: the outcome when delivered (the message is done), or a relay's
+            deferral or refusal; None when nothing was tried to the end
         """
         (rcpt,) = envelope.recipients  # the scheduler's first look saw to the rest
         try:
             route = await self._route(gateway, envelope, rcpt)
         except (AddressError, TemporaryFailure, PermanentFailure):
-            return False
-        if not isinstance(route, LocalRoute):  # a route plugin's answer
-            return False
-        expanded, failures, changed = await expand_pending(gateway, envelope, [(rcpt, route)])
-        if changed or failures or expanded != [(rcpt, route)]:
-            return False
-        # No local delivery slot: these are bounded by the SMTP sessions waiting for
-        # their reply (and the thread pool), as queue commits are; queued deliveries
-        # holding every slot must not send the rest to the queue too.
+            return None
         sent_as = for_recipient(envelope, rcpt)
-        outcomes = await self._deliver_group(gateway, qid, sent_as, route, [rcpt], message, first=True, at_once=True)
-        outcome = outcomes.get(rcpt.address)
+        if isinstance(route, (MxRoute, SmarthostRoute)):
+            outcome = await self._relay_at_once(gateway, qid, sent_as, rcpt, route, message)
+            if outcome is not None and outcome.status != "delivered":
+                return outcome  # the first queued attempt records it
+        elif isinstance(route, LocalRoute):
+            expanded, failures, changed = await expand_pending(gateway, envelope, [(rcpt, route)])
+            if changed or failures or expanded != [(rcpt, route)]:
+                return None
+            # No local delivery slot: these are bounded by the SMTP sessions waiting for
+            # their reply (and the thread pool), as queue commits are; queued deliveries
+            # holding every slot must not send the rest to the queue too.
+            outcomes = await self._deliver_group(
+                gateway, qid, sent_as, route, [rcpt], message, first=True, at_once=True
+            )
+            outcome = outcomes.get(rcpt.address)
+        else:  # a route plugin's answer: a hold, a discard, a program
+            return None
         if outcome is None or outcome.status != "delivered":
-            return False
+            return None
         try:  # delivered: whatever happens now, it must not be queued (and delivered) again
             announce()
-            await self.record(gateway, envelope, rcpt, outcome)
+            await self.record(gateway, envelope, rcpt, outcome, is_remote=not isinstance(route, LocalRoute))
         except Exception:  # boundary
             log.exception("recording a delivery at once failed")
-        return True
+        return outcome
+
+    async def _relay_at_once(
+        self, gateway: Gateway, qid: str, envelope: Envelope, rcpt: QueuedRecipient,
+        route: MxRoute | SmarthostRoute, message: Content,
+    ) -> Outcome | None:
+        """Relay ``rcpt``'s message while its client waits, as a queued attempt would
+        (a remote slot, the destination's limit, a pooled connection).
+
+        If the final dot has not gone to a host ``at_once_wait`` seconds after the
+        start, the attempt is cancelled: the connection is dropped mid-transaction, no
+        host has the message, and the caller queues it. Once the dot is on its way, the
+        host's reply is waited for as long as a queued attempt would wait: cutting the
+        transaction off then could leave the message delivered and queued as well.
+
+        :returns: the outcome, or None when the attempt was cancelled
+        """
+        wait = float(gateway.policy.delivery.at_once_wait)
+        if wait <= 0:
+            return None
+        is_final = False
+
+        def before_dot() -> None:
+            nonlocal is_final
+            is_final = True
+
+        async def relay() -> dict[str, Outcome]:
+            async with self._remote:
+                return await self._deliver_group(
+                    gateway, qid, envelope, route, [rcpt], message, before_dot=before_dot
+                )
+
+        task = asyncio.ensure_future(relay())
+        try:
+            await asyncio.wait((task,), timeout=wait)
+            if not task.done() and not is_final:
+                task.cancel()
+            await asyncio.wait((task,))
+        except asyncio.CancelledError:  # the gateway is stopping: the client sends again
+            task.cancel()
+            raise
+        if task.cancelled():
+            log.info("not delivered at once to=<%s>: no final dot within %gs; queuing it", short(rcpt.address), wait)
+            return None
+        return task.result().get(rcpt.address)
 
     async def _deliver_group(
         self, gateway: Gateway, qid: str, envelope: Envelope, route: Route,
         rcpts: list[QueuedRecipient], message: Content, first: bool = False, at_once: bool = False,
+        before_dot: Callable[[], None] | None = None,
     ) -> dict[str, Outcome]:
         addresses = [r.address for r in rcpts]
         if isinstance(route, SpecialRoute):
@@ -307,7 +369,7 @@ class Dispatcher:
                     r.address: await self._deliver_local(gateway, local, qid, envelope, r, route, data, first, at_once)
                     for r in rcpts
                 }
-            return dict(await remote.deliver(envelope, rcpts, route, data))
+            return dict(await remote.deliver(envelope, rcpts, route, data, before_dot=before_dot))
         except TemporaryFailure as exc:
             return dict.fromkeys(addresses, Outcome("deferred", exc.reply))
         except PermanentFailure as exc:

@@ -25,6 +25,7 @@ from gateway.delivery.flush import FlushTarget, matching_messages, parse_target
 from gateway.delivery.notices import Notifier, Original, expire_pending
 from gateway.delivery.records import StateRecorder
 from gateway.delivery.router import is_held
+from gateway.delivery.types import Outcome
 from gateway.logs import QUEUE_ID, short
 from gateway.content import Content
 from gateway.model import Envelope, Message, QueuedRecipient, RecipientState
@@ -85,6 +86,9 @@ class Scheduler:
         self._locks: dict[str, int] = {}
         # qid -> a message this process just queued, lock held, for its first attempt
         self._claims: dict[str, Claim] = {}
+        #: relays at once a host answered without taking the message: the outcome is
+        #: its first attempt's, recorded by the attempt that starts from its claim
+        self._tried: dict[str, Outcome] = {}
         self._notifier = Notifier(self.queue, self.inject)
         self._records = StateRecorder(
             self.queue, lambda *a, **k: self.app.gateway.run_in_thread(*a, **k), keep=retries
@@ -119,6 +123,7 @@ class Scheduler:
             await asyncio.gather(*pending, return_exceptions=True)
         await self._dispatch.close()
         claims, self._claims = self._claims, {}
+        self._tried.clear()
         for claim in claims.values():  # never started: unlocked, the file stays queued
             os.close(claim.fd)
 
@@ -149,34 +154,52 @@ class Scheduler:
 
     def may_deliver_at_once(self, envelope: Envelope) -> bool:
         """The first look for :meth:`deliver_at_once`, without hooks or I/O: one pending
-        recipient in a local or virtual domain (or bare ``<postmaster>``), which the
-        policy's own routing (:func:`~gateway.delivery.router.route_for`) sends to a
-        local mailbox and never holds; no success notice asked for; Maildir mailboxes.
-        A ``gateway_route`` plugin, and the address's parse, are the dispatcher's to ask."""
+        recipient and no success notice asked for; in a local or virtual domain (or bare
+        ``<postmaster>``, which the policy's own routing,
+        :func:`~gateway.delivery.router.route_for`, sends to a local mailbox and never
+        holds) with Maildir mailboxes, or elsewhere on a route not held, when relaying
+        at once is on (``at_once_wait`` above 0). A ``gateway_route`` plugin, and the
+        address's parse, are the dispatcher's to ask."""
         if self._stopping or len(envelope.recipients) != 1:
             return False
         rcpt = envelope.recipients[0]
-        local = self.app.gateway.policy.local
+        if rcpt.state is not RecipientState.PENDING or wants_notice(rcpt, "success"):
+            return False
+        policy = self.app.gateway.policy
+        local = policy.local
         domain = rcpt.address.rpartition("@")[2].lower().rstrip(".")
         if domain and domain not in local.domains and domain not in local.virtual:
-            return False  # relayed mail, the common case here
-        return rcpt.state is RecipientState.PENDING and not wants_notice(rcpt, "success") and local.mailbox != "mbox"
+            return float(policy.delivery.at_once_wait) > 0 and not is_held(rcpt.address, policy)  # relayed
+        return bool(local.mailbox != "mbox")
 
     async def deliver_at_once(
         self, qid: str, envelope: Envelope, message: Content, announce: Callable[[], None]
     ) -> bool:
         """Deliver a message its SMTP session has not queued yet, when that is one
-        plain Maildir delivery (:meth:`Dispatcher.deliver_at_once`).
+        plain Maildir delivery or one relayed recipient (:meth:`Dispatcher.deliver_at_once`).
+
+        A relay the next hop answered with a deferral or a refusal was a delivery
+        attempt like any other: the message's first queued attempt (from its claim)
+        records that outcome (logged, retried after the back-off, bounced) rather
+        than ask the host again at once.
 
         :returns: True when it is delivered: nothing is queued, the reply may be sent
         """
         gateway: Gateway = self.app.gateway
         if not self.may_deliver_at_once(envelope):
             return False
-        if not await self._dispatch.deliver_at_once(gateway, qid, envelope, message, announce):
+        outcome = await self._dispatch.deliver_at_once(gateway, qid, envelope, message, announce)
+        if outcome is None:
+            return False
+        if outcome.status != "delivered":
+            self._tried[qid] = outcome
             return False
         log.info("done: delivered at once, never queued")
         return True
+
+    def forget_at_once(self, qid: str) -> None:
+        """``qid`` was not queued after all: forget its attempt at once."""
+        self._tried.pop(qid, None)
 
     def forget(self, qid: str) -> None:
         self._due.pop(qid, None)
@@ -360,6 +383,7 @@ class Scheduler:
         gateway: Gateway = self.app.gateway
         claim = self._claims.pop(qid, None)
         first = first and claim is not None
+        tried = self._tried.pop(qid, None) if claim is not None else None
         try:
             if claim is not None:
                 opened: tuple[int, QueuedMessage, Content | None] | None = claim.fd, claim.item, claim.message
@@ -376,7 +400,7 @@ class Scheduler:
         lock, item, message = opened
         self._locks[qid] = lock
         try:
-            await self._attempt_locked(gateway, item, message, first=first)
+            await self._attempt_locked(gateway, item, message, first=first, tried=tried)
         finally:
             # Usually :meth:`_remove` has closed it already. Closing the file's last
             # descriptor may free its inode and blocks, a filesystem write that must not
@@ -403,7 +427,8 @@ class Scheduler:
             self.forget(qid)
 
     async def _attempt_locked(
-        self, gateway: Gateway, item: QueuedMessage, content: Content | None, *, first: bool = False
+        self, gateway: Gateway, item: QueuedMessage, content: Content | None, *, first: bool = False,
+        tried: Outcome | None = None,
     ) -> None:
         policy = gateway.policy
         qid = item.qid
@@ -429,7 +454,9 @@ class Scheduler:
             if content is None:  # a flush of a message not yet due
                 content = await gateway.run_in_thread(self.queue.content, self._locks[qid], item)
             # Delivery streams the content (a large one stays in the locked file).
-            if await self._dispatch.deliver(gateway, qid, envelope, ready + flushed, content, first=first):
+            if await self._dispatch.deliver(
+                gateway, qid, envelope, ready + flushed, content, first=first, tried=tried
+            ):
                 self.forget(qid)
                 log.info("done: removed from the queue")
                 return

@@ -361,6 +361,8 @@ class SmtpHandler:
                 results = [exc]
         failure = results[0]
         if isinstance(failure, BaseException):
+            if at_once is not None:
+                at_once.forget(txn.queue_id)
             await self._drop_copies(copies, results[1:])
             self._log_arrival(txn, message)
             if isinstance(failure, TemporaryFailure):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MESSAGE, smtp, wait_for
+from tests.conftest import MESSAGE, send_for_reply, smtp, spy_commits, wait_for
 
 POLICY = """
 [server]
@@ -217,38 +217,13 @@ def test_unknown_local_user_injected_past_smtp_bounces(gateway_factory) -> None:
 # -- delivery at once ([delivery] at_once, docs/queue.md) ----------------------------------
 
 
-def _send_for_reply(gw, sender: str, rcpts: list[str], *, rcpt_options: tuple[str, ...] = ()) -> str:
-    """Send MESSAGE; the reply text to the end of DATA."""
-    with smtp(gw.port) as client:
-        client.ehlo()
-        assert client.mail(sender)[0] == 250
-        for rcpt in rcpts:
-            assert client.rcpt(rcpt, rcpt_options)[0] == 250
-        code, text = client.data(MESSAGE)
-    assert code == 250
-    return text.decode()
-
-
-def _spy_commits(gw) -> list[str]:
-    store = gw.app.queue
-    commit = store.commit
-    committed: list[str] = []
-
-    async def recording_commit(qid, *args, **kwargs):
-        committed.append(qid)
-        return await commit(qid, *args, **kwargs)
-
-    store.commit = recording_commit
-    return committed
-
-
 def test_a_plain_maildir_message_is_in_the_maildir_before_the_reply_and_never_queued(
     gateway_factory, caplog: pytest.LogCaptureFixture
 ) -> None:
     gw = gateway_factory(POLICY)
-    committed = _spy_commits(gw)
+    committed = spy_commits(gw)
     with caplog.at_level("INFO", logger="gateway"):
-        reply = _send_for_reply(gw, "sender@example.org", ["alice@localhost"])
+        reply = send_for_reply(gw, "sender@example.org", ["alice@localhost"])
         (data,) = messages(gw, "alice")  # no waiting: it was there before the 250
     qid = reply.rsplit(" ", 1)[1]
     assert reply.startswith("2.0.0 OK delivered as ")
@@ -271,7 +246,7 @@ AT_ONCE_OFF = POLICY.replace('[delivery]\n', '[delivery]\nat_once = false\n')
 @pytest.mark.parametrize("case", ["two recipients", "instruction file", "success notice", "switched off"])
 def test_mail_that_needs_the_queue_goes_through_it(gateway_factory, case: str) -> None:
     gw = gateway_factory(AT_ONCE_OFF if case == "switched off" else POLICY)
-    committed = _spy_commits(gw)
+    committed = spy_commits(gw)
     rcpts, options = ["alice@localhost"], ()
     if case == "two recipients":
         rcpts = ["alice@localhost", "bob@localhost"]
@@ -279,7 +254,7 @@ def test_mail_that_needs_the_queue_goes_through_it(gateway_factory, case: str) -
         dot_qmail(gw, "alice", ".qmail", "./Maildir/\n")
     elif case == "success notice":
         options = ("NOTIFY=SUCCESS",)
-    reply = _send_for_reply(gw, "sender@example.org", rcpts, rcpt_options=options)
+    reply = send_for_reply(gw, "sender@example.org", rcpts, rcpt_options=options)
     assert reply.startswith("2.0.0 OK queued as ")
     assert committed == [reply.rsplit(" ", 1)[1]]
     assert wait_for(lambda: all(messages(gw, r.split("@")[0]) for r in rcpts), timeout=10)
@@ -289,8 +264,8 @@ def test_mail_that_needs_the_queue_goes_through_it(gateway_factory, case: str) -
 def test_a_maildir_that_fails_sends_the_message_to_the_queue_and_loses_nothing(gateway_factory) -> None:
     gw = gateway_factory(POLICY)
     (home(gw, "alice") / "Maildir").write_text("not a directory\n")
-    committed = _spy_commits(gw)
-    reply = _send_for_reply(gw, "sender@example.org", ["alice@localhost"])
+    committed = spy_commits(gw)
+    reply = send_for_reply(gw, "sender@example.org", ["alice@localhost"])
     qid = reply.rsplit(" ", 1)[1]
     assert reply.startswith("2.0.0 OK queued as ") and committed == [qid]
     assert wait_for(lambda: gw.queue_ids() == [qid], timeout=5)
@@ -307,7 +282,7 @@ def test_a_delivery_at_once_writes_what_the_queued_attempt_writes(gateway_factor
     written = []
     for text in (POLICY + verp, AT_ONCE_OFF + verp):
         gw = gateway_factory(text)
-        reply = _send_for_reply(gw, "news@example.org", ["alice@localhost"])
+        reply = send_for_reply(gw, "news@example.org", ["alice@localhost"])
         assert wait_for(lambda: messages(gw, "alice"), timeout=10)
         (data,) = messages(gw, "alice")
         written.append((reply.split(" as ")[0], re.sub(rb" id [0-9A-F]+\r\n", b" id QID\r\n", re.sub(rb"\d\d:\d\d:\d\d", b"T", data))))

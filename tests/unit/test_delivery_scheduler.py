@@ -69,7 +69,7 @@ def test_only_the_attempt_on_a_message_this_process_just_queued_counts_as_its_fi
 
     class Dispatch:
         async def deliver(self, gateway: object, qid: str, envelope: Envelope, pending: list[QueuedRecipient],
-                          content: object, *, first: bool = False) -> bool:
+                          content: object, *, first: bool = False, tried: object = None) -> bool:
             seen.append((qid, first))
             return True  # as if delivered and removed
 

@@ -152,6 +152,8 @@ class RemoteDeliveryAgent:
         recipients: list[QueuedRecipient],
         route: MxRoute | SmarthostRoute,
         message: bytes | Content,
+        *,
+        before_dot: Callable[[], None] | None = None,
     ) -> dict[str, Outcome]:
         """Try to deliver ``message`` to ``recipients`` (all on ``route``) in one transaction.
 
@@ -160,6 +162,8 @@ class RemoteDeliveryAgent:
         :param route: where they go: the MX hosts of a domain, or a smarthost
         :param message: the whole message, CRLF line ends, not dot-stuffed; a message on
             disk is streamed to each host from the file, never read whole into memory
+        :param before_dot: called just before a host is sent the final dot
+            (:meth:`SmtpConnection.send`): cancelled before that, nobody has the message
         :returns: an outcome for every recipient address
         """
         if not recipients:
@@ -197,7 +201,7 @@ class RemoteDeliveryAgent:
             try:
                 return await self._try_hosts(
                     destinations, mode, transport, auth, envelope, recipients, prepared,
-                    is_mx=isinstance(route, MxRoute),
+                    is_mx=isinstance(route, MxRoute), before_dot=before_dot,
                 )
             finally:
                 limit.semaphore.release()
@@ -261,6 +265,7 @@ class RemoteDeliveryAgent:
         message: Outgoing,
         *,
         is_mx: bool = True,
+        before_dot: Callable[[], None] | None = None,
     ) -> dict[str, Outcome]:
         last = Reply(451, "4.4.0", "no remote host could be reached")
         last_host = ""
@@ -296,13 +301,13 @@ class RemoteDeliveryAgent:
             try:
                 conn = await self._session(dest, mode, auth, configured, policy)
                 try:
-                    outcomes = await conn.send(envelope, recipients, message)
+                    outcomes = await conn.send(envelope, recipients, message, before_dot=before_dot)
                 except StaleConnection as exc:
                     # It died while idle; this transaction never reached the server.
                     log.debug("remote: pooled connection to %s is stale (%s), opening a new one", dest, exc)
                     await conn.close()
                     conn = await self._connect(dest, mode, auth, configured, policy)
-                    outcomes = await conn.send(envelope, recipients, message)
+                    outcomes = await conn.send(envelope, recipients, message, before_dot=before_dot)
             except HostFailure as exc:
                 # Who said it: the host, when it answered (a 4xx greeting, an AUTH 535);
                 # nobody but us when there was no answer (refused, timed out, TLS broke).

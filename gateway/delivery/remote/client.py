@@ -25,7 +25,7 @@ from typing import Literal, TypeVar
 
 from gateway.content import CHUNK, Content
 from gateway.delivery.remote.failures import HostFailure, StaleConnection, TlsFailure, as_temporary, tls_result_of
-from gateway.delivery.remote.wire import DotStuffer, Outgoing, outgoing, xtext
+from gateway.delivery.remote.wire import DotStuffer, Outgoing, mail_command, outgoing, rcpt_command, xtext
 from gateway.delivery.types import Outcome
 from gateway.model import Envelope, QueuedRecipient
 from gateway.verdicts import PermanentFailure, Reply
@@ -382,7 +382,8 @@ class SmtpConnection:
     # -- transaction ---------------------------------------------------------------
 
     async def send(
-        self, envelope: Envelope, recipients: Sequence[QueuedRecipient], message: bytes | Content | Outgoing
+        self, envelope: Envelope, recipients: Sequence[QueuedRecipient], message: bytes | Content | Outgoing,
+        *, before_dot: Callable[[], None] | None = None,
     ) -> dict[str, Outcome]:
         """One mail transaction; an outcome for every recipient.
 
@@ -393,6 +394,10 @@ class SmtpConnection:
 
         :raises StaleConnection: a pooled connection (:meth:`reuse`) turned out dead
             before the server saw any of this transaction
+        :param before_dot: called just before the final dot is written, with nothing
+            awaited in between: until then, cancelling the transaction drops the
+            connection and the server discards the message; from then on only its reply
+            says whether it was delivered
         :raises OSError: a message on disk that is not yet an :class:`Outgoing` could
             not be read, before anything was sent; nothing else is raised
         """
@@ -405,9 +410,12 @@ class SmtpConnection:
             return outcomes
         self.transactions += 1
         try:
-            await self._transaction(envelope, recipients, message, outcomes)
+            await self._transaction(envelope, recipients, message, outcomes, before_dot)
         except HostFailure as exc:
             self._settle(outcomes, recipients, exc.reply)
+        except asyncio.CancelledError:  # cut off mid-transaction: never used again
+            self._abort()
+            raise
         if self.is_throttled:
             await self.close()
         return outcomes
@@ -461,40 +469,16 @@ class SmtpConnection:
             return Reply(553, "5.6.7", text)
         return None
 
-    def _mail_command(self, envelope: Envelope, message: Outgoing) -> str:
-        params = []
-        if self.has_extension("SIZE"):
-            params.append(f"SIZE={message.size}")
-        if self.has_extension("8BITMIME") and (message.is_8bit or envelope.body.upper() == "8BITMIME"):
-            params.append("BODY=8BITMIME")
-        if envelope.smtputf8 and self.has_extension("SMTPUTF8"):
-            params.append("SMTPUTF8")
-        if self.has_extension("DSN"):  # RFC 3461 §4.3, §4.4
-            if envelope.ret and envelope.ret.upper() in ("FULL", "HDRS"):
-                params.append(f"RET={envelope.ret.upper()}")
-            if envelope.envid:
-                params.append(f"ENVID={xtext(envelope.envid)}")
-        return " ".join([f"MAIL FROM:<{envelope.sender}>", *params])
-
-    def _rcpt_command(self, rcpt: QueuedRecipient) -> str:
-        params = []
-        if self.has_extension("DSN"):  # RFC 3461 §4.1, §4.2
-            if rcpt.notify:
-                params.append("NOTIFY=" + ",".join(n.upper() for n in rcpt.notify))
-            if rcpt.orcpt and ";" in rcpt.orcpt:
-                addr_type, _, original = rcpt.orcpt.partition(";")
-                params.append(f"ORCPT={addr_type};{xtext(original)}")
-        return " ".join([f"RCPT TO:<{rcpt.address}>", *params])
-
     async def _transaction(
         self,
         envelope: Envelope,
         recipients: list[QueuedRecipient],
         message: Outgoing,
         outcomes: dict[str, Outcome],
+        before_dot: Callable[[], None] | None = None,
     ) -> None:
-        mail = self._mail_command(envelope, message)
-        rcpts = [self._rcpt_command(r) for r in recipients]
+        mail = mail_command(envelope, message, self.extensions)
+        rcpts = [rcpt_command(r, self.extensions) for r in recipients]
         timeout = self.command_timeout
         rcpt_replies: list[Reply] = []
         data_reply: Reply | None = None
@@ -569,12 +553,12 @@ class SmtpConnection:
             if data_reply.code != 421:
                 await self.rset()
             return
-        await self._send_data(message.content, timeout)
+        await self._send_data(message.content, timeout, before_dot)
         # RFC 5321 §4.5.3.2.6: the server may take long to answer the final dot.
         final = await self._read_reply(self.data_timeout)
         self._settle(outcomes, accepted, final)
 
-    async def _send_data(self, content: Content, timeout: float) -> None:
+    async def _send_data(self, content: Content, timeout: float, before_dot: Callable[[], None] | None = None) -> None:
         """The message, dot-stuffed chunk by chunk as it is read (from disk on a thread),
         each chunk written under ``timeout`` and drained, then the final dot.
 
@@ -586,6 +570,8 @@ class SmtpConnection:
         try:
             async for chunk in content.stream(CHUNK):
                 await self._write(stuffer.feed(chunk), timeout)
+            if before_dot is not None:
+                before_dot()
         except OSError as exc:  # reading the queued message failed (the network's are HostFailure)
             self._abort()
             raise HostFailure(Reply(451, "4.3.0", f"cannot read the queued message: {exc.strerror or exc}")) from exc

@@ -1,5 +1,6 @@
-"""How an SMTP client writes what it sends: xtext (RFC 3461) and the message transparency
-of DATA (RFC 5321 §4.5.2), for a message handed over whole or in chunks.
+"""How an SMTP client writes what it sends: MAIL and RCPT with the parameters the server's
+extensions allow, xtext (RFC 3461) and the message transparency of DATA (RFC 5321
+§4.5.2), for a message handed over whole or in chunks.
 
 A queued message may be a file on disk (:class:`~gateway.content.Content`): what the
 client must know before MAIL (is it 8-bit, is its header section ASCII) is learned in
@@ -10,12 +11,15 @@ one chunk to the next (:class:`DotStuffer`), so no step holds the whole message.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from gateway.content import CHUNK, Content
+from gateway.model import Envelope, QueuedRecipient
 
-__all__ = ["DotStuffer", "Outgoing", "dot_stuffed", "header_block", "outgoing", "xtext"]
+__all__ = [
+    "DotStuffer", "Outgoing", "dot_stuffed", "header_block", "mail_command", "outgoing", "rcpt_command", "xtext",
+]
 
 _HEADER_END = b"\r\n\r\n"
 
@@ -29,6 +33,36 @@ def xtext(value: str) -> str:
         else:
             out.append(f"+{byte:02X}")
     return "".join(out)
+
+
+def mail_command(envelope: Envelope, message: Outgoing, extensions: Mapping[str, str]) -> str:
+    """``MAIL FROM:<...>`` with the parameters ``extensions`` (the server's EHLO
+    keywords, upper case) allow."""
+    params = []
+    if "SIZE" in extensions:
+        params.append(f"SIZE={message.size}")
+    if "8BITMIME" in extensions and (message.is_8bit or envelope.body.upper() == "8BITMIME"):
+        params.append("BODY=8BITMIME")
+    if envelope.smtputf8 and "SMTPUTF8" in extensions:
+        params.append("SMTPUTF8")
+    if "DSN" in extensions:  # RFC 3461 §4.3, §4.4
+        if envelope.ret and envelope.ret.upper() in ("FULL", "HDRS"):
+            params.append(f"RET={envelope.ret.upper()}")
+        if envelope.envid:
+            params.append(f"ENVID={xtext(envelope.envid)}")
+    return " ".join([f"MAIL FROM:<{envelope.sender}>", *params])
+
+
+def rcpt_command(rcpt: QueuedRecipient, extensions: Mapping[str, str]) -> str:
+    """``RCPT TO:<...>`` with the DSN parameters, when the server has DSN."""
+    params = []
+    if "DSN" in extensions:  # RFC 3461 §4.1, §4.2
+        if rcpt.notify:
+            params.append("NOTIFY=" + ",".join(n.upper() for n in rcpt.notify))
+        if rcpt.orcpt and ";" in rcpt.orcpt:
+            addr_type, _, original = rcpt.orcpt.partition(";")
+            params.append(f"ORCPT={addr_type};{xtext(original)}")
+    return " ".join([f"RCPT TO:<{rcpt.address}>", *params])
 
 
 class DotStuffer:
