@@ -335,7 +335,11 @@ class SmtpConnection:
         if self.has_extension("PIPELINING"):
             self._rset_pending = True
             return True
-        reply = await self.rset()
+        try:
+            reply = await self.rset()
+        except asyncio.CancelledError:  # an attempt cut off (relay at once): never pooled again
+            self._abort()
+            raise
         return reply.code == 250 and self.is_usable
 
     async def rset(self) -> Reply:
