@@ -140,7 +140,7 @@ class Dispatcher:
 
     async def deliver(
         self, gateway: Gateway, qid: str, envelope: Envelope, pending: list[QueuedRecipient], message: Content,
-        *, first: bool = False, tried: Outcome | None = None,
+        *, first: bool = False, tried: dict[str, Outcome] | None = None,
     ) -> bool:
         """Deliver every pending recipient, each route's group in parallel.
 
@@ -148,9 +148,9 @@ class Dispatcher:
         caller keeps open (and delivery-locked) until this returns. Agents stream it.
         ``first``: the message's first attempt ever, in the process that queued it (a
         Maildir delivery then need not look for a copy an earlier attempt left).
-        ``tried``: that first attempt was made for the message's one recipient before it
-        was queued (a relay at once the host answered without taking it,
-        :meth:`deliver_at_once`): its outcome is recorded here, the host not asked again.
+        ``tried``: that first attempt was made before the message was queued (a relay at
+        once the host did not take whole, :meth:`deliver_at_once`): the outcomes it got,
+        by address, are recorded here, the host not asked again.
 
         Each group's results are written to the queue as soon as that group is done:
         the shorter the time between a peer's 250 and our record of it, the smaller
@@ -203,8 +203,8 @@ class Dispatcher:
             # or message removed), so at most local + remote concurrency deliveries can
             # ever be done-but-unrecorded.
             async with self._local if is_local else self._remote:
-                if tried is not None and len(pending) == 1:
-                    outcomes = {rcpts[0].address: tried}
+                if tried is not None and all(r.address in tried for r in rcpts):
+                    outcomes = {r.address: tried[r.address] for r in rcpts}
                 else:
                     outcomes = await self._deliver_group(gateway, qid, sent_as, route, rcpts, message, first)
                 is_remote = isinstance(route, (MxRoute, SmarthostRoute))
@@ -239,36 +239,45 @@ class Dispatcher:
 
     async def deliver_at_once(
         self, gateway: Gateway, qid: str, envelope: Envelope, message: Content, announce: Callable[[], None],
-    ) -> Outcome | None:
+    ) -> dict[str, Outcome] | None:
         """Deliver a message not yet queued, before the reply to its client, when that is
-        one delivery (``[delivery] at_once``, docs/queue.md): a single recipient, no
-        success notice asked for, routed either to a local mailbox (no alias or
-        ``.forward`` expanding it, no instruction file) or to a remote host that takes
-        the transaction within ``at_once_wait`` (:meth:`_relay_at_once`).
+        one delivery (``[delivery] at_once``, docs/queue.md), no success notice asked
+        for: a single recipient routed to a local mailbox (no alias or ``.forward``
+        expanding it, no instruction file), or recipients that all share one remote
+        route, in one transaction a host takes within ``at_once_wait``
+        (:meth:`_relay_at_once`).
 
         Routing and the ``gateway_deliver`` hook run as in a queued attempt. Only a
-        delivery is recorded here (logged, counted, ``gateway_delivered``); anything
-        else leaves the envelope untouched and nothing on disk, and the caller queues
-        the message. A relay the host answered (a deferral, a refusal) returns that
-        outcome, for the first queued attempt to record as its own (:meth:`deliver`'s
-        ``tried``); for anything else that attempt decides as usual.
+        delivery of every recipient is recorded here (logged, counted,
+        ``gateway_delivered``); anything else leaves the envelope untouched and nothing
+        on disk, and the caller queues the message. A relay the host answered without
+        taking it whole returns its outcomes, for the first queued attempt to record as
+        its own (:meth:`deliver`'s ``tried``); for anything else that attempt decides.
 
-        :param announce: called once delivered, before the delivery is recorded (the
-            session's arrival line goes before the delivery's)
-        :returns: the outcome when delivered (the message is done), or a relay's
-            deferral or refusal; None when nothing was tried to the end
+        :param announce: called once delivered, before the deliveries are recorded (the
+            session's arrival line goes before them)
+        :returns: an outcome per recipient address: every one delivered (the message
+            is done), or a relay's, some not delivered; None when nothing was tried to
+            the end
         """
-        (rcpt,) = envelope.recipients  # the scheduler's first look saw to the rest
+        rcpts = envelope.recipients
         try:
-            route = await self._route(gateway, envelope, rcpt)
+            routes = [await self._route(gateway, envelope, rcpt) for rcpt in rcpts]
         except (AddressError, TemporaryFailure, PermanentFailure):
             return None
-        sent_as = for_recipient(envelope, rcpt)
+        route = routes[0]
+        if any(other != route for other in routes[1:]):
+            return None  # several destinations: the queue's attempt delivers each
         if isinstance(route, (MxRoute, SmarthostRoute)):
-            outcome = await self._relay_at_once(gateway, qid, sent_as, rcpt, route, message)
-            if outcome is not None and outcome.status != "delivered":
-                return outcome  # the first queued attempt records it
-        elif isinstance(route, LocalRoute):
+            # One recipient may have its own (VERP) sender; several share the message's.
+            sent_as = for_recipient(envelope, rcpts[0]) if len(rcpts) == 1 else envelope
+            outcomes = await self._relay_at_once(gateway, qid, sent_as, rcpts, route, message)
+            if outcomes is None or any(r.address not in outcomes for r in rcpts):
+                return None
+            if any(o.status != "delivered" for o in outcomes.values()):
+                return outcomes  # the first queued attempt records them
+        elif isinstance(route, LocalRoute) and len(rcpts) == 1:
+            (rcpt,) = rcpts
             expanded, failures, changed = await expand_pending(gateway, envelope, [(rcpt, route)])
             if changed or failures or expanded != [(rcpt, route)]:
                 return None
@@ -276,26 +285,29 @@ class Dispatcher:
             # their reply (and the thread pool), as queue commits are; queued deliveries
             # holding every slot must not send the rest to the queue too.
             outcomes = await self._deliver_group(
-                gateway, qid, sent_as, route, [rcpt], message, first=True, at_once=True
+                gateway, qid, for_recipient(envelope, rcpt), route, [rcpt], message, first=True, at_once=True
             )
             outcome = outcomes.get(rcpt.address)
-        else:  # a route plugin's answer: a hold, a discard, a program
-            return None
-        if outcome is None or outcome.status != "delivered":
+            if outcome is None or outcome.status != "delivered":
+                return None
+        else:  # a route plugin's answer (a hold, a discard, a program), or several locals
             return None
         try:  # delivered: whatever happens now, it must not be queued (and delivered) again
             announce()
-            await self.record(gateway, envelope, rcpt, outcome, is_remote=not isinstance(route, LocalRoute))
+            for rcpt in rcpts:
+                await self.record(
+                    gateway, envelope, rcpt, outcomes[rcpt.address], is_remote=not isinstance(route, LocalRoute)
+                )
         except Exception:  # boundary
             log.exception("recording a delivery at once failed")
-        return outcome
+        return outcomes
 
     async def _relay_at_once(
-        self, gateway: Gateway, qid: str, envelope: Envelope, rcpt: QueuedRecipient,
+        self, gateway: Gateway, qid: str, envelope: Envelope, rcpts: list[QueuedRecipient],
         route: MxRoute | SmarthostRoute, message: Content,
-    ) -> Outcome | None:
-        """Relay ``rcpt``'s message while its client waits, as a queued attempt would
-        (a remote slot, the destination's limit, a pooled connection).
+    ) -> dict[str, Outcome] | None:
+        """Relay the message to ``rcpts`` while its client waits, as a queued attempt
+        would (a remote slot, the destination's limit, a pooled connection).
 
         If the final dot has not gone to a host ``at_once_wait`` seconds after the
         start, the attempt is cancelled: the connection is dropped mid-transaction, no
@@ -303,7 +315,7 @@ class Dispatcher:
         host's reply is waited for as long as a queued attempt would wait: cutting the
         transaction off then could leave the message delivered and queued as well.
 
-        :returns: the outcome, or None when the attempt was cancelled
+        :returns: the outcomes by address, or None when the attempt was cancelled
         """
         wait = float(gateway.policy.delivery.at_once_wait)
         if wait <= 0:
@@ -316,9 +328,7 @@ class Dispatcher:
 
         async def relay() -> dict[str, Outcome]:
             async with self._remote:
-                return await self._deliver_group(
-                    gateway, qid, envelope, route, [rcpt], message, before_dot=before_dot
-                )
+                return await self._deliver_group(gateway, qid, envelope, route, rcpts, message, before_dot=before_dot)
 
         task = asyncio.ensure_future(relay())
         try:
@@ -330,9 +340,10 @@ class Dispatcher:
             task.cancel()
             raise
         if task.cancelled():
-            log.info("not delivered at once to=<%s>: no final dot within %gs; queuing it", short(rcpt.address), wait)
+            to = ",".join(f"<{short(r.address, 80)}>" for r in rcpts[:10])
+            log.info("not delivered at once to=%s: no final dot within %gs; queuing it", to, wait)
             return None
-        return task.result().get(rcpt.address)
+        return task.result()
 
     async def _deliver_group(
         self, gateway: Gateway, qid: str, envelope: Envelope, route: Route,

@@ -88,7 +88,7 @@ class Scheduler:
         self._claims: dict[str, Claim] = {}
         #: relays at once a host answered without taking the message: the outcome is
         #: its first attempt's, recorded by the attempt that starts from its claim
-        self._tried: dict[str, Outcome] = {}
+        self._tried: dict[str, dict[str, Outcome]] = {}
         self._notifier = Notifier(self.queue, self.inject)
         self._records = StateRecorder(
             self.queue, lambda *a, **k: self.app.gateway.run_in_thread(*a, **k), keep=retries
@@ -153,46 +153,49 @@ class Scheduler:
             self._spawn(qid, first=True)
 
     def may_deliver_at_once(self, envelope: Envelope) -> bool:
-        """The first look for :meth:`deliver_at_once`, without hooks or I/O: one pending
-        recipient and no success notice asked for; in a local or virtual domain (or bare
-        ``<postmaster>``, which the policy's own routing,
+        """The first look for :meth:`deliver_at_once`, without hooks or I/O: pending
+        recipients, none asking for a success notice; one in a local or virtual domain
+        (or bare ``<postmaster>``, which the policy's own routing,
         :func:`~gateway.delivery.router.route_for`, sends to a local mailbox and never
-        holds) with Maildir mailboxes, or elsewhere on a route not held, when relaying
-        at once is on (``at_once_wait`` above 0). A ``gateway_route`` plugin, and the
-        address's parse, are the dispatcher's to ask."""
-        if self._stopping or len(envelope.recipients) != 1:
+        holds) with Maildir mailboxes, or any number elsewhere (one envelope sender for
+        all: no VERP) on routes not held, when relaying at once is on (``at_once_wait``
+        above 0). Whether they share a route, a ``gateway_route`` plugin's answer and
+        the addresses' parse are the dispatcher's to find out."""
+        recipients = envelope.recipients
+        if self._stopping or not recipients:
             return False
-        rcpt = envelope.recipients[0]
-        if rcpt.state is not RecipientState.PENDING or wants_notice(rcpt, "success"):
+        if any(r.state is not RecipientState.PENDING or wants_notice(r, "success") for r in recipients):
             return False
         policy = self.app.gateway.policy
         local = policy.local
-        domain = rcpt.address.rpartition("@")[2].lower().rstrip(".")
-        if domain and domain not in local.domains and domain not in local.virtual:
-            return float(policy.delivery.at_once_wait) > 0 and not is_held(rcpt.address, policy)  # relayed
-        return bool(local.mailbox != "mbox")
+        domains = [r.address.rpartition("@")[2].lower().rstrip(".") for r in recipients]
+        if all(d and d not in local.domains and d not in local.virtual for d in domains):  # relayed
+            if len(recipients) > 1 and envelope.verp and envelope.sender:
+                return False  # a transaction per recipient: the queue's work
+            return float(policy.delivery.at_once_wait) > 0 and not any(is_held(r.address, policy) for r in recipients)
+        return len(recipients) == 1 and bool(local.mailbox != "mbox")
 
     async def deliver_at_once(
         self, qid: str, envelope: Envelope, message: Content, announce: Callable[[], None]
     ) -> bool:
         """Deliver a message its SMTP session has not queued yet, when that is one
-        plain Maildir delivery or one relayed recipient (:meth:`Dispatcher.deliver_at_once`).
+        plain Maildir delivery or one relay transaction (:meth:`Dispatcher.deliver_at_once`).
 
-        A relay the next hop answered with a deferral or a refusal was a delivery
-        attempt like any other: the message's first queued attempt (from its claim)
-        records that outcome (logged, retried after the back-off, bounced) rather
-        than ask the host again at once.
+        A relay the next hop did not take whole (a deferral or refusal of some or all
+        recipients) was a delivery attempt like any other: the message's first queued
+        attempt (from its claim) records its outcomes (logged, delivered ones done,
+        the rest retried after the back-off or bounced) rather than ask the host again.
 
         :returns: True when it is delivered: nothing is queued, the reply may be sent
         """
         gateway: Gateway = self.app.gateway
         if not self.may_deliver_at_once(envelope):
             return False
-        outcome = await self._dispatch.deliver_at_once(gateway, qid, envelope, message, announce)
-        if outcome is None:
+        outcomes = await self._dispatch.deliver_at_once(gateway, qid, envelope, message, announce)
+        if outcomes is None:
             return False
-        if outcome.status != "delivered":
-            self._tried[qid] = outcome
+        if any(o.status != "delivered" for o in outcomes.values()):
+            self._tried[qid] = outcomes
             return False
         log.info("done: delivered at once, never queued")
         return True
@@ -428,7 +431,7 @@ class Scheduler:
 
     async def _attempt_locked(
         self, gateway: Gateway, item: QueuedMessage, content: Content | None, *, first: bool = False,
-        tried: Outcome | None = None,
+        tried: dict[str, Outcome] | None = None,
     ) -> None:
         policy = gateway.policy
         qid = item.qid

@@ -221,8 +221,8 @@ class DeliverySettings:
 
     enabled: bool = setting(True, "deliver from the queue (false: only accept into it)")
     at_once: bool = setting(
-        True, "deliver a message that is one delivery (one plain Maildir, one relayed recipient) before the 250,"
-        " instead of queuing it",
+        True, "deliver a message that is one delivery (one user's plain Maildir, one relay transaction) before"
+        " the 250, instead of queuing it",
     )
     at_once_wait: Duration = setting(
         5.0, "longest a relay at once may take to reach the next hop's final dot before the message is queued"

@@ -60,7 +60,7 @@ FORMATS: dict[str, str] = {
     "queued qid=%s from=<%s> to=%s (generated)": "generated",
     "done: removed from the queue": "removed",
     "done: delivered at once, never queued": "at_once",
-    "not delivered at once to=<%s>: no final dot within %gs; queuing it": "not_at_once",
+    "not delivered at once to=%s: no final dot within %gs; queuing it": "not_at_once",
     "dsn kind=%s to=<%s> qid=%s recipients=%d": "dsn",
     "expired to=<%s>": "expired",
     "discarded by route to=%s": "discarded",

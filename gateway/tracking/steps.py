@@ -79,8 +79,8 @@ _KINDS: dict[str, Callable[..., dict[str, Any]]] = {
     "discarded": lambda to: {"detail": f"discarded by a route: {to}"},
     "removed": lambda: {"detail": "removed from the queue"},
     "at_once": lambda: {"detail": "delivered before the reply to the client, never queued"},
-    "not_at_once": lambda rcpt, wait: {
-        "recipient": rcpt, "detail": f"relaying before the reply to the client took over {wait:g}s: cut off"
+    "not_at_once": lambda to, wait: {
+        "recipient": to, "detail": f"relaying before the reply to the client took over {wait:g}s: cut off"
         " before the final dot (the next hop has nothing), queued instead"},
 }
 

@@ -468,8 +468,8 @@ class Assembler:
     def _on_discarded(self, batch: Batch, e: Event, to: str) -> None:
         batch.events.append((e.time, e.queue, "", "discarded", to))
 
-    def _on_not_at_once(self, batch: Batch, e: Event, rcpt: str, wait: float) -> None:
-        batch.events.append((e.time, e.queue, "", "not_at_once", rcpt, wait))
+    def _on_not_at_once(self, batch: Batch, e: Event, to: str, wait: float) -> None:
+        batch.events.append((e.time, e.queue, "", "not_at_once", to, wait))
 
     def _on_removed(self, batch: Batch, e: Event) -> None:
         self._done(batch, e, "removed")

@@ -148,16 +148,53 @@ def test_a_host_answering_at_once_without_taking_it_was_the_first_attempt(
     assert queued < next(i for i, line in enumerate(lines) if line.startswith(f"delivery to=<{BOB}>"))
 
 
-@pytest.mark.parametrize("case", ["two recipients", "success notice", "wait 0", "held route"])
-def test_relayed_mail_that_needs_the_queue_goes_through_it(gateway_factory, case: str) -> None:
+CAROL = "carol@peer.test.example"
+
+
+def test_recipients_sharing_the_next_hop_go_in_one_transaction_at_once(gateway_factory) -> None:
     with SmtpPeer() as peer:
+        gw = gateway_factory(relay_policy(peer))
+        committed = spy_commits(gw)
+        reply = send_for_reply(gw, ALICE, [BOB, CAROL])
+        assert reply.startswith("2.0.0 OK delivered as ")
+        (received,) = peer.messages
+        assert received.rcpt_tos == [BOB, CAROL] and committed == [] and gw.queue_ids() == []
+
+
+def test_a_relay_taken_for_some_recipients_is_queued_for_the_others_only(
+    gateway_factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """bob's delivery at once is recorded by the first queued attempt (never sent
+    again); carol's 550 bounces."""
+    with SmtpPeer() as peer:
+        peer.always_rcpt(CAROL, "550 5.1.1 carol is unknown here")
+        gw = gateway_factory(relay_policy(peer))
+        with caplog.at_level("INFO", logger="gateway"):
+            reply = send_for_reply(gw, ALICE, [BOB, CAROL])
+            assert reply.startswith("2.0.0 OK queued as ")
+            assert wait_for(lambda: inbox(gw, "alice"), timeout=15)
+            assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
+            time.sleep(0.3)
+        (received,) = peer.messages
+        assert received.rcpt_tos == [BOB]
+    assert b"carol is unknown here" in inbox(gw, "alice")[0]
+    lines = [r.getMessage() for r in caplog.records]
+    outcomes = [line.split()[1:3] for line in lines if line.startswith("delivery to=") and "@peer." in line]
+    assert outcomes == [[f"to=<{BOB}>", "status=delivered"], [f"to=<{CAROL}>", "status=failed"]]
+    assert len([line for line in lines if line.startswith("remote to 127.0.0.1[")]) == 1
+
+
+@pytest.mark.parametrize("case", ["two destinations", "success notice", "wait 0", "held route"])
+def test_relayed_mail_that_needs_the_queue_goes_through_it(gateway_factory, case: str) -> None:
+    with SmtpPeer() as peer, SmtpPeer() as other:
         delivery = 'at_once_wait = "0s"' if case == "wait 0" else ""
         route = "hold = true" if case == "held route" else ""
+        route += f'\n[[routes]]\ndomain = "other.test.example"\nhost = "127.0.0.1"\nport = {other.port}\ntls = "none"\n'
         gw = gateway_factory(relay_policy(peer, delivery, route))
         committed = spy_commits(gw)
         rcpts, options = [BOB], ()
-        if case == "two recipients":
-            rcpts = [BOB, "carol@peer.test.example"]
+        if case == "two destinations":
+            rcpts = [BOB, "dan@other.test.example"]
         elif case == "success notice":
             options = ("NOTIFY=SUCCESS",)
         reply = send_for_reply(gw, ALICE, rcpts, rcpt_options=options)
@@ -168,7 +205,9 @@ def test_relayed_mail_that_needs_the_queue_goes_through_it(gateway_factory, case
             assert peer.messages == [] and gw.queue_ids() == [qid]
             return
         assert wait_for(lambda: len(peer.messages) == 1, timeout=15)
-        assert sorted(peer.messages[0].rcpt_tos) == sorted(rcpts)
+        assert peer.messages[0].rcpt_tos == [BOB]
+        if case == "two destinations":
+            assert wait_for(lambda: len(other.messages) == 1, timeout=15)
         assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
 
 
