@@ -43,6 +43,9 @@ class Counters:
     queued: int = 0
     queued_bytes: int = 0
     quarantined: int = 0
+    #: of ``queued``, delivered before the reply to the client and never written to
+    #: the queue (``[delivery] at_once``)
+    at_once: int = 0
     refused: dict[tuple[str, str], int] = field(default_factory=dict)
     deliveries: dict[tuple[str, str], int] = field(default_factory=dict)
     #: authentication verdicts by (method, result), bumped by plugins through
@@ -91,6 +94,11 @@ class GatewayCollector:
             "gateway_messages_queued_bytes", "octets of messages accepted into the queue", value=counters.queued_bytes
         )
         yield CounterMetricFamily("gateway_messages_quarantined", "messages stored in the quarantine", value=counters.quarantined)
+        yield CounterMetricFamily(
+            "gateway_messages_delivered_at_once",
+            "of the messages accepted, those delivered before the reply to the client, never queued",
+            value=counters.at_once,
+        )
         refused = CounterMetricFamily(
             "gateway_refusals", "commands refused, by SMTP stage and action", labels=["stage", "action"]
         )

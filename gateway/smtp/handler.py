@@ -384,6 +384,7 @@ class SmtpHandler:
             counters.queued += 1
             counters.queued_bytes += message.size
             counters.quarantined += area == "quarantine"
+            counters.at_once += area == "direct"
 
     @staticmethod
     def _log_queued(txn: Transaction, message: Message, area: str, score: float) -> None:

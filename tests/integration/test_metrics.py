@@ -35,6 +35,8 @@ def test_metrics_count_sessions_messages_verdicts_and_queue(gateway_factory) -> 
     assert value(metrics["gateway_sessions"], "gateway_sessions_total", listener="smtp") == 2
     assert value(metrics["gateway_messages_queued"], "gateway_messages_queued_total") == 1
     assert value(metrics["gateway_messages_queued_bytes"], "gateway_messages_queued_bytes_total") == len(MESSAGE)
+    # Delivery is off here: queued, not delivered at once.
+    assert value(metrics["gateway_messages_delivered_at_once"], "gateway_messages_delivered_at_once_total") == 0
     assert value(metrics["gateway_plugin_verdicts"], "gateway_plugin_verdicts_total",
                  plugin="rcpt_relay", hook="gateway_rcpt", action="reject") == 1
     assert value(metrics["gateway_refusals"], "gateway_refusals_total", stage="rcpt", action="reject") == 1
@@ -66,14 +68,16 @@ def test_with_workers_the_endpoint_counts_every_process(tmp_path) -> None:
             with smtp(port) as client:
                 client.sendmail("a@example.org", ["alice@localhost"], MESSAGE)
 
-        def totals() -> tuple[float, float, float]:
+        def totals() -> tuple[float, float, float, float]:
             m = scrape(metrics_port)
             return (value(m["gateway_sessions"], "gateway_sessions_total"),
                     value(m["gateway_messages_queued"], "gateway_messages_queued_total"),
+                    value(m["gateway_messages_delivered_at_once"], "gateway_messages_delivered_at_once_total"),
                     value(m["gateway_deliveries"], "gateway_deliveries_total", status="delivered"))
 
-        # 31 sessions: the 30 messages and start_gateway's probe of the port.
-        assert wait_for(lambda: totals() == (31, 30, 30), timeout=15), totals()
+        # 31 sessions: the 30 messages and start_gateway's probe of the port. Each message
+        # is one plain Maildir delivery: delivered at once, whichever process had it.
+        assert wait_for(lambda: totals() == (31, 30, 30, 30), timeout=15), totals()
         new = tmp_path / "mail" / "alice" / "Maildir" / "new"
         assert len(list(new.iterdir())) == 30
         snapshots = list((tmp_path / "var" / "metrics").glob("worker-*.json"))
