@@ -31,8 +31,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class AtOnce:
-    """Delivery at once: a message not yet queued that is one delivery (a plain Maildir,
-    one relayed recipient) is delivered before the SMTP reply
+    """Delivery at once: a message not yet queued that is plain deliveries (local
+    Maildirs, one relay transaction) is delivered before the SMTP reply
     (:class:`gateway.delivery.scheduler.Scheduler`)."""
 
     eligible: Callable[[Envelope], bool]
@@ -40,8 +40,9 @@ class AtOnce:
     deliver: Callable[[str, Envelope, Content, Callable[[], None]], Awaitable[bool]]
     """``(qid, envelope, message, announce)``: True when delivered (``announce`` was
     called just before the delivery was recorded) and the message need not be queued.
-    False: queue it; a relay that was answered leaves its outcome to the first queued
-    attempt, which records it instead of trying again."""
+    False: queue it; what an attempt at once did (a relay the host answered, Maildirs
+    written) is left to the first queued attempt, which records it instead of trying
+    again."""
     forget: Callable[[str], None]
     """``(qid)``: the message was not queued after all (its commit failed): drop what
     its attempt left for the queued one."""

@@ -203,10 +203,10 @@ class Dispatcher:
             # or message removed), so at most local + remote concurrency deliveries can
             # ever be done-but-unrecorded.
             async with self._local if is_local else self._remote:
-                if tried is not None and all(r.address in tried for r in rcpts):
-                    outcomes = {r.address: tried[r.address] for r in rcpts}
-                else:
-                    outcomes = await self._deliver_group(gateway, qid, sent_as, route, rcpts, message, first)
+                outcomes = {r.address: tried[r.address] for r in rcpts if r.address in tried} if tried else {}
+                rest = [r for r in rcpts if r.address not in outcomes]
+                if rest:
+                    outcomes.update(await self._deliver_group(gateway, qid, sent_as, route, rest, message, first))
                 is_remote = isinstance(route, (MxRoute, SmarthostRoute))
                 for rcpt in rcpts:
                     outcome = outcomes.get(rcpt.address)
@@ -241,24 +241,24 @@ class Dispatcher:
         self, gateway: Gateway, qid: str, envelope: Envelope, message: Content, announce: Callable[[], None],
     ) -> dict[str, Outcome] | None:
         """Deliver a message not yet queued, before the reply to its client, when that is
-        one delivery (``[delivery] at_once``, docs/queue.md), no success notice asked
-        for: a single recipient routed to a local mailbox (no alias or ``.forward``
-        expanding it, no instruction file), or recipients that all share one remote
-        route, in one transaction a host takes within ``at_once_wait``
-        (:meth:`_relay_at_once`).
+        plain deliveries (``[delivery] at_once``, docs/queue.md), no success notice
+        asked for: recipients routed to local mailboxes (no alias or ``.forward``
+        expanding them, no instruction file), each into its Maildir, or recipients that
+        all share one remote route, in one transaction a host takes within
+        ``at_once_wait`` (:meth:`_relay_at_once`).
 
-        Routing and the ``gateway_deliver`` hook run as in a queued attempt. Only a
-        delivery of every recipient is recorded here (logged, counted,
-        ``gateway_delivered``); anything else leaves the envelope untouched and nothing
-        on disk, and the caller queues the message. A relay the host answered without
-        taking it whole returns its outcomes, for the first queued attempt to record as
-        its own (:meth:`deliver`'s ``tried``); for anything else that attempt decides.
+        Routing and the ``gateway_deliver`` hook run as in a queued attempt. Only when
+        every recipient is delivered are the deliveries recorded here (logged, counted,
+        ``gateway_delivered``). Otherwise the caller queues the message, and the
+        outcomes returned are the first queued attempt's to record as its own
+        (:meth:`deliver`'s ``tried``): a relay's, whatever the host answered; the
+        Maildir deliveries made. That attempt delivers the rest as usual.
 
         :param announce: called once delivered, before the deliveries are recorded (the
             session's arrival line goes before them)
-        :returns: an outcome per recipient address: every one delivered (the message
-            is done), or a relay's, some not delivered; None when nothing was tried to
-            the end
+        :returns: an outcome per recipient address, every one delivered (the message
+            is done); or the outcomes of a partial attempt, as above; None when nothing
+            was delivered or tried to the end
         """
         rcpts = envelope.recipients
         try:
@@ -266,9 +266,9 @@ class Dispatcher:
         except (AddressError, TemporaryFailure, PermanentFailure):
             return None
         route = routes[0]
-        if any(other != route for other in routes[1:]):
-            return None  # several destinations: the queue's attempt delivers each
         if isinstance(route, (MxRoute, SmarthostRoute)):
+            if any(other != route for other in routes[1:]):
+                return None  # several destinations: the queue's attempt delivers each
             # One recipient may have its own (VERP) sender; several share the message's.
             sent_as = for_recipient(envelope, rcpts[0]) if len(rcpts) == 1 else envelope
             outcomes = await self._relay_at_once(gateway, qid, sent_as, rcpts, route, message)
@@ -276,21 +276,19 @@ class Dispatcher:
                 return None
             if any(o.status != "delivered" for o in outcomes.values()):
                 return outcomes  # the first queued attempt records them
-        elif isinstance(route, LocalRoute) and len(rcpts) == 1:
-            (rcpt,) = rcpts
-            expanded, failures, changed = await expand_pending(gateway, envelope, [(rcpt, route)])
-            if changed or failures or expanded != [(rcpt, route)]:
+        elif all(isinstance(other, LocalRoute) for other in routes):
+            pairs: list[tuple[QueuedRecipient, Route]] = list(zip(rcpts, routes))
+            expanded, failures, changed = await expand_pending(gateway, envelope, pairs)
+            if changed or failures or expanded != pairs:
                 return None
             # No local delivery slot: these are bounded by the SMTP sessions waiting for
             # their reply (and the thread pool), as queue commits are; queued deliveries
             # holding every slot must not send the rest to the queue too.
-            outcomes = await self._deliver_group(
-                gateway, qid, for_recipient(envelope, rcpt), route, [rcpt], message, first=True, at_once=True
-            )
-            outcome = outcomes.get(rcpt.address)
-            if outcome is None or outcome.status != "delivered":
-                return None
-        else:  # a route plugin's answer (a hold, a discard, a program), or several locals
+            delivered = await asyncio.gather(*(self._maildir_at_once(gateway, qid, envelope, r, message) for r in pairs))
+            outcomes = {rcpt.address: outcome for (rcpt, _), outcome in zip(pairs, delivered) if outcome is not None}
+            if len(outcomes) < len(pairs):
+                return outcomes or None  # the first queued attempt records these and delivers the rest
+        else:  # a route plugin's answer (a hold, a discard, a program)
             return None
         try:  # delivered: whatever happens now, it must not be queued (and delivered) again
             announce()
@@ -301,6 +299,18 @@ class Dispatcher:
         except Exception:  # boundary
             log.exception("recording a delivery at once failed")
         return outcomes
+
+    async def _maildir_at_once(
+        self, gateway: Gateway, qid: str, envelope: Envelope, pair: tuple[QueuedRecipient, Route], message: Content,
+    ) -> Outcome | None:
+        """One local recipient's delivery at once: its outcome when delivered, else None
+        (nothing written: an instruction file, a failure; the queue's attempt decides)."""
+        rcpt, route = pair
+        outcomes = await self._deliver_group(
+            gateway, qid, for_recipient(envelope, rcpt), route, [rcpt], message, first=True, at_once=True
+        )
+        outcome = outcomes.get(rcpt.address)
+        return outcome if outcome is not None and outcome.status == "delivered" else None
 
     async def _relay_at_once(
         self, gateway: Gateway, qid: str, envelope: Envelope, rcpts: list[QueuedRecipient],

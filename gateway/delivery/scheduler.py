@@ -154,13 +154,14 @@ class Scheduler:
 
     def may_deliver_at_once(self, envelope: Envelope) -> bool:
         """The first look for :meth:`deliver_at_once`, without hooks or I/O: pending
-        recipients, none asking for a success notice; one in a local or virtual domain
+        recipients, none asking for a success notice; all in local or virtual domains
         (or bare ``<postmaster>``, which the policy's own routing,
         :func:`~gateway.delivery.router.route_for`, sends to a local mailbox and never
-        holds) with Maildir mailboxes, or any number elsewhere (one envelope sender for
-        all: no VERP) on routes not held, when relaying at once is on (``at_once_wait``
-        above 0). Whether they share a route, a ``gateway_route`` plugin's answer and
-        the addresses' parse are the dispatcher's to find out."""
+        holds) with Maildir mailboxes, or all elsewhere (one envelope sender for all: no
+        VERP with several) on routes not held, when relaying at once is on
+        (``at_once_wait`` above 0). Whether relayed ones share a route, a
+        ``gateway_route`` plugin's answer and the addresses' parse are the
+        dispatcher's to find out."""
         recipients = envelope.recipients
         if self._stopping or not recipients:
             return False
@@ -173,18 +174,21 @@ class Scheduler:
             if len(recipients) > 1 and envelope.verp and envelope.sender:
                 return False  # a transaction per recipient: the queue's work
             return float(policy.delivery.at_once_wait) > 0 and not any(is_held(r.address, policy) for r in recipients)
-        return len(recipients) == 1 and bool(local.mailbox != "mbox")
+        if any(d and d not in local.domains and d not in local.virtual for d in domains):
+            return False  # local and relayed: the queue's attempt delivers each
+        return bool(local.mailbox != "mbox")
 
     async def deliver_at_once(
         self, qid: str, envelope: Envelope, message: Content, announce: Callable[[], None]
     ) -> bool:
-        """Deliver a message its SMTP session has not queued yet, when that is one
-        plain Maildir delivery or one relay transaction (:meth:`Dispatcher.deliver_at_once`).
+        """Deliver a message its SMTP session has not queued yet, when that is plain
+        Maildir deliveries or one relay transaction (:meth:`Dispatcher.deliver_at_once`).
 
         A relay the next hop did not take whole (a deferral or refusal of some or all
-        recipients) was a delivery attempt like any other: the message's first queued
-        attempt (from its claim) records its outcomes (logged, delivered ones done,
-        the rest retried after the back-off or bounced) rather than ask the host again.
+        recipients) was a delivery attempt like any other, and Maildirs written for
+        some recipients are deliveries made: the message's first queued attempt (from
+        its claim) records those outcomes (logged, delivered ones done, the rest
+        retried after the back-off or bounced) rather than try them again.
 
         :returns: True when it is delivered: nothing is queued, the reply may be sent
         """
@@ -194,7 +198,9 @@ class Scheduler:
         outcomes = await self._dispatch.deliver_at_once(gateway, qid, envelope, message, announce)
         if outcomes is None:
             return False
-        if any(o.status != "delivered" for o in outcomes.values()):
+        if any(o.status != "delivered" for o in outcomes.values()) or len(outcomes) < len(
+            {r.address for r in envelope.recipients}
+        ):
             self._tried[qid] = outcomes
             return False
         log.info("done: delivered at once, never queued")

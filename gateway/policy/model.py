@@ -221,7 +221,7 @@ class DeliverySettings:
 
     enabled: bool = setting(True, "deliver from the queue (false: only accept into it)")
     at_once: bool = setting(
-        True, "deliver a message that is one delivery (one user's plain Maildir, one relay transaction) before"
+        True, "deliver a message that is plain deliveries (local users' Maildirs, one relay transaction) before"
         " the 250, instead of queuing it",
     )
     at_once_wait: Duration = setting(

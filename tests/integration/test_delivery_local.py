@@ -110,7 +110,8 @@ def test_a_delivered_message_is_removed_without_a_state_write(gateway_factory) -
 def test_groups_finishing_together_remove_the_message_once(gateway_factory) -> None:
     # alice and bob are two routes delivered in parallel: whichever group finishes last
     # removes the message (the other records its result or shares that removal).
-    gw = gateway_factory(POLICY)
+    # (Queued: with at_once, two plain Maildirs are delivered before the reply.)
+    gw = gateway_factory(POLICY.replace("[delivery]\n", "[delivery]\nat_once = false\n"))
     writes, removals = _record_bookkeeping(gw)
     for _ in range(5):
         send(gw, "sender@example.org", ["alice@localhost", "bob@localhost"])
@@ -243,14 +244,12 @@ def test_a_plain_maildir_message_is_in_the_maildir_before_the_reply_and_never_qu
 AT_ONCE_OFF = POLICY.replace('[delivery]\n', '[delivery]\nat_once = false\n')
 
 
-@pytest.mark.parametrize("case", ["two recipients", "instruction file", "success notice", "switched off"])
+@pytest.mark.parametrize("case", ["instruction file", "success notice", "switched off"])
 def test_mail_that_needs_the_queue_goes_through_it(gateway_factory, case: str) -> None:
     gw = gateway_factory(AT_ONCE_OFF if case == "switched off" else POLICY)
     committed = spy_commits(gw)
     rcpts, options = ["alice@localhost"], ()
-    if case == "two recipients":
-        rcpts = ["alice@localhost", "bob@localhost"]
-    elif case == "instruction file":
+    if case == "instruction file":
         dot_qmail(gw, "alice", ".qmail", "./Maildir/\n")
     elif case == "success notice":
         options = ("NOTIFY=SUCCESS",)
@@ -259,6 +258,39 @@ def test_mail_that_needs_the_queue_goes_through_it(gateway_factory, case: str) -
     assert committed == [reply.rsplit(" ", 1)[1]]
     assert wait_for(lambda: all(messages(gw, r.split("@")[0]) for r in rcpts), timeout=10)
     assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
+
+
+def test_several_local_recipients_are_each_in_their_maildir_before_the_reply(gateway_factory) -> None:
+    gw = gateway_factory(POLICY)
+    committed = spy_commits(gw)
+    reply = send_for_reply(gw, "sender@example.org", ["alice@localhost", "bob@localhost"])
+    assert reply.startswith("2.0.0 OK delivered as ")
+    assert len(messages(gw, "alice")) == len(messages(gw, "bob")) == 1  # no waiting
+    assert committed == [] and gw.queue_ids() == []
+
+
+def test_a_message_delivered_at_once_to_some_recipients_is_queued_for_the_rest_only(
+    gateway_factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """alice's Maildir has it before the reply; bob's instruction file needs the queue.
+    The first queued attempt records alice's delivery (never made again) and delivers
+    bob's."""
+    gw = gateway_factory(POLICY)
+    dot_qmail(gw, "bob", ".qmail", "./Maildir/\n")
+    committed = spy_commits(gw)
+    with caplog.at_level("INFO", logger="gateway"):
+        reply = send_for_reply(gw, "sender@example.org", ["alice@localhost", "bob@localhost"])
+        assert reply.startswith("2.0.0 OK queued as ") and committed == [reply.rsplit(" ", 1)[1]]
+        assert len(messages(gw, "alice")) == 1  # before the reply
+        assert wait_for(lambda: messages(gw, "bob"), timeout=10)
+        assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
+    assert len(messages(gw, "alice")) == len(messages(gw, "bob")) == 1
+    lines = [r.getMessage() for r in caplog.records]
+    queued = next(i for i, line in enumerate(lines) if line.startswith("queued from=<sender@"))
+    delivered = [i for i, line in enumerate(lines) if line.startswith("delivery to=") and "status=delivered" in line]
+    assert len(delivered) == 2 and all(i > queued for i in delivered)
+    # alice's Maildir was written once: at once, not again by the queued attempt.
+    assert len([line for line in lines if line.startswith("local delivery to=alice@localhost ")]) == 1
 
 
 def test_a_maildir_that_fails_sends_the_message_to_the_queue_and_loses_nothing(gateway_factory) -> None:
