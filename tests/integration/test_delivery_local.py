@@ -12,57 +12,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MESSAGE, send_for_reply, smtp, spy_commits, wait_for
+from tests.localmail import LOCAL_POLICY, dot_qmail, home, maildir, messages
 
-POLICY = """
-[server]
-hostname = "mx.test.example"
-
-[[listeners]]
-name = "smtp"
-tls = "none"
-
-[local]
-domains = ["localhost"]
-users = ["postmaster", "alice", "bob"]
-
-[delivery]
-retry_base = "200ms"
-retry_max = "1s"
-poll_interval = "200ms"
-
-[[plugins]]
-name = "rcpt_relay"
-[[plugins]]
-name = "rcpt_local_users"
-[[plugins]]
-name = "queue_received_header"
-"""
-
-
-def maildir(gw, user: str) -> Path:
-    return Path(gw.policy.local.mail_root) / user / "Maildir"
-
-
-def messages(gw, user: str) -> list[bytes]:
-    new = maildir(gw, user) / "new"
-    return [p.read_bytes() for p in sorted(new.glob("*"))] if new.exists() else []
+POLICY = LOCAL_POLICY
 
 
 def send(gw, sender: str, rcpts: list[str], data: bytes = MESSAGE) -> None:
     with smtp(gw.port) as client:
         assert client.sendmail(sender, rcpts, data) == {}
-
-
-def home(gw, user: str) -> Path:
-    path = Path(gw.policy.local.mail_root) / user
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def dot_qmail(gw, user: str, name: str, text: str) -> None:
-    path = home(gw, user) / name
-    path.write_text(text)
-    path.chmod(0o644)
 
 
 def test_delivers_into_the_users_maildir_and_leaves_the_queue(gateway_factory) -> None:

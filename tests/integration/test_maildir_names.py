@@ -9,29 +9,13 @@ import time
 from pathlib import Path
 
 from tests.conftest import MESSAGE, smtp, wait_for
+from tests.localmail import LOCAL_POLICY
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTED = "`<arrival>.Q<queue id>R<recipient>L<line>.<host>`"
 NAME = re.compile(r"^(?P<arrival>\d+)\.Q(?P<qid>[0-9A-F]{23})R(?P<rcpt>\d+)L(?P<line>\d+)\.(?P<host>.+)$")
 
-POLICY = """
-[server]
-hostname = "mx.test.example"
-[[listeners]]
-name = "smtp"
-tls = "none"
-[local]
-domains = ["localhost"]
-users = ["postmaster", "alice", "bob"]
-[delivery]
-retry_base = "200ms"
-retry_max = "1s"
-poll_interval = "200ms"
-[[plugins]]
-name = "rcpt_relay"
-[[plugins]]
-name = "rcpt_local_users"
-"""
+POLICY = LOCAL_POLICY
 
 
 def names(directory: Path) -> list[str]:

@@ -14,35 +14,11 @@ from gateway.hooks import hookimpl
 from gateway.testing import RunningGateway
 from gateway.verdicts import Verdict
 from tests.conftest import MESSAGE, plugin_specs, smtp, wait_for
+from tests.localmail import local_policy, messages
 
 ROOT = Path(__file__).resolve().parents[2]
 
-POLICY = """
-[server]
-hostname = "mx.test.example"
-
-[[listeners]]
-name = "smtp"
-tls = "none"
-
-[local]
-domains = ["localhost"]
-users = ["postmaster", "alice", "bob"]
-
-[delivery]
-retry_base = "200ms"
-retry_max = "1s"
-poll_interval = "200ms"
-
-[[plugins]]
-name = "rcpt_relay"
-[[plugins]]
-name = "rcpt_local_users"
-[[plugins]]
-name = "data_hold"
-[[plugins]]
-name = "queue_received_header"
-"""
+POLICY = local_policy("data_hold")
 
 
 def _hold(message):  # type: ignore[no-untyped-def]
@@ -85,11 +61,6 @@ def gateway_cli(gw: RunningGateway, tmp_path: Path, *args: str) -> subprocess.Co
 
 def held_message(tag: str) -> bytes:
     return MESSAGE.replace(b"Hello, world.", f"Please hold me ({tag}).".encode())
-
-
-def maildir_messages(gw: RunningGateway, user: str) -> list[bytes]:
-    new = Path(gw.policy.local.mail_root) / user / "Maildir" / "new"
-    return [p.read_bytes() for p in sorted(new.glob("*"))] if new.exists() else []
 
 
 def test_list_shows_held_messages_with_their_reason(gateway_factory, tmp_path: Path) -> None:
@@ -136,14 +107,14 @@ def test_release_delivers_the_message_untouched(gateway_factory, tmp_path: Path)
     send(gw, held_message("release"))
     (qid,) = gw.queue_ids("quarantine")
     stored = gw.queue.read_message(qid, "quarantine")
-    assert maildir_messages(gw, "alice") == []
+    assert messages(gw, "alice") == []
 
     released = gateway_cli(gw, tmp_path, "release", qid)
     assert released.returncode == 0, released.stderr
     assert gw.queue_ids("quarantine") == []
     # The running gateway's scheduler finds it at its next poll and delivers it.
-    assert wait_for(lambda: len(maildir_messages(gw, "alice")) == 1, timeout=10)
-    (delivered,) = maildir_messages(gw, "alice")
+    assert wait_for(lambda: len(messages(gw, "alice")) == 1, timeout=10)
+    (delivered,) = messages(gw, "alice")
     assert delivered.endswith(stored)
     assert wait_for(lambda: gw.queue_ids() == [], timeout=5)
 

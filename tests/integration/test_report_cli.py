@@ -18,33 +18,11 @@ import pytest
 
 from gateway import logs
 from tests.conftest import MESSAGE, smtp, wait_for
+from tests.localmail import LOCAL_POLICY, dot_qmail, messages
 
 ROOT = Path(__file__).resolve().parents[2]
 
-POLICY = """
-[server]
-hostname = "mx.test.example"
-
-[[listeners]]
-name = "smtp"
-tls = "none"
-
-[local]
-domains = ["localhost"]
-users = ["postmaster", "alice", "bob"]
-
-[delivery]
-retry_base = "200ms"
-retry_max = "1s"
-poll_interval = "200ms"
-
-[[plugins]]
-name = "rcpt_relay"
-[[plugins]]
-name = "rcpt_local_users"
-[[plugins]]
-name = "queue_received_header"
-"""
+POLICY = LOCAL_POLICY
 
 
 def gateway_cli(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
@@ -69,18 +47,6 @@ def log_file(tmp_path: Path) -> Iterator[Path]:
             root.setLevel(saved[1])
 
 
-def mailbox(gw, user: str) -> list[Path]:
-    new = Path(gw.policy.local.mail_root) / user / "Maildir" / "new"
-    return sorted(new.glob("*")) if new.exists() else []
-
-
-def dot_qmail(gw, user: str, name: str, text: str) -> None:
-    home = Path(gw.policy.local.mail_root) / user
-    home.mkdir(parents=True, exist_ok=True)
-    (home / name).write_text(text)
-    (home / name).chmod(0o644)
-
-
 @pytest.fixture
 def session_log(gateway_factory, log_file: Path) -> Path:
     """A log of: 2 recipients delivered, 2 refused at RCPT, 1 bounce (and its DSN), 1 retry."""
@@ -101,7 +67,7 @@ def session_log(gateway_factory, log_file: Path) -> Path:
         assert client.sendmail("bob@localhost", ["alice-fail@localhost"], MESSAGE) == {}
         assert client.sendmail("s@example.org", ["alice-flaky@localhost"], MESSAGE) == {}
     # alice: the first message and the retried one; bob: the first message and the DSN.
-    assert wait_for(lambda: len(mailbox(gw, "alice")) == 2 and len(mailbox(gw, "bob")) == 2, timeout=15)
+    assert wait_for(lambda: len(messages(gw, "alice")) == 2 and len(messages(gw, "bob")) == 2, timeout=15)
     assert wait_for(lambda: gw.queue_ids() == [], timeout=10)
     # msg/ empties at the unlink; the "done" line follows the removal's fsync. Four
     # messages: the first (two plain Maildirs: delivered at once, never queued), the
