@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import os
 import pwd
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +39,12 @@ from typing import Any, Awaitable, Callable
 
 from gateway.content import Content
 from gateway.delivery.local.dotqmail import NO_MAILBOX, DotQmail, Instruction, load_dotqmail
-from gateway.delivery.local.maildir import Confinement, deliver_maildir, mailbox_error, open_directory
+from gateway.delivery.local.homes import can_enter, ensure_account_home, ensure_home, make_parents, primary_gid
+from gateway.delivery.local.maildir import Confinement, deliver_maildir
 from gateway.delivery.local.mbox import deliver_mbox, from_line
 from gateway.delivery.local.program import ProgramResult, run_program
 from gateway.delivery.local.quota import Quota, deliver_with_quota
-from gateway.delivery.types import LocalAccount, LocalRoute, Outcome, TargetRoute
+from gateway.delivery.types import LocalRoute, Outcome, TargetRoute
 from gateway.model import Envelope, Message
 from gateway.policy.model import LocalAssign, Policy
 from gateway.verdicts import PermanentFailure, Reply, TemporaryFailure
@@ -145,70 +145,6 @@ def _has_delivered_to(message: Content, recipient: str) -> bool:
         if value.strip().strip("<>").lower() == wanted:
             return True
     return False
-
-
-def _ensure_home(home: Path) -> None:
-    """Create a mail-root home (0o700) when missing; its parents get default modes."""
-    try:
-        os.mkdir(home, 0o700)  # one system call when the home is there, as it mostly is
-        return
-    except FileExistsError:
-        return
-    except FileNotFoundError:
-        pass
-    home.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        home.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-
-
-def _ensure_account_home(home: Path, uid: int | None, gid: int | None) -> None:
-    """Create a directory account's missing home as Dovecot's own delivery does: each
-    missing level 0o700, given to ``uid``/``gid`` when the gateway runs as root. The
-    path comes from the administrator's user database, as trusted as an assign home."""
-    missing: list[Path] = []
-    path = home
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    for path in reversed(missing):
-        try:
-            path.mkdir(mode=0o700)
-        except FileExistsError:
-            continue
-        if os.geteuid() == 0 and uid is not None:
-            os.chown(path, uid, -1 if gid is None else gid, follow_symlinks=False)
-
-
-def _make_parents(account: LocalAccount, home: Path, confine: Confinement | None) -> Confinement | None:
-    """Create the missing parents of an account's Maildir; the confinement to deliver it.
-
-    Below the home, each level is made by the confined walk (no symlink the user placed
-    is followed); a Maildir outside the home is the user database's, as trusted as the
-    home: its parents are made like a home, and it is confined to its parent.
-    """
-    assert account.maildir is not None
-    parent = account.maildir.parent
-    if not account.maildir.is_relative_to(home):
-        _ensure_account_home(parent, account.uid, account.gid)
-        return None if confine is None else Confinement(parent, confine.uid, confine.gid)
-    try:
-        levels = parent.relative_to(home).parts
-        for depth in range(1, len(levels) + 1):
-            os.close(open_directory(home.joinpath(*levels[:depth]), confine=confine, create=True))
-    except OSError as exc:
-        raise mailbox_error(exc, "maildir") from exc
-    return confine
-
-
-def _can_enter(info: os.stat_result, uid: int, gid: int) -> bool:
-    """Whether ``uid``/``gid`` (not root) may search the directory ``info`` describes."""
-    if info.st_uid == uid:
-        return bool(info.st_mode & stat.S_IXUSR)
-    if info.st_gid == gid:
-        return bool(info.st_mode & stat.S_IXGRP)
-    return bool(info.st_mode & stat.S_IXOTH)
 
 
 async def _outcome_of(delivery: Awaitable[Outcome], what: str, recipient: str) -> Outcome:
@@ -320,7 +256,7 @@ class LocalDeliveryAgent:
         if route.owner:
             target = self._target(recipient, LocalRoute(route.owner, "", route.domain))
             if target.assign is None or target.assign.home == Path():
-                await self._thread(_ensure_home, target.home)
+                await self._thread(ensure_home, target.home)
             confine = await self._thread(self._confinement, target)
         else:
             target = _Target(self._policy.local.program_user, Path("/"), None, local, route.domain or domain)
@@ -514,9 +450,9 @@ class LocalDeliveryAgent:
         settings = self._policy.local
         account = route.account
         if account is not None:
-            _ensure_account_home(target.home, account.uid, account.gid)
+            ensure_account_home(target.home, account.uid, account.gid)
         elif target.assign is None or target.assign.home == Path():
-            _ensure_home(target.home)
+            ensure_home(target.home)
         confine = self._confinement(target)
         dotqmail: DotQmail | None = None
         if settings.dot_files:
@@ -533,7 +469,7 @@ class LocalDeliveryAgent:
         default = Instruction("maildir", "./Maildir/", 0, target.home / "Maildir")
         if account is not None and account.maildir is not None:
             default = Instruction("maildir", f"{account.maildir}/", 0, account.maildir)
-            confine = _make_parents(account, target.home, confine)
+            confine = make_parents(account, target.home, confine)
         elif settings.mailbox == "mbox":
             default = Instruction("mbox", "./mbox", 0, target.home / "mbox")
         self._mailbox_now(default, delivered, sender, when, confine, name, quota, first)
@@ -561,7 +497,7 @@ class LocalDeliveryAgent:
         assign = target.assign
         if assign is not None and assign.uid is not None:
             uid = assign.uid
-            gid = assign.gid if assign.gid is not None else _primary_gid(uid)
+            gid = assign.gid if assign.gid is not None else primary_gid(uid)
         else:
             name = self._policy.local.program_user
             try:
@@ -583,7 +519,7 @@ class LocalDeliveryAgent:
         # A home the program user cannot enter (a root-owned mail-root home) is useless as
         # a working directory (the chdir itself happens before the uid switch and would
         # work); run the program from / instead, HOME still names the home.
-        return uid, gid, target.home if _can_enter(info, uid, gid) else Path("/")
+        return uid, gid, target.home if can_enter(info, uid, gid) else Path("/")
 
     async def _program(
         self, command: str, message: Content, env: dict[str, str], target: _Target
@@ -594,11 +530,3 @@ class LocalDeliveryAgent:
             command, message, env=env, cwd=cwd, uid=uid, gid=gid,
             timeout=self._policy.local.program_timeout,
         )
-
-
-def _primary_gid(uid: int) -> int:
-    """The uid's login group, or the same number when the uid has no passwd entry."""
-    try:
-        return pwd.getpwuid(uid).pw_gid
-    except KeyError:
-        return uid
