@@ -148,9 +148,10 @@ class Dispatcher:
         caller keeps open (and delivery-locked) until this returns. Agents stream it.
         ``first``: the message's first attempt ever, in the process that queued it (a
         Maildir delivery then need not look for a copy an earlier attempt left).
-        ``tried``: that first attempt was made before the message was queued (a relay at
-        once the host did not take whole, :meth:`deliver_at_once`): the outcomes it got,
-        by address, are recorded here, the host not asked again.
+        ``tried``: that first attempt was made before the message was queued
+        (:meth:`deliver_at_once`: a relay the host did not take whole, Maildirs written
+        for some recipients): the outcomes it got, by address, are recorded here and
+        those recipients not tried again.
 
         Each group's results are written to the queue as soon as that group is done:
         the shorter the time between a peer's 250 and our record of it, the smaller

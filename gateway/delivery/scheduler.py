@@ -86,8 +86,9 @@ class Scheduler:
         self._locks: dict[str, int] = {}
         # qid -> a message this process just queued, lock held, for its first attempt
         self._claims: dict[str, Claim] = {}
-        #: relays at once a host answered without taking the message: the outcome is
-        #: its first attempt's, recorded by the attempt that starts from its claim
+        #: what an attempt at once got for a message it then queued (a relay the host
+        #: did not take whole, Maildirs written for some recipients), by address: the
+        #: first attempt's outcomes, recorded by the attempt that starts from its claim
         self._tried: dict[str, dict[str, Outcome]] = {}
         self._notifier = Notifier(self.queue, self.inject)
         self._records = StateRecorder(
@@ -170,11 +171,12 @@ class Scheduler:
         policy = self.app.gateway.policy
         local = policy.local
         domains = [r.address.rpartition("@")[2].lower().rstrip(".") for r in recipients]
-        if all(d and d not in local.domains and d not in local.virtual for d in domains):  # relayed
+        relayed = [bool(d) and d not in local.domains and d not in local.virtual for d in domains]
+        if all(relayed):
             if len(recipients) > 1 and envelope.verp and envelope.sender:
                 return False  # a transaction per recipient: the queue's work
             return float(policy.delivery.at_once_wait) > 0 and not any(is_held(r.address, policy) for r in recipients)
-        if any(d and d not in local.domains and d not in local.virtual for d in domains):
+        if any(relayed):
             return False  # local and relayed: the queue's attempt delivers each
         return bool(local.mailbox != "mbox")
 
@@ -198,9 +200,10 @@ class Scheduler:
         outcomes = await self._dispatch.deliver_at_once(gateway, qid, envelope, message, announce)
         if outcomes is None:
             return False
-        if any(o.status != "delivered" for o in outcomes.values()) or len(outcomes) < len(
-            {r.address for r in envelope.recipients}
-        ):
+        is_done = all(
+            (o := outcomes.get(r.address)) is not None and o.status == "delivered" for r in envelope.recipients
+        )
+        if not is_done:
             self._tried[qid] = outcomes
             return False
         log.info("done: delivered at once, never queued")

@@ -324,12 +324,12 @@ class SmtpHandler:
             area = "quarantine"
         assert txn.queue_id is not None
         copies = self._copies(txn, envelope) if area == "msg" else []
+        score = txn.results.total + session.results.total
         at_once = self.gateway.at_once
         if (
             at_once is not None and area == "msg" and not copies and not message.is_spooled
             and at_once.eligible(envelope)
         ):
-            score = txn.results.total + session.results.total
             content = Content.of_bytes(b"".join(message.chunks()))
 
             def announce() -> None:
@@ -375,7 +375,7 @@ class SmtpHandler:
         if area == "msg" and take_claim is None:
             self.gateway.notify_queued(txn.queue_id)
         self._count(message, area)
-        self._log_queued(txn, message, area, txn.results.total + session.results.total)
+        self._log_queued(txn, message, area, score)
         return Answer(Reply(250, "2.0.0", f"OK queued as {txn.queue_id}"))
 
     def _count(self, message: Message, area: str) -> None:

@@ -396,12 +396,12 @@ class SmtpConnection:
         chunks as it is read; :func:`~gateway.delivery.remote.wire.outgoing` makes it an
         :class:`Outgoing` (a file read through once) unless the caller did already.
 
-        :raises StaleConnection: a pooled connection (:meth:`reuse`) turned out dead
-            before the server saw any of this transaction
         :param before_dot: called just before the final dot is written, with nothing
             awaited in between: until then, cancelling the transaction drops the
             connection and the server discards the message; from then on only its reply
             says whether it was delivered
+        :raises StaleConnection: a pooled connection (:meth:`reuse`) turned out dead
+            before the server saw any of this transaction
         :raises OSError: a message on disk that is not yet an :class:`Outgoing` could
             not be read, before anything was sent; nothing else is raised
         """
